@@ -11,73 +11,8 @@ import torch
 from .errors import InputError
 from .evaluate import Evaluator
 from .expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, I, J
+from .inputs import check_params, check_qkv
 from .spec import Spec, load_spec
-
-
-def default_parameters(spec: Spec, heads: int, dtype=torch.float32, device=None) -> dict:
-    """The spec's parameters at their ``init`` values: per-head ones of shape [H], scalars of shape []."""
-    out = {}
-    for p in spec.parameters:
-        h = torch.arange(heads, dtype=torch.float64)
-        value = Evaluator({HEAD: h, HEADS: heads, D: 0}, where=f"{spec.where}: parameters.{p.name}.init")(
-            p.init_expr)
-        t = torch.as_tensor(value, dtype=torch.float64)
-        t = t.expand(heads).clone() if p.shape else t.reshape(())
-        out[p.name] = t.to(dtype=dtype, device=device)
-    return out
-
-
-def check_qkv(spec: Spec, q, k, v, layout: str):
-    """Validate q, k, v and return them as [B, H, T, D] views (no copies)."""
-    if layout not in ("bhtd", "bthd"):
-        raise InputError(f"layout {layout!r}: expected 'bhtd' ([B,H,T,D]) or 'bthd' ([B,T,H,D])")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
-        if t.dim() != 4:
-            raise InputError(f"{name}: expected 4 dimensions ({layout}), found shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise InputError(f"{name}: expected a floating dtype, found {t.dtype}")
-    if layout == "bthd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InputError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise InputError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    (b, h, t, dk), (bk, hk, s, dk2), (bv, hv, sv, _) = q.shape, k.shape, v.shape
-    if (b, h) != (bk, hk) or (b, h) != (bv, hv):
-        raise InputError(f"batch/heads differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         f"(layout {layout})")
-    if dk != dk2:
-        raise InputError(f"q and k head dims differ: {dk} vs {dk2}")
-    if s != sv:
-        raise InputError(f"k and v lengths differ: {s} vs {sv}")
-    if t < 1 or s < 1:
-        raise InputError(f"empty sequence: query length {t}, key length {s}")
-    if spec.causal and t != s:
-        raise InputError(f"{spec.name} is causal, so the query length must equal the key length "
-                         f"(found {t} and {s}); load it with causal=False for cross attention")
-    return q, k, v
-
-
-def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor) -> dict:
-    """Fill defaults for missing parameters and validate the given ones."""
-    unknown = set(params) - set(spec.param_names)
-    if unknown:
-        raise InputError(f"unknown keyword(s) {sorted(unknown)} for {spec.name}; its parameters are "
-                         f"{list(spec.param_names) or 'none'}")
-    out = default_parameters(spec, heads, like.dtype, like.device)
-    for p in spec.parameters:
-        if p.name not in params:
-            continue
-        t = params[p.name]
-        if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-        want = (heads,) if p.shape else ()
-        if tuple(t.shape) != want:
-            raise InputError(f"parameter {p.name}: expected shape {list(want)}, found {list(t.shape)}")
-        out[p.name] = t
-    return out
 
 
 def reference(spec, layout: str = "bhtd"):

@@ -1,0 +1,179 @@
+"""The cost model: FLOPs and bytes of each candidate ordering as sympy expressions, the choice, the
+crossover length, and the op DAG of an ordering.
+
+Symbols: N the sequence length (query = key length), D the head dim (Dv = D), F the feature width of
+the linear plan (a sympy expression in D), C the chunk size, B_Q the query tile of the quadratic plan.
+Costs are for one head, fp32 (4 bytes per element). An ordering's cost is FLOPs + BALANCE * bytes:
+BALANCE is the machine's FLOPs per byte, about 20 for fp32 CUDA-core work on an H100 (67 TFLOP/s over
+3.35 TB/s). The model ranks orderings; it does not predict times.
+"""
+from __future__ import annotations
+
+import sympy
+
+from .expr import D
+from .ir import Candidate, Choice, Ordering, ReweightClass, SimilarityClass
+
+N = sympy.Symbol("N", positive=True)  # sequence length
+C = sympy.Symbol("C", positive=True)  # chunk size (causal linear plan)
+BYTES = 4
+BALANCE = 20  # FLOPs per byte
+B_Q = 64  # query tile of the quadratic plan: K and V are re-read once per tile
+ELEMENTWISE = 8  # FLOPs per score for the reweighting, mask and elementwise maps
+
+
+def _quadratic(causal):
+    frac = sympy.Rational(1, 2) if causal else 1
+    flops = frac * N**2 * (4 * D + ELEMENTWISE)
+    data = BYTES * (4 * N * D + frac * N**2 / B_Q * 2 * D)
+    return flops, data
+
+
+def _linear(causal, width):
+    if causal:  # intra-chunk tiles + state update + inter-chunk products; states written per chunk
+        flops = 4 * N * width * D + N * C * (width + D) + 2 * N * width
+        data = BYTES * (4 * N * D + 2 * N / C * width * D)
+    else:  # S = K'^T V once, O = Q' S
+        flops = 4 * N * width * D + 2 * N * width
+        data = BYTES * (4 * N * D + width * D)
+    return flops, data
+
+
+def _recurrent(width):
+    return 4 * N * width * D, BYTES * (4 * N * D + 2 * N * width * D)  # the state round-trips per token
+
+
+def _fft(width):
+    log_n = sympy.log(2 * N, 2)
+    flops = width * D * 3 * 5 * 2 * N * log_n + 4 * N * width * D
+    data = BYTES * (4 * N * D + 3 * 2 * N * width * D)
+    return flops, data
+
+
+def candidates(causal, similarity, reweight, linear_terms) -> tuple:
+    width = sum((t.width(D) for t in linear_terms), sympy.Integer(0))
+    separable = similarity.kind is SimilarityClass.SEPARABLE
+    out = [Candidate(Ordering.QUADRATIC, True, "always legal: A is computed tile by tile", *_quadratic(causal))]
+    if linear_terms:
+        out.append(Candidate(Ordering.LINEAR, True, f"similarity and reweighting separate (F = {width})",
+                             *_linear(causal, width)))
+    else:
+        why = ("the similarity has no finite separation" if not separable
+               else f"the reweighting is {reweight.kind.value}, not separable")
+        out.append(Candidate(Ordering.LINEAR, False, why))
+    if linear_terms and causal:
+        out.append(Candidate(Ordering.RECURRENT, True, "causal and separable: a constant-size state (decode)",
+                             *_recurrent(width)))
+    else:
+        out.append(Candidate(Ordering.RECURRENT, False,
+                             "needs a causal spec with a separable similarity and reweighting"))
+    if separable and reweight.kind is ReweightClass.TOEPLITZ:
+        fw = sum((t.width(D) for t in similarity.terms), sympy.Integer(0))
+        out.append(Candidate(Ordering.FFT, True, "W = h(i-j): convolution along the sequence", *_fft(fw)))
+    else:
+        out.append(Candidate(Ordering.FFT, False, "needs a separable similarity and a Toeplitz reweighting"))
+    return tuple(out)
+
+
+def total(cand: Candidate, head_dim: int, chunk: int):
+    """The cost (FLOPs + BALANCE * bytes) as an expression in N."""
+    return sympy.expand((cand.flops + BALANCE * cand.bytes).subs({D: head_dim, C: chunk}))
+
+
+def evaluate(cand: Candidate, n: int, head_dim: int, chunk: int) -> tuple:
+    """(flops, bytes, cost) at length n, as floats."""
+    subs = {N: n, D: head_dim, C: chunk}
+    f, b = float(cand.flops.subs(subs)), float(cand.bytes.subs(subs))
+    return f, b, f + BALANCE * b
+
+
+def crossover(a: Candidate, b: Candidate, head_dim: int, chunk: int):
+    """The positive length where a and b cost the same, or None."""
+    if not (a.legal and b.legal):
+        return None
+    diff = total(a, head_dim, chunk) - total(b, head_dim, chunk)
+    try:
+        roots = sympy.solve(diff, N)
+    except NotImplementedError:
+        roots = [sympy.nsolve(diff, N, 1000)]
+    real = sorted(float(r) for r in roots if r.is_real and r > 1)
+    return real[0] if real else None
+
+
+def choose(cands: tuple, head_dim: int, chunk: int):
+    """Cheapest parallel ordering (recurrent is for decode) at short and at long lengths; if they differ,
+    dispatch at the crossover. Returns (Choice, explanation)."""
+    legal = [c for c in cands if c.legal and c.ordering is not Ordering.RECURRENT]
+    short = min(legal, key=lambda c: evaluate(c, chunk, head_dim, chunk)[2])
+    long_n = 1 << 24
+    long = min(legal, key=lambda c: evaluate(c, long_n, head_dim, chunk)[2])
+    if short is long:
+        others = [c.ordering.value for c in legal if c is not short]
+        why = f"{short.ordering.value}: cheapest at every length" + (
+            f" (vs {', '.join(others)})" if others else " (the only legal ordering)")
+        return Choice(short.ordering, short.ordering, None), why
+    n_star = crossover(short, long, head_dim, chunk)
+    why = (f"{short.ordering.value} below n* = {n_star:.0f}, {long.ordering.value} above "
+           f"(at d = {head_dim}, chunk {chunk}, costs solved equal by sympy)")
+    return Choice(short.ordering, long.ordering, n_star), why
+
+
+# ---------------------------------------------------------------------------------------------
+# the op graph
+# ---------------------------------------------------------------------------------------------
+def add_ops(g, ordering: Ordering, x) -> None:
+    """Add the ops of ``ordering`` to the networkx DiGraph ``g`` (nodes prefixed by the ordering)."""
+    from .ir import Op
+    p = ordering.value + ":"
+    norm = x.normalize.kind == "rowsum"
+
+    def node(name, op, label):
+        g.add_node(p + name, op=op.value, label=label, ordering=ordering.value)
+        return p + name
+
+    q, k, v = (node(n, Op.INPUT, n) for n in ("q", "k", "v"))
+    out = node("o", Op.OUTPUT, "o")
+    if ordering in (Ordering.LINEAR, Ordering.RECURRENT):
+        qf = node("phi_q", Op.FEATURE_MAP, "Q' = [f_r(i) phi_r(q)]  " + f"({len(x.linear_terms)} block(s))")
+        kf = node("psi_k", Op.FEATURE_MAP, "K' = [g_r(j) psi_r(k)]")
+        g.add_edge(q, qf)
+        g.add_edge(k, kf)
+        vin = v
+        if norm:
+            vin = node("v_aug", Op.ONES_COLUMN, "[V | 1]")
+            g.add_edge(v, vin)
+        decay = x.reweight.decay
+        scan = node("state", Op.STATE_SCAN,
+                    "S = sum K'^T V" + (f" with decay {decay.gamma}" if decay else "")
+                    + (" (chunked scan)" if x.spec.causal and ordering is Ordering.LINEAR else ""))
+        g.add_edges_from([(kf, scan), (vin, scan)])
+        apply = node("apply", Op.QUERY_STATE, "Q' S" + (" + tril(Q'K'^T) V" if x.spec.causal and
+                                                          ordering is Ordering.LINEAR else ""))
+        g.add_edges_from([(qf, apply), (scan, apply)])
+        last = apply
+    elif ordering is Ordering.FFT:
+        qf = node("phi_q", Op.FEATURE_MAP, "phi(q)")
+        kf = node("psi_k", Op.FEATURE_MAP, "psi(k)")
+        outer = node("outer", Op.OUTER, "U_j = psi(k_j)^T v_j")
+        conv = node("conv", Op.FFT_CONV, f"sum_j h(i-j) U_j by FFT, h(t) = {x.reweight.kernel}")
+        apply = node("apply", Op.QUERY_STATE, "phi(q_i) . conv_i")
+        g.add_edges_from([(q, qf), (k, kf), (kf, outer), (v, outer), (outer, conv), (conv, apply), (qf, apply)])
+        last = apply
+    else:
+        scores = node("scores", Op.SCORES, "s(q_i, k_j) per tile")
+        g.add_edges_from([(q, scores), (k, scores)])
+        w = node("weights", Op.REWEIGHT, f"W(i,j) = {x.reweight.expr}" + (" x causal mask" if x.spec.causal else ""))
+        g.add_edge(scores, w)
+        last = w
+        if x.similarity.kind is SimilarityClass.EXP:
+            sm = node("online_softmax", Op.ONLINE_MAX, "running max and sum")
+            g.add_edge(w, sm)
+            last = sm
+        pv = node("pv", Op.WEIGHTED_SUM, "A V (tile by tile)")
+        g.add_edges_from([(last, pv), (v, pv)])
+        last = pv
+    if norm:
+        nz = node("normalize", Op.NORMALIZE, f"divide by the row sum ({x.normalize.eps_mode} {x.normalize.eps:g})")
+        g.add_edge(last, nz)
+        last = nz
+    g.add_edge(last, out)

@@ -1,0 +1,161 @@
+"""The planner: the whole compiler front half as one list of passes (spec -> Plan).
+
+    build_plan(spec) runs, in order:
+      canonicalise        constants substituted, softmax written as a row sum of exp
+      separate            similarity -> feature terms | exp score | general
+      classify            reweighting -> none | separable | decay | toeplitz | general
+      linear_terms        feature terms x position terms (the linear plan's feature map)
+      cost                FLOPs and bytes of every candidate ordering (sympy, in N, D, C)
+      choose_ordering     cheapest legal ordering, or a dispatch at the solved crossover length
+      op_graph            the op DAG of the chosen ordering(s) (networkx)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import networkx as nx
+import sympy
+
+from . import cost
+from .errors import PlanError
+from .expr import D
+from .ir import (Choice, LinearTerm, Ordering, Plan, ReweightClass, SimilarityClass, Step)
+from .rewrite import classify_reweight, classify_similarity
+from .spec import Normalize, Spec
+
+DEFAULT_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Draft:
+    """The IR while the passes run; each pass returns a new Draft with its fields filled."""
+    spec: Spec
+    head_dim: int
+    chunk: int
+    force: Ordering | None
+    steps: tuple = ()
+    similarity_expr: object = None
+    reweight_expr: object = None
+    normalize: Normalize | None = None
+    similarity: object = None
+    reweight: object = None
+    linear_terms: tuple = ()
+    candidates: tuple = ()
+    choice: Choice | None = None
+    graph: object = field(default=None, compare=False)
+
+    def step(self, name: str, detail: str, **changes) -> "Draft":
+        return replace(self, steps=self.steps + (Step(name, detail),), **changes)
+
+
+def canonicalise(x: Draft) -> Draft:
+    spec = x.spec
+    consts = spec.constant_values()
+    sim = spec.similarity_expr.xreplace(consts)
+    rw = spec.reweight_expr.xreplace(consts)
+    norm = spec.normalize
+    x = x.step("input", f"A(i,j) = {'[j <= i] * ' if spec.causal else ''}W(i,j) * s(q_i, k_j);  "
+               f"s = {spec.similarity};  W = {spec.reweight};  normalize = {norm.kind}")
+    if consts:
+        x = x.step("substitute-constants", ", ".join(f"{k} = {sympy.sstr(v)}" for k, v in consts.items()))
+    if norm.kind == "softmax":
+        sim, norm = sympy.exp(sim), Normalize("rowsum", 0.0, "add")
+        x = x.step("softmax-as-exp", f"softmax = row sum of exp(s): s -> {sympy.sstr(sim)}")
+    return replace(x, similarity_expr=sim, reweight_expr=rw, normalize=norm)
+
+
+def separate(x: Draft) -> Draft:
+    steps = []
+    sim = classify_similarity(x.similarity_expr, steps)
+    x = _with_steps(x, steps)
+    if sim.kind is SimilarityClass.SEPARABLE:
+        detail = " + ".join(f"{t.describe()} [width {sympy.sstr(t.width(D))}]" for t in sim.terms)
+    elif sim.kind is SimilarityClass.EXP:
+        detail = f"exp of the separable score {sympy.sstr(sim.score)}: softmax family (running max)"
+    else:
+        detail = f"{sympy.sstr(sim.expr)} has no finite separation"
+    return x.step(f"similarity: {sim.kind.value}", detail, similarity=sim)
+
+
+def classify(x: Draft) -> Draft:
+    steps = []
+    rw = classify_reweight(x.reweight_expr, x.spec.causal, steps, x.spec.where)
+    x = _with_steps(x, steps)
+    parts = [t.describe() for t in rw.terms]
+    if rw.decay is not None:
+        parts.insert(0, f"decay {sympy.sstr(rw.decay.gamma)}**{'|i-j|' if rw.decay.two_sided else '(i-j)'}"
+                     + (" (two scans)" if rw.decay.two_sided else " (one scan)"))
+    if rw.kernel is not None:
+        parts.append(f"h(t) = {sympy.sstr(rw.kernel)}, t = i - j")
+    return x.step(f"reweight: {rw.kind.value}", "; ".join(parts) or sympy.sstr(rw.expr), reweight=rw)
+
+
+def linear_terms(x: Draft) -> Draft:
+    if x.similarity.kind is not SimilarityClass.SEPARABLE or x.reweight.kind not in (
+            ReweightClass.NONE, ReweightClass.SEPARABLE, ReweightClass.DECAY):
+        return x
+    terms = tuple(LinearTerm(f, p) for p in x.reweight.terms for f in x.similarity.terms)
+    width = sum((t.width(D) for t in terms), sympy.Integer(0))
+    return x.step("linear-terms", f"{len(terms)} feature block(s), total width F = {sympy.sstr(width)}",
+                  linear_terms=terms)
+
+
+def costs(x: Draft) -> Draft:
+    cands = cost.candidates(x.spec.causal, x.similarity, x.reweight, x.linear_terms)
+    return replace(x, candidates=cands)
+
+
+def choose_ordering(x: Draft) -> Draft:
+    if x.force is not None:
+        cand = next(c for c in x.candidates if c.ordering == x.force)
+        if not cand.legal:
+            raise PlanError(f"{x.spec.where}: plan={x.force.value!r} is not legal for {x.spec.name} "
+                            f"({x.spec.mode}): {cand.reason}")
+        choice = Choice(x.force, x.force, None, forced=True)
+        return x.step("choose", f"{x.force.value} (forced by the caller)", choice=choice)
+    choice, why = cost.choose(x.candidates, x.head_dim, x.chunk)
+    return x.step("choose", why, choice=choice)
+
+
+def op_graph(x: Draft) -> Draft:
+    g = nx.DiGraph(name=x.spec.name)
+    for ordering in dict.fromkeys((x.choice.below, x.choice.above)):
+        cost.add_ops(g, ordering, x)
+    return replace(x, graph=g)
+
+
+PASSES = (canonicalise, separate, classify, linear_terms, costs, choose_ordering, op_graph)
+
+
+def build_plan(spec: Spec, *, head_dim: int = 64, chunk: int = DEFAULT_CHUNK, plan=None) -> Plan:
+    """Run the passes over ``spec``; ``plan`` forces an ordering ("linear", "quadratic", ...)."""
+    force = _ordering(plan, spec) if plan is not None else None
+    x = Draft(spec, head_dim, chunk, force)
+    for p in PASSES:
+        x = p(x)
+    return Plan(spec=spec, similarity=x.similarity, reweight=x.reweight, normalize=x.normalize,
+                linear_terms=x.linear_terms, candidates=x.candidates, choice=x.choice,
+                derivation=x.steps, head_dim=head_dim, chunk=chunk, graph=x.graph)
+
+
+def _ordering(value, spec) -> Ordering:
+    if isinstance(value, Ordering):
+        return value
+    try:
+        return Ordering(value)
+    except ValueError:
+        raise PlanError(f"plan={value!r} for {spec.name}: expected one of "
+                        + ", ".join(o.value for o in Ordering) + " or None (let the planner choose)") from None
+
+
+def _with_steps(x: Draft, steps: list) -> Draft:
+    for name, detail in steps:
+        x = x.step(name, detail)
+    return x
+
+
+def crossover_length(plan: Plan, a: Ordering, b: Ordering, head_dim: int | None = None):
+    """The length n > 0 where orderings a and b cost the same at ``head_dim`` (None if they never meet)."""
+    return cost.crossover(plan.candidate(a), plan.candidate(b), head_dim or plan.head_dim, plan.chunk)
+
+
