@@ -124,7 +124,7 @@ def choose(cands: tuple, head_dim: int, chunk: int):
 def add_ops(g, ordering: Ordering, x) -> None:
     """Add the ops of ``ordering`` to the networkx DiGraph ``g`` (nodes prefixed by the ordering)."""
     from .ir import Op
-    p = ordering.value + ":"
+    p = ordering.value + "_"
     norm = x.normalize.kind == "rowsum"
 
     def node(name, op, label):

@@ -155,6 +155,7 @@ def _read(source) -> tuple:
     builtin = {p.stem: p for p in resources.spec_files()}
     if "\n" not in text and not path.exists() and text in builtin:
         path = builtin[text]
+        source = f"{text} (built-in {path.name})"
     if "\n" not in text and path.suffix in (".yaml", ".yml", "") and not path.exists():
         raise SpecError(f"no spec file or built-in spec named {text!r}",
                         where=text, expected="a YAML file path or one of " + ", ".join(sorted(builtin)),

@@ -1,0 +1,216 @@
+"""The attngen command line: list, plan, verify, build, bench.
+
+Exit codes: 0 success, 1 a verification failed, 2 bad input (one clear message; --debug shows the traceback).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from .errors import AttngenError, VerificationError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns a user's mistake (AttngenError) into one message and exit 2, unless --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VerificationError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"attngen: verification failed: {exc}", err=True)
+            sys.exit(1)
+        except (AttngenError, yaml.YAMLError) as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"attngen: error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="attngen")
+@click.pass_context
+def main(ctx, debug):
+    """attngen: compile attention-variant specs into verified kernels.
+
+    SPEC is a YAML file or a built-in name (see `attngen list`)."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE, e.g. M=4096", param_hint="--set")
+        key, value = pair.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip()] = parsed if isinstance(parsed, (int, float, bool)) else value
+    return out
+
+
+def _modes(mode: str) -> list:
+    return {"both": [True, False], "causal": [True], "bidirectional": [False]}[mode]
+
+
+def _int_list(text: str, name: str) -> list:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 1,63,200",
+                                 param_hint=name) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r}: expected positive integers", param_hint=name)
+    return values
+
+
+@main.command("list", context_settings=CONTEXT)
+def list_cmd():
+    """List the built-in specs with their classes and chosen plans (d = 64)."""
+    from .plan import build_plan
+    from .spec import builtin_names, load_spec
+    rows = []
+    for name in builtin_names():
+        spec = load_spec(name)
+        plan = build_plan(spec)
+        rows.append((name, plan.similarity.kind.value, plan.reweight.kind.value, plan.choice.describe(),
+                     spec.description[:60]))
+    _table(["spec", "similarity", "reweight", "plan (causal, d=64)", "description"], rows)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("spec")
+@click.option("--seq-len", "-n", type=click.IntRange(1), default=4096, show_default=True,
+              help="Length for the cost table.")
+@click.option("--head-dim", "-d", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--mode", type=click.Choice(["causal", "bidirectional"]), default=None,
+              help="Override the spec's mode.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
+@click.option("--plan", "force", default=None, help="Force an ordering (linear, quadratic, recurrent, fft).")
+@click.option("--dot", "dot_file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the op graph in Graphviz DOT to this file.")
+def plan(spec, seq_len, head_dim, mode, sets, force, dot_file):
+    """Show how the planner rewrote SPEC, the cost table, and the chosen ordering."""
+    from .explain import explain, to_dot
+    from .plan import build_plan
+    from .spec import load_spec
+    overrides = _overrides(sets)
+    if mode:
+        overrides["causal"] = mode == "causal"
+    p = build_plan(load_spec(spec, **overrides), head_dim=head_dim, plan=force)
+    click.echo(explain(p, n=seq_len, head_dim=head_dim))
+    if dot_file:
+        Path(dot_file).write_text(to_dot(p))
+        click.echo(f"\nop graph written to {dot_file}")
+
+
+def _verify_options(f):
+    options = [
+        click.option("--all", "all_specs", is_flag=True, help="All built-in specs."),
+        click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both",
+                     show_default=True),
+        click.option("--backend", type=click.Choice(["torch", "triton", "auto"]), default="torch",
+                     show_default=True),
+        click.option("--plan", "force", default=None, help="Force an ordering (default: the planner's choice)."),
+        click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float64", "float32", "float16"]),
+                     help="Input dtypes (repeatable) [default: float64, float32]."),
+        click.option("--seq-len", "lengths", default="1,63,200", show_default=True,
+                     help="Comma-separated sequence lengths."),
+        click.option("--head-dim", type=click.IntRange(1, 1024), default=16, show_default=True),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return click.argument("specs", nargs=-1)(f)
+
+
+def _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
+    import torch
+
+    from .runtime import compile as compile_op
+    from .spec import builtin_names, load_spec
+    from .verify import DTYPES, verify_case
+    names = list(specs) + (builtin_names() if all_specs else [])
+    if not names:
+        raise click.UsageError("name at least one SPEC (a YAML file or built-in name), or pass --all")
+    lens = _int_list(lengths, "--seq-len")
+    dts = [DTYPES[d] for d in (dtypes or ("float64", "float32"))]
+    cases = [(n, c, dt, t) for n in names for c in _modes(mode) for dt in dts for t in lens]
+    results = []
+    with click.progressbar(cases, label="verifying", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda c: c and f"{c[0]} {'causal' if c[1] else 'bidir'} T{c[3]}") as bar:
+        for name, causal, dtype, t in bar:
+            spec = load_spec(name, causal=causal, **_overrides(sets))
+            op = compile_op(spec, backend=backend, plan=force)
+            results.append(verify_case(op, spec, dtype=dtype, t=t, dk=head_dim, seed=t))
+    rows = []
+    for r in results:
+        grads = [k for k in r.errors if k != "o"]
+        rows.append((r.spec, r.mode, r.ordering, r.backend, r.dtype, r.shape, f"{r.errors['o']:.1e}",
+                     " ".join(f"{k}={r.errors[k]:.1e}" for k in grads), f"{r.tolerance:.0e}",
+                     "pass" if r.passed else "FAIL"))
+    _table(["spec", "mode", "plan", "backend", "dtype", "shape", "err o", "err grads", "tol", ""], rows)
+    failed = [r for r in results if not r.passed]
+    click.echo(f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
+               f"(errors are RMS(out - ref) / max(RMS(ref), 1e-2) against the float64 reference)")
+    if failed:
+        raise VerificationError(", ".join(sorted({f"{r.spec} ({r.mode})" for r in failed})))
+    return results
+
+
+@main.command(context_settings=CONTEXT)
+@_verify_options
+def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
+    """Check compiled ops against the naive reference: output and every gradient."""
+    _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets)
+
+
+@main.command(context_settings=CONTEXT)
+@_verify_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write each spec's plan explanation (and, with the Triton backend, its module) here.")
+def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out):
+    """Plan SPEC(s) in each mode, compile them, and verify them against the reference."""
+    from .explain import explain
+    from .plan import build_plan
+    from .spec import builtin_names, load_spec
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in list(specs) + (builtin_names() if all_specs else []):
+            for causal in _modes(mode):
+                spec = load_spec(name, causal=causal, **_overrides(sets))
+                (folder / f"{spec.name}_{spec.mode}.plan.txt").write_text(explain(build_plan(spec)) + "\n")
+    _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--max-len", type=click.IntRange(1024), default=32768, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True)
+@click.option("--spec", "spec_name", default="linear_elu", show_default=True)
+def bench(max_len, out, spec_name):
+    """Benchmark the torch backend's causal linear plan against the reference and PyTorch SDPA."""
+    from .benchmarks import linear_scaling
+    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
+
+
+def _table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    click.echo("  ".join("-" * w for w in widths))
+    for r in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()

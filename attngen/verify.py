@@ -1,0 +1,88 @@
+"""Verification against the naive reference: output and every gradient, by relative RMS error.
+
+Three ways, as in FlexAttention's tests: the float64 reference ("golden"), the reference in the op's dtype
+("ref", for context: how much of the error is just the dtype), and the op. A case passes when the op's error
+against golden is within the dtype's tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .inputs import default_parameters
+from .reference import reference
+from .spec import Spec
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMS(out - ref) / max(RMS(ref), 1e-2), in float64; NaN if out has NaNs (never a pass)."""
+    out, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    num = (out - ref).pow(2).mean().sqrt()
+    den = ref.pow(2).mean().sqrt().clamp_min(1e-2)
+    return float(num / den)
+
+
+@dataclass
+class CaseResult:
+    spec: str
+    mode: str
+    backend: str
+    ordering: str
+    dtype: str
+    shape: str
+    errors: dict = field(default_factory=dict)  # name -> error of op vs float64 reference
+    ref_errors: dict = field(default_factory=dict)  # name -> error of same-dtype reference vs float64
+    tolerance: float = 0.0
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors.values())
+
+    @property
+    def passed(self) -> bool:
+        return all(e == e and e <= self.tolerance for e in self.errors.values())
+
+
+def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, dk, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h, s, dk, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, s, dv, generator=g, dtype=torch.float64)
+    do = torch.randn(b, h, t, dv, generator=g, dtype=torch.float64)
+    params = default_parameters(spec, h, torch.float64)
+    params = {n: p + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+    return q, k, v, do, params
+
+
+def _run(fn, q, k, v, do, params, dtype, device):
+    leaves = {n: x.to(dtype=dtype, device=device).requires_grad_() for n, x in
+              (("q", q), ("k", k), ("v", v))}
+    pleaves = {n: x.to(dtype=dtype, device=device).requires_grad_() for n, x in params.items()}
+    out = fn(leaves["q"], leaves["k"], leaves["v"], **pleaves)
+    out.backward(do.to(dtype=dtype, device=device))
+    grads = {"o": out} | {f"d{n}": x.grad for n, x in leaves.items()} | {f"d{n}": x.grad for n, x in pleaves.items()}
+    return grads
+
+
+def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=16, dv=None,
+                seed=0, device="cpu") -> CaseResult:
+    """Compare ``op`` (a compiled op) with the reference on one shape; returns the errors."""
+    s = t if s is None else s
+    dv = dk if dv is None else dv
+    q, k, v, do, params = _inputs(spec, b, h, t, s, dk, dv, seed)
+    ref = reference(spec)
+    golden = _run(ref, q, k, v, do, params, torch.float64, "cpu")
+    same = _run(ref, q, k, v, do, params, dtype, "cpu") if dtype != torch.float64 else golden
+    got = _run(op, q, k, v, do, params, dtype, device)
+    ordering = op.ordering_for(s) if hasattr(op, "ordering_for") else "?"
+    res = CaseResult(spec.name, spec.mode, getattr(op, "backend", "?"), str(ordering), str(dtype).replace("torch.", ""),
+                     f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
+                     tolerance=TOLERANCE[dtype])
+    for name, value in golden.items():
+        res.errors[name] = rel_rms(got[name].cpu(), value)
+        res.ref_errors[name] = rel_rms(same[name], value)
+    return res
