@@ -92,12 +92,29 @@ def crossover(a: Candidate, b: Candidate, head_dim: int, chunk: int):
     if not (a.legal and b.legal):
         return None
     diff = total(a, head_dim, chunk) - total(b, head_dim, chunk)
-    try:
-        roots = sympy.solve(diff, N)
-    except NotImplementedError:
-        roots = [sympy.nsolve(diff, N, 1000)]
-    real = sorted(float(r) for r in roots if r.is_real and r > 1)
-    return real[0] if real else None
+    if diff.is_polynomial(N):
+        real = sorted(float(r) for r in sympy.Poly(diff, N).nroots() if r.is_real and r > 1)
+        return real[0] if real else None
+    return _bisect(lambda n: float(diff.subs(N, n)), 2.0, float(1 << 40))
+
+
+def _bisect(f, lo, hi, steps=200):
+    """A root of f in [lo, hi] by bisection on a log scale (for costs with log N terms), or None."""
+    flo, fhi = f(lo), f(hi)
+    if flo == 0:
+        return lo
+    if (flo > 0) == (fhi > 0):
+        return None
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        fm = f(mid)
+        if (fm > 0) == (flo > 0):
+            lo, flo = mid, fm
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-12:
+            break
+    return (lo * hi) ** 0.5
 
 
 def choose(cands: tuple, head_dim: int, chunk: int):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import math
+import reprlib
 from dataclasses import dataclass
 
 import sympy
@@ -56,6 +57,11 @@ class Relu(Function):
     nargs = 1
     is_real = True
 
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sympy.Max(x, 0)
+
     def fdiff(self, argindex=1):
         return sympy.Heaviside(self.args[0], 0)
 
@@ -64,6 +70,11 @@ class Elu(Function):
     """elu(x) = x for x > 0, exp(x) - 1 otherwise (alpha = 1, like torch.nn.functional.elu)."""
     nargs = 1
     is_real = True
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return x if x > 0 else sympy.exp(x) - 1
 
     def fdiff(self, argindex=1):
         x = self.args[0]
@@ -74,6 +85,11 @@ class Sigmoid(Function):
     """sigmoid(x) = 1 / (1 + exp(-x))."""
     nargs = 1
     is_real = True
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return 1 / (1 + sympy.exp(-x))
 
     def fdiff(self, argindex=1):
         return self * (1 - self)
@@ -96,6 +112,7 @@ MAX_DEPTH = 40
 MAX_LITERAL = 1e30
 MAX_FOLDED_EXPONENT = 64  # numeric ** numeric folds only below this exponent
 MAX_SYMBOLIC_POWER = 8  # integer powers of expressions that contain q or k (tensor powers)
+NON_FINITE = (sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,18 @@ class Context:
     forbidden_hint: dict  # name -> why it is not allowed here (for better errors)
 
 
+def brief(value, width: int = 60) -> str:
+    """A short repr of untrusted data for error messages; safe for huge ints and deep or aliased nesting."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, width, width, width
+    try:
+        return short.repr(value)[:width]
+    except Exception:  # a hostile __repr__ or an int inside a container beyond the str-conversion limit
+        return f"a {type(value).__name__}"
+
+
 def _err(ctx: Context, what: str, expected: str | None = None, fix: str | None = None) -> SpecError:
     return SpecError(what, where=ctx.where, key=ctx.key, expected=expected, fix=fix)
 
@@ -125,9 +154,11 @@ def parse_expression(text, ctx: Context) -> sympy.Expr:
     Raises SpecError (never anything else) for any text that is not a valid expression here.
     """
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise _err(ctx, f"found {type(text).__name__} {text!r:.80}", "an expression string or a number",
+        raise _err(ctx, f"found {type(text).__name__} {brief(text, 80)}", "an expression string or a number",
                    "write the expression as a string, e.g. 'dot(relu(q), relu(k))'")
     if not isinstance(text, str):
+        if (abs(text) > MAX_LITERAL) if isinstance(text, int) else not math.isfinite(text):
+            raise _err(ctx, f"number {brief(text)} is out of range", f"a finite number with |x| <= {MAX_LITERAL:g}")
         text = repr(text)
     if len(text) > MAX_SOURCE_CHARS:
         raise _err(ctx, f"expression is {len(text)} characters long", f"at most {MAX_SOURCE_CHARS}",
@@ -148,6 +179,9 @@ def parse_expression(text, ctx: Context) -> sympy.Expr:
         value = _Walker(ctx, text).visit(tree.body, 0)
     except RecursionError:
         raise _err(ctx, "expression is nested too deeply", f"at most {MAX_DEPTH} levels") from None
+    except (ArithmeticError, TypeError, ValueError) as exc:  # sympy refusing an extreme numeric value
+        raise _err(ctx, f"cannot evaluate {text!r:.120}: {type(exc).__name__}",
+                   "numbers of moderate size (|x| <= 1e30, results within 1e-300..1e300)") from None
     if value.vector:
         raise _err(ctx, f"{text!r:.120} is a vector", "a scalar",
                    "reduce it with dot(a, b) or norm(a), e.g. dot(relu(q), relu(k))")
@@ -171,14 +205,22 @@ class _Walker:
         if method is None:
             raise self.fail(node, f"{type(node).__name__} syntax is not allowed",
                             "numbers, names, + - * / **, unary minus and function calls")
-        return method(node, depth + 1)
+        value = method(node, depth + 1)
+        self._check_finite(node, value.expr)
+        return value
+
+    def _check_finite(self, node, expr):
+        """Refuse infinities, NaN and non-real numbers (0**-1, log(0), sqrt(-1)) where they appear."""
+        if expr.has(*NON_FINITE) or (expr.is_number and expr.is_real is False):
+            raise self.fail(node, f"the value {str(expr)[:60]} is not a finite real number",
+                            "finite real values", "check for division by zero, log(0), sqrt or ** of a negative")
 
     # -- leaves ------------------------------------------------------------------------------
     def visit_Constant(self, node, depth):
         v = node.value
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self.fail(node, f"literal {v!r:.40} is not a number", "an int or float literal")
-        if not math.isfinite(v) or abs(v) > MAX_LITERAL:
+        if abs(v) > MAX_LITERAL or not math.isfinite(v):
             raise self.fail(node, f"number {v!r:.40} is out of range", f"|x| <= {MAX_LITERAL:g}")
         return Value(Integer(v) if isinstance(v, int) else sympy.Float(v), False)
 
@@ -222,7 +264,7 @@ class _Walker:
         if isinstance(op, ast.Mult):
             return Value(a.expr * b.expr, a.vector or b.vector)
         if isinstance(op, ast.Div):
-            if b.expr == 0:
+            if b.expr.is_zero:
                 raise self.fail(node, "division by zero")
             return Value(a.expr / b.expr, a.vector or b.vector)
         return self._power(node, a, b)
@@ -241,6 +283,8 @@ class _Walker:
         if b.vector:
             raise self.fail(node, "the exponent is a vector", "a scalar exponent")
         base, exp = a.expr, b.expr
+        if exp.is_number and exp.is_real is not True:
+            raise self.fail(node, f"the exponent {str(exp)[:60]} is not a real number", "a real exponent")
         if base.is_number and exp.is_number:
             self._check_fold(node, base, exp)
         elif (a.vector or base.has(Dot, Norm)) and exp.is_number and abs(float(exp)) > MAX_SYMBOLIC_POWER:

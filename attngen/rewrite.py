@@ -13,6 +13,7 @@ from typing import Callable
 
 import sympy
 from sympy import Abs, Add, Mul, exp
+from sympy.simplify.fu import TR10
 
 from .errors import SpecError
 from .expr import KE, QE, Dot, I, J, Norm, outer_free_symbols, sides
@@ -66,7 +67,9 @@ def _expand_products(expr):
 
 
 def _expand_trig(expr):
-    return sympy.expand(expr, trig=True, power_exp=True, log=False)
+    # TR10 splits sin/cos of sums only (no multiple-angle expansion, which would add terms)
+    expanded = sympy.expand(expr, power_exp=True, log=False)
+    return sympy.expand(TR10(expanded), power_exp=True, log=False)
 
 
 SIMILARITY_RULES = (
@@ -79,8 +82,8 @@ CAUSAL_REWEIGHT_RULES = (
     Rule("causal-abs", "abs(i - j) = i - j on the causal part (j <= i)", _causal_abs, domain="causal"),
 )
 SEPARATION_RULES = (
-    Rule("expand-trig", "expand arguments, then cos(a - b) = cos a cos b + sin a sin b and "
-         "exp(a + b) = exp(a) exp(b)", _expand_trig),
+    Rule("expand-trig", "expand arguments, then cos(a + b) = cos a cos b - sin a sin b, "
+         "sin(a + b) = sin a cos b + cos a sin b and exp(a + b) = exp(a) exp(b)", _expand_trig),
 )
 
 
