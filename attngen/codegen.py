@@ -1,0 +1,255 @@
+"""Code generation: a Plan -> the text of one Triton module (kernels, host functions, registration,
+the public function).
+
+Python fills the templates' named slots; the templates hold no math. Every formula (feature maps,
+their derivatives from sympy.diff, row scales, position factors, parameter derivatives, the
+normaliser) is printed by attngen.printer, which refuses what it cannot print. The output is
+deterministic: the same spec gives the same bytes.
+
+Kernel variable names the slots refer to (per side s = q or k, kernel conventions of fla):
+    b_<s>    the raw block [BT, BK] (fp32)          b_t<s>  positions i or j [BT] (fp32)
+    b_<s>r<n> a row reduction [BT] (norm / dot)      f_nq, f_nk, f_d, f_h, f_H  n_q, n_k, d, h, H
+    b_par_<p> the value of parameter p
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jinja2
+import sympy
+
+from . import __version__, resources
+from .errors import PlanError
+from .expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, Dot, I, J, Norm
+from .ir import Ordering, Plan, ReweightClass
+from .printer import TritonPrinter
+
+TEMPLATE = "linear.py.j2"
+TEMPLATE_FILES = ("linear.py.j2", "linear_host.py.j2")
+SCALARS = {N_Q: "f_nq", N_K: "f_nk", D: "f_d", HEAD: "f_h", HEADS: "f_H"}
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """The one Jinja environment (strict: an unknown slot is an error)."""
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.templates_dir())),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True, autoescape=False)
+
+
+@lru_cache(maxsize=1)
+def template_hash() -> str:
+    h = hashlib.sha256()
+    for name in TEMPLATE_FILES:
+        h.update(name.encode() + b"\0" + (resources.templates_dir() / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def module_name(plan: Plan) -> str:
+    return f"{plan.spec.name}_{plan.spec.mode}"
+
+
+def render(plan: Plan) -> str:
+    """The generated module's source text for a linear plan (see the module docstring)."""
+    text = environment().get_template(TEMPLATE).render(**slots(plan))
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return _BLANK_IN_BODY.sub("\n", text)
+
+
+# macro calls leave blank lines inside function bodies; a blank line before an indented line goes
+_BLANK_IN_BODY = re.compile(r"\n[ \t]*\n(?=[ \t]+\S)")
+
+
+# ---------------------------------------------------------------------------------------------
+# slots
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reduction:
+    i: int
+    value: str  # code of the row reduction [BT]
+
+
+@dataclass(frozen=True)
+class ScaleGrad:
+    dscale: str  # d scale / d reduction [BT]
+    dred: str  # d reduction / d element [BT, BK]
+
+
+@dataclass(frozen=True)
+class Feature:
+    i: int
+    width: str  # 'd' (an element map, width d) or '1' (a constant feature, width 1)
+    phi: str  # element formula [BT, BK]
+    dphi: str | None  # its derivative (None when zero)
+    scale: str | None  # row scale [BT] (None when 1)
+    scale_grads: tuple  # of ScaleGrad
+
+
+@dataclass(frozen=True)
+class SideTerm:
+    f: int  # index of the feature block
+    row: str  # position factor (and coefficient) of the rows [BT] or a scalar
+    dparams: tuple  # of ParamGrad
+
+
+@dataclass(frozen=True)
+class ParamGrad:
+    name: str
+    code: str  # d row / d parameter
+
+
+def slots(plan: Plan) -> dict:
+    spec = plan.spec
+    _check_supported(plan)
+    params = [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol,
+               "default": _default(p)} for p in spec.parameters]
+    names = dict(SCALARS)
+    names.update({p["symbol"]: f"b_par_{p['name']}" for p in params})
+    sides = {s: _Side(s, names, spec.where) for s in ("q", "k")}
+    terms = []
+    for r, lt in enumerate(plan.linear_terms):
+        f, pos = lt.feature, lt.position
+        q_factor = f.q_factors[0] if f.q_factors else None
+        k_factor = f.k_factors[0] if f.k_factors else None
+        terms.append({
+            "i": r,
+            "q": sides["q"].term(f.q_scale, q_factor, f.coeff * pos.coeff * pos.f_i, params),
+            "k": sides["k"].term(f.k_scale, k_factor, pos.g_j, params),
+        })
+    norm = plan.normalize
+    rowsum = norm.kind == "rowsum"
+    eps = repr(float(norm.eps))
+    clamp = rowsum and norm.eps_mode == "clamp"
+    return {
+        "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
+        "template_hash": template_hash(), "spec_yaml": spec.to_yaml().rstrip("\n").splitlines(),
+        "plan_lines": [lt.feature.describe() + "  x  " + lt.position.describe() for lt in plan.linear_terms],
+        "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention",
+        "op_name": f"{spec.name}_{spec.mode}_{spec.hash[:8]}_{template_hash()[:8]}",
+        "causal": spec.causal, "chunk": plan.chunk, "params": params, "terms": terms,
+        "sides": {s: side.slots() for s, side in sides.items()},
+        "rowsum": rowsum,
+        "den_expr": (f"tl.maximum(b_den, {eps})" if clamp else f"b_den + {eps}") if rowsum else "b_den",
+        "dden_mask": f"b_den > {eps}" if clamp else None,
+    }
+
+
+class _Side:
+    """The feature blocks of one side (q or k): deduplicated element maps with their row scales."""
+
+    def __init__(self, s: str, names: dict, where: str):
+        self.s, self.where = s, where
+        self.elem = QE if s == "q" else KE
+        self.pos = I if s == "q" else J
+        self.names = dict(names)
+        self.names[self.elem] = f"b_{s}"
+        self.names[self.pos] = f"b_t{s}"
+        self.reductions = {}  # reduction node -> Reduction
+        self.features = {}  # (scale, factor) -> Feature
+
+    def printer(self, what, extra=None) -> TritonPrinter:
+        return TritonPrinter({**self.names, **(extra or {})}, self.where, f"{what} of {self.s}")
+
+    def slots(self) -> dict:
+        feats = sorted(self.features.values(), key=lambda f: f.i)
+        return {"reductions": sorted(self.reductions.values(), key=lambda r: r.i), "features": feats,
+                "width_one": any(f.width == "1" for f in feats)}
+
+    def term(self, scale, factor, row, params) -> SideTerm:
+        key = (scale, factor)
+        if key not in self.features:
+            self.features[key] = self._feature(len(self.features), scale, factor)
+        # a row factor never sees the element symbol: printing one that uses it is an error
+        row_names = {k: v for k, v in self.names.items() if k != self.elem}
+        row_code = TritonPrinter(row_names, self.where, f"position factor of {self.s}")(row)
+        dparams = []
+        for p in params:
+            d = sympy.diff(row, p["symbol"])
+            if d != 0:
+                what = f"derivative by {p['name']} of the position factor of {self.s}"
+                dparams.append(ParamGrad(p["name"], TritonPrinter(row_names, self.where, what)(d)))
+        return SideTerm(self.features[key].i, row_code, tuple(dparams))
+
+    def _feature(self, i, scale, factor) -> Feature:
+        phi = factor if factor is not None else sympy.Integer(1)
+        width = "d" if factor is not None else "1"
+        pr = self.printer("feature map")
+        dphi = sympy.diff(phi, self.elem) if factor is not None else sympy.Integer(0)
+        if scale == 1:
+            return Feature(i, width, pr(phi), None if dphi == 0 else pr(dphi), None, ())
+        reds = sorted(scale.atoms(Norm, Dot), key=sympy.default_sort_key)
+        dummies = {r: sympy.Dummy(f"r{n}") for n, r in enumerate(reds)}
+        flat = scale.xreplace(dummies)
+        row_vars, col_vars, grads = {}, {}, []
+        for r in reds:
+            red = self.reduction(r)
+            row_vars[dummies[r]] = f"b_{self.s}r{red.i}"
+            col_vars[r] = f"b_{self.s}r{red.i}[:, None]"
+        scale_code = self.printer("row scale", {r: row_vars[dummies[r]] for r in reds})(scale)
+        for r in reds:
+            dscale = sympy.diff(flat, dummies[r])
+            if dscale != 0:
+                grads.append(ScaleGrad(self.printer("row scale derivative", row_vars)(dscale),
+                                       self._dreduction(r, col_vars[r])))
+        return Feature(i, width, pr(phi), None if dphi == 0 else pr(dphi), scale_code, tuple(grads))
+
+    def reduction(self, node) -> Reduction:
+        if node not in self.reductions:
+            self.reductions[node] = Reduction(len(self.reductions), self._reduction_code(node))
+        return self.reductions[node]
+
+    def _reduction_terms(self, node):
+        args = node.args
+        for a in args:
+            if a.has(Norm, Dot) or (a.free_symbols - {self.elem} - set(SCALARS)):
+                raise PlanError(f"{self.where}: the row reduction {sympy.sstr(node)} of {self.s} is not "
+                                "supported by the Triton backend yet (nested reductions or parameters)")
+        return args
+
+    def _reduction_code(self, node) -> str:
+        args = self._reduction_terms(node)
+        pr = self.printer("row reduction")
+        body = args[0] ** 2 if isinstance(node, Norm) else args[0] * args[1]
+        total = f"tl.sum(tl.where(m_{self.s}d, {pr(body)}, 0.0), axis=1)"
+        return f"tl.sqrt({total})" if isinstance(node, Norm) else total
+
+    def _dreduction(self, node, value) -> str:
+        """d node / d element: norm(g) -> g g' / norm (0 where the norm is 0); dot(a, b) -> (a b)'."""
+        args = self._reduction_terms(node)
+        pr = self.printer("row reduction derivative")
+        if isinstance(node, Norm):
+            g = args[0]
+            return f"{pr(g * sympy.diff(g, self.elem))} / tl.where({value} > 0.0, {value}, 1.0)"
+        return pr(sympy.diff(args[0] * args[1], self.elem))
+
+
+def _default(p):
+    return repr(float(p.init_expr)) if p.init_expr.is_number else None
+
+
+def _check_supported(plan: Plan):
+    spec = plan.spec
+    where = f"{spec.where} ({spec.name}, {spec.mode})"
+    if not plan.linear_terms or Ordering.LINEAR not in (plan.choice.below, plan.choice.above):
+        raise PlanError(f"{where}: the Triton backend generates the linear ordering only; "
+                        f"this plan is {plan.choice.describe()} (build it with plan='linear')")
+    if plan.reweight.kind is ReweightClass.DECAY:
+        raise PlanError(f"{where}: decay reweighting ({sympy.sstr(plan.reweight.decay.gamma)}**(i-j)) is not "
+                        "generated by the Triton backend yet; use backend='torch'")
+    if plan.normalize.kind not in ("none", "rowsum"):
+        raise PlanError(f"{where}: normalisation {plan.normalize.kind!r} has no linear kernel")
+    params = {p.symbol for p in spec.parameters}
+    for lt in plan.linear_terms:
+        f = lt.feature
+        if f.power > 1:
+            raise PlanError(f"{where}: the feature term {f.describe()} is a tensor power (width d**{f.power}); "
+                            "the Triton backend generates feature maps of power <= 1 only so far")
+        for e in (*f.q_factors, *f.k_factors, f.q_scale, f.k_scale):
+            if e.free_symbols & params:
+                raise PlanError(f"{where}: {sympy.sstr(e)} uses a learnable parameter inside a feature map; "
+                                "the Triton backend supports parameters in position factors and coefficients only")
+        if f.coeff.has(QE, KE, I, J) or lt.position.f_i.has(J) or lt.position.g_j.has(I):
+            raise PlanError(f"{where}: {lt.feature.describe()} x {lt.position.describe()} is not separable")

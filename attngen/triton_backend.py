@@ -1,0 +1,95 @@
+"""The Triton backend: render a plan's module once, cache it on disk, import it, and run it.
+
+The cache key is the spec hash plus the template hash, so editing a template or a spec gives a new
+file and a stale module is never imported. Files are written to a temporary name and moved into place
+with os.replace, so concurrent processes never import a half-written module.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from . import codegen
+from .errors import PlanError
+
+_LOCK = threading.Lock()
+_MODULES: dict = {}  # cache key -> imported module
+
+
+def cache_dir() -> Path:
+    """$ATTNGEN_CACHE_DIR, else $XDG_CACHE_HOME/attngen, else ~/.cache/attngen."""
+    root = os.environ.get("ATTNGEN_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "attngen"
+
+
+def cache_key(plan) -> str:
+    return f"{codegen.module_name(plan)}_{plan.spec.hash}_{codegen.template_hash()}"
+
+
+def load_module(plan):
+    """The imported generated module of ``plan`` (rendered and written on first use)."""
+    key = cache_key(plan)
+    with _LOCK:
+        if key in _MODULES:
+            return _MODULES[key]
+        source = codegen.render(plan)
+        path = _write(key, source)
+        module = _import(key, path)
+        _MODULES[key] = module
+        return module
+
+
+def function(plan):
+    """The public ``<name>_attention`` function of ``plan``'s module."""
+    module = load_module(plan)
+    return getattr(module, f"{plan.spec.name}_attention")
+
+
+def run(plan, q, k, v, params: dict | None = None, *, layout: str = "bhtd"):
+    """o for q, k, v ([B, H, T, D] for layout 'bhtd') with the spec's parameters ``params`` (by name)."""
+    params = dict(params or {})
+    unknown = set(params) - set(plan.spec.param_names)
+    if unknown:
+        raise PlanError(f"{plan.spec.name}: unknown parameter(s) {sorted(unknown)}; "
+                        f"expected {list(plan.spec.param_names) or 'none'}")
+    return function(plan)(q, k, v, layout=layout, **params)
+
+
+def _write(key: str, source: str) -> Path:
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.py"
+    data = source.encode()
+    if path.is_file() and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _import(key: str, path: Path):
+    name = f"attngen_generated.{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # triton.jit reads its functions' source through the module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -1,0 +1,259 @@
+"""The generated Triton kernels under the interpreter, against the naive float64 reference.
+
+Runs on CPU: TRITON_INTERPRET=1 is set before triton is imported. bf16 is not run here: Triton 3.9's
+interpreter computes tl.dot on bf16 operands wrongly (docs/gpu.md), so bf16 is checked on a GPU only.
+
+The full matrix: every spec x mode x T in {1, 63, 130} x D in {16, 48, 64} x {fp32, fp16}, B*H = 2;
+bidirectional cases use a key length S != T (cross attention); layouts, Dk != Dv, several V blocks
+and strided inputs are covered by the dedicated tests below.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, or the kernels need a GPU
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import sympy  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
+
+from attngen import load_spec  # noqa: E402
+from attngen.codegen import render, template_hash  # noqa: E402
+from attngen.errors import InputError, PlanError  # noqa: E402
+from attngen.evaluate import Evaluator  # noqa: E402
+from attngen.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
+from attngen.plan import build_plan  # noqa: E402
+from attngen.printer import print_triton  # noqa: E402
+from attngen.reference import reference  # noqa: E402
+from attngen import triton_backend  # noqa: E402
+
+SPECS = ("linear_elu", "relu_linear", "cosformer", "cottention")
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attngen-cache"))
+
+
+def rel_rms(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).pow(2).mean().sqrt() / max(ref.pow(2).mean().sqrt().item(), 1e-2)).item()
+
+
+def assert_close(name, out, ref, tol):
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (a buffer the kernel did not write?)"
+    err = rel_rms(out, ref)
+    assert err <= tol, f"{name}: relative RMS error {err:.3g} > {tol:g}"
+
+
+def poisoned(module, monkeypatch):
+    """Make every buffer the module allocates start as NaN, so an unwritten element fails the test."""
+    def empty(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+    monkeypatch.setattr(module, "_empty", empty)
+
+
+def check(name, causal, t, s, dk, dv, dtype, monkeypatch, layout="bhtd", b=1, h=2, seed=0):
+    spec = load_spec(name, causal=causal)
+    name = spec.name
+    plan = build_plan(spec, plan="linear")
+    module = triton_backend.load_module(plan)
+    poisoned(module, monkeypatch)
+    fn = getattr(module, f"{name}_attention")
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(length, d):
+        x = torch.randn(b, h, length, d, generator=g, dtype=torch.float64)
+        return x.transpose(1, 2).contiguous() if layout == "bthd" else x
+
+    q, k, v = rand(t, dk), rand(s, dk), rand(s, dv)
+    params = {p.name: (torch.rand((h,) if p.shape else (), generator=g, dtype=torch.float64) * 2 - 1)
+              for p in spec.parameters}
+    ours = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    ours_p = {n: p.float().requires_grad_() for n, p in params.items()}
+    gold = [x.clone().requires_grad_() for x in (q, k, v)]
+    gold_p = {n: p.clone().requires_grad_() for n, p in params.items()}
+
+    o = fn(*ours, layout=layout, **ours_p)
+    ref = reference(spec, layout=layout)(*gold, **gold_p)
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    o.backward(do.to(dtype))
+    ref.backward(do)
+    tol = TOL[dtype]
+    assert o.dtype == dtype
+    assert_close("o", o, ref, tol)
+    for n, x, y in zip("qkv", ours, gold):
+        assert_close("d" + n, x.grad, y.grad, tol)
+    for n in params:
+        assert_close("d" + n, ours_p[n].grad, gold_p[n].grad, tol)
+
+
+CASES = [(t, d, dtype) for dtype in (torch.float32, torch.float16) for t in (1, 63, 130) for d in (16, 48, 64)]
+
+
+def _id(case):
+    t, d, dtype = case
+    return f"T{t}-D{d}-{'fp32' if dtype == torch.float32 else 'fp16'}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("name", SPECS)
+def test_causal_matches_reference(name, case, monkeypatch):
+    t, d, dtype = case
+    check(name, True, t, t, d, d, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("name", SPECS)
+def test_bidirectional_cross_matches_reference(name, case, monkeypatch):
+    t, d, dtype = case
+    s = {1: 1, 63: 130, 130: 63}[t]  # key length differs from the query length
+    check(name, False, t, s, d, d, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name", ["cosformer", "cottention"])
+def test_bthd_layout_and_distinct_value_dim(name, causal, monkeypatch):
+    # Dk=48 and Dv=80: padded K block, two V blocks in the forward (BV=64), B*H = 2 with B = 2
+    check(name, causal, 70, 70 if causal else 33, 48, 80, torch.float32, monkeypatch, layout="bthd", b=2, h=1)
+
+
+CONSTANT_FEATURE = {"name": "const_relu", "similarity": "2 + dot(relu(q), relu(k)) / d",
+                    "reweight": "exp(-s) + 1", "normalize": "none",
+                    "parameters": {"s": {"shape": [], "init": 0.1}}}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_constant_feature_and_scalar_parameter(causal, monkeypatch):
+    # a width-1 constant feature (the 2), a coefficient 1/d, a scalar learnable parameter in a coefficient
+    check({**CONSTANT_FEATURE, "causal": causal}, causal, 70, 70 if causal else 45, 48, 32, torch.float32,
+          monkeypatch)
+
+
+def test_strided_inputs_need_no_copy(monkeypatch):
+    """A [B,T,H,D] tensor viewed as [B,H,T,D] (non-contiguous) gives the same result as a contiguous one."""
+    plan = build_plan(load_spec("linear_elu"), plan="linear")
+    fn = triton_backend.function(plan)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 32, generator=g).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    a = fn(q, k, v)
+    b = fn(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(a, b)
+
+
+def test_module_text_is_deterministic_and_has_header():
+    plan = build_plan(load_spec("cosformer"), plan="linear")
+    a, b = render(plan), render(build_plan(load_spec("cosformer"), plan="linear"))
+    assert a == b
+    assert f"spec hash: {plan.spec.hash}" in a and f"template hash: {template_hash()}" in a
+    assert "def cosformer_attention(q, k, v, *, initial_state=None, return_state=False, layout=\"bhtd\")" in a
+    assert "\n\n\n\n" not in a
+
+
+def test_feature_maps_are_fused_not_stored():
+    """phi(q), phi(k) never reach memory: the only stores are o / den and the gradients."""
+    text = render(build_plan(load_spec("cosformer"), plan="linear"))
+    stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
+    assert stored == ["den", "p_dk", "p_dq", "p_dv", "p_o"]
+
+
+def test_input_errors(monkeypatch):
+    fn = triton_backend.function(build_plan(load_spec("cottention"), plan="linear"))
+    x = torch.randn(1, 2, 8, 16)
+    with pytest.raises(InputError, match="causal"):
+        fn(x, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+    with pytest.raises(InputError, match="parameter 'm'"):
+        fn(x, x, x, m=torch.zeros(3))
+    with pytest.raises(InputError, match="layout"):
+        fn(x, x, x, layout="thd")
+    with pytest.raises(InputError, match="float64"):
+        fn(x.double(), x.double(), x.double())
+
+
+def test_unsupported_plans_are_refused():
+    with pytest.raises(PlanError, match="decay"):
+        render(build_plan(load_spec("retention"), plan="linear"))
+    with pytest.raises(PlanError, match="tensor power"):
+        render(build_plan(load_spec("polynomial2"), plan="linear"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the printer
+# ---------------------------------------------------------------------------------------------
+class _TL:
+    """Just enough of triton.language, on torch tensors, to evaluate printed expressions."""
+    exp, log, sin, cos, sqrt, abs = torch.exp, torch.log, torch.sin, torch.cos, torch.sqrt, torch.abs
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+
+    @staticmethod
+    def where(c, a, b):
+        return torch.where(c, torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+
+
+M = sympy.Symbol("m", real=True)
+PRINTED = [Elu(QE) + 1, Relu(QE), Sigmoid(QE) ** 2, sympy.tanh(QE), sympy.exp(-QE) * sympy.cos(QE),
+           (J + 1) ** (-Sigmoid(M)), sympy.sqrt(J + 2) / (J + 1) ** 3, sympy.Max(QE, 0.5 * QE, -1),
+           sympy.Min(QE, 1) + sympy.Abs(QE), sympy.cos(sympy.pi * J / 7) * sympy.Rational(3, 4)]
+
+
+@pytest.mark.parametrize("expr", PRINTED + [sympy.diff(e, QE) for e in PRINTED[:5]] + [sympy.diff(PRINTED[5], M)],
+                         ids=lambda e: sympy.sstr(e)[:40])
+def test_printed_code_equals_the_expression(expr):
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)  # q elements, includes 0
+    pos = torch.arange(13, dtype=torch.float64)
+    m = torch.tensor(0.3, dtype=torch.float64)
+    code = print_triton(expr, {QE: "x", J: "pos", M: "m"})
+    got = eval(code, {"tl": _TL, "x": x, "pos": pos, "m": m})  # noqa: S307 (our own printer's output)
+    want = Evaluator({QE: x, J: pos, M: m})(expr)
+    got = torch.as_tensor(got, dtype=torch.float64).expand(13)
+    want = torch.as_tensor(want, dtype=torch.float64).expand(13)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"{code}: {got} != {want}"
+
+
+def test_printer_is_strict():
+    with pytest.raises(PlanError, match=r"specs/x.yaml.*gamma\(q_e\)"):
+        print_triton(sympy.gamma(QE), {QE: "b_q"}, where="specs/x.yaml")
+    with pytest.raises(PlanError, match="unknown symbol"):
+        print_triton(QE + KE, {QE: "b_q"})
+    with pytest.raises(PlanError, match="Norm"):
+        print_triton(Norm(QE), {QE: "b_q"})
+    with pytest.raises(PlanError, match="integer power"):
+        print_triton(QE ** 40, {QE: "b_q"})
+
+
+def test_printer_never_emits_integer_division():
+    code = print_triton(I / 2 + sympy.Rational(1, 3), {I: "i"})
+    assert "/ 2)" not in code and "0.5" in code and repr(1 / 3) in code
+    assert math.isclose(eval(code, {"i": 3}), 3 / 2 + 1 / 3)  # noqa: S307
+
+
+def test_torch_compile_fullgraph_traces_the_custom_ops():
+    """The custom ops (fake kernels + autograd formula) let dynamo trace the call in one graph."""
+    fn = triton_backend.function(build_plan(load_spec("cottention"), plan="linear"))
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(1, 2, 40, 16, generator=g).requires_grad_() for _ in range(3)]
+    inputs.append(torch.tensor([0.2, -0.1], requires_grad=True))
+
+    def loss(q, k, v, m):
+        return fn(q, k, v, m=m).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    got_grads = torch.autograd.grad(got, inputs)
+    want = loss(*inputs)
+    want_grads = torch.autograd.grad(want, inputs)
+    assert torch.allclose(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b)
