@@ -28,7 +28,8 @@ from .ir import Ordering, Plan, ReweightClass
 from .printer import TritonPrinter
 
 TEMPLATE = "linear.py.j2"
-TEMPLATE_FILES = ("linear.py.j2", "linear_host.py.j2")
+TEMPLATE_FILES = ("linear.py.j2", "linear_host.py.j2", "decay.py.j2", "decay_host.py.j2")
+POWER_MAX_HEAD_DIM = 16  # a d**2 feature block lives in registers: [BT, BK * BK] and a [BK * BK, BV] state
 SCALARS = {N_Q: "f_nq", N_K: "f_nk", D: "f_d", HEAD: "f_h", HEADS: "f_H"}
 
 
@@ -43,8 +44,8 @@ def environment() -> jinja2.Environment:
 @lru_cache(maxsize=1)
 def template_hash() -> str:
     h = hashlib.sha256()
-    for name in TEMPLATE_FILES:
-        h.update(name.encode() + b"\0" + (resources.templates_dir() / name).read_bytes() + b"\0")
+    for path in sorted(resources.templates_dir().glob("*.j2")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -86,6 +87,15 @@ class Feature:
     dphi: str | None  # its derivative (None when zero)
     scale: str | None  # row scale [BT] (None when 1)
     scale_grads: tuple  # of ScaleGrad
+    cols: str = "BK"  # columns of its block: BK, or BK * BK for a tensor square
+    power2: "Power2 | None" = None  # the second factor of a tensor square (None: power <= 1)
+
+
+@dataclass(frozen=True)
+class Power2:
+    """The second factor h of a tensor-square feature e (x) h (its first factor is Feature.phi)."""
+    phi: str
+    dphi: str
 
 
 @dataclass(frozen=True)
@@ -112,10 +122,10 @@ def slots(plan: Plan) -> dict:
     terms = []
     for r, lt in enumerate(plan.linear_terms):
         f, pos = lt.feature, lt.position
-        q_factor = f.q_factors[0] if f.q_factors else None
-        k_factor = f.k_factors[0] if f.k_factors else None
+        q_factor = tuple(f.q_factors) if f.q_factors else None
+        k_factor = tuple(f.k_factors) if f.k_factors else None
         terms.append({
-            "i": r,
+            "i": r, "cols": "BK * BK" if f.power == 2 else "BK",
             "q": sides["q"].term(f.q_scale, q_factor, f.coeff * pos.coeff * pos.f_i, params),
             "k": sides["k"].term(f.k_scale, k_factor, pos.g_j, params),
         })
@@ -134,7 +144,26 @@ def slots(plan: Plan) -> dict:
         "rowsum": rowsum,
         "den_expr": (f"tl.maximum(b_den, {eps})" if clamp else f"b_den + {eps}") if rowsum else "b_den",
         "dden_mask": f"b_den > {eps}" if clamp else None,
+        "decay": _decay(plan, names, params),
+        "max_power_dim": POWER_MAX_HEAD_DIM if any(lt.feature.power == 2 for lt in plan.linear_terms) else None,
     }
+
+
+def _decay(plan: Plan, names: dict, params: list):
+    """The decay slot: gamma per head and d log(gamma) / d parameter, printed (None without a decay)."""
+    decay = plan.reweight.decay
+    if decay is None:
+        return None
+    where = plan.spec.where
+    gamma = decay.gamma
+    dparams = []
+    for p in params:
+        d = sympy.simplify(sympy.diff(sympy.log(gamma), p["symbol"]))
+        if d != 0:
+            what = f"derivative by {p['name']} of log of the decay gamma"
+            dparams.append(ParamGrad(p["name"], TritonPrinter(names, where, what)(d)))
+    return {"gamma": TritonPrinter(names, where, "decay gamma")(gamma), "dparams": dparams,
+            "two_sided": decay.two_sided, "text": sympy.sstr(gamma)}
 
 
 class _Side:
@@ -173,13 +202,21 @@ class _Side:
                 dparams.append(ParamGrad(p["name"], TritonPrinter(row_names, self.where, what)(d)))
         return SideTerm(self.features[key].i, row_code, tuple(dparams))
 
-    def _feature(self, i, scale, factor) -> Feature:
+    def _feature(self, i, scale, factors) -> Feature:
+        factor = factors[0] if factors else None
         phi = factor if factor is not None else sympy.Integer(1)
         width = "d" if factor is not None else "1"
         pr = self.printer("feature map")
         dphi = sympy.diff(phi, self.elem) if factor is not None else sympy.Integer(0)
+        power2 = None
+        if factors is not None and len(factors) == 2:
+            power2 = Power2(pr(factors[1]), pr(sympy.diff(factors[1], self.elem)))
+            width = "d2"
+        extra = dict(cols="BK * BK", power2=power2) if power2 else {}
+        # a tensor square's gradient needs both factors' derivatives, printed even when zero
+        dphi_code = pr(dphi) if power2 or dphi != 0 else None
         if scale == 1:
-            return Feature(i, width, pr(phi), None if dphi == 0 else pr(dphi), None, ())
+            return Feature(i, width, pr(phi), dphi_code, None, (), **extra)
         reds = sorted(scale.atoms(Norm, Dot), key=sympy.default_sort_key)
         dummies = {r: sympy.Dummy(f"r{n}") for n, r in enumerate(reds)}
         flat = scale.xreplace(dummies)
@@ -194,7 +231,7 @@ class _Side:
             if dscale != 0:
                 grads.append(ScaleGrad(self.printer("row scale derivative", row_vars)(dscale),
                                        self._dreduction(r, col_vars[r])))
-        return Feature(i, width, pr(phi), None if dphi == 0 else pr(dphi), scale_code, tuple(grads))
+        return Feature(i, width, pr(phi), dphi_code, scale_code, tuple(grads), **extra)
 
     def reduction(self, node) -> Reduction:
         if node not in self.reductions:
@@ -237,16 +274,21 @@ def _check_supported(plan: Plan):
         raise PlanError(f"{where}: the Triton backend generates the linear ordering only; "
                         f"this plan is {plan.choice.describe()} (build it with plan='linear')")
     if plan.reweight.kind is ReweightClass.DECAY:
-        raise PlanError(f"{where}: decay reweighting ({sympy.sstr(plan.reweight.decay.gamma)}**(i-j)) is not "
-                        "generated by the Triton backend yet; use backend='torch'")
+        if plan.normalize.kind != "none":
+            raise PlanError(f"{where}: decay reweighting ({sympy.sstr(plan.reweight.decay.gamma)}**(i-j)) with "
+                            f"normalisation {plan.normalize.kind!r} is not generated by the Triton backend yet "
+                            "(decay kernels have no row-sum column); use backend='torch' or normalize: none")
+        if plan.reweight.decay.gamma.has(I, J, QE, KE):
+            raise PlanError(f"{where}: the decay gamma {sympy.sstr(plan.reweight.decay.gamma)} must not depend "
+                            "on i, j, q or k")
     if plan.normalize.kind not in ("none", "rowsum"):
         raise PlanError(f"{where}: normalisation {plan.normalize.kind!r} has no linear kernel")
     params = {p.symbol for p in spec.parameters}
     for lt in plan.linear_terms:
         f = lt.feature
-        if f.power > 1:
+        if f.power > 2:
             raise PlanError(f"{where}: the feature term {f.describe()} is a tensor power (width d**{f.power}); "
-                            "the Triton backend generates feature maps of power <= 1 only so far")
+                            "the Triton backend generates tensor powers up to 2 (width d**2) only")
         for e in (*f.q_factors, *f.k_factors, f.q_scale, f.k_scale):
             if e.free_symbols & params:
                 raise PlanError(f"{where}: {sympy.sstr(e)} uses a learnable parameter inside a feature map; "
