@@ -28,7 +28,6 @@ from .ir import Ordering, Plan, ReweightClass
 from .printer import TritonPrinter
 
 TEMPLATE = "linear.py.j2"
-TEMPLATE_FILES = ("linear.py.j2", "linear_host.py.j2", "decay.py.j2", "decay_host.py.j2")
 POWER_MAX_HEAD_DIM = 16  # a d**2 feature block lives in registers: [BT, BK * BK] and a [BK * BK, BV] state
 SCALARS = {N_Q: "f_nq", N_K: "f_nk", D: "f_d", HEAD: "f_h", HEADS: "f_H"}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import math
 import reprlib
+import warnings
 from dataclasses import dataclass
 
 import sympy
@@ -166,7 +167,9 @@ def parse_expression(text, ctx: Context) -> sympy.Expr:
     if not text.strip():
         raise _err(ctx, "the expression is empty", "an expression such as 'dot(q, k)'")
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for '1if': the error below says it
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         detail = getattr(exc, "msg", None) or type(exc).__name__
         raise _err(ctx, f"cannot parse {text!r:.120}: {detail}",

@@ -24,7 +24,7 @@ import yaml
 
 from . import resources
 from .errors import SpecError
-from .expr import BUILTIN_SYMBOLS, I, J, Context, parse_expression
+from .expr import BUILTIN_SYMBOLS, I, J, Context, brief, parse_expression
 
 KEYS = ("name", "description", "causal", "similarity", "reweight", "normalize", "constants",
         "parameters", "approx")
@@ -32,6 +32,7 @@ NORMALIZE_KINDS = ("none", "rowsum", "softmax")
 EPS_MODES = ("add", "clamp")
 MODES = ("causal", "bidirectional")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+MAX_YAML_DEPTH = 100
 RESERVED = set(BUILTIN_SYMBOLS) | {"q", "k", "pi", "dot", "norm", "relu", "elu", "exp", "log", "sigmoid",
                                    "tanh", "abs", "sqrt", "sin", "cos", "min", "max"}
 
@@ -75,7 +76,7 @@ class Spec:
     constants: tuple  # of Constant, in declaration order
     parameters: tuple  # of Parameter
     approx: str  # canonical JSON of the approx mapping ('null' if absent); used by later issues
-    where: str  # the file (or '<dict>') the spec came from, for error messages
+    where: str = field(compare=False)  # the file (or '<dict>') it came from, for errors; not its content
     similarity_expr: sympy.Expr = field(compare=False)
     reweight_expr: sympy.Expr = field(compare=False)
 
@@ -114,8 +115,9 @@ class Spec:
         """The resolved spec (this mode only) as YAML; load_spec of it gives an equal Spec."""
         data = {"name": self.name, "description": self.description, "causal": self.causal,
                 "similarity": self.similarity, "reweight": self.reweight,
-                "normalize": {"kind": self.normalize.kind, "eps": self.normalize.eps,
-                              "eps_mode": self.normalize.eps_mode}}
+                "normalize": self.normalize.kind}
+        if self.normalize.kind == "rowsum":  # eps is refused for the other kinds, so it is written only here
+            data["normalize"] = {"kind": "rowsum", "eps": self.normalize.eps, "eps_mode": self.normalize.eps_mode}
         if self.constants:
             data["constants"] = {c.name: c.source for c in self.constants}
         if self.parameters:
@@ -149,22 +151,39 @@ def load_spec(source, **overrides) -> Spec:
     return build_spec(data, where, overrides)
 
 
+def _key(k) -> str:
+    """A mapping key as text (keys of a Python dict may be any hashable, e.g. a 5000-digit int)."""
+    return k if isinstance(k, str) else brief(k)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
 def _read(source) -> tuple:
     text = str(source)
+    if not text.strip():
+        raise SpecError("the spec source is empty", where="<empty>",
+                        expected="a YAML file path, a built-in name, YAML text or a dict")
     path = Path(text)
     builtin = {p.stem: p for p in resources.spec_files()}
-    if "\n" not in text and not path.exists() and text in builtin:
+    if "\n" not in text and not _exists(path) and text in builtin:
         path = builtin[text]
         source = f"{text} (built-in {path.name})"
-    if "\n" not in text and path.suffix in (".yaml", ".yml", "") and not path.exists():
-        raise SpecError(f"no spec file or built-in spec named {text!r}",
+    if "\n" not in text and path.suffix in (".yaml", ".yml", "") and not _exists(path):
+        raise SpecError(f"no spec file or built-in spec named {brief(text, 200)}",
                         where=text, expected="a YAML file path or one of " + ", ".join(sorted(builtin)),
                         fix="check the path, or run 'attngen list' for the built-in names")
     where = str(source) if "\n" not in text else "<yaml string>"
     try:
         raw = path.read_text() if "\n" not in text else text
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read the file: {exc}", where=where) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path, or text that is not UTF-8
+        raise SpecError(f"cannot read the file: {str(exc)[:200]}", where=where) from None
+    if _flow_depth(raw) > MAX_YAML_DEPTH:  # PyYAML needs ~1 s to reach its RecursionError on such input
+        raise SpecError(f"YAML is nested more than {MAX_YAML_DEPTH} levels deep", where=where)
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
@@ -173,16 +192,30 @@ def _read(source) -> tuple:
         raise SpecError(f"invalid YAML{at}: {getattr(exc, 'problem', exc)}", where=where) from None
     except RecursionError:
         raise SpecError("YAML is nested too deeply", where=where) from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's int-to-str digit limit
+        raise SpecError(f"invalid YAML: {str(exc)[:120]}", where=where) from None
     if not isinstance(data, dict):
         raise SpecError(f"the document is a {type(data).__name__}", where=where,
                         expected="a mapping with keys " + ", ".join(KEYS))
     return data, where
 
 
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ and { in ``text`` (quotes ignored: an upper bound is all that is needed)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
 def _pick_mode(value, causal: bool, where: str, key: str):
     """Resolve a ``{causal: ..., bidirectional: ...}`` mapping to the branch of the mode."""
     if isinstance(value, dict) and set(value) & set(MODES):
-        extra = set(map(str, value)) - set(MODES)
+        extra = set(map(_key, value)) - set(MODES)
         if extra:
             raise SpecError(f"mode mapping has unknown keys {sorted(extra)}", where=where, key=key,
                             expected="only 'causal' and 'bidirectional'")
@@ -196,7 +229,7 @@ def _pick_mode(value, causal: bool, where: str, key: str):
 
 def _check_name(name, where, key):
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise SpecError(f"invalid name {name!r:.60}", where=where, key=key,
+        raise SpecError(f"invalid name {brief(name)}", where=where, key=key,
                         expected="an identifier such as 'gamma' or 'M'")
     if name in RESERVED:
         raise SpecError(f"{name!r} is a reserved name", where=where, key=key,
@@ -205,7 +238,7 @@ def _check_name(name, where, key):
 
 def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     """Validate the mapping ``data`` (+ overrides) and build the Spec for its mode."""
-    data = {str(k): v for k, v in data.items()}
+    data = {_key(k): v for k, v in data.items()}
     overrides = dict(overrides or {})
     unknown = set(data) - set(KEYS)
     if unknown:
@@ -217,7 +250,7 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
 
     causal = data.get("causal", True)
     if not isinstance(causal, bool):
-        raise SpecError(f"found {causal!r:.40}", where=where, key="causal", expected="true or false")
+        raise SpecError(f"found {brief(causal, 40)}", where=where, key="causal", expected="true or false")
     name = data.get("name")
     if name is None and where not in ("<dict>", "<yaml string>"):
         name = Path(where).stem
@@ -249,15 +282,15 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     normalize = _normalize(_pick_mode(data.get("normalize", "none"), causal, where, "normalize"), where)
     approx = data.get("approx")
     if approx is not None and not isinstance(approx, dict):
-        raise SpecError(f"found {approx!r:.60}", where=where, key="approx",
+        raise SpecError(f"found {brief(approx)}", where=where, key="approx",
                         expected="a mapping such as {kind: conv_basis, k: 8}")
-    try:
-        approx_json = json.dumps(approx, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"approx is not plain data: {exc}", where=where, key="approx") from None
-    if approx is not None:
+    if approx is not None:  # refused before json.dumps, which could hang on aliased (billion-laughs) YAML
         raise SpecError("approximations are not implemented yet", where=where, key="approx",
                         fix="remove 'approx' (conv_basis and topk_sparse arrive in a later release)")
+    try:
+        approx_json = json.dumps(approx, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SpecError(f"approx is not plain data: {exc}", where=where, key="approx") from None
     return Spec(name=name, description=description.strip(), causal=causal, similarity=str(similarity),
                 reweight=str(reweight), normalize=normalize, constants=tuple(constants),
                 parameters=tuple(parameters), approx=approx_json, where=where,
@@ -268,7 +301,7 @@ def _constants(raw, overrides: dict, causal: bool, where: str) -> list:
     if not isinstance(raw, dict):
         raise SpecError(f"found {type(raw).__name__}", where=where, key="constants",
                         expected="a mapping name -> number or expression, e.g. {M: max(n_q, n_k)}")
-    raw = {str(k): _pick_mode(v, causal, where, f"constants.{k}") for k, v in raw.items()}
+    raw = {_key(k): _pick_mode(v, causal, where, f"constants.{_key(k)}") for k, v in raw.items()}
     unknown = set(overrides) - set(raw)
     if unknown:
         raise SpecError(f"unknown override(s) {sorted(unknown)}", where=where,
@@ -283,10 +316,10 @@ def _constants(raw, overrides: dict, causal: bool, where: str) -> list:
                       {k: v for k, v in BUILTIN_SYMBOLS.items() if k not in ("i", "j")} | known, False,
                       {"i": "constants cannot depend on positions", "j": "constants cannot depend on positions",
                        **{n: "a constant may only use constants declared before it" for n in raw if n not in known}})
-        source = value if isinstance(value, str) else repr(value)
         if isinstance(value, bool):
             raise SpecError(f"found {value!r}", where=where, key=f"constants.{name}", expected="a number or expression")
         expr = parse_expression(value, ctx)
+        source = value if isinstance(value, str) else repr(value)  # after parsing: repr is safe now
         out.append(Constant(name, source, expr, sym))
         known[name] = sym
     return out
@@ -298,6 +331,7 @@ def _parameters(raw, causal: bool, where: str, taken: set) -> list:
         for n, item in enumerate(raw):
             if not isinstance(item, dict) or "name" not in item:
                 raise SpecError(f"item {n} is not a mapping with a 'name'", where=where, key="parameters")
+            _check_name(item["name"], where, f"parameters[{n}].name")
             items[item["name"]] = {k: v for k, v in item.items() if k != "name"}
         raw = items
     if not isinstance(raw, dict):
@@ -305,13 +339,13 @@ def _parameters(raw, causal: bool, where: str, taken: set) -> list:
                         expected="a mapping name -> {shape: [H] or [], init: expression}")
     out = []
     for name, body in raw.items():
-        key = f"parameters.{name}"
+        key = f"parameters.{_key(name)}"
         _check_name(name, where, key)
         if name in taken:
             raise SpecError(f"{name!r} is both a constant and a parameter", where=where, key=key)
         if not isinstance(body, dict):
             body = {"init": body}
-        extra = set(map(str, body)) - {"shape", "init"}
+        extra = set(map(_key, body)) - {"shape", "init"}
         if extra:
             raise SpecError(f"unknown key(s) {sorted(extra)}", where=where, key=key, expected="shape, init")
         shape = body.get("shape", ["H"])
@@ -320,7 +354,7 @@ def _parameters(raw, causal: bool, where: str, taken: set) -> list:
         elif shape in (["H"], ("H",), "H", "[H]"):
             shape = ("H",)
         else:
-            raise SpecError(f"shape {shape!r:.40}", where=where, key=f"{key}.shape",
+            raise SpecError(f"shape {brief(shape, 40)}", where=where, key=f"{key}.shape",
                             expected="[H] (one value per head) or [] (a scalar)")
         if "init" not in body:
             raise SpecError("missing 'init'", where=where, key=key, fix="add e.g. init: 0.5")
@@ -343,21 +377,21 @@ def _normalize(raw, where: str) -> Normalize:
     if isinstance(raw, str):
         raw = {"kind": raw}
     if not isinstance(raw, dict):
-        raise SpecError(f"found {raw!r:.60}", where=where, key=key,
+        raise SpecError(f"found {brief(raw)}", where=where, key=key,
                         expected="none, rowsum, softmax, or {kind: rowsum, eps: 1e-6, eps_mode: add|clamp}")
-    extra = set(map(str, raw)) - {"kind", "eps", "eps_mode"}
+    extra = set(map(_key, raw)) - {"kind", "eps", "eps_mode"}
     if extra:
         raise SpecError(f"unknown key(s) {sorted(extra)}", where=where, key=key, expected="kind, eps, eps_mode")
     kind = raw.get("kind", "none")
     if kind not in NORMALIZE_KINDS:
-        raise SpecError(f"unknown kind {kind!r:.40}", where=where, key=f"{key}.kind",
+        raise SpecError(f"unknown kind {brief(kind, 40)}", where=where, key=f"{key}.kind",
                         expected=" or ".join(NORMALIZE_KINDS))
     eps = raw.get("eps", 0.0)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < 1e3):
-        raise SpecError(f"eps {eps!r:.40}", where=where, key=f"{key}.eps", expected="a number in [0, 1000)")
+        raise SpecError(f"eps {brief(eps, 40)}", where=where, key=f"{key}.eps", expected="a number in [0, 1000)")
     mode = raw.get("eps_mode", "add")
     if mode not in EPS_MODES:
-        raise SpecError(f"eps_mode {mode!r:.40}", where=where, key=f"{key}.eps_mode", expected="add or clamp")
+        raise SpecError(f"eps_mode {brief(mode, 40)}", where=where, key=f"{key}.eps_mode", expected="add or clamp")
     if kind != "rowsum" and ("eps" in raw or "eps_mode" in raw):
         raise SpecError(f"eps is only meaningful with kind rowsum, not {kind}", where=where, key=key)
     return Normalize(kind, float(eps), mode)
