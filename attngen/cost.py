@@ -127,7 +127,7 @@ def choose(cands: tuple, head_dim: int, chunk: int):
     if short is long:
         others = [c.ordering.value for c in legal if c is not short]
         why = f"{short.ordering.value}: cheapest at every length" + (
-            f" (vs {', '.join(others)})" if others else " (the only legal ordering)")
+            f" (vs {', '.join(others)})" if others else " (the only candidate)")
         return Choice(short.ordering, short.ordering, None), why
     n_star = crossover(short, long, head_dim, chunk)
     why = (f"{short.ordering.value} below n* = {n_star:.0f}, {long.ordering.value} above "

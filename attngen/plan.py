@@ -33,6 +33,7 @@ class Draft:
     head_dim: int
     chunk: int
     force: Ordering | None
+    available: frozenset | None = None  # orderings the target backend implements (None: all)
     steps: tuple = ()
     similarity_expr: object = None
     reweight_expr: object = None
@@ -111,10 +112,29 @@ def choose_ordering(x: Draft) -> Draft:
         if not cand.legal:
             raise PlanError(f"{x.spec.where}: plan={x.force.value!r} is not legal for {x.spec.name} "
                             f"({x.spec.mode}): {cand.reason}")
+        _check_available(x, [x.force])
         choice = Choice(x.force, x.force, None, forced=True)
         return x.step("choose", f"{x.force.value} (forced by the caller)", choice=choice)
-    choice, why = cost.choose(x.candidates, x.head_dim, x.chunk)
-    return x.step("choose", why, choice=choice)
+    cands = x.candidates
+    note = ""
+    if x.available is not None:
+        legal = [c.ordering for c in cands if c.legal and c.ordering is not Ordering.RECURRENT]
+        _check_available(x, legal, any_of=True)
+        cands = tuple(c for c in cands if c.ordering in x.available)
+        note = " [backend implements: " + ", ".join(sorted(o.value for o in x.available)) + "]"
+    choice, why = cost.choose(cands, x.head_dim, x.chunk)
+    return x.step("choose", why + note, choice=choice)
+
+
+def _check_available(x: Draft, orderings, any_of=False):
+    if x.available is None:
+        return
+    missing = [o for o in orderings if o not in x.available]
+    if (any_of and len(missing) == len(orderings)) or (not any_of and missing):
+        have = ", ".join(sorted(o.value for o in x.available)) or "none"
+        raise PlanError(f"{x.spec.where}: the backend implements {have} for {x.spec.name} ({x.spec.mode}), "
+                        f"not {', '.join(o.value for o in missing)}; use backend='torch', or force an "
+                        f"ordering it implements")
 
 
 def op_graph(x: Draft) -> Draft:
@@ -127,10 +147,13 @@ def op_graph(x: Draft) -> Draft:
 PASSES = (canonicalise, separate, classify, linear_terms, costs, choose_ordering, op_graph)
 
 
-def build_plan(spec: Spec, *, head_dim: int = 64, chunk: int = DEFAULT_CHUNK, plan=None) -> Plan:
-    """Run the passes over ``spec``; ``plan`` forces an ordering ("linear", "quadratic", ...)."""
+def build_plan(spec: Spec, *, head_dim: int = 64, chunk: int = DEFAULT_CHUNK, plan=None,
+               orderings=None) -> Plan:
+    """Run the passes over ``spec``; ``plan`` forces an ordering ("linear", "quadratic", ...);
+    ``orderings`` restricts the choice to those a backend implements (PlanError if none is legal)."""
     force = _ordering(plan, spec) if plan is not None else None
-    x = Draft(spec, head_dim, chunk, force)
+    available = frozenset(_ordering(o, spec) for o in orderings) if orderings is not None else None
+    x = Draft(spec, head_dim, chunk, force, available)
     for p in PASSES:
         x = p(x)
     return Plan(spec=spec, similarity=x.similarity, reweight=x.reweight, normalize=x.normalize,

@@ -128,3 +128,13 @@ def test_explain_shows_derivation_costs_and_choice():
     for needle in ("expand-trig", "similarity: separable", "reweight: separable", "quadratic", "linear",
                    "chosen:", "crossover"):
         assert needle in text
+
+
+def test_backend_orderings_restrict_the_choice():
+    p = build_plan(attngen.load_spec("cosformer"), orderings=["linear"])
+    assert p.choice.below is p.choice.above is Ordering.LINEAR
+    assert "backend implements: linear" in p.derivation[-1].detail
+    with pytest.raises(attngen.PlanError, match="implements linear.*not quadratic"):
+        build_plan(attngen.load_spec("softmax"), orderings=["linear"])
+    with pytest.raises(attngen.PlanError, match="not quadratic"):
+        build_plan(attngen.load_spec("cosformer"), orderings=["linear"], plan="quadratic")
