@@ -1,0 +1,70 @@
+"""The torch backend: executes a Plan with plain PyTorch ops; autograd differentiates all of it.
+
+    run(plan, ordering, q, k, v, params, chunk) -> o
+
+One function per ordering lives in torch_linear (linear, recurrent), torch_quadratic and torch_fft;
+this module validates the ordering against the plan, builds the shared inputs (feature maps, ones
+column, decay rate) and divides by the row sum at the end.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ..errors import PlanError
+from ..ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
+from . import torch_fft, torch_linear, torch_quadratic
+from .torch_common import compute_dtype, feature_maps, finish, log_decay, symbol_env, with_ones
+
+_ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
+
+
+def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
+        chunk: int | None = None) -> torch.Tensor:
+    """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv].
+
+    ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
+    plan's chunk size (default plan.chunk). Computes in fp32 (fp64 for fp64 inputs)."""
+    ordering = Ordering(ordering)
+    _check_ordering(plan, ordering)
+    spec = plan.spec
+    in_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    b, h, t, d = q.shape
+    env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
+    # the range check runs for every ordering, so a learnable gamma fails the same way at every length
+    lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
+    v = with_ones(v, plan.normalize)
+    if ordering is Ordering.QUADRATIC:
+        return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal).to(in_dtype)
+    if ordering is Ordering.FFT:
+        blocks = [(term, _ONE) for term in plan.similarity.terms]
+        qf, kf = feature_maps(blocks, env, q, k, spec.where)
+        acc = torch_fft.toeplitz(qf, kf, v, plan.reweight.kernel, env, spec.causal, spec.where)
+    else:
+        blocks = [(term.feature, term.position) for term in plan.linear_terms]
+        qf, kf = feature_maps(blocks, env, q, k, spec.where)
+        if ordering is Ordering.RECURRENT:
+            acc = torch_linear.recurrent(qf, kf, v, lg)
+        elif spec.causal:
+            acc = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg)
+        elif lg is None:
+            acc = torch_linear.bidirectional(qf, kf, v)
+        else:
+            acc = torch_linear.two_sided(qf, kf, v, chunk or plan.chunk, lg)
+    return finish(acc, plan.normalize).to(in_dtype)
+
+
+def _check_ordering(plan, ordering: Ordering) -> None:
+    """A PlanError when the plan cannot run ``ordering`` (the cost table says why)."""
+    ok = {
+        Ordering.QUADRATIC: True,
+        Ordering.LINEAR: bool(plan.linear_terms),
+        Ordering.RECURRENT: bool(plan.linear_terms) and plan.spec.causal,
+        Ordering.FFT: plan.similarity.kind is SimilarityClass.SEPARABLE
+        and plan.reweight.kind is ReweightClass.TOEPLITZ,
+    }[ordering]
+    if not ok:
+        reason = next((c.reason for c in plan.candidates if c.ordering == ordering), "not in the cost table")
+        raise PlanError(f"{plan.spec.where}: the {ordering.value} ordering cannot run {plan.spec.name} "
+                        f"({plan.spec.mode}): {reason}")

@@ -1,0 +1,92 @@
+"""The separable orderings in PyTorch: linear (bidirectional, causal chunked, decayed, two-sided) and
+recurrent (derivations.md sections 3 and 4). All take the feature-mapped Q' [B, H, T, F], K' [B, H, S, F]
+and values V [B, H, S, E] (E includes the ones column) and return the unnormalised result [B, H, T, E].
+``lg`` is log(gamma) of a decay as [1, H, 1, 1] (<= 0), or None.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def bidirectional(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """O = Q' (K'^T V): one state S [B, H, F, E]; the query length may differ from the key length."""
+    state = kf.transpose(-1, -2) @ v  # [B, H, F, E]
+    return qf @ state
+
+
+def causal_chunked(qf, kf, v, chunk: int, lg: torch.Tensor | None = None, strict: bool = False):
+    """Causal linear attention, chunk by chunk: O_c = Q'_c S_c + tril(Q'_c K'_c^T) V_c (T = S).
+
+    With ``lg`` the decay gamma**(i-j) in the chunk-local form (all exponents >= 0, never gamma**-j);
+    ``strict`` excludes the diagonal (j < i), which the anti-causal half of a two-sided decay needs.
+    """
+    b, h, t, f = qf.shape
+    e = v.shape[-1]
+    c = min(chunk, t)
+    n_chunks = -(-t // c)
+    pad = n_chunks * c - t
+    if pad:  # zero rows after the end: as keys they reach only padded queries, which are dropped
+        qf, kf, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qf, kf, v))
+    qc = qf.view(b, h, n_chunks, c, f)
+    kc = kf.view(b, h, n_chunks, c, f)
+    vc = v.view(b, h, n_chunks, c, e)
+    pos = torch.arange(c, device=qf.device)
+    diff = pos[:, None] - pos[None, :]  # a - b within the chunk
+    allowed = diff > 0 if strict else diff >= 0
+    scores = qc @ kc.transpose(-1, -2)  # [B, H, n, C, C]
+    if lg is None:
+        scores = scores.masked_fill(~allowed, 0)
+        kv = kc.transpose(-1, -2) @ vc  # [B, H, n, F, E]: each chunk's contribution
+        # exclusive prefix sum: the state before chunk c holds the chunks < c
+        states = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1].cumsum(2)], 2)
+        inter = qc @ states
+    else:
+        lgc = lg.unsqueeze(2)  # [1, H, 1, 1, 1]
+        # clamp before exp so masked pairs (a < b) give exp(0), never an overflow whose 0 * inf gradient is NaN
+        intra = torch.exp(lgc * diff.clamp_min(0).to(lg.dtype))
+        scores = scores * torch.where(allowed, intra, torch.zeros_like(intra))
+        key_decay = torch.exp(lgc * (c - 1 - pos).to(lg.dtype)[:, None])  # gamma**(C-1-b) [1, H, 1, C, 1]
+        kv = (kc * key_decay).transpose(-1, -2) @ vc  # [B, H, n, F, E]
+        chunk_decay = torch.exp(lg * c)  # gamma**C [1, H, 1, 1]
+        state = torch.zeros_like(kv[:, :, 0])
+        states = []
+        for i in range(n_chunks):  # S_{c+1} = gamma**C S_c + sum_b gamma**(C-1-b) K'_b^T V_b
+            states.append(state)
+            state = chunk_decay * state + kv[:, :, i]
+        query_decay = torch.exp(lgc * (pos + 1).to(lg.dtype)[:, None])  # gamma**(a+1) [1, H, 1, C, 1]
+        inter = query_decay * (qc @ torch.stack(states, 2))
+    out = scores @ vc + inter  # [B, H, n, C, E]
+    return out.reshape(b, h, n_chunks * c, e)[:, :, :t]
+
+
+def two_sided(qf, kf, v, chunk: int, lg: torch.Tensor):
+    """gamma**abs(i-j), bidirectional: the causal scan (j <= i) plus the strictly anti-causal one (j > i),
+    run as a causal scan over the reversed sequence. Cross attention pads both sides to max(T, S)."""
+    t, s = qf.shape[2], kf.shape[2]
+    n = max(t, s)
+    qf = torch.nn.functional.pad(qf, (0, 0, 0, n - t))
+    kf, v = (torch.nn.functional.pad(x, (0, 0, 0, n - s)) for x in (kf, v))
+    forward = causal_chunked(qf, kf, v, chunk, lg)
+    backward = causal_chunked(qf.flip(2), kf.flip(2), v.flip(2), chunk, lg, strict=True).flip(2)
+    return (forward + backward)[:, :, :t]
+
+
+def recurrent_step(state, qf_t, kf_t, v_t, gamma=None):
+    """One token: S_t = gamma * S_{t-1} + K'_t^T V_t, o_t = Q'_t S_t.
+
+    state [B, H, F, E]; qf_t, kf_t [B, H, F]; v_t [B, H, E]; gamma [1, H, 1, 1] or None.
+    Returns (o_t [B, H, E], new state)."""
+    update = kf_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+    state = update if state is None else (state if gamma is None else gamma * state) + update
+    out = (qf_t.unsqueeze(-2) @ state).squeeze(-2)
+    return out, state
+
+
+def recurrent(qf, kf, v, lg: torch.Tensor | None = None):
+    """The recurrent ordering (causal): one token at a time with a constant-size state."""
+    gamma = None if lg is None else torch.exp(lg)
+    state, outs = None, []
+    for i in range(qf.shape[2]):
+        o, state = recurrent_step(state, qf[:, :, i], kf[:, :, i], v[:, :, i], gamma)
+        outs.append(o)
+    return torch.stack(outs, 2)
