@@ -25,7 +25,7 @@ def _worker(impl: str, spec_name: str, t: int, b: int, h: int, d: int, repeats: 
 
     import torch
 
-    from .reference import reference
+    from .naive import reference
     from .runtime import compile as compile_op
     from .spec import load_spec
     torch.manual_seed(0)

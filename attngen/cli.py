@@ -119,12 +119,13 @@ def _verify_options(f):
         click.option("--all", "all_specs", is_flag=True, help="All built-in specs."),
         click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both",
                      show_default=True),
-        click.option("--backend", type=click.Choice(["torch", "triton", "auto"]), default="torch",
-                     show_default=True),
+        click.option("--backend", type=click.Choice(["torch", "triton", "auto"]), default=None,
+                     help="verify: torch (default), triton or auto; build: both torch and triton (default), "
+                          "or one of them."),
         click.option("--plan", "force", default=None, help="Force an ordering (default: the planner's choice)."),
         click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float64", "float32", "float16"]),
                      help="Input dtypes (repeatable) [default: float64, float32]."),
-        click.option("--seq-len", "lengths", default="1,63,200", show_default=True,
+        click.option("--seq-len", "lengths", default="7,63,200", show_default=True,
                      help="Comma-separated sequence lengths."),
         click.option("--head-dim", type=click.IntRange(1, 1024), default=16, show_default=True),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant."),
@@ -134,25 +135,30 @@ def _verify_options(f):
     return click.argument("specs", nargs=-1)(f)
 
 
-def _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
+def _specs(names, all_specs, mode, sets) -> list:
+    from .spec import builtin_names, load_spec
+    names = list(names) + (builtin_names() if all_specs else [])
+    if not names:
+        raise click.UsageError("name at least one SPEC (a YAML file or built-in name), or pass --all")
+    return [load_spec(n, causal=c, **_overrides(sets)) for n in names for c in _modes(mode)]
+
+
+def _verify(cases, force, dtypes, lengths, head_dim) -> list:
+    """cases: (spec, backend, default dtypes). Prints the table; raises VerificationError on a failure."""
     import torch
 
     from .runtime import compile as compile_op
-    from .spec import builtin_names, load_spec
     from .verify import DTYPES, verify_case
-    names = list(specs) + (builtin_names() if all_specs else [])
-    if not names:
-        raise click.UsageError("name at least one SPEC (a YAML file or built-in name), or pass --all")
     lens = _int_list(lengths, "--seq-len")
-    dts = [DTYPES[d] for d in (dtypes or ("float64", "float32"))]
-    cases = [(n, c, dt, t) for n in names for c in _modes(mode) for dt in dts for t in lens]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = [(spec, backend, DTYPES[d], t) for spec, backend, default in cases for d in (dtypes or default)
+            for t in lens]
     results = []
-    with click.progressbar(cases, label="verifying", file=sys.stderr, show_pos=True,
-                           item_show_func=lambda c: c and f"{c[0]} {'causal' if c[1] else 'bidir'} T{c[3]}") as bar:
-        for name, causal, dtype, t in bar:
-            spec = load_spec(name, causal=causal, **_overrides(sets))
+    with click.progressbar(work, label="verifying", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda c: c and f"{c[0].name} {c[0].mode} {c[1]} T{c[3]}") as bar:
+        for spec, backend, dtype, t in bar:
             op = compile_op(spec, backend=backend, plan=force)
-            results.append(verify_case(op, spec, dtype=dtype, t=t, dk=head_dim, seed=t))
+            results.append(verify_case(op, spec, dtype=dtype, t=t, dk=head_dim, seed=t, device=device))
     rows = []
     for r in results:
         grads = [k for k in r.errors if k != "o"]
@@ -161,37 +167,57 @@ def _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, h
                      "pass" if r.passed else "FAIL"))
     _table(["spec", "mode", "plan", "backend", "dtype", "shape", "err o", "err grads", "tol", ""], rows)
     failed = [r for r in results if not r.passed]
-    click.echo(f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
-               f"(errors are RMS(out - ref) / max(RMS(ref), 1e-2) against the float64 reference)")
+    click.echo(f"\n{len(results) - len(failed)} passed, {len(failed)} failed\n(errors: RMS(out - ref) / "
+               "max(RMS(ref), 1e-2) against the float64 reference; a quantity passes within max(tol, 2 x the "
+               "same-dtype reference's error), or within 8 units of roundoff absolute)")
     if failed:
-        raise VerificationError(", ".join(sorted({f"{r.spec} ({r.mode})" for r in failed})))
+        raise VerificationError(", ".join(sorted({f"{r.spec} ({r.mode}, {r.backend})" for r in failed})))
     return results
+
+
+def _use_interpreter_without_gpu():
+    """On a machine without CUDA the Triton kernels run under the interpreter (must precede importing triton)."""
+    import os
+
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @main.command(context_settings=CONTEXT)
 @_verify_options
 def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
     """Check compiled ops against the naive reference: output and every gradient."""
-    _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets)
+    backend = backend or "torch"
+    if backend != "torch":
+        _use_interpreter_without_gpu()
+    default = ("float64", "float32") if backend == "torch" else ("float32", "float16")
+    _verify([(s, backend, default) for s in _specs(specs, all_specs, mode, sets)], force, dtypes, lengths,
+            head_dim)
 
 
 @main.command(context_settings=CONTEXT)
 @_verify_options
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Also write each spec's plan explanation (and, with the Triton backend, its module) here.")
+@click.option("--out", type=click.Path(file_okay=False), default="generated", show_default=True,
+              help="Folder for the generated modules (<name>_<mode>.py).")
 def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out):
-    """Plan SPEC(s) in each mode, compile them, and verify them against the reference."""
-    from .explain import explain
-    from .plan import build_plan
-    from .spec import builtin_names, load_spec
-    if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in list(specs) + (builtin_names() if all_specs else []):
-            for causal in _modes(mode):
-                spec = load_spec(name, causal=causal, **_overrides(sets))
-                (folder / f"{spec.name}_{spec.mode}.plan.txt").write_text(explain(build_plan(spec)) + "\n")
-    _run_verification(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets)
+    """Generate each SPEC's Triton module (where its plan has templates), write it to --out, and verify
+    it (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the
+    naive reference."""
+    from .build import generate, write
+    _use_interpreter_without_gpu()
+    cases = []
+    for spec in _specs(specs, all_specs, mode, sets):
+        module = generate(spec)
+        if backend in (None, "torch"):
+            cases.append((spec, "torch", ("float64", "float32")))
+        if module.source is None:
+            click.echo(f"{spec.name} ({spec.mode}): no Triton module: {module.reason}")
+            continue
+        click.echo(f"{spec.name} ({spec.mode}): wrote {write(module, Path(out))}")
+        if backend in (None, "triton", "auto"):
+            cases.append((spec, backend or "triton", ("float32", "float16")))
+    _verify(cases, force, dtypes, lengths, head_dim)
 
 
 @main.command(context_settings=CONTEXT)

@@ -112,7 +112,7 @@ class ParamGrad:
 
 def slots(plan: Plan) -> dict:
     spec = plan.spec
-    _check_supported(plan)
+    check_supported(plan)
     params = [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol,
                "default": _default(p)} for p in spec.parameters]
     names = dict(SCALARS)
@@ -266,7 +266,7 @@ def _default(p):
     return repr(float(p.init_expr)) if p.init_expr.is_number else None
 
 
-def _check_supported(plan: Plan):
+def check_supported(plan: Plan):
     spec = plan.spec
     where = f"{spec.where} ({spec.name}, {spec.mode})"
     if not plan.linear_terms or Ordering.LINEAR not in (plan.choice.below, plan.choice.above):

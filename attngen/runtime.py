@@ -3,12 +3,16 @@
     op = attngen.compile("cosformer", backend="auto", plan=None, layout="bhtd")
     o = op(q, k, v)                      # q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv] -> o [B, H, T, Dv]
 
-backend: "torch" runs the Plan in PyTorch ops on any device; "triton" will run generated kernels;
-"auto" picks triton for CUDA tensors and torch otherwise, per call, from the inputs' device.
+backend: "torch" runs the Plan in PyTorch ops on any device; "triton" runs the generated kernels (CUDA
+tensors; CPU tensors only under TRITON_INTERPRET=1, for verification); "auto" picks triton for CUDA
+tensors and torch otherwise, per call, from the inputs' device. The triton backend implements the
+linear ordering, so its plans choose among those (TRITON_ORDERINGS) and say so in plan.explain().
 plan: None lets the planner choose per call from the key length (a dispatch at the crossover length
 it solved); "linear", "quadratic", "recurrent" or "fft" forces one ordering.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,8 +27,10 @@ from .spec import Spec, load_spec
 LAYOUTS = ("bhtd", "bthd")
 DEFAULT_HEAD_DIM = 64  # the head dim of op.plan before the first call
 
-_NO_TRITON = ("Triton code generation is not available yet in attngen {version} (a later release adds it); "
-              "use backend='torch', which runs on CPU and GPU tensors alike")
+TRITON_ORDERINGS = (Ordering.LINEAR,)  # orderings with Triton templates
+_TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels need CUDA tensors; on a CPU they "
+               "run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton; for "
+               "verification, it is slow), otherwise use backend='torch'")
 _NO_STATE = ("{what} is not supported yet: recurrent states (initial_state, return_state, init_state, step) "
              "arrive with the decode release; call the op on the whole sequence")
 
@@ -32,13 +38,11 @@ _NO_STATE = ("{what} is not supported yet: recurrent states (initial_state, retu
 def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk: int = DEFAULT_CHUNK) -> "AttentionOp":
     """Compile ``spec`` (a Spec, a built-in name, a YAML path or string, or a dict) into an AttentionOp.
 
-    Raises PlanError for an unknown backend, an unavailable one (triton) or an illegal forced ``plan``,
+    Raises PlanError for an unknown backend, a spec the triton backend cannot generate, or an illegal forced ``plan``,
     and InputError for an unknown ``layout`` or a bad ``chunk``."""
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if backend not in BACKENDS:
         raise PlanError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
-    if backend == "triton":
-        raise PlanError(_NO_TRITON.format(version=_version()))
     if layout not in LAYOUTS:
         raise InputError(f"layout={layout!r}: expected 'bhtd' ([B, H, T, D], SDPA's) or 'bthd' ([B, T, H, D], fla's)")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -55,8 +59,9 @@ class AttentionOp:
     def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk: int):
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self._force = plan
-        self._plans = {}  # head dim -> Plan (the costs, and so the crossover, depend on it)
-        self.plan = self._plan_for(DEFAULT_HEAD_DIM)  # also validates a forced ordering now
+        self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
+        # validates a forced ordering (and, for triton, that the kernels can be generated) now
+        self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
 
     def __repr__(self) -> str:
         force = f", plan={self._force!r}" if self._force is not None else ""
@@ -71,17 +76,24 @@ class AttentionOp:
         if return_state:
             raise InputError(_NO_STATE.format(what="return_state=True"))
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
-        self._check_backend(qh.device)
+        backend = resolve_backend(self.backend, qh.device)
         values = check_params(self.spec, params, qh.shape[1], qh)
-        plan = self._plan_for(qh.shape[-1])
+        plan = self._plan_for(backend, qh.shape[-1])
         self.plan = plan
         ordering = plan.choice.ordering_for(kh.shape[2])
-        out = torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk)
+        if backend == "triton":
+            if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InputError(_TRITON_CPU.format(device=qh.device.type))
+            from . import triton_backend
+            out = triton_backend.run(plan, qh, kh, vh, values, layout="bhtd")
+        else:
+            out = torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk)
         return out.transpose(1, 2) if self.layout == "bthd" else out
 
-    def ordering_for(self, head_dim: int, length: int) -> Ordering:
-        """The ordering a call with this head dim and key length runs."""
-        return self._plan_for(head_dim).choice.ordering_for(length)
+    def ordering_for(self, head_dim: int, length: int, device="cpu") -> Ordering:
+        """The ordering a call with this head dim, key length and device runs."""
+        backend = resolve_backend(self.backend, torch.device(device))
+        return self._plan_for(backend, head_dim).choice.ordering_for(length)
 
     def init_state(self, batch, heads, dk, dv, *, dtype=torch.float32, device=None):
         raise InputError(_NO_STATE.format(what="init_state"))
@@ -89,15 +101,18 @@ class AttentionOp:
     def step(self, q_t, k_t, v_t, state, **params):
         raise InputError(_NO_STATE.format(what="step"))
 
-    def _plan_for(self, head_dim: int):
-        if head_dim not in self._plans:
-            self._plans[head_dim] = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force)
-        return self._plans[head_dim]
-
-    def _check_backend(self, device: torch.device) -> None:
-        if resolve_backend(self.backend, device) == "triton":
-            raise PlanError(_NO_TRITON.format(version=_version()) + f" (backend='auto' picks triton for "
-                            f"{device} tensors)")
+    def _plan_for(self, backend: str, head_dim: int):
+        key = (backend, head_dim)
+        if key not in self._plans:
+            if backend == "triton":
+                from . import codegen
+                plan = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force,
+                                  orderings=TRITON_ORDERINGS)
+                codegen.check_supported(plan)
+            else:
+                plan = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force)
+            self._plans[key] = plan
+        return self._plans[key]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -106,7 +121,3 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
-
-def _version() -> str:
-    from . import __version__
-    return __version__

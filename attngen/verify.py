@@ -11,10 +11,22 @@ from dataclasses import dataclass, field
 import torch
 
 from .inputs import default_parameters
-from .reference import reference
+from .naive import reference
+from .runtime import compile as compile_op
+from .runtime import resolve_backend
 from .spec import Spec
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# generated kernels accumulate in fp32 with tl.dot and tile-order sums: the Triton issue's bounds
+TRITON_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# A case also passes within FUDGE x the error of the same computation in the op's dtype (the naive reference
+# for the torch backend, the torch backend's run of the same ordering for generated kernels): where the dtype
+# cannot meet the tolerance (e.g. the linear ordering of a tensor-power feature map at T = 1, whose row sum
+# cancels in float32), the op is held to that accuracy instead.
+FUDGE = 2.0
+# ... and within an absolute noise floor of 8 units of roundoff (inputs are of unit scale): a gradient that is
+# exactly zero in exact arithmetic (dq, dk of a row-sum-normalised op at T = 1) comes out as ~1e-7 in float32.
+NOISE_ULPS = 8
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -35,8 +47,10 @@ class CaseResult:
     dtype: str
     shape: str
     errors: dict = field(default_factory=dict)  # name -> error of op vs float64 reference
+    abs_errors: dict = field(default_factory=dict)  # name -> RMS(op - float64 reference)
     ref_errors: dict = field(default_factory=dict)  # name -> error of same-dtype reference vs float64
     tolerance: float = 0.0
+    noise: float = 0.0  # absolute noise floor (NOISE_ULPS units of roundoff of the dtype)
 
     @property
     def worst(self) -> float:
@@ -44,7 +58,12 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        return all(e == e and e <= self.tolerance for e in self.errors.values())
+        return all(self.quantity_passed(n) for n in self.errors)
+
+    def quantity_passed(self, name: str) -> bool:
+        e = self.errors[name]
+        return e == e and (e <= max(self.tolerance, FUDGE * self.ref_errors[name])
+                           or self.abs_errors[name] <= self.noise)
 
 
 def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
@@ -59,9 +78,10 @@ def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
 
 
 def _run(fn, q, k, v, do, params, dtype, device):
-    leaves = {n: x.to(dtype=dtype, device=device).requires_grad_() for n, x in
+    leaves = {n: x.detach().to(dtype=dtype, device=device, copy=True).requires_grad_() for n, x in
               (("q", q), ("k", k), ("v", v))}
-    pleaves = {n: x.to(dtype=dtype, device=device).requires_grad_() for n, x in params.items()}
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32  # parameters stay fp32 for fp16 inputs
+    pleaves = {n: x.detach().to(dtype=pdtype, device=device, copy=True).requires_grad_() for n, x in params.items()}
     out = fn(leaves["q"], leaves["k"], leaves["v"], **pleaves)
     out.backward(do.to(dtype=dtype, device=device))
     grads = {"o": out} | {f"d{n}": x.grad for n, x in leaves.items()} | {f"d{n}": x.grad for n, x in pleaves.items()}
@@ -75,14 +95,21 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
     dv = dk if dv is None else dv
     q, k, v, do, params = _inputs(spec, b, h, t, s, dk, dv, seed)
     ref = reference(spec)
+    ordering = op.ordering_for(dk, s, device).value if hasattr(op, "ordering_for") else "?"
+    backend = resolve_backend(op.backend, torch.device(device)) if hasattr(op, "backend") else "?"
     golden = _run(ref, q, k, v, do, params, torch.float64, "cpu")
-    same = _run(ref, q, k, v, do, params, dtype, "cpu") if dtype != torch.float64 else golden
+    same = golden
+    if dtype != torch.float64:
+        # the yardstick of the three-way rule: the same evaluation order in the same dtype, in plain torch
+        # (generated kernels); the naive reference in that dtype (the torch backend)
+        yard = ref if backend == "torch" else compile_op(spec, backend="torch", plan=ordering)
+        same = _run(yard, q, k, v, do, params, dtype, "cpu")
     got = _run(op, q, k, v, do, params, dtype, device)
-    ordering = op.ordering_for(s) if hasattr(op, "ordering_for") else "?"
-    res = CaseResult(spec.name, spec.mode, getattr(op, "backend", "?"), str(ordering), str(dtype).replace("torch.", ""),
+    res = CaseResult(spec.name, spec.mode, backend, ordering, str(dtype).replace("torch.", ""),
                      f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
-                     tolerance=TOLERANCE[dtype])
+                     tolerance=(TRITON_TOLERANCE if backend == "triton" else TOLERANCE)[dtype], noise=NOISE_ULPS * torch.finfo(dtype).eps)
     for name, value in golden.items():
         res.errors[name] = rel_rms(got[name].cpu(), value)
+        res.abs_errors[name] = float((got[name].detach().cpu().double() - value.detach()).pow(2).mean().sqrt())
         res.ref_errors[name] = rel_rms(same[name], value)
     return res

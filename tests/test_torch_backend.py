@@ -232,12 +232,18 @@ def test_learnable_gamma_gradient(mode, plan):
 
 
 @pytest.mark.parametrize("bad", [1.1, 0.0, -0.5])
-@pytest.mark.parametrize("plan", ["linear", "quadratic"])
-def test_gamma_out_of_range_is_refused(plan, bad):
-    op = attngen.compile(learned_retention("causal"), backend="torch", plan=plan)
+def test_gamma_out_of_range_is_refused_by_the_scans(bad):
+    op = attngen.compile(learned_retention("causal"), backend="torch", plan="linear")
     q = torch.randn(1, H, 9, 16)
     with pytest.raises(InputError, match=r"\(0, 1\]"):
         op(q, q, q, gamma=torch.tensor([0.9, bad]))
+
+
+@pytest.mark.parametrize("bad", [1.1, 0.0, -0.5])
+def test_quadratic_evaluates_any_gamma_directly(bad):
+    """W = gamma**|i-j| is computed as it stands on the quadratic ordering (alibi's slope may go negative)."""
+    check(learned_retention("causal"), t=9, params={"gamma": torch.tensor([0.9, bad], dtype=torch.float64)},
+          plan="quadratic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,12 +287,15 @@ def test_auto_plan_runs_the_ordering_of_the_key_length(monkeypatch):
     assert ran[0] is not ran[1]
 
 
-def test_backend_choice():
+def test_backend_choice(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
     assert resolve_backend("torch", torch.device("cuda", 0)) == "torch"
-    with pytest.raises(PlanError, match="Triton code generation is not available yet"):
+    with pytest.raises(PlanError, match="implements linear.*not quadratic"):
         attngen.compile("softmax", backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InputError, match="need CUDA tensors"):
+        attngen.compile("cosformer", backend="triton")(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
     with pytest.raises(PlanError, match="'torch'"):
         attngen.compile("softmax", backend="cuda")
 

@@ -1,17 +1,15 @@
 """The generated Triton kernels under the interpreter, against the naive float64 reference.
 
-Runs on CPU: TRITON_INTERPRET=1 is set before triton is imported. bf16 is not run here: Triton 3.9's
+On CPU they run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
+imported); on a GPU machine natively. bf16 is not run here: Triton 3.9's
 interpreter computes tl.dot on bf16 operands wrongly (docs/gpu.md), so bf16 is checked on a GPU only.
 
 The full matrix: every spec x mode x T in {1, 63, 130} x D in {16, 48, 64} x {fp32, fp16}, B*H = 2;
 bidirectional cases use a key length S != T (cross attention); layouts, Dk != Dv, several V blocks
 and strided inputs are covered by the dedicated tests below.
 """
+import math
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, or the kernels need a GPU
-
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 import sympy  # noqa: E402
@@ -26,9 +24,11 @@ from attngen.evaluate import Evaluator  # noqa: E402
 from attngen.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
 from attngen.plan import build_plan  # noqa: E402
 from attngen.printer import print_triton  # noqa: E402
-from attngen.reference import reference  # noqa: E402
+from attngen.naive import reference  # noqa: E402
 from attngen import triton_backend  # noqa: E402
 
+# CPU tensors under the interpreter, CUDA tensors when the kernels run natively on a GPU
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 SPECS = ("linear_elu", "relu_linear", "cosformer", "cottention")
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 
@@ -39,7 +39,7 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 
 
 def rel_rms(out, ref):
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).pow(2).mean().sqrt() / max(ref.pow(2).mean().sqrt().item(), 1e-2)).item()
 
 
@@ -74,15 +74,15 @@ def check(name, causal, t, s, dk, dv, dtype, monkeypatch, layout="bhtd", b=1, h=
     lo, hi = param_range
     params = {p.name: (torch.rand((h,) if p.shape else (), generator=g, dtype=torch.float64) * (hi - lo) + lo)
               for p in spec.parameters}
-    ours = [x.to(dtype).requires_grad_() for x in (q, k, v)]
-    ours_p = {n: p.float().requires_grad_() for n, p in params.items()}
+    ours = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    ours_p = {n: p.to(DEVICE, torch.float32).requires_grad_() for n, p in params.items()}
     gold = [x.clone().requires_grad_() for x in (q, k, v)]
     gold_p = {n: p.clone().requires_grad_() for n, p in params.items()}
 
     o = fn(*ours, layout=layout, **ours_p)
     ref = reference(spec, layout=layout)(*gold, **gold_p)
     do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    o.backward(do.to(dtype))
+    o.backward(do.to(DEVICE, dtype))
     ref.backward(do)
     tol = TOL[dtype]
     assert o.dtype == dtype
@@ -140,7 +140,7 @@ def test_strided_inputs_need_no_copy(monkeypatch):
     plan = build_plan(load_spec("linear_elu"), plan="linear")
     fn = triton_backend.function(plan)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 40, 2, 32, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(1, 40, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
     a = fn(q, k, v)
     b = fn(q.contiguous(), k.contiguous(), v.contiguous())
@@ -165,11 +165,11 @@ def test_feature_maps_are_fused_not_stored():
 
 def test_input_errors(monkeypatch):
     fn = triton_backend.function(build_plan(load_spec("cottention"), plan="linear"))
-    x = torch.randn(1, 2, 8, 16)
+    x = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(InputError, match="causal"):
-        fn(x, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+        fn(x, torch.randn(1, 2, 9, 16, device=DEVICE), torch.randn(1, 2, 9, 16, device=DEVICE))
     with pytest.raises(InputError, match="parameter 'm'"):
-        fn(x, x, x, m=torch.zeros(3))
+        fn(x, x, x, m=torch.zeros(3, device=DEVICE))
     with pytest.raises(InputError, match="layout"):
         fn(x, x, x, layout="thd")
     with pytest.raises(InputError, match="float64"):
@@ -246,7 +246,7 @@ def test_torch_compile_fullgraph_traces_the_custom_ops():
     """The custom ops (fake kernels + autograd formula) let dynamo trace the call in one graph."""
     fn = triton_backend.function(build_plan(load_spec("cottention"), plan="linear"))
     g = torch.Generator().manual_seed(5)
-    inputs = [torch.randn(1, 2, 40, 16, generator=g).requires_grad_() for _ in range(3)]
+    inputs = [torch.randn(1, 2, 40, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
     inputs.append(torch.tensor([0.2, -0.1], requires_grad=True))
 
     def loss(q, k, v, m):
@@ -284,7 +284,7 @@ def test_decay_matches_reference(which, causal, case, monkeypatch):
 
 def test_decay_gamma_out_of_range_is_an_input_error():
     fn = triton_backend.function(build_plan(load_spec({**LEARNED_GAMMA, "causal": True}), plan="linear"))
-    x = torch.randn(1, 2, 8, 16)
+    x = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(InputError, match=r"gamma = g must lie in \(0, 1\]"):
         fn(x, x, x, g=torch.tensor([0.9, 1.5]))
     with pytest.raises(InputError, match="gamma"):
@@ -324,6 +324,6 @@ def test_tensor_power_is_not_stored_and_refuses_large_heads():
     stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
     assert stored == ["den", "p_dk", "p_dq", "p_dv", "p_o"]
     fn = triton_backend.function(build_plan(load_spec("polynomial2"), plan="linear"))
-    x = torch.randn(1, 1, 8, 32)
+    x = torch.randn(1, 1, 8, 32, device=DEVICE)
     with pytest.raises(InputError, match="head dims up to 16; found Dk=32"):
         fn(x, x, x)

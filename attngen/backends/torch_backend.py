@@ -32,8 +32,6 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     q, k, v = (x.to(dtype) for x in (q, k, v))
     b, h, t, d = q.shape
     env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
-    # the range check runs for every ordering, so a learnable gamma fails the same way at every length
-    lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
     v = with_ones(v, plan.normalize)
     if ordering is Ordering.QUADRATIC:
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal).to(in_dtype)
@@ -44,6 +42,8 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     else:
         blocks = [(term.feature, term.position) for term in plan.linear_terms]
         qf, kf = feature_maps(blocks, env, q, k, spec.where)
+        # the scans need gamma in (0, 1]; the quadratic ordering evaluates W directly and needs no check
+        lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
         if ordering is Ordering.RECURRENT:
             acc = torch_linear.recurrent(qf, kf, v, lg)
         elif spec.causal:
