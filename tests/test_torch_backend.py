@@ -349,3 +349,12 @@ def test_causal_cross_attention_is_refused():
 def test_bad_compile_arguments(kw, error, match):
     with pytest.raises(error, match=match):
         attngen.compile("softmax", backend="torch", **kw)
+
+
+@pytest.mark.parametrize("name", ["linear_elu", "cosformer", "based"])
+def test_state_carried_across_chunk_groups(name, monkeypatch):
+    """The undecayed causal scan runs a group of chunks at a time; several groups must give the same result."""
+    from attngen.backends import torch_linear
+    monkeypatch.setattr(torch_linear, "GROUP_TOKENS", 16)  # chunk 5 -> groups of 3 chunks: 5 groups at T = 63
+    check(load(name, "causal"), t=63, plan="linear", chunk=5)
+    check(load(name, "causal"), torch.float32, t=200, plan="linear", chunk=16)

@@ -123,6 +123,12 @@ def test_bthd_layout_and_distinct_value_dim(name, causal, monkeypatch):
     check(name, causal, 70, 70 if causal else 33, 48, 80, torch.float32, monkeypatch, layout="bthd", b=2, h=1)
 
 
+@pytest.mark.parametrize("d", [96, 256], ids=lambda d: f"D{d}")
+def test_large_and_odd_head_dims(d, monkeypatch):
+    # the ends of the supported range (16 .. 256) and a non-power of two, on a short sequence
+    check("cosformer", True, 20, 20, d, d, torch.float32, monkeypatch, h=1)
+
+
 CONSTANT_FEATURE = {"name": "const_relu", "similarity": "2 + dot(relu(q), relu(k)) / d",
                     "reweight": "exp(-s) + 1", "normalize": "none",
                     "parameters": {"s": {"shape": [], "init": 0.1}}}

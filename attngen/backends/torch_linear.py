@@ -33,30 +33,47 @@ def causal_chunked(qf, kf, v, chunk: int, lg: torch.Tensor | None = None, strict
     pos = torch.arange(c, device=qf.device)
     diff = pos[:, None] - pos[None, :]  # a - b within the chunk
     allowed = diff > 0 if strict else diff >= 0
-    scores = qc @ kc.transpose(-1, -2)  # [B, H, n, C, C]
     if lg is None:
-        scores = scores.masked_fill(~allowed, 0)
-        kv = kc.transpose(-1, -2) @ vc  # [B, H, n, F, E]: each chunk's contribution
-        # exclusive prefix sum: the state before chunk c holds the chunks < c
-        states = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1].cumsum(2)], 2)
-        inter = qc @ states
-    else:
-        lgc = lg.unsqueeze(2)  # [1, H, 1, 1, 1]
-        # clamp before exp so masked pairs (a < b) give exp(0), never an overflow whose 0 * inf gradient is NaN
-        intra = torch.exp(lgc * diff.clamp_min(0).to(lg.dtype))
-        scores = scores * torch.where(allowed, intra, torch.zeros_like(intra))
-        key_decay = torch.exp(lgc * (c - 1 - pos).to(lg.dtype)[:, None])  # gamma**(C-1-b) [1, H, 1, C, 1]
-        kv = (kc * key_decay).transpose(-1, -2) @ vc  # [B, H, n, F, E]
-        chunk_decay = torch.exp(lg * c)  # gamma**C [1, H, 1, 1]
-        state = torch.zeros_like(kv[:, :, 0])
-        states = []
-        for i in range(n_chunks):  # S_{c+1} = gamma**C S_c + sum_b gamma**(C-1-b) K'_b^T V_b
-            states.append(state)
-            state = chunk_decay * state + kv[:, :, i]
-        query_decay = torch.exp(lgc * (pos + 1).to(lg.dtype)[:, None])  # gamma**(a+1) [1, H, 1, C, 1]
-        inter = query_decay * (qc @ torch.stack(states, 2))
+        out = _chunk_groups(qc, kc, vc, allowed)
+        return out.reshape(b, h, n_chunks * c, e)[:, :, :t]
+    scores = qc @ kc.transpose(-1, -2)  # [B, H, n, C, C]
+    lgc = lg.unsqueeze(2)  # [1, H, 1, 1, 1]
+    # clamp before exp so masked pairs (a < b) give exp(0), never an overflow whose 0 * inf gradient is NaN
+    intra = torch.exp(lgc * diff.clamp_min(0).to(lg.dtype))
+    scores = scores * torch.where(allowed, intra, torch.zeros_like(intra))
+    key_decay = torch.exp(lgc * (c - 1 - pos).to(lg.dtype)[:, None])  # gamma**(C-1-b) [1, H, 1, C, 1]
+    kv = (kc * key_decay).transpose(-1, -2) @ vc  # [B, H, n, F, E]
+    chunk_decay = torch.exp(lg * c)  # gamma**C [1, H, 1, 1]
+    state = torch.zeros_like(kv[:, :, 0])
+    states = []
+    for i in range(n_chunks):  # S_{c+1} = gamma**C S_c + sum_b gamma**(C-1-b) K'_b^T V_b
+        states.append(state)
+        state = chunk_decay * state + kv[:, :, i]
+    query_decay = torch.exp(lgc * (pos + 1).to(lg.dtype)[:, None])  # gamma**(a+1) [1, H, 1, C, 1]
+    inter = query_decay * (qc @ torch.stack(states, 2))
     out = scores @ vc + inter  # [B, H, n, C, E]
     return out.reshape(b, h, n_chunks * c, e)[:, :, :t]
+
+
+GROUP_TOKENS = 1024  # chunks are processed in groups of this many tokens, so temporaries do not grow with T
+
+
+def _chunk_groups(qc, kc, vc, allowed):
+    """The undecayed causal scan over [B, H, n, C, *] chunks, a group of chunks at a time with the state
+    carried between groups: O_c = Q'_c S_c + tril(Q'_c K'_c^T) V_c, S_c = sum of the chunks before c."""
+    b, h, n, c, f = qc.shape
+    group = max(1, GROUP_TOKENS // c)
+    carry = qc.new_zeros(b, h, 1, f, vc.shape[-1])  # the state after the previous groups
+    parts = []
+    for g0 in range(0, n, group):
+        qg, kg, vg = qc[:, :, g0:g0 + group], kc[:, :, g0:g0 + group], vc[:, :, g0:g0 + group]
+        scores = (qg @ kg.transpose(-1, -2)).masked_fill(~allowed, 0)  # [B, H, g, C, C]
+        kv = kg.transpose(-1, -2) @ vg  # [B, H, g, F, E]: each chunk's contribution
+        # exclusive prefix sum inside the group, plus the carried state
+        states = carry + torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1].cumsum(2)], 2)
+        parts.append(scores @ vg + qg @ states)
+        carry = carry + kv.sum(2, keepdim=True)
+    return torch.cat(parts, 2)
 
 
 def two_sided(qf, kf, v, chunk: int, lg: torch.Tensor):
