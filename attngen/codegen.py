@@ -29,6 +29,8 @@ from .printer import TritonPrinter
 
 TEMPLATE = "linear.py.j2"
 POWER_MAX_HEAD_DIM = 16  # a d**2 feature block lives in registers: [BT, BK * BK] and a [BK * BK, BV] state
+# the rows of one term's block in the state S [F, Dv], by the term's tensor power (K is the head dim)
+STATE_WIDTH = {0: "1", 1: "K", 2: "K * K"}
 SCALARS = {N_Q: "f_nq", N_K: "f_nk", D: "f_d", HEAD: "f_h", HEADS: "f_H"}
 
 
@@ -118,16 +120,19 @@ def slots(plan: Plan) -> dict:
     names = dict(SCALARS)
     names.update({p["symbol"]: f"b_par_{p['name']}" for p in params})
     sides = {s: _Side(s, names, spec.where) for s in ("q", "k")}
-    terms = []
+    terms, offset = [], []
     for r, lt in enumerate(plan.linear_terms):
         f, pos = lt.feature, lt.position
         q_factor = tuple(f.q_factors) if f.q_factors else None
         k_factor = tuple(f.k_factors) if f.k_factors else None
+        width = STATE_WIDTH[f.power]
         terms.append({
-            "i": r, "cols": "BK * BK" if f.power == 2 else "BK",
+            "i": r, "cols": "BK * BK" if f.power == 2 else "BK", "width": width,
+            "offset": " + ".join(offset) or "0",
             "q": sides["q"].term(f.q_scale, q_factor, f.coeff * pos.coeff * pos.f_i, params),
             "k": sides["k"].term(f.k_scale, k_factor, pos.g_j, params),
         })
+        offset.append(width)
     norm = plan.normalize
     rowsum = norm.kind == "rowsum"
     eps = repr(float(norm.eps))
@@ -138,7 +143,8 @@ def slots(plan: Plan) -> dict:
         "plan_lines": [lt.feature.describe() + "  x  " + lt.position.describe() for lt in plan.linear_terms],
         "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention",
         "op_name": f"{spec.name}_{spec.mode}_{spec.hash[:8]}_{template_hash()[:8]}",
-        "causal": spec.causal, "chunk": plan.chunk, "params": params, "terms": terms,
+        "causal": spec.causal, "chunk": plan.chunk, "length_terms": _length_dependent(plan),
+        "feature_width": " + ".join(t["width"] for t in terms).replace("K", "dk"), "params": params, "terms": terms,
         "sides": {s: side.slots() for s, side in sides.items()},
         "rowsum": rowsum,
         "den_expr": (f"tl.maximum(b_den, {eps})" if clamp else f"b_den + {eps}") if rowsum else "b_den",
@@ -146,6 +152,18 @@ def slots(plan: Plan) -> dict:
         "decay": _decay(plan, names, params),
         "max_power_dim": POWER_MAX_HEAD_DIM if any(lt.feature.power == 2 for lt in plan.linear_terms) else None,
     }
+
+
+def _length_dependent(plan: Plan) -> list:
+    """The position factors and coefficients that use n_q or n_k (cosFormer's default M = max(n_q, n_k)):
+    a state of such a plan has no meaning before the final length is known, so its module refuses states."""
+    exprs = []
+    for lt in plan.linear_terms:
+        f, pos = lt.feature, lt.position
+        exprs += [f.coeff, f.q_scale, f.k_scale, *f.q_factors, *f.k_factors, pos.coeff, pos.f_i, pos.g_j]
+    if plan.reweight.decay is not None:
+        exprs.append(plan.reweight.decay.gamma)
+    return sorted({sympy.sstr(e) for e in exprs if sympy.sympify(e).has(N_Q, N_K)})
 
 
 def _decay(plan: Plan, names: dict, params: list):

@@ -53,14 +53,34 @@ def function(plan):
     return getattr(module, f"{plan.spec.name}_attention")
 
 
-def run(plan, q, k, v, params: dict | None = None, *, layout: str = "bhtd"):
-    """o for q, k, v ([B, H, T, D] for layout 'bhtd') with the spec's parameters ``params`` (by name)."""
+def run(plan, q, k, v, params: dict | None = None, *, layout: str = "bhtd", initial_state=None,
+        return_state: bool = False, cu_seqlens=None):
+    """o for q, k, v ([B, H, T, D] for layout 'bhtd') with the spec's parameters ``params`` (by name);
+    ``(o, (S, z, pos))`` with ``return_state``. ``initial_state`` is a tuple (S, z, pos) (z None without
+    row sums) and ``cu_seqlens`` packs sequences along T (B = 1): causal plans only (the module says why not)."""
+    params = _checked(plan, params)
+    return function(plan)(q, k, v, initial_state=initial_state, return_state=return_state,
+                          cu_seqlens=cu_seqlens, layout=layout, **params)
+
+
+def step(plan, q_t, k_t, v_t, state, params: dict | None = None, layout: str = "bhtd"):
+    """One decode step: (o_t, (S, z, pos)) for tokens [B, H, 1, D] ('bhtd') and a state tuple (S, z, pos)."""
+    params = _checked(plan, params)
+    if not isinstance(state, (tuple, list)) or len(state) != 3:
+        raise PlanError(f"{plan.spec.name}: step expects the state as a tuple (S, z, pos), found "
+                        f"{type(state).__name__}")
+    module = load_module(plan)
+    o, S, z, pos = getattr(module, f"{plan.spec.name}_step")(q_t, k_t, v_t, *state, layout=layout, **params)
+    return o, (S, z, pos)
+
+
+def _checked(plan, params: dict | None) -> dict:
     params = dict(params or {})
     unknown = set(params) - set(plan.spec.param_names)
     if unknown:
         raise PlanError(f"{plan.spec.name}: unknown parameter(s) {sorted(unknown)}; "
                         f"expected {list(plan.spec.param_names) or 'none'}")
-    return function(plan)(q, k, v, layout=layout, **params)
+    return params
 
 
 def _write(key: str, source: str) -> Path:

@@ -158,15 +158,22 @@ def test_module_text_is_deterministic_and_has_header():
     a, b = render(plan), render(build_plan(load_spec("cosformer"), plan="linear"))
     assert a == b
     assert f"spec hash: {plan.spec.hash}" in a and f"template hash: {template_hash()}" in a
-    assert "def cosformer_attention(q, k, v, *, initial_state=None, return_state=False, layout=\"bhtd\")" in a
+    assert ("def cosformer_attention(q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, "
+            "layout=\"bhtd\")") in a
+    assert "def cosformer_step(q_t, k_t, v_t, S, z, pos, *, layout=\"bhtd\")" in a
     assert "\n\n\n\n" not in a
 
 
+# what the causal kernels store besides o / den and the gradients: the recurrent states (final state,
+# initial state's gradient, the decode step's new state), never a feature map
+STATE_STORES = ["ds0", "dz0", "s_out", "st", "z_out", "zt"]
+
+
 def test_feature_maps_are_fused_not_stored():
-    """phi(q), phi(k) never reach memory: the only stores are o / den and the gradients."""
+    """phi(q), phi(k) never reach memory: the only stores are o / den, the gradients and the states."""
     text = render(build_plan(load_spec("cosformer"), plan="linear"))
     stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
-    assert stored == ["den", "p_dk", "p_dq", "p_dv", "p_o"]
+    assert stored == sorted(["den", "p_dk", "p_dq", "p_dv", "p_o", *STATE_STORES])
 
 
 def test_input_errors(monkeypatch):
@@ -328,7 +335,7 @@ def test_tensor_power_is_not_stored_and_refuses_large_heads():
     text = render(build_plan(load_spec("based"), plan="linear"))
     assert "tl.reshape(" in text
     stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
-    assert stored == ["den", "p_dk", "p_dq", "p_dv", "p_o"]
+    assert stored == sorted(["den", "p_dk", "p_dq", "p_dv", "p_o", *STATE_STORES])
     fn = triton_backend.function(build_plan(load_spec("polynomial2"), plan="linear"))
     x = torch.randn(1, 1, 8, 32, device=DEVICE)
     with pytest.raises(InputError, match="head dims up to 16; found Dk=32"):
