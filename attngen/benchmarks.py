@@ -4,9 +4,12 @@ Each measurement runs in its own subprocess so that its peak RSS (resource.getru
 that one implementation and length. Times are the minimum over repeats of the forward pass (no autograd):
 on a shared, noisy machine interference only adds time.
 The table compares against anchors measured in the same run: the naive reference and PyTorch's SDPA.
+`attngen bench --decode` (``decode``) times decoding N tokens after a context of T: the recurrent step
+against a softmax KV-cache decode, with the exact bytes of the state and of the cache.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -159,6 +162,167 @@ def _checks(rows, lengths) -> list:
     return out or ["- not enough lengths measured for the checks"]
 
 
+# ---------------------------------------------------------------------------------------------
+# decode: N tokens after a context of T tokens, recurrent step vs a softmax KV cache
+# ---------------------------------------------------------------------------------------------
+DECODE_IMPLS = ("attngen-step", "sdpa-kv-cache")
+PREFILL_PIECE = 1024  # the recurrent state of the context is built 1024 tokens at a time (initial_state)
+
+
+def _decode_worker(impl: str, spec_name: str, t: int, n: int, b: int, h: int, d: int, repeats: int) -> dict:
+    """Decode ``n`` tokens after a context of ``t``: the minimum over repeats of the time of all n steps.
+
+    attngen-step: the context enters a recurrent state piece by piece (prefill with initial_state and
+    return_state, never T tokens at once), then n calls of op.step. sdpa-kv-cache: a preallocated
+    K/V cache of t + n rows holding the context, then n steps that write the new key and value and run
+    SDPA with a query of length 1 over the cache so far.
+
+    Memory from /proc/self/status: ``base_rss`` before the context exists, ``start_rss`` when decoding
+    starts (after malloc_trim, so memory freed by building the context is not counted), ``peak_rss`` the
+    high-water mark of the decode alone (VmHWM reset at its start through /proc/self/clear_refs)."""
+    import torch
+
+    from .runtime import compile as compile_op
+    from .spec import load_spec
+    torch.manual_seed(0)
+    tokens = [torch.randn(b, h, 1, d) for _ in range(3 * n)]  # the n decoded tokens' q, k, v
+    with torch.no_grad():
+        if impl == "attngen-step":
+            op = compile_op(load_spec(spec_name, causal=True), backend="torch")
+            base_rss = _proc_status("VmRSS")
+            context = op.init_state(b, h, d, d)
+            for a in range(0, t, PREFILL_PIECE):
+                piece = [torch.randn(b, h, min(PREFILL_PIECE, t - a), d) for _ in range(3)]
+                _, context = op(*piece, initial_state=context, return_state=True)
+
+            def decode():
+                state = context
+                for i in range(n):
+                    _, state = op.step(tokens[3 * i], tokens[3 * i + 1], tokens[3 * i + 2], state)
+                return state.nbytes()
+        elif impl == "sdpa-kv-cache":
+            base_rss = _proc_status("VmRSS")
+            k_cache, v_cache = torch.randn(b, h, t + n, d), torch.randn(b, h, t + n, d)  # rows >= t: overwritten
+
+            def decode():
+                for i in range(n):
+                    k_cache[:, :, t + i:t + i + 1] = tokens[3 * i + 1]
+                    v_cache[:, :, t + i:t + i + 1] = tokens[3 * i + 2]
+                    torch.nn.functional.scaled_dot_product_attention(tokens[3 * i], k_cache[:, :, :t + i + 1],
+                                                                     v_cache[:, :, :t + i + 1])
+                return (k_cache.numel() + v_cache.numel()) * k_cache.element_size()
+        else:
+            raise ValueError(impl)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what building the context freed
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        start_rss = _proc_status("VmRSS")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            state_bytes = decode()
+            times.append(time.perf_counter() - start)
+    return {"impl": impl, "T": t, "N": n, "seconds": min(times), "tokens_per_s": n / min(times),
+            "state_bytes": state_bytes, "base_rss": base_rss, "start_rss": start_rss,
+            "peak_rss": _proc_status("VmHWM")}
+
+
+def _proc_status(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes (VmRSS: now, VmHWM: peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def decode(spec_name="linear_elu", max_len=32768, tokens=64, out_dir=Path("bench/results"), b=1, h=8, d=64,
+           repeats=7, echo=print) -> Path:
+    """Tokens per second and memory of decoding ``tokens`` tokens after T = 1k .. max_len of context."""
+    lengths = [1024 << s for s in range(0, 10) if (1024 << s) <= max_len]
+    rows = {}
+    for t in lengths:
+        for impl in DECODE_IMPLS:
+            echo(f"  measuring {impl:<15} T={t:>6} ...", end="\r")
+            cmd = [sys.executable, "-m", "attngen.benchmarks", "decode", impl, spec_name, str(t), str(tokens),
+                   str(b), str(h), str(d), str(repeats)]
+            rows[(impl, t)] = _run_worker(cmd, impl, t)
+    echo(" " * 60, end="\r")
+    text = _decode_report(rows, lengths, spec_name, tokens, b, h, d, max_len, repeats)
+    echo(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-decode.md"
+    path.write_text(text)
+    echo(f"written to {path}")
+    return path
+
+
+def _run_worker(cmd, impl, t) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"impl": impl, "T": t, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _decode_report(rows, lengths, spec_name, n, b, h, d, max_len, repeats) -> str:
+    cmd = f"attngen bench --decode --spec {spec_name} --max-len {max_len} --tokens {n}"
+    lines = [f"# Decoding {n} tokens after a context of T: recurrent step ({spec_name}) vs softmax KV cache (CPU)", "",
+             f"- date: {datetime.date.today().isoformat()}", f"- machine: {_machine()}", f"- command: `{cmd}`",
+             f"- shapes: B{b} H{h} D{d}, float32, torch.no_grad; time = minimum over {repeats} repeats of all {n} "
+             "steps; tokens/s = N / that time",
+             f"- attngen: op.step of the torch backend ({spec_name}, causal) from the state of the context, built "
+             f"{PREFILL_PIECE} tokens at a time with initial_state/return_state; SDPA: "
+             "torch.nn.functional.scaled_dot_product_attention with a query of length 1 over a preallocated "
+             "K/V cache of T + N rows",
+             "- memory: exact bytes of the recurrent State (S, z, pos) vs the K and V cache tensors; from "
+             "/proc/self/status of the subprocess that ran the case: held = RSS when decoding starts (after "
+             "malloc_trim) minus RSS before the context existed (the context's memory, plus allocator residue of "
+             "building it); +decode = peak RSS while decoding (VmHWM, reset at its start) minus RSS at its start "
+             "(the decode's own working memory); MiB. attngen's held memory is not its state (the exact bytes "
+             "column): it is what torch and the allocator keep after the T / 1024 prefill calls (the same residue "
+             "appears when the op is called on 1024-token pieces without a state); the KV cache's is the cache", "",
+             "| T | attngen tok/s | SDPA tok/s | attngen / SDPA | state bytes | KV-cache bytes | attngen held | "
+             "SDPA held | attngen +decode | SDPA +decode |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ok(r):
+        return r is not None and "error" not in r
+
+    def mib(r, key):
+        if not ok(r):
+            return "-"
+        value = r["start_rss"] - r["base_rss"] if key == "held" else r["peak_rss"] - r["start_rss"]
+        return f"{value / 2 ** 20:.1f}"
+
+    for t in lengths:
+        a, s = rows.get(("attngen-step", t)), rows.get(("sdpa-kv-cache", t))
+        speed = lambda r: f"{r['tokens_per_s']:.0f}" if ok(r) else ("error" if r else "-")  # noqa: E731
+        ratio = f"{a['tokens_per_s'] / s['tokens_per_s']:.2f}" if ok(a) and ok(s) else "-"
+        lines.append(f"| {t} | {speed(a)} | {speed(s)} | {ratio} | {a['state_bytes'] if ok(a) else '-'} | "
+                     f"{s['state_bytes'] if ok(s) else '-'} | {mib(a, 'held')} | {mib(s, 'held')} | "
+                     f"{mib(a, 'decode')} | {mib(s, 'decode')} |")
+    lines += ["", "## Checks", ""]
+    states = [rows[("attngen-step", t)]["state_bytes"] for t in lengths if ok(rows.get(("attngen-step", t)))]
+    caches = [rows[("sdpa-kv-cache", t)]["state_bytes"] for t in lengths if ok(rows.get(("sdpa-kv-cache", t)))]
+    if states:
+        lines.append(f"- decode state bytes equal at every T ({states[0]} bytes): "
+                     f"{'PASS' if len(set(states)) == 1 and len(states) == len(lengths) else 'FAIL'}")
+    if len(caches) >= 2:
+        lines.append(f"- KV cache grows with T: {caches[0]} -> {caches[-1]} bytes "
+                     f"({caches[-1] / caches[0]:.1f}x for {lengths[-1] // lengths[0]}x the context)")
+    mems = [rows[("attngen-step", t)]["peak_rss"] - rows[("attngen-step", t)]["start_rss"] for t in lengths
+            if ok(rows.get(("attngen-step", t)))]
+    if len(mems) >= 2:
+        lines.append(f"- attngen's decode working memory (+decode) from the shortest to the longest context: "
+                     f"{mems[0] / 2 ** 20:.1f} -> {mems[-1] / 2 ** 20:.1f} MiB")
+    speeds = [rows[("attngen-step", t)]["tokens_per_s"] for t in lengths if ok(rows.get(("attngen-step", t)))]
+    if len(speeds) >= 2:
+        lines.append(f"- attngen tokens/s from the shortest to the longest context: {speeds[0]:.0f} -> {speeds[-1]:.0f} "
+                     f"({speeds[-1] / speeds[0]:.2f}x; flat is constant work per token)")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    impl, spec_name, t, b, h, d, repeats = sys.argv[1:8]
-    print(json.dumps(_worker(impl, spec_name, int(t), int(b), int(h), int(d), int(repeats))))
+    if sys.argv[1] == "decode":
+        impl, spec_name, t, n, b, h, d, repeats = sys.argv[2:10]
+        print(json.dumps(_decode_worker(impl, spec_name, int(t), int(n), int(b), int(h), int(d), int(repeats))))
+    else:
+        impl, spec_name, t, b, h, d, repeats = sys.argv[1:8]
+        print(json.dumps(_worker(impl, spec_name, int(t), int(b), int(h), int(d), int(repeats))))

@@ -224,8 +224,21 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
 @click.option("--max-len", type=click.IntRange(1024), default=32768, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True)
 @click.option("--spec", "spec_name", default="linear_elu", show_default=True)
-def bench(max_len, out, spec_name):
-    """Benchmark the torch backend's causal linear plan against the reference and PyTorch SDPA."""
+@click.option("--decode", "decode_mode", is_flag=True,
+              help="Decode --tokens tokens after a context of T: recurrent step vs a softmax KV cache (SDPA).")
+@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Tokens decoded per case (--decode).")
+def bench(max_len, out, spec_name, decode_mode, tokens):
+    """Benchmark the torch backend's causal linear plan against the reference and PyTorch SDPA; with
+    --decode, the recurrent decode step against a softmax KV-cache decode."""
+    if decode_mode:
+        from .benchmarks import decode
+        from .plan import build_plan
+        from .spec import load_spec
+        from .state import check_decodable
+        check_decodable(build_plan(load_spec(spec_name, causal=True)), "attngen bench --decode")
+        decode(spec_name=spec_name, max_len=max_len, tokens=tokens, out_dir=Path(out))
+        return
     from .benchmarks import linear_scaling
     linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
 

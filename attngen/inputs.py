@@ -74,3 +74,38 @@ def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor) -> di
             raise InputError(f"parameter {p.name}: expected shape {list(want)}, found {list(t.shape)}")
         out[p.name] = t
     return out
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, length: int, device) -> list:
+    """Validate packed sequence boundaries (B = 1, sequences packed along T) and return them as ints:
+    sequence n holds tokens [cu[n], cu[n + 1])."""
+    fix = "Fix: cu_seqlens = [0, len_0, len_0 + len_1, ..., T] (an int32/int64 tensor), with B = 1"
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise InputError(f"cu_seqlens: expected a 1-D integer tensor, found {type(cu_seqlens).__name__}. {fix}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex \
+            or cu_seqlens.dtype == torch.bool:
+        raise InputError(f"cu_seqlens: expected a 1-D integer tensor, found {cu_seqlens.dtype} of shape "
+                         f"{list(cu_seqlens.shape)}. {fix}")
+    if batch != 1:
+        raise InputError(f"cu_seqlens: packed sequences need batch size 1 (the sequences lie along T); found "
+                         f"batch {batch}. {fix}")
+    if cu_seqlens.device != torch.device(device) and cu_seqlens.device.type != "cpu":
+        raise InputError(f"cu_seqlens: on {cu_seqlens.device}, the inputs on {device}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if len(bounds) < 2:
+        raise InputError(f"cu_seqlens: expected at least 2 entries (N + 1 for N sequences), found {bounds}. {fix}")
+    if bounds[0] != 0:
+        raise InputError(f"cu_seqlens: must start at 0, found {bounds[0]} (in {_short(bounds)}). {fix}")
+    bad = next((n for n in range(1, len(bounds)) if bounds[n] <= bounds[n - 1]), None)
+    if bad is not None:
+        raise InputError(f"cu_seqlens: must be strictly increasing (every sequence holds >= 1 token), found "
+                         f"{bounds[bad - 1]} then {bounds[bad]} at entries {bad - 1}, {bad} (in {_short(bounds)}). "
+                         f"{fix}")
+    if bounds[-1] != length:
+        raise InputError(f"cu_seqlens: must end at T = {length} (the packed length), found {bounds[-1]} "
+                         f"(in {_short(bounds)}). {fix}")
+    return bounds
+
+
+def _short(values: list) -> str:
+    return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:10]))}, ..., {values[-1]}]"

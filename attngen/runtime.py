@@ -16,13 +16,15 @@ import os
 
 import torch
 
-from .backends import BACKENDS
-from .backends import torch_backend
+from . import state as state_lib
+from .backends import BACKENDS, torch_backend
+from .backends.torch_common import compute_dtype
 from .errors import InputError, PlanError
-from .inputs import check_params, check_qkv
+from .inputs import check_cu_seqlens, check_params, check_qkv
 from .ir import Ordering
 from .plan import DEFAULT_CHUNK, build_plan
 from .spec import Spec, load_spec
+from .state import State, check_decodable
 
 LAYOUTS = ("bhtd", "bthd")
 DEFAULT_HEAD_DIM = 64  # the head dim of op.plan before the first call
@@ -31,8 +33,6 @@ TRITON_ORDERINGS = (Ordering.LINEAR,)  # orderings with Triton templates
 _TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels need CUDA tensors; on a CPU they "
                "run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton; for "
                "verification, it is slow), otherwise use backend='torch'")
-_NO_STATE = ("{what} is not supported yet: recurrent states (initial_state, return_state, init_state, step) "
-             "arrive with the decode release; call the op on the whole sequence")
 
 
 def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk: int = DEFAULT_CHUNK) -> "AttentionOp":
@@ -68,38 +68,142 @@ class AttentionOp:
         return (f"AttentionOp({self.spec.name!r} {self.spec.mode}, backend={self.backend!r}{force}, "
                 f"layout={self.layout!r})")
 
-    def __call__(self, q, k, v, *, initial_state=None, return_state=False, **params):
+    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, **params):
         """o [B, H, T, Dv] ("bhtd") or [B, T, H, Dv] ("bthd"); parameters are keyword tensors named as in
-        the spec ([H] per head or [] scalar) and default to their ``init``."""
-        if initial_state is not None:
-            raise InputError(_NO_STATE.format(what="initial_state"))
-        if return_state:
-            raise InputError(_NO_STATE.format(what="return_state=True"))
+        the spec ([H] per head or [] scalar) and default to their ``init``.
+
+        State passing (causal separable specs whose terms do not depend on the final length): with
+        ``initial_state`` (a State of batch B) the positions of sequence b continue from its ``pos`` and
+        its S (and z) enter as the state before the first token; gradients reach them. With
+        ``return_state=True`` the result is ``(o, state)``, the state after the last token. Both run the
+        linear ordering (the recurrent one when forced with plan="recurrent"), also at lengths where the
+        planner would choose the quadratic ordering: a state needs the linear form.
+
+        ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
+        B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
+        each sequence's positions start at 0 (or its initial state's pos)."""
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
         backend = resolve_backend(self.backend, qh.device)
         values = check_params(self.spec, params, qh.shape[1], qh)
         plan = self._plan_for(backend, qh.shape[-1])
         self.plan = plan
-        ordering = plan.choice.ordering_for(kh.shape[2])
+        bounds = None
+        if cu_seqlens is not None:
+            bounds = check_cu_seqlens(cu_seqlens, qh.shape[0], qh.shape[2], qh.device)
+            if kh.shape[2] != qh.shape[2]:
+                raise InputError(f"cu_seqlens: packed sequences need the key length to equal the query length "
+                                 f"(found {qh.shape[2]} and {kh.shape[2]})")
+        stateful = initial_state is not None or return_state
+        state = None
+        if stateful:
+            check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
+            n = qh.shape[0] if bounds is None else len(bounds) - 1
+            state = self._checked_state(initial_state, plan, qh, vh, n)
         if backend == "triton":
-            if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise InputError(_TRITON_CPU.format(device=qh.device.type))
-            from . import triton_backend
-            out = triton_backend.run(plan, qh, kh, vh, values, layout="bhtd")
+            out = self._run_triton(plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens)
+            o, state = out if return_state else (out, None)
+        elif stateful:
+            o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds)
+        elif bounds is not None:  # each packed sequence alone, by the ordering the planner picks for its length
+            o = torch.cat([torch_backend.run(plan, plan.choice.ordering_for(b - a), qh[:, :, a:b], kh[:, :, a:b],
+                                               vh[:, :, a:b], values, self.chunk)
+                             for a, b in zip(bounds[:-1], bounds[1:])], 2)
         else:
-            out = torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk)
-        return out.transpose(1, 2) if self.layout == "bthd" else out
+            o = torch_backend.run(plan, plan.choice.ordering_for(kh.shape[2]), qh, kh, vh, values, self.chunk)
+        o = o.transpose(1, 2) if self.layout == "bthd" else o
+        return (o, state) if return_state else o
 
     def ordering_for(self, head_dim: int, length: int, device="cpu") -> Ordering:
         """The ordering a call with this head dim, key length and device runs."""
         backend = resolve_backend(self.backend, torch.device(device))
         return self._plan_for(backend, head_dim).choice.ordering_for(length)
 
-    def init_state(self, batch, heads, dk, dv, *, dtype=torch.float32, device=None):
-        raise InputError(_NO_STATE.format(what="init_state"))
+    def init_state(self, batch: int, heads: int, dk: int, dv: int, *, dtype=torch.float32, device=None) -> State:
+        """The state before any token for ``batch`` sequences: S [batch, heads, F, dv] zeros (F the feature
+        width at head dim ``dk``), z [batch, heads, F] for row-sum specs, pos [batch] zeros. States
+        accumulate in float32 (use float64 with float64 inputs)."""
+        if isinstance(dk, bool) or not isinstance(dk, int) or dk < 1:
+            raise InputError(f"init_state: dk={dk!r}; expected a positive integer (the head dim of q and k)")
+        backend = resolve_backend(self.backend, torch.device(device or "cpu"))
+        plan = self._plan_for(backend, dk)
+        check_decodable(plan, "init_state")
+        return state_lib.zeros(self.spec.hash, batch, heads, plan.feature_width(dk), dv,
+                               plan.normalize.kind != "none", dtype=dtype, device=device)
 
     def step(self, q_t, k_t, v_t, state, **params):
-        raise InputError(_NO_STATE.format(what="step"))
+        """One decode step: q_t, k_t [B, H, 1, Dk] and v_t [B, H, 1, Dv] (layout "bhtd"; [B, 1, H, D] for
+        "bthd"), ``state`` the State after each sequence's previous tokens (from init_state, step or
+        return_state=True). Returns (o_t [B, H, 1, Dv] in the layout, the state after this token).
+        Each sequence is at its own position state.pos; memory is constant in the tokens consumed."""
+        qh, kh, vh = check_qkv(self.spec, q_t, k_t, v_t, self.layout)
+        if qh.shape[2] != 1:
+            raise InputError(f"step: expected one token per sequence (T = 1 in layout {self.layout}), found "
+                             f"T = {qh.shape[2]}. Fix: call the op with initial_state=state, return_state=True "
+                             "for several tokens (prefill)")
+        backend = resolve_backend(self.backend, qh.device)
+        values = check_params(self.spec, params, qh.shape[1], qh)
+        plan = self._plan_for(backend, qh.shape[-1])
+        check_decodable(plan, "step")
+        if state is None:
+            raise InputError("step: state is None; expected a State (op.init_state(batch, heads, dk, dv) before "
+                             "the first token, then the state each step returns)")
+        state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state")
+        if backend == "triton":
+            if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InputError(_TRITON_CPU.format(device=qh.device.type))
+            tb = triton_backend_module()
+            if getattr(tb.load_module(plan), f"{self.spec.name}_step", None) is None:
+                raise PlanError(f"step: the generated Triton module of {self.spec.name} ({self.spec.mode}) has no "
+                                f"{self.spec.name}_step function (no generated decode step); use backend='torch' "
+                                "for decoding")
+            o, (S, z, pos) = tb.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values, layout="bhtd")
+            new = State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
+        else:
+            o, s = torch_backend.step(plan, qh, kh, vh, values, _augmented(state), state.pos)
+            new = _from_augmented(s, state.pos + 1, plan, self.spec.hash)
+        return (o.transpose(1, 2) if self.layout == "bthd" else o), new
+
+    def _checked_state(self, state, plan, qh, vh, batch, what="initial_state"):
+        """``state`` validated against the inputs (None: a zero state)."""
+        width, dv = plan.feature_width(qh.shape[-1]), vh.shape[-1]
+        dtype = compute_dtype(qh.dtype)
+        if state is None:
+            return state_lib.zeros(self.spec.hash, batch, qh.shape[1], width, dv, plan.normalize.kind != "none",
+                                   dtype=dtype, device=qh.device)
+        state_lib.check(state, self.spec, batch=batch, heads=qh.shape[1], width=width, dv=dv, device=qh.device,
+                        dtype=dtype, what=what)
+        return state
+
+    def _run_torch_state(self, plan, qh, kh, vh, values, state, bounds):
+        ordering = Ordering.RECURRENT if plan.choice.forced and plan.choice.below is Ordering.RECURRENT \
+            else Ordering.LINEAR
+        s0 = _augmented(state)
+        if bounds is None:
+            o, s = torch_backend.run_state(plan, ordering, qh, kh, vh, values, self.chunk, s0, state.pos)
+            return o, _from_augmented(s, state.pos + qh.shape[2], plan, self.spec.hash)
+        outs, finals = [], []
+        for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            o, s = torch_backend.run_state(plan, ordering, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
+                                           self.chunk, s0[n:n + 1], state.pos[n:n + 1])
+            outs.append(o)
+            finals.append(s)
+        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
+        return torch.cat(outs, 2), _from_augmented(torch.cat(finals), state.pos + lengths, plan, self.spec.hash)
+
+    def _run_triton(self, plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens):
+        """The generated module's forward; states cross as the tuples (S, z, pos) it takes and returns."""
+        if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InputError(_TRITON_CPU.format(device=qh.device.type))
+        tb = triton_backend_module()
+        if initial_state is None and not return_state and cu_seqlens is None:
+            return tb.run(plan, qh, kh, vh, values, layout="bhtd")
+        start = None if initial_state is None else (initial_state.S, initial_state.z, initial_state.pos)
+        out = tb.run(plan, qh, kh, vh, values, layout="bhtd", initial_state=start, return_state=return_state,
+                     cu_seqlens=cu_seqlens)
+        if not return_state:
+            return out
+        o, (S, z, pos) = out
+        return o, State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
 
     def _plan_for(self, backend: str, head_dim: int):
         key = (backend, head_dim)
@@ -114,10 +218,27 @@ class AttentionOp:
             self._plans[key] = plan
         return self._plans[key]
 
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend a call runs on: "auto" is triton for CUDA tensors, torch for any other device."""
     if backend != "auto":
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def triton_backend_module():
+    """attngen.triton_backend, imported on first use (it imports triton)."""
+    from . import triton_backend
+    return triton_backend
+
+
+def _augmented(state: State) -> torch.Tensor:
+    """The state as the kernels carry it: [S | z] [B, H, F, Dv + 1] for a row-sum spec (z rides along as
+    the ones column's state, derivations.md section 2), else S."""
+    return state.S if state.z is None else torch.cat([state.S, state.z.unsqueeze(-1)], -1)
+
+
+def _from_augmented(s: torch.Tensor, pos: torch.Tensor, plan, spec_hash: str) -> State:
+    if plan.normalize.kind == "none":
+        return State(s, None, pos, spec_hash)
+    return State(s[..., :-1], s[..., -1], pos, spec_hash)

@@ -92,3 +92,18 @@ def test_build_writes_modules_and_verifies(run, tmp_path):
     assert not (tmp_path / "softmax_causal.py").exists()
     assert "softmax (causal): no Triton module" in result.output
     assert "triton" in result.output and "torch" in result.output
+
+
+def test_bench_decode_writes_a_table(run, tmp_path):
+    result = run("bench", "--decode", "--max-len", "1024", "--tokens", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*-cpu-decode.md")
+    text = path.read_text()
+    assert "| 1024 |" in text and "error" not in text
+    assert "decode state bytes equal at every T (133128 bytes): PASS" in text  # B1 H8 D64 linear_elu: (8*64*65)*4+8
+
+
+def test_bench_decode_refuses_a_spec_without_a_state(run):
+    result = CliRunner().invoke(main, ["bench", "--decode", "--spec", "softmax"])
+    assert result.exit_code == 2
+    assert "no linear (separable) form" in result.output

@@ -321,16 +321,27 @@ def _qkv(t=8, s=None, d=16):
     (lambda op: op(_qkv()[0], torch.randn(1, H, 8, 12), _qkv()[2]), "head dims differ"),
     (lambda op: op(*_qkv(), gamma=torch.ones(H)), "unknown keyword"),
     (lambda op: op(*_qkv(), m=torch.ones(3)), "expected shape"),
-    (lambda op: op(*_qkv(), initial_state=object()), "not supported yet"),
-    (lambda op: op(*_qkv(), return_state=True), "not supported yet"),
-    (lambda op: op.init_state(1, H, 16, 16), "not supported yet"),
-    (lambda op: op.step(*_qkv(1), state=None), "not supported yet"),
-], ids=["rank", "kv-length", "head-dim", "unknown-kwarg", "param-shape", "initial-state", "return-state",
-        "init-state", "step"])
+    (lambda op: op(*_qkv(), initial_state=object()), "expected a State"),
+    (lambda op: op(*_qkv(), initial_state=op.init_state(2, H, 16, 16)), r"expected \[1, 2, 16, 16\]"),
+    (lambda op: op.init_state(1, H, 0, 16), "dk=0"),
+    (lambda op: op.step(*_qkv(1), state=None), "state is None; expected a State"),
+    (lambda op: op.step(*_qkv(2), state=op.init_state(1, H, 16, 16)), "one token"),
+    (lambda op: op(*_qkv(), cu_seqlens=torch.tensor([0, 3, 7])), "end at T = 8"),
+], ids=["rank", "kv-length", "head-dim", "unknown-kwarg", "param-shape", "initial-state", "state-batch",
+        "init-state", "step", "step-length", "cu-seqlens"])
 def test_bad_calls_raise_input_error(call, match):
     op = attngen.compile("cottention", backend="torch")
     with pytest.raises(InputError, match=match):
         call(op)
+
+
+@pytest.mark.parametrize("name,causal,match", [("softmax", True, "no linear"), ("cottention", False, "bidirectional"),
+                                               ("cosformer", True, "M=4096")])
+def test_specs_without_a_state_refuse_state_passing(name, causal, match):
+    op = attngen.compile(load(name, "causal" if causal else "bidirectional"), backend="torch")
+    for call in (lambda: op(*_qkv(), return_state=True), lambda: op.init_state(1, H, 16, 16)):
+        with pytest.raises(InputError, match=match):
+            call()
 
 
 def test_causal_cross_attention_is_refused():

@@ -1,6 +1,8 @@
 """The torch backend: executes a Plan with plain PyTorch ops; autograd differentiates all of it.
 
     run(plan, ordering, q, k, v, params, chunk) -> o
+    run_state(plan, ordering, q, k, v, params, chunk, s0, start) -> (o, s)   causal, from a recurrent state
+    step(plan, q, k, v, params, s0, start) -> (o, s)                         one decode step (T = 1)
 
 One function per ordering lives in torch_linear (linear, recurrent), torch_quadratic and torch_fft;
 this module validates the ordering against the plan, builds the shared inputs (feature maps, ones
@@ -45,7 +47,7 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         # the scans need gamma in (0, 1]; the quadratic ordering evaluates W directly and needs no check
         lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
         if ordering is Ordering.RECURRENT:
-            acc = torch_linear.recurrent(qf, kf, v, lg)
+            acc, _ = torch_linear.recurrent(qf, kf, v, lg)
         elif spec.causal:
             acc = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg)
         elif lg is None:
@@ -53,6 +55,51 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         else:
             acc = torch_linear.two_sided(qf, kf, v, chunk or plan.chunk, lg)
     return finish(acc, plan.normalize).to(in_dtype)
+
+
+def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torch.Tensor | None,
+              start: torch.Tensor) -> tuple:
+    """(o [B, H, T, Dv], s [B, H, F, E]) of a causal separable plan continuing from a recurrent state.
+
+    ``s0`` [B, H, F, E] is the state after the tokens before this call (E = Dv + 1 for a row-sum spec: the
+    normaliser z is its last column), or None for a fresh start; ``start`` [B] int64 the number of those
+    tokens per sequence (the positions continue from it). ``ordering`` is linear (chunked) or recurrent;
+    gradients reach ``s0``. The caller checks that the plan is decodable (state.check_decodable)."""
+    ordering = Ordering(ordering)
+    if ordering not in (Ordering.LINEAR, Ordering.RECURRENT) or not plan.spec.causal:
+        raise PlanError(f"{plan.spec.where}: a recurrent state needs the causal linear or recurrent ordering, "
+                        f"not {ordering.value} ({plan.spec.mode})")
+    _check_ordering(plan, ordering)
+    in_dtype = q.dtype
+    qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
+    s0 = None if s0 is None else s0.to(qf.dtype)
+    if ordering is Ordering.RECURRENT:
+        acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
+    else:
+        acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg, initial=s0, return_final=True)
+    return finish(acc, plan.normalize).to(in_dtype), s
+
+
+def step(plan, q, k, v, params: dict, s0: torch.Tensor, start: torch.Tensor) -> tuple:
+    """One decode step: q, k [B, H, 1, Dk], v [B, H, 1, Dv] at positions ``start`` [B] (each sequence its
+    own), state ``s0`` [B, H, F, E] -> (o [B, H, 1, Dv], the state after this token)."""
+    in_dtype = q.dtype
+    qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
+    gamma = None if lg is None else torch.exp(lg)
+    o, s = torch_linear.recurrent_step(s0.to(qf.dtype), qf[:, :, 0], kf[:, :, 0], v[:, :, 0], gamma)
+    return finish(o.unsqueeze(2), plan.normalize).to(in_dtype), s
+
+
+def _linear_inputs(plan, q, k, v, params, start):
+    """Q', K' (positions from ``start``), [V | 1] and log(gamma) in the compute dtype."""
+    dtype = compute_dtype(q.dtype)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    b, h, t, d = q.shape
+    env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
+    blocks = [(term.feature, term.position) for term in plan.linear_terms]
+    qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)
+    lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
+    return qf, kf, with_ones(v, plan.normalize), lg
 
 
 def _check_ordering(plan, ordering: Ordering) -> None:

@@ -61,14 +61,21 @@ def tensor_product(factors: list, prefix: tuple, like: torch.Tensor) -> torch.Te
     return out
 
 
-def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str):
+def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str,
+                 start: torch.Tensor | None = None):
     """Q' [B, H, T, F] and K' [B, H, S, F] for ``blocks``, a sequence of (FeatureTerm, PositionTerm):
     block r is coeff * f_r(i) * c * qscale(q) * (a_1 (x) ... )(q) on the query side and
-    g_r(j) * kscale(k) * (b_1 (x) ...)(k) on the key side (the IR's LinearTerm)."""
+    g_r(j) * kscale(k) * (b_1 (x) ...)(k) on the key side (the IR's LinearTerm).
+
+    ``start`` [B] (int64) shifts the positions of each sequence: i = start + arange(T), likewise j (a
+    continuation from a recurrent state); the position factors are then [B, 1, T, 1]."""
     b, h, t, _ = q.shape
     s = k.shape[2]
     i = torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1)
     j = torch.arange(s, dtype=k.dtype, device=k.device).view(1, 1, s, 1)
+    if start is not None:
+        offset = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        i, j = i + offset, j + offset
     qev = row_evaluator(env, QE, q, I, i, where)
     kev = row_evaluator(env, KE, k, J, j, where)
     q_blocks, k_blocks = [], []
