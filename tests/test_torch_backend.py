@@ -369,3 +369,19 @@ def test_state_carried_across_chunk_groups(name, monkeypatch):
     monkeypatch.setattr(torch_linear, "GROUP_TOKENS", 16)  # chunk 5 -> groups of 3 chunks: 5 groups at T = 63
     check(load(name, "causal"), t=63, plan="linear", chunk=5)
     check(load(name, "causal"), torch.float32, t=200, plan="linear", chunk=16)
+
+
+@pytest.mark.parametrize("name,overrides", [("linear_elu", {}), ("retention", {}), ("cottention", {}),
+                                            ("cosformer", {"M": 4096}), ("cosformer", {})],
+                         ids=["linear_elu", "retention", "cottention", "cosformer-M4096", "cosformer-M-from-length"])
+def test_long_causal_sequences_run_in_blocks(name, overrides, monkeypatch):
+    """Past BLOCK_TOKENS the causal linear ordering runs block by block with the state carried over (or, when a
+    factor depends on the length, like cosFormer's default M, in one piece); both equal the reference."""
+    from attngen.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "BLOCK_TOKENS", 32)  # chunk 16 -> blocks of 32 tokens: 7 blocks at T = 200
+    calls = []
+    real = torch_backend.run_state
+    monkeypatch.setattr(torch_backend, "run_state", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    spec = attngen.load_spec(name, causal=True, **overrides)
+    check(spec, t=200, b=1, plan="linear", chunk=16)
+    assert len(calls) == (0 if name == "cosformer" and not overrides else 7)

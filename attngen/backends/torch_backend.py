@@ -13,8 +13,9 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ..errors import PlanError
+from ..errors import InputError, PlanError
 from ..ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
+from ..state import check_decodable
 from . import torch_fft, torch_linear, torch_quadratic
 from .torch_common import compute_dtype, feature_maps, finish, log_decay, symbol_env, with_ones
 
@@ -30,6 +31,8 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
+    if ordering is Ordering.LINEAR and spec.causal and q.shape[2] > BLOCK_TOKENS and _length_free(plan):
+        return _blockwise(plan, q, k, v, params, chunk)
     in_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     b, h, t, d = q.shape
@@ -55,6 +58,34 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         else:
             acc = torch_linear.two_sided(qf, kf, v, chunk or plan.chunk, lg)
     return finish(acc, plan.normalize).to(in_dtype)
+
+
+BLOCK_TOKENS = 1024  # a long causal sequence runs in blocks of this many tokens, its state carried between
+
+
+def _length_free(plan) -> bool:
+    """True when no feature or position factor depends on the sequence length (so blocks see the same math)."""
+    try:
+        check_decodable(plan, "blocks")
+    except InputError:
+        return False
+    return True
+
+
+def _blockwise(plan, q, k, v, params: dict, chunk: int | None) -> torch.Tensor:
+    """The causal linear ordering over blocks of BLOCK_TOKENS tokens, the recurrent state carried from one
+    block to the next: feature maps and temporaries then stay the size of a block (cache-resident) at every
+    length, and the result is the same operator (state passing is exact)."""
+    b, t = q.shape[0], q.shape[2]
+    block = max(chunk or plan.chunk, BLOCK_TOKENS // (chunk or plan.chunk) * (chunk or plan.chunk))
+    start = torch.zeros(b, dtype=torch.int64, device=q.device)
+    outs, state = [], None
+    for t0 in range(0, t, block):
+        t1 = min(t, t0 + block)
+        o, state = run_state(plan, Ordering.LINEAR, q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1], params, chunk,
+                             state, start + t0)
+        outs.append(o)
+    return torch.cat(outs, 2)
 
 
 def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torch.Tensor | None,
