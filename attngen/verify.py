@@ -32,7 +32,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 
 def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
     """RMS(out - ref) / max(RMS(ref), 1e-2), in float64; NaN if out has NaNs (never a pass)."""
-    out, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    out, ref = out.detach().cpu().to(torch.float64), ref.detach().cpu().to(torch.float64)
     num = (out - ref).pow(2).mean().sqrt()
     den = ref.pow(2).mean().sqrt().clamp_min(1e-2)
     return float(num / den)

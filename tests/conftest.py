@@ -16,3 +16,18 @@ if not torch.cuda.is_available():
 def _seed():
     """Every test starts from the same random state, so a failure reproduces alone."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Generated modules go to a per-session temporary cache, never to the user's ~/.cache/attngen."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attngen-cache"))
+
+
+def assert_close(name, out, ref, tol):
+    """Shape, finiteness (an unwritten NaN-poisoned buffer fails) and relative RMS error within ``tol``."""
+    from attngen.verify import rel_rms
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (a buffer the kernel did not write?)"
+    err = rel_rms(out, ref)
+    assert err <= tol, f"{name}: relative RMS error {err:.3g} > {tol:g}"

@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 import sympy  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import assert_close  # noqa: E402
+
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 from attngen import load_spec  # noqa: E402
@@ -33,21 +35,6 @@ SPECS = ("linear_elu", "relu_linear", "cosformer", "cottention")
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attngen-cache"))
-
-
-def rel_rms(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).pow(2).mean().sqrt() / max(ref.pow(2).mean().sqrt().item(), 1e-2)).item()
-
-
-def assert_close(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values (a buffer the kernel did not write?)"
-    err = rel_rms(out, ref)
-    assert err <= tol, f"{name}: relative RMS error {err:.3g} > {tol:g}"
 
 
 def poisoned(module, monkeypatch):

@@ -12,6 +12,9 @@ import os
 import pytest
 import torch
 
+from conftest import assert_close
+from attngen.verify import rel_rms
+
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 from attngen import load_spec, triton_backend  # noqa: E402
@@ -40,21 +43,6 @@ SPECS = {
 D = 16  # the tensor-power specs (based, polynomial2) are generated up to head dim 16
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attngen-cache"))
-
-
-def rel_rms(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).pow(2).mean().sqrt() / max(ref.pow(2).mean().sqrt().item(), 1e-2)).item()
-
-
-def assert_close(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = rel_rms(out, ref)
-    assert err <= tol, f"{name}: relative RMS error {err:.3g} > {tol:g}"
 
 
 def module(key):
