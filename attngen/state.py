@@ -119,6 +119,16 @@ def check(state, spec, *, batch: int, heads: int, width: int, dv: int, device, d
         raise InputError(f"{what}: pos must be >= 0 (tokens consumed), found {state.pos.tolist()}")
 
 
+def length_terms(plan) -> list:
+    """The linear plan's factors (features, positions, decay) that depend on n_q or n_k."""
+    exprs = [e for t in plan.linear_terms for e in (t.position.coeff, t.position.f_i, t.position.g_j, t.feature.coeff,
+                                                     t.feature.q_scale, t.feature.k_scale, *t.feature.q_factors,
+                                                     *t.feature.k_factors)]
+    if plan.reweight.decay is not None:
+        exprs.append(plan.reweight.decay.gamma)
+    return [e for e in exprs if e.has(N_Q) or e.has(N_K)]
+
+
 def check_decodable(plan, what: str) -> None:
     """InputError unless ``plan`` has a recurrent state: causal, separable, and free of the final length."""
     spec = plan.spec
@@ -131,12 +141,7 @@ def check_decodable(plan, what: str) -> None:
         raise InputError(f"{what}: {spec.name} ({spec.mode}) has no linear (separable) form, so no "
                          f"constant-size state: {reason}. Its decode state would be the whole KV cache. Fix: "
                          "call the op on the whole sequence, or use a separable spec")
-    exprs = [e for t in plan.linear_terms for e in (t.position.coeff, t.position.f_i, t.position.g_j, t.feature.coeff,
-                                                     t.feature.q_scale, t.feature.k_scale, *t.feature.q_factors,
-                                                     *t.feature.k_factors)]
-    if plan.reweight.decay is not None:
-        exprs.append(plan.reweight.decay.gamma)
-    found = [e for e in exprs if e.has(N_Q) or e.has(N_K)]
+    found = length_terms(plan)
     if not found:
         return
     values = spec.constant_values()

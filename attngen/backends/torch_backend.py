@@ -13,9 +13,9 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ..errors import InputError, PlanError
+from ..errors import PlanError
 from ..ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
-from ..state import check_decodable
+from ..state import length_terms
 from . import torch_fft, torch_linear, torch_quadratic
 from .torch_common import compute_dtype, feature_maps, finish, log_decay, symbol_env, with_ones
 
@@ -65,11 +65,7 @@ BLOCK_TOKENS = 1024  # a long causal sequence runs in blocks of this many tokens
 
 def _length_free(plan) -> bool:
     """True when no feature or position factor depends on the sequence length (so blocks see the same math)."""
-    try:
-        check_decodable(plan, "blocks")
-    except InputError:
-        return False
-    return True
+    return plan.spec.causal and bool(plan.linear_terms) and not length_terms(plan)
 
 
 def _blockwise(plan, q, k, v, params: dict, chunk: int | None) -> torch.Tensor:
