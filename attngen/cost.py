@@ -50,6 +50,43 @@ def _fft(width):
     return flops, data
 
 
+def _conv_basis(a):
+    """k FFT causal convolutions of [V | 1] (length 2N) plus the basis search: O(k p d log n) probes."""
+    log_n = sympy.log(2 * N, 2)
+    search = a.k * a.probe * D * 2 * log_n if a.search == "binary" else N * a.probe * D * 2
+    flops = a.k * (D + 1) * 3 * 5 * 2 * N * log_n + search + a.k * N * 4
+    data = BYTES * (4 * N * D + a.k * 2 * N * (D + 1) * 2)
+    return flops, data
+
+
+def _topk_sparse(a, estimator_width):
+    """Pooled estimator features, block scores (N/block)^2 x F, then exact softmax on the kept blocks."""
+    kept = a.k + int(a.always_keep.diagonal) + a.always_keep.first
+    nb = N / a.block
+    flops = 2 * N * estimator_width * D + 2 * nb**2 * estimator_width + N * kept * a.block * (4 * D + ELEMENTWISE)
+    data = BYTES * (4 * N * D + 2 * nb * estimator_width + nb * kept * a.block * 2 * D)
+    return flops, data
+
+
+def approximations(spec, exact_legal: str | None, estimator_width=None) -> tuple:
+    """The opt-in approximation candidates: legal only when the spec declares them (``exact_legal`` is None
+    when the declared one applies to this spec, else why not)."""
+    a = spec.approximation
+    out = []
+    for ordering, kind in ((Ordering.CONV_BASIS, "conv_basis"), (Ordering.TOPK_SPARSE, "topk_sparse")):
+        if a is None or a.kind != kind:
+            out.append(Candidate(ordering, False, f"opt-in approximation: declare approx: {{kind: {kind}, ...}}"))
+        elif exact_legal is not None:
+            out.append(Candidate(ordering, False, exact_legal))
+        elif kind == "conv_basis":
+            out.append(Candidate(ordering, True, f"declared (k = {a.k}, probe = {a.probe}, {a.search} search); "
+                                 "approximate", *_conv_basis(a)))
+        else:
+            out.append(Candidate(ordering, True, f"declared (estimator {a.estimator.name}, block {a.block}, "
+                                 f"k = {a.k}); approximate", *_topk_sparse(a, estimator_width)))
+    return tuple(out)
+
+
 def candidates(causal, similarity, reweight, linear_terms) -> tuple:
     width = sum((t.width(D) for t in linear_terms), sympy.Integer(0))
     separable = similarity.kind is SimilarityClass.SEPARABLE
@@ -73,6 +110,9 @@ def candidates(causal, similarity, reweight, linear_terms) -> tuple:
     else:
         out.append(Candidate(Ordering.FFT, False, "needs a separable similarity and a Toeplitz reweighting"))
     return tuple(out)
+
+
+APPROXIMATE = (Ordering.CONV_BASIS, Ordering.TOPK_SPARSE)  # never chosen by cost: only when declared
 
 
 def total(cand: Candidate, head_dim: int, chunk: int):
@@ -120,7 +160,7 @@ def _bisect(f, lo, hi, steps=200):
 def choose(cands: tuple, head_dim: int, chunk: int):
     """Cheapest parallel ordering (recurrent is for decode) at short and at long lengths; if they differ,
     dispatch at the crossover. Returns (Choice, explanation)."""
-    legal = [c for c in cands if c.legal and c.ordering is not Ordering.RECURRENT]
+    legal = [c for c in cands if c.legal and c.ordering not in (Ordering.RECURRENT, *APPROXIMATE)]
     short = min(legal, key=lambda c: evaluate(c, chunk, head_dim, chunk)[2])
     long_n = 1 << 24
     long = min(legal, key=lambda c: evaluate(c, long_n, head_dim, chunk)[2])
@@ -176,6 +216,23 @@ def add_ops(g, ordering: Ordering, x) -> None:
         apply = node("apply", Op.QUERY_STATE, "phi(q_i) . conv_i")
         g.add_edges_from([(q, qf), (k, kf), (kf, outer), (v, outer), (outer, conv), (conv, apply), (qf, apply)])
         last = apply
+    elif ordering is Ordering.CONV_BASIS:
+        a = x.spec.approximation
+        search = node("search", Op.BASIS_SEARCH, f"k = {a.k} starts s_r by probing columns of mask o scale QK^T "
+                                                 f"(probe {a.probe}, {a.search})")
+        vin = node("v_aug", Op.ONES_COLUMN, "[V | 1]")
+        conv = node("conv", Op.FFT_CONV, "sum_r conv(e_r, m_r) [V | 1] by FFT")
+        g.add_edges_from([(q, search), (k, search), (v, vin), (search, conv), (vin, conv)])
+        last = conv
+    elif ordering is Ordering.TOPK_SPARSE:
+        a = x.spec.approximation
+        est = node("estimate", Op.ESTIMATE, f"block scores <sum_I phi(q), sum_J psi(k)> ({a.estimator.name}, "
+                                             f"block {a.block})")
+        sel = node("select", Op.SELECT, f"top-{a.k} key blocks per query block + always-kept")
+        sm = node("online_softmax", Op.ONLINE_MAX, "exact softmax over the kept blocks (block-sparse flash)")
+        pv = node("pv", Op.WEIGHTED_SUM, "A V over the kept blocks")
+        g.add_edges_from([(q, est), (k, est), (est, sel), (sel, sm), (q, sm), (k, sm), (sm, pv), (v, pv)])
+        last = pv
     else:
         scores = node("scores", Op.SCORES, "s(q_i, k_j) per tile")
         g.add_edges_from([(q, scores), (k, scores)])

@@ -33,12 +33,12 @@ def explain(plan: Plan, n: int = 4096, head_dim: int | None = None) -> str:
             lines.append(f"  position {t.position.describe()}  x  feature {t.feature.describe()}"
                          f"  [width {sympy.sstr(t.width(sympy.Symbol('d')))}]")
     lines += ["", f"cost at n = {n}, d = {d}, chunk = {plan.chunk} (cost = FLOPs + {cost.BALANCE} x bytes):",
-              f"  {'ordering':<10} {'legal':<6} {'GFLOP':>10} {'MB':>10} {'cost':>12}  why"]
+              f"  {'ordering':<12} {'legal':<6} {'GFLOP':>10} {'MB':>10} {'cost':>12}  why"]
     for name, legal, f, b, total, reason in cost_table(plan, n, d):
         if legal:
-            lines.append(f"  {name:<10} {'yes':<6} {f / 1e9:>10.3f} {b / 1e6:>10.2f} {total:>12.4g}  {reason}")
+            lines.append(f"  {name:<12} {'yes':<6} {f / 1e9:>10.3f} {b / 1e6:>10.2f} {total:>12.4g}  {reason}")
         else:
-            lines.append(f"  {name:<10} {'no':<6} {'-':>10} {'-':>10} {'-':>12}  {reason}")
+            lines.append(f"  {name:<12} {'no':<6} {'-':>10} {'-':>10} {'-':>12}  {reason}")
     lines.append("")
     lines.append(f"chosen: {plan.choice.describe()}")
     lines.append(f"  at n = {n}: {plan.choice.ordering_for(n).value}")

@@ -22,6 +22,9 @@ class Ordering(str, enum.Enum):
     LINEAR = "linear"  # Q (K^T V); bidirectional: one pass of states; causal: chunked scan
     RECURRENT = "recurrent"  # one token at a time, constant memory (decode)
     FFT = "fft"  # Toeplitz reweighting by FFT convolution along the sequence
+    # opt-in approximations (chosen only when the spec's approx asks for them)
+    CONV_BASIS = "conv_basis"  # causal softmax through a recovered k-conv basis, applied by FFT
+    TOPK_SPARSE = "topk_sparse"  # exact softmax on the top-k key blocks an estimator picks
 
 
 class Op(str, enum.Enum):
@@ -36,6 +39,10 @@ class Op(str, enum.Enum):
     QUERY_STATE = "query_state"  # O = Q' S (+ the intra-chunk tile)
     OUTER = "outer"  # per-position outer products (FFT plan)
     FFT_CONV = "fft_conv"  # convolution along the sequence by FFT
+    # approximations
+    BASIS_SEARCH = "basis_search"  # conv_basis: probe columns of the masked scores for the basis starts
+    ESTIMATE = "estimate"  # topk_sparse: block scores from pooled estimator features
+    SELECT = "select"  # topk_sparse: top-k key blocks per query block (+ the always-kept ones)
     # quadratic ordering
     SCORES = "scores"  # s(q_i, k_j) for a tile
     REWEIGHT = "reweight"  # W(i, j) and the mask
@@ -179,6 +186,7 @@ class Plan:
     head_dim: int  # the head dim the costs were evaluated at
     chunk: int  # the chunk size of the causal linear plan
     graph: object = field(compare=False, repr=False, default=None)  # networkx.DiGraph of ops
+    estimator: "Plan | None" = field(compare=False, repr=False, default=None)  # topk_sparse: the estimator's plan
 
     def candidate(self, ordering: Ordering) -> Candidate:
         return next(c for c in self.candidates if c.ordering == ordering)

@@ -5,6 +5,7 @@
       separate            similarity -> feature terms | exp score | general
       classify            reweighting -> none | separable | decay | toeplitz | general
       linear_terms        feature terms x position terms (the linear plan's feature map)
+      approximate         a declared approx (conv_basis, topk_sparse) checked against the spec; estimator plan
       cost                FLOPs and bytes of every candidate ordering (sympy, in N, D, C)
       choose_ordering     cheapest legal ordering, or a dispatch at the solved crossover length
       op_graph            the op DAG of the chosen ordering(s) (networkx)
@@ -44,6 +45,7 @@ class Draft:
     candidates: tuple = ()
     choice: Choice | None = None
     graph: object = field(default=None, compare=False)
+    estimator: object = None  # topk_sparse: the estimator's Plan
 
     def step(self, name: str, detail: str, **changes) -> "Draft":
         return replace(self, steps=self.steps + (Step(name, detail),), **changes)
@@ -101,8 +103,49 @@ def linear_terms(x: Draft) -> Draft:
                   linear_terms=terms)
 
 
+def approximate(x: Draft) -> Draft:
+    """A declared approximation: check that it applies to this spec (PlanError if not) and plan its estimator."""
+    a = x.spec.approximation
+    if a is None:
+        return x
+    where = f"{x.spec.where}: approx ({a.kind})"
+    softmax = (x.similarity.kind is SimilarityClass.EXP and x.normalize.kind == "rowsum"
+               and x.normalize.eps == 0)
+    if a.kind == "conv_basis":
+        if not (softmax and x.reweight.kind is ReweightClass.NONE):
+            raise PlanError(f"{where}: conv_basis approximates causal softmax attention (similarity exp(score), "
+                            f"no reweight, normalize rowsum or softmax); {x.spec.name} has a "
+                            f"{x.similarity.kind.value} similarity, {x.reweight.kind.value} reweight and "
+                            f"normalize {x.normalize.kind}. Fix: remove approx, or declare a softmax spec")
+        return x.step("approximate", f"conv_basis with k = {a.k}, probe = {a.probe}, delta = {a.delta:g}, "
+                                     f"{a.search} search (approximate; declared by the spec)")
+    folds = x.reweight.kind is ReweightClass.NONE or x.reweight.log_weight is not None
+    if not (softmax and folds):
+        raise PlanError(f"{where}: topk_sparse computes exact softmax attention on the kept blocks, so it needs a "
+                        f"softmax-family spec (similarity exp(score), normalize rowsum or softmax, a reweight that "
+                        f"is none or exp(bias)); {x.spec.name} has a {x.similarity.kind.value} similarity, "
+                        f"{x.reweight.kind.value} reweight and normalize {x.normalize.kind}")
+    est = a.estimator
+    try:
+        est_plan = build_plan(est, head_dim=x.head_dim, chunk=x.chunk, plan="linear")
+    except PlanError as exc:
+        raise PlanError(f"{where}: the estimator {est.name} must be separable (it is evaluated at linear cost "
+                        f"from pooled features): {exc}") from None
+    if est_plan.reweight.decay is not None:
+        raise PlanError(f"{where}: the estimator {est.name} has a decay reweighting "
+                        f"(({sympy.sstr(est_plan.reweight.decay.gamma)})**(i-j)), which does not pool over blocks; "
+                        "choose an estimator whose reweighting is none or a finite sum of f(i) g(j)")
+    return x.step("approximate", f"topk_sparse: estimator {est.name} (F = {sympy.sstr(est_plan.feature_width())}), "
+                                 f"block {a.block}, k = {a.k} key blocks per query block + "
+                                 f"{'the diagonal, ' if a.always_keep.diagonal else ''}the first "
+                                 f"{a.always_keep.first} (approximate; declared by the spec)",
+                  estimator=est_plan)
+
+
 def costs(x: Draft) -> Draft:
     cands = cost.candidates(x.spec.causal, x.similarity, x.reweight, x.linear_terms)
+    width = x.estimator.feature_width() if x.estimator is not None else None
+    cands += cost.approximations(x.spec, None, width)
     return replace(x, candidates=cands)
 
 
@@ -115,10 +158,16 @@ def choose_ordering(x: Draft) -> Draft:
         _check_available(x, [x.force])
         choice = Choice(x.force, x.force, None, forced=True)
         return x.step("choose", f"{x.force.value} (forced by the caller)", choice=choice)
+    a = x.spec.approximation
+    if a is not None:  # declared by the spec: chosen, with the exact orderings' costs shown beside it
+        _check_available(x, [Ordering(a.kind)])
+        choice = Choice(Ordering(a.kind), Ordering(a.kind), None)
+        return x.step("choose", f"{a.kind}: declared by the spec's approx (approximate; exact orderings are "
+                                "listed in the cost table; force one with plan=...)", choice=choice)
     cands = x.candidates
     note = ""
     if x.available is not None:
-        legal = [c.ordering for c in cands if c.legal and c.ordering is not Ordering.RECURRENT]
+        legal = [c.ordering for c in cands if c.legal and c.ordering not in (Ordering.RECURRENT, *cost.APPROXIMATE)]
         _check_available(x, legal, any_of=True)
         cands = tuple(c for c in cands if c.ordering in x.available)
         note = " [backend implements: " + ", ".join(sorted(o.value for o in x.available)) + "]"
@@ -144,7 +193,7 @@ def op_graph(x: Draft) -> Draft:
     return replace(x, graph=g)
 
 
-PASSES = (canonicalise, separate, classify, linear_terms, costs, choose_ordering, op_graph)
+PASSES = (canonicalise, separate, classify, linear_terms, approximate, costs, choose_ordering, op_graph)
 
 
 def build_plan(spec: Spec, *, head_dim: int = 64, chunk: int = DEFAULT_CHUNK, plan=None,
@@ -158,7 +207,7 @@ def build_plan(spec: Spec, *, head_dim: int = 64, chunk: int = DEFAULT_CHUNK, pl
         x = p(x)
     return Plan(spec=spec, similarity=x.similarity, reweight=x.reweight, normalize=x.normalize,
                 linear_terms=x.linear_terms, candidates=x.candidates, choice=x.choice,
-                derivation=x.steps, head_dim=head_dim, chunk=chunk, graph=x.graph)
+                derivation=x.steps, head_dim=head_dim, chunk=chunk, graph=x.graph, estimator=x.estimator)
 
 
 def _ordering(value, spec) -> Ordering:

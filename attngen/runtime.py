@@ -59,6 +59,8 @@ class AttentionOp:
     def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk: int):
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self._force = plan
+        self.last_basis = None  # conv_basis: the basis recovered on the last call (starts, columns)
+        self.last_selection = None  # topk_sparse: the key blocks kept on the last call
         self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
         # validates a forced ordering (and, for triton, that the kernels can be generated) now
         self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
@@ -109,9 +111,18 @@ class AttentionOp:
                                                vh[:, :, a:b], values, self.chunk)
                              for a, b in zip(bounds[:-1], bounds[1:])], 2)
         else:
-            o = torch_backend.run(plan, plan.choice.ordering_for(kh.shape[2]), qh, kh, vh, values, self.chunk)
+            info = {}
+            o = torch_backend.run(plan, plan.choice.ordering_for(kh.shape[2]), qh, kh, vh, values, self.chunk, info)
+            self._record(info)
         o = o.transpose(1, 2) if self.layout == "bthd" else o
         return (o, state) if return_state else o
+
+    def _record(self, info: dict) -> None:
+        """Keep what an approximation decided on the last call (see last_basis, last_selection)."""
+        if "basis" in info:
+            self.last_basis = info["basis"]
+        if "selection" in info:
+            self.last_selection = info["selection"]
 
     def ordering_for(self, head_dim: int, length: int, device="cpu") -> Ordering:
         """The ordering a call with this head dim, key length and device runs."""

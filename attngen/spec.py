@@ -23,6 +23,7 @@ import sympy
 import yaml
 
 from . import resources
+from .approx import parse_approx
 from .errors import SpecError
 from .expr import BUILTIN_SYMBOLS, I, J, Context, brief, parse_expression
 
@@ -75,10 +76,11 @@ class Spec:
     normalize: Normalize
     constants: tuple  # of Constant, in declaration order
     parameters: tuple  # of Parameter
-    approx: str  # canonical JSON of the approx mapping ('null' if absent); used by later issues
+    approx: str  # canonical JSON of the approx mapping of this mode ('null' if absent); hashed
     where: str = field(compare=False)  # the file (or '<dict>') it came from, for errors; not its content
     similarity_expr: sympy.Expr = field(compare=False)
     reweight_expr: sympy.Expr = field(compare=False)
+    approximation: object = field(compare=False, default=None)  # attngen.approx.ConvBasis | TopkSparse | None
 
     @property
     def mode(self) -> str:
@@ -280,13 +282,8 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     rw_expr = parse_expression(reweight, rw_ctx)
 
     normalize = _normalize(_pick_mode(data.get("normalize", "none"), causal, where, "normalize"), where)
-    approx = data.get("approx")
-    if approx is not None and not isinstance(approx, dict):
-        raise SpecError(f"found {brief(approx)}", where=where, key="approx",
-                        expected="a mapping such as {kind: conv_basis, k: 8}")
-    if approx is not None:  # refused before json.dumps, which could hang on aliased (billion-laughs) YAML
-        raise SpecError("approximations are not implemented yet", where=where, key="approx",
-                        fix="remove 'approx' (conv_basis and topk_sparse arrive in a later release)")
+    approx = _pick_mode(data.get("approx"), causal, where, "approx")
+    approximation = parse_approx(approx, causal, where)  # refused before json.dumps (aliased YAML could hang it)
     try:
         approx_json = json.dumps(approx, sort_keys=True)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -294,7 +291,7 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     return Spec(name=name, description=description.strip(), causal=causal, similarity=str(similarity),
                 reweight=str(reweight), normalize=normalize, constants=tuple(constants),
                 parameters=tuple(parameters), approx=approx_json, where=where,
-                similarity_expr=sim_expr, reweight_expr=rw_expr)
+                similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation)
 
 
 def _constants(raw, overrides: dict, causal: bool, where: str) -> list:

@@ -23,11 +23,12 @@ _ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
 
 
 def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
-        chunk: int | None = None) -> torch.Tensor:
+        chunk: int | None = None, info: dict | None = None) -> torch.Tensor:
     """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv].
 
     ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
-    plan's chunk size (default plan.chunk). Computes in fp32 (fp64 for fp64 inputs)."""
+    plan's chunk size (default plan.chunk). Computes in fp32 (fp64 for fp64 inputs). An approximation
+    records what it decided (conv_basis: the recovered basis; topk_sparse: the kept blocks) into ``info``."""
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
@@ -40,6 +41,12 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     v = with_ones(v, plan.normalize)
     if ordering is Ordering.QUADRATIC:
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal).to(in_dtype)
+    if ordering is Ordering.CONV_BASIS:
+        from . import torch_conv_basis
+        return torch_conv_basis.conv_basis(plan, q, k, v, env, info).to(in_dtype)
+    if ordering is Ordering.TOPK_SPARSE:
+        from . import torch_sparse
+        return torch_sparse.topk_sparse(plan, q, k, v, env, info).to(in_dtype)
     if ordering is Ordering.FFT:
         blocks = [(term, _ONE) for term in plan.similarity.terms]
         qf, kf = feature_maps(blocks, env, q, k, spec.where)
