@@ -93,6 +93,25 @@ def test_toeplitz_reweight(causal):
     assert p.reweight.kernel.subs(T_DIFF, 3) == sympy.Rational(1, 4)
 
 
+@pytest.mark.parametrize("kernel", ["1/(1 + abs(i - j))", "exp(-(i - j)**2/50)"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_toeplitz_choice_by_cost(kernel, causal):
+    """Quadratic below the solved crossover, FFT above: at n* the two costs are equal, the FFT's memory
+    (T * F * Dv per head) in its bytes."""
+    spec = attngen.load_spec({"name": "toe", "similarity": "dot(q, k)", "reweight": kernel, "causal": causal})
+    p = build_plan(spec, head_dim=64)
+    assert p.choice.below is Ordering.QUADRATIC and p.choice.above is Ordering.FFT
+    quad, fft = p.candidate(Ordering.QUADRATIC), p.candidate(Ordering.FFT)
+    at = lambda c, n: cost.evaluate(c, n, 64, p.chunk)[2]  # noqa: E731
+    n_star = p.choice.crossover
+    assert at(quad, n_star) == pytest.approx(at(fft, n_star), rel=1e-6)
+    assert at(quad, n_star / 2) < at(fft, n_star / 2) and at(quad, n_star * 2) > at(fft, n_star * 2)
+    assert fft.bytes.has(cost.N) and sympy.degree(sympy.expand(fft.bytes), cost.N) == 1
+    text = p.explain()
+    assert f"quadratic below n* = {n_star:.0f}, fft above" in text
+    assert "fft          yes" in text and "W = h(i-j): convolution along the sequence" in text
+
+
 def test_general_similarity_is_quadratic_only():
     spec = attngen.load_spec({"name": "sig", "similarity": "sigmoid(dot(q, k))"})
     p = build_plan(spec)

@@ -168,6 +168,15 @@ def test_toeplitz_auto_plan(kernel, mode):
     assert op.plan.choice.ordering_for(63) in (Ordering.QUADRATIC, Ordering.FFT)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_fft_learnable_kernel(mode):
+    """A per-head learnable width inside h(t): its gradient flows through the FFT of the kernel."""
+    spec = attngen.load_spec({"name": "gauss_learned", "causal": mode == "causal", "similarity": "dot(q, k)",
+                              "reweight": "exp(-(i - j)**2/s)", "normalize": "none",
+                              "parameters": {"s": {"shape": ["H"], "init": "10*(h + 1)"}}})
+    check(spec, t=50, plan="fft", params={"s": torch.tensor([3.0, 30.0], dtype=torch.float64)})
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_fft_cross_attention(kernel):
     check(toeplitz_spec(kernel, "relu", "bidirectional"), t=37, s=90, plan="fft")
