@@ -1,6 +1,13 @@
 """Code generation: a Plan -> the text of one Triton module (kernels, host functions, registration,
 the public function).
 
+A module holds the kernels of the orderings of ``module_orderings(plan)``: the forced one, or every
+ordering of the Triton backend (linear, quadratic) that is legal for the spec and expressible by the
+templates, so its text does not depend on the head dim. With both, the public function dispatches on the
+key length at a ``crossover`` argument (the plan's crossover for the call's head dim; attngen.compile
+passes it, see ``dispatch_length``). The linear slots are built here, the quadratic ones in
+attngen.codegen_quadratic.
+
 Python fills the templates' named slots; the templates hold no math. Every formula (feature maps,
 their derivatives from sympy.diff, row scales, position factors, parameter derivatives, the
 normaliser) is printed by attngen.printer, which refuses what it cannot print. The output is
@@ -27,7 +34,9 @@ from .expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, Dot, I, J, Norm
 from .ir import Ordering, Plan, ReweightClass
 from .printer import TritonPrinter
 
-TEMPLATE = "linear.py.j2"
+TEMPLATES = {Ordering.LINEAR: "linear.py.j2", Ordering.QUADRATIC: "quadratic.py.j2"}  # by the module's first ordering
+TRITON = (Ordering.LINEAR, Ordering.QUADRATIC)  # the orderings with templates
+CROSSOVER_HEAD_DIM = 64  # the head dim of a module's default crossover (the caller passes its own)
 POWER_MAX_HEAD_DIM = 16  # a d**2 feature block lives in registers: [BT, BK * BK] and a [BK * BK, BV] state
 # the rows of one term's block in the state S [F, Dv], by the term's tensor power (K is the head dim)
 STATE_WIDTH = {0: "1", 1: "K", 2: "K * K"}
@@ -55,14 +64,14 @@ def module_name(plan: Plan) -> str:
 
 
 def render(plan: Plan) -> str:
-    """The generated module's source text for a linear plan (see the module docstring)."""
-    text = environment().get_template(TEMPLATE).render(**slots(plan))
+    """The generated module's source text for ``plan`` (see the module docstring)."""
+    text = environment().get_template(TEMPLATES[module_orderings(plan)[0]]).render(**slots(plan))
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return _BLANK_IN_BODY.sub("\n", text)
 
 
 # macro calls leave blank lines inside function bodies; a blank line before an indented line goes
-_BLANK_IN_BODY = re.compile(r"\n[ \t]*\n(?=[ \t]+\S)")
+_BLANK_IN_BODY = re.compile(r"\n(?:[ \t]*\n)+(?=[ \t]+\S)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +122,40 @@ class ParamGrad:
 
 
 def slots(plan: Plan) -> dict:
-    spec = plan.spec
+    """Every slot of the module's templates: the common ones, the linear and / or the quadratic ones."""
     check_supported(plan)
-    params = [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol,
-               "default": _default(p)} for p in spec.parameters]
+    orderings = module_orderings(plan)
+    spec = plan.spec
+    tag = "".join(o.value[0] for o in orderings)  # l, q or lq: modules of one spec with other kernels
+    out = {
+        "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
+        "template_hash": template_hash(), "spec_yaml": spec.to_yaml().rstrip("\n").splitlines(),
+        "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention", "causal": spec.causal,
+        "op_name": f"{spec.name}_{spec.mode}_{tag}_{spec.hash[:8]}_{template_hash()[:8]}",
+        "params": _params(spec),
+        "regenerate": (f'attngen.codegen.render(build_plan(load_spec(...), plan="{orderings[0].value}"))'
+                       if len(orderings) == 1 else "attngen.build.generate(load_spec(...)) (attngen build)"),
+        "quadratic": Ordering.QUADRATIC in orderings, "standalone": Ordering.LINEAR not in orderings,
+    }
+    if Ordering.LINEAR in orderings:
+        out.update(_linear_slots(plan))
+    if Ordering.QUADRATIC in orderings:
+        from .codegen_quadratic import describe, tile_slots
+        q = tile_slots(plan)
+        out.update(q, quadratic_lines=describe(plan, q))
+        if Ordering.LINEAR in orderings:
+            out["crossover"] = _length_code(_default_crossover(plan))
+    return out
+
+
+def _params(spec) -> list:
+    return [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol, "default": _default(p)}
+            for p in spec.parameters]
+
+
+def _linear_slots(plan: Plan) -> dict:
+    spec = plan.spec
+    params = _params(spec)
     names = dict(SCALARS)
     names.update({p["symbol"]: f"b_par_{p['name']}" for p in params})
     sides = {s: _Side(s, names, spec.where) for s in ("q", "k")}
@@ -138,13 +177,9 @@ def slots(plan: Plan) -> dict:
     eps = repr(float(norm.eps))
     clamp = rowsum and norm.eps_mode == "clamp"
     return {
-        "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
-        "template_hash": template_hash(), "spec_yaml": spec.to_yaml().rstrip("\n").splitlines(),
         "plan_lines": [lt.feature.describe() + "  x  " + lt.position.describe() for lt in plan.linear_terms],
-        "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention",
-        "op_name": f"{spec.name}_{spec.mode}_{spec.hash[:8]}_{template_hash()[:8]}",
-        "causal": spec.causal, "chunk": plan.chunk, "length_terms": _length_dependent(plan),
-        "feature_width": " + ".join(t["width"] for t in terms).replace("K", "dk"), "params": params, "terms": terms,
+        "chunk": plan.chunk, "length_terms": _length_dependent(plan),
+        "feature_width": " + ".join(t["width"] for t in terms).replace("K", "dk"), "terms": terms,
         "sides": {s: side.slots() for s, side in sides.items()},
         "rowsum": rowsum,
         "den_expr": (f"tl.maximum(b_den, {eps})" if clamp else f"b_den + {eps}") if rowsum else "b_den",
@@ -284,12 +319,99 @@ def _default(p):
     return repr(float(p.init_expr)) if p.init_expr.is_number else None
 
 
+# ---------------------------------------------------------------------------------------------
+# which orderings a module holds, and what the templates support
+# ---------------------------------------------------------------------------------------------
+def kernel_orderings(plan: Plan) -> tuple:
+    """The orderings whose kernels run ``plan``'s choice (a topk_sparse plan runs the quadratic block-sparse
+    kernels); PlanError for an ordering without a template."""
+    out = []
+    for o in dict.fromkeys((plan.choice.below, plan.choice.above)):
+        if o is Ordering.TOPK_SPARSE:
+            o = Ordering.QUADRATIC
+        if o not in TRITON:
+            spec = plan.spec
+            raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): the Triton backend generates the linear and "
+                            f"quadratic orderings (and topk_sparse's block-sparse kernels); this plan is "
+                            f"{plan.choice.describe()}: use backend='torch', or force plan='linear' / 'quadratic'")
+        out.append(o)
+    return tuple(out)
+
+
 def check_supported(plan: Plan):
+    """PlanError (saying why) unless the templates can generate every ordering ``plan`` chooses."""
+    from .codegen_quadratic import tile_slots
+    for o in kernel_orderings(plan):
+        if o is Ordering.LINEAR:
+            _check_linear(plan)
+        else:
+            slots = tile_slots(plan)
+            if plan.choice.below is Ordering.TOPK_SPARSE and not slots["flash"]:
+                spec = plan.spec
+                raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): block-sparse kernels are generated for the "
+                                "softmax family only (an exp similarity with a row-sum normaliser)")
+
+
+_ORDERINGS: dict = {}  # memo of module_orderings
+
+
+def module_orderings(plan: Plan) -> tuple:
+    """The orderings whose kernels ``plan``'s module holds: those of a forced plan (or of an approximation),
+    else every ordering of TRITON that is legal for the spec and that the templates express. It depends on
+    the spec, not on the head dim (the dispatch length does: dispatch_length)."""
+    choice = plan.choice
+    key = (plan.spec.hash, plan.spec.mode, plan.chunk, choice.forced, choice.below, choice.above)
+    if key not in _ORDERINGS:
+        chosen = kernel_orderings(plan)
+        if choice.forced or choice.below not in TRITON:
+            _ORDERINGS[key] = chosen
+        else:
+            from .codegen_quadratic import tile_slots
+            checks = {Ordering.LINEAR: _check_linear, Ordering.QUADRATIC: tile_slots}
+            out = []
+            for o in TRITON:
+                if o is Ordering.LINEAR and not plan.linear_terms:
+                    continue
+                try:
+                    checks[o](plan)
+                except PlanError:
+                    if o in chosen:
+                        raise
+                    continue
+                out.append(o)
+            _ORDERINGS[key] = tuple(out)
+    return _ORDERINGS[key]
+
+
+def dispatch_length(plan: Plan) -> float:
+    """The key length from which a module holding both orderings runs the linear one, for ``plan``'s head dim:
+    its crossover, 0 when it chooses linear at every length, inf for quadratic at every length."""
+    choice = plan.choice
+    if choice.crossover is not None:
+        if (choice.below, choice.above) != (Ordering.QUADRATIC, Ordering.LINEAR):
+            raise PlanError(f"{plan.spec.where}: the generated modules dispatch quadratic -> linear, not "
+                            f"{choice.describe()}")
+        return float(choice.crossover)
+    return 0.0 if choice.below is Ordering.LINEAR else float("inf")
+
+
+def _default_crossover(plan: Plan) -> float:
+    """dispatch_length at CROSSOVER_HEAD_DIM: the module's default for callers that pass none."""
+    from .plan import build_plan
+    at = build_plan(plan.spec, head_dim=CROSSOVER_HEAD_DIM, chunk=plan.chunk, orderings=TRITON)
+    return dispatch_length(at)
+
+
+def _length_code(n: float) -> str:
+    return 'float("inf")' if n == float("inf") else repr(float(n))
+
+
+def _check_linear(plan: Plan):
+    """PlanError unless the linear templates can generate ``plan``'s linear ordering."""
     spec = plan.spec
     where = f"{spec.where} ({spec.name}, {spec.mode})"
-    if not plan.linear_terms or Ordering.LINEAR not in (plan.choice.below, plan.choice.above):
-        raise PlanError(f"{where}: the Triton backend generates the linear ordering only; "
-                        f"this plan is {plan.choice.describe()} (build it with plan='linear')")
+    if not plan.linear_terms:
+        raise PlanError(f"{where}: the linear ordering is not legal for this plan ({plan.choice.describe()})")
     if plan.reweight.kind is ReweightClass.DECAY:
         if plan.normalize.kind != "none":
             raise PlanError(f"{where}: decay reweighting ({sympy.sstr(plan.reweight.decay.gamma)}**(i-j)) with "

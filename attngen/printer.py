@@ -31,6 +31,7 @@ UNARY = {
     sympy.sin: "tl.sin({0})",
     sympy.cos: "tl.cos({0})",
     sympy.Abs: "tl.abs({0})",
+    sympy.sign: "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, 0.0))",  # d abs(x) / dx
     # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 for large |x|, no inf - inf
     sympy.tanh: "(1.0 - 2.0 / (tl.exp(2.0 * {0}) + 1.0))",
     Relu: "tl.maximum({0}, 0.0)",
@@ -89,7 +90,7 @@ class TritonPrinter:
                 out = f"{NARY[e.func]}({out}, {a})"
             return out
         raise self.fail(e, f"{type(e).__name__} is not in the printer's table "
-                        f"(supported: + * ** exp log sin cos tanh abs relu elu sigmoid max min "
+                        f"(supported: + * ** exp log sin cos tanh abs sign relu elu sigmoid max min "
                         f"Heaviside Piecewise, numbers and pi)")
 
     def _number(self, e) -> str:

@@ -6,7 +6,8 @@
 backend: "torch" runs the Plan in PyTorch ops on any device; "triton" runs the generated kernels (CUDA
 tensors; CPU tensors only under TRITON_INTERPRET=1, for verification); "auto" picks triton for CUDA
 tensors and torch otherwise, per call, from the inputs' device. The triton backend implements the
-linear ordering, so its plans choose among those (TRITON_ORDERINGS) and say so in plan.explain().
+linear and quadratic orderings, so its plans choose among those (TRITON_ORDERINGS) and say so in
+plan.explain(); a module holding both dispatches on the key length at the plan's crossover.
 plan: None lets the planner choose per call from the key length (a dispatch at the crossover length
 it solved); "linear", "quadratic", "recurrent" or "fft" forces one ordering.
 """
@@ -29,7 +30,7 @@ from .state import State, check_decodable
 LAYOUTS = ("bhtd", "bthd")
 DEFAULT_HEAD_DIM = 64  # the head dim of op.plan before the first call
 
-TRITON_ORDERINGS = (Ordering.LINEAR,)  # orderings with Triton templates
+TRITON_ORDERINGS = (Ordering.LINEAR, Ordering.QUADRATIC)  # orderings with Triton templates
 _TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels need CUDA tensors; on a CPU they "
                "run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton; for "
                "verification, it is slow), otherwise use backend='torch'")

@@ -31,7 +31,9 @@ def cache_dir() -> Path:
 
 
 def cache_key(plan) -> str:
-    return f"{codegen.module_name(plan)}_{plan.spec.hash}_{codegen.template_hash()}"
+    """The module's file name: spec, mode, the orderings it holds (l, q, lq), spec hash, template hash."""
+    tag = "".join(o.value[0] for o in codegen.module_orderings(plan))
+    return f"{codegen.module_name(plan)}_{tag}_{plan.spec.hash}_{codegen.template_hash()}"
 
 
 def load_module(plan):
@@ -57,10 +59,16 @@ def run(plan, q, k, v, params: dict | None = None, *, layout: str = "bhtd", init
         return_state: bool = False, cu_seqlens=None):
     """o for q, k, v ([B, H, T, D] for layout 'bhtd') with the spec's parameters ``params`` (by name);
     ``(o, (S, z, pos))`` with ``return_state``. ``initial_state`` is a tuple (S, z, pos) (z None without
-    row sums) and ``cu_seqlens`` packs sequences along T (B = 1): causal plans only (the module says why not)."""
+    row sums) and ``cu_seqlens`` packs sequences along T (B = 1): causal plans only (the module says why not).
+    A module with both orderings runs the quadratic one for key lengths below the plan's crossover (states and
+    packed sequences always run the linear one)."""
     params = _checked(plan, params)
-    return function(plan)(q, k, v, initial_state=initial_state, return_state=return_state,
-                          cu_seqlens=cu_seqlens, layout=layout, **params)
+    module = load_module(plan)
+    if hasattr(module, "CROSSOVER"):  # both orderings: dispatch at this plan's (head dim's) crossover
+        params["crossover"] = codegen.dispatch_length(plan)
+    return getattr(module, f"{plan.spec.name}_attention")(q, k, v, initial_state=initial_state,
+                                                           return_state=return_state, cu_seqlens=cu_seqlens,
+                                                           layout=layout, **params)
 
 
 def step(plan, q_t, k_t, v_t, state, params: dict | None = None, layout: str = "bhtd"):

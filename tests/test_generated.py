@@ -1,5 +1,6 @@
-"""generated/ holds `attngen build` of every built-in spec whose plan has Triton templates; a rebuild must give
-the same bytes (so a refactor of the compiler that changes no kernel changes no file)."""
+"""generated/ holds `attngen build` of every built-in spec whose plan has Triton templates (all of them: linear
+and quadratic orderings); a rebuild must give the same bytes (so a refactor of the compiler that changes no
+kernel changes no file)."""
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,20 @@ def test_no_stale_files():
     assert present == expected, f"stale or missing files in generated/: {sorted(present ^ expected)}"
 
 
-def test_separable_builtins_have_modules_and_the_others_say_why():
+def test_every_builtin_has_a_module_with_the_orderings_its_plan_uses():
     by_name = {(m.spec.name, m.spec.mode): m for m in MODULES}
-    for name in ("linear_elu", "relu_linear", "cosformer", "cottention", "retention", "polynomial2", "based"):
-        for mode in ("causal", "bidirectional"):
-            assert by_name[(name, mode)].source is not None, by_name[(name, mode)].reason
-    for name in ("softmax", "alibi"):
-        m = by_name[(name, "causal")]
-        assert m.source is None and "quadratic" in m.reason
+    for mode in ("causal", "bidirectional"):
+        for name in ("linear_elu", "relu_linear", "cosformer", "cottention", "retention", "polynomial2", "based"):
+            m = by_name[(name, mode)]
+            assert m.source is not None, m.reason
+            # linear and quadratic kernels, the dispatch at the crossover, the decode step (causal)
+            assert "\nCROSSOVER = " in m.source and "def _quadratic_attention(" in m.source, m.filename
+            assert f"def {name}_step(" in m.source
+        for name in ("softmax", "alibi"):
+            m = by_name[(name, mode)]
+            assert m.source is not None, m.reason
+            assert "CROSSOVER" not in m.source and "_fwd_kernel(" not in m.source  # the quadratic ordering only
+            assert f"def {name}_attention_block_sparse(" in m.source
 
 
 def test_rendering_is_deterministic():

@@ -108,4 +108,6 @@ def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
         return torch.linalg.vector_norm(as_tensor(ev(a), q_tile), dim=-1, keepdim=True)
 
     ev = Evaluator({**env5, QE: q_tile[:, :, :, None, :], KE: k_tile[:, :, None, :, :]}, dot, norm, where=where)
-    return torch.broadcast_to(as_tensor(ev(expr), q_tile), (b, h, tq, tk, 1))[..., 0]
+    out = torch.broadcast_to(as_tensor(ev(expr), q_tile), (b, h, tq, tk, 1))[..., 0]
+    del ev  # ev and dot refer to each other: break the cycle so the tiles they hold are freed now, not by the gc
+    return out
