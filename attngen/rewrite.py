@@ -55,8 +55,8 @@ def _pull_row_scalars(expr):
 
 def _split_row(vec, elem):
     keep, out = [], []
-    for f in Mul.make_args(vec):
-        (out if _is_row_scalar(f, elem) else keep).append(f)
+    for f in Mul.make_args(vec):  # a factor varying along the head dim in either q or k stays inside
+        (out if _is_row_scalar(f, QE) and _is_row_scalar(f, KE) else keep).append(f)
     return Mul(*keep), Mul(*out)
 
 

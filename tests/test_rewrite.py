@@ -69,6 +69,14 @@ def test_pull_row_scalars_cosine():
     assert_equal(before, after)
 
 
+def test_pull_row_scalars_keeps_the_other_side_inside():
+    """In dot(q*k, q) the factor k varies along the head dim: it is not a row scalar of the q side."""
+    before = sim("dot(q*k, q)")
+    after = RULES["pull-row-scalars"].apply(before)
+    assert after == before
+    assert_equal(before, after)
+
+
 @pytest.mark.parametrize("text,terms", [
     ("1 + dot(q,k)/sqrt(d) + (dot(q,k)/sqrt(d))**2/2", 3),
     ("(dot(q,k) + dot(relu(q), relu(k)))**2", 3),
