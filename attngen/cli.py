@@ -228,9 +228,27 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
               help="Decode --tokens tokens after a context of T: recurrent step vs a softmax KV cache (SDPA).")
 @click.option("--tokens", type=click.IntRange(1), default=64, show_default=True,
               help="Tokens decoded per case (--decode).")
-def bench(max_len, out, spec_name, decode_mode, tokens):
+@click.option("--sparse", "sparse_mode", is_flag=True,
+              help="topk_sparse (SEA-style): recall of the true top-k blocks, error vs exact softmax and time per "
+                   "estimator x k (random and MiniLM q, k, v), forward memory vs T next to exact softmax.")
+@click.option("--conv-basis", "conv_basis_mode", is_flag=True,
+              help="Causal softmax through conv_basis (--conv-k elements) vs exact SDPA, T = 1k .. --max-len.")
+@click.option("--conv-basis-error", "conv_basis_error_mode", is_flag=True,
+              help="conv_basis output error and time against k = 1 .. 32 on random, exactly k-conv and "
+                   "all-MiniLM-L6-v2 q, k, v (T = 512).")
+@click.option("--conv-k", type=click.IntRange(1), default=8, show_default=True,
+              help="Basis size k for --conv-basis.")
+def bench(max_len, out, spec_name, decode_mode, tokens, sparse_mode, conv_basis_mode, conv_basis_error_mode, conv_k):
     """Benchmark the torch backend's causal linear plan against the reference and PyTorch SDPA; with
-    --decode, the recurrent decode step against a softmax KV-cache decode."""
+    --decode, the recurrent decode step against a softmax KV-cache decode; with --conv-basis or
+    --conv-basis-error, the conv_basis approximation (docs/conv_basis.md)."""
+    if conv_basis_mode or conv_basis_error_mode:
+        _bench_conv_basis(conv_basis_mode, conv_basis_error_mode, max_len, conv_k, Path(out))
+        return
+    if sparse_mode:
+        from .benchmarks_sparse import sparse
+        sparse(max_len=max_len, out_dir=Path(out))
+        return
     if decode_mode:
         from .benchmarks import decode
         from .plan import build_plan
@@ -241,6 +259,14 @@ def bench(max_len, out, spec_name, decode_mode, tokens):
         return
     from .benchmarks import linear_scaling
     linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
+
+
+def _bench_conv_basis(scaling: bool, error: bool, max_len: int, k: int, out: Path) -> None:
+    from .benchmarks_conv_basis import conv_basis_error, conv_basis_scaling
+    if scaling:
+        conv_basis_scaling(max_len=max_len, k=k, out_dir=out)
+    if error:
+        conv_basis_error(out_dir=out)
 
 
 def _table(headers, rows):

@@ -144,6 +144,9 @@ def _check_ordering(plan, ordering: Ordering) -> None:
         Ordering.RECURRENT: bool(plan.linear_terms) and plan.spec.causal,
         Ordering.FFT: plan.similarity.kind is SimilarityClass.SEPARABLE
         and plan.reweight.kind is ReweightClass.TOEPLITZ,
+        # approximations: legal when the spec declares them and the planner's approximate pass accepted them
+        Ordering.CONV_BASIS: any(c.ordering == Ordering.CONV_BASIS and c.legal for c in plan.candidates),
+        Ordering.TOPK_SPARSE: any(c.ordering == Ordering.TOPK_SPARSE and c.legal for c in plan.candidates),
     }[ordering]
     if not ok:
         reason = next((c.reason for c in plan.candidates if c.ordering == ordering), "not in the cost table")
