@@ -30,7 +30,8 @@ from .state import State, check_decodable
 LAYOUTS = ("bhtd", "bthd")
 DEFAULT_HEAD_DIM = 64  # the head dim of op.plan before the first call
 
-TRITON_ORDERINGS = (Ordering.LINEAR, Ordering.QUADRATIC)  # orderings with Triton templates
+TRITON_ORDERINGS = (Ordering.LINEAR, Ordering.QUADRATIC, Ordering.TOPK_SPARSE)  # orderings with Triton templates
+TRITON_MAX_SPARSE_BLOCK = 128  # the block-sparse kernels' largest tile
 _TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels need CUDA tensors; on a CPU they "
                "run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton; for "
                "verification, it is slow), otherwise use backend='torch'")
@@ -102,7 +103,9 @@ class AttentionOp:
             check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
             n = qh.shape[0] if bounds is None else len(bounds) - 1
             state = self._checked_state(initial_state, plan, qh, vh, n)
-        if backend == "triton":
+        if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
+            o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
+        elif backend == "triton":
             out = self._run_triton(plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens)
             o, state = out if return_state else (out, None)
         elif stateful:
@@ -202,6 +205,20 @@ class AttentionOp:
         lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
         return torch.cat(outs, 2), _from_augmented(torch.cat(finals), state.pos + lengths, plan, self.spec.hash)
 
+    def _run_triton_sparse(self, plan, qh, kh, vh, values, bounds):
+        """topk_sparse on the generated block-sparse kernels, the selection in torch (attngen.sparse.run_triton);
+        packed sequences run one at a time."""
+        if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InputError(_TRITON_CPU.format(device=qh.device.type))
+        from .sparse import run_triton
+        if bounds is not None:
+            return torch.cat([run_triton(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values)
+                              for a, b in zip(bounds[:-1], bounds[1:])], 2)
+        info = {}
+        o = run_triton(plan, qh, kh, vh, values, info)
+        self._record(info)
+        return o
+
     def _run_triton(self, plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens):
         """The generated module's forward; states cross as the tuples (S, z, pos) it takes and returns."""
         if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -225,10 +242,18 @@ class AttentionOp:
                 plan = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force,
                                   orderings=TRITON_ORDERINGS)
                 codegen.check_supported(plan)
+                _check_sparse_block(plan)
             else:
                 plan = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force)
             self._plans[key] = plan
         return self._plans[key]
+
+def _check_sparse_block(plan) -> None:
+    a = plan.spec.approximation
+    if a is not None and a.kind == "topk_sparse" and a.block > TRITON_MAX_SPARSE_BLOCK:
+        raise PlanError(f"{plan.spec.where}: approx.block = {a.block}: the Triton block-sparse kernels take blocks of "
+                        f"16 .. {TRITON_MAX_SPARSE_BLOCK}; use a smaller block, or backend='torch'")
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend a call runs on: "auto" is triton for CUDA tensors, torch for any other device."""
