@@ -238,12 +238,21 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
                    "all-MiniLM-L6-v2 q, k, v (T = 512).")
 @click.option("--conv-k", type=click.IntRange(1), default=8, show_default=True,
               help="Basis size k for --conv-basis.")
-def bench(max_len, out, spec_name, decode_mode, tokens, sparse_mode, conv_basis_mode, conv_basis_error_mode, conv_k):
+@click.option("--toeplitz", "toeplitz_mode", is_flag=True,
+              help="A Toeplitz reweighting: the FFT ordering vs the quadratic one, T = 256 .. --max-len, beside "
+                   "the cost model's crossover.")
+def bench(max_len, out, spec_name, decode_mode, tokens, sparse_mode, conv_basis_mode, conv_basis_error_mode, conv_k,
+          toeplitz_mode):
     """Benchmark the torch backend's causal linear plan against the reference and PyTorch SDPA; with
     --decode, the recurrent decode step against a softmax KV-cache decode; with --conv-basis or
-    --conv-basis-error, the conv_basis approximation (docs/conv_basis.md)."""
+    --conv-basis-error, the conv_basis approximation (docs/conv_basis.md); with --sparse, topk_sparse
+    (docs/sparse.md); with --toeplitz, the FFT ordering against the quadratic one."""
     if conv_basis_mode or conv_basis_error_mode:
         _bench_conv_basis(conv_basis_mode, conv_basis_error_mode, max_len, conv_k, Path(out))
+        return
+    if toeplitz_mode:
+        from .benchmarks_toeplitz import toeplitz
+        toeplitz(max_len=max_len, out_dir=Path(out))
         return
     if sparse_mode:
         from .benchmarks_sparse import sparse

@@ -102,6 +102,15 @@ def test_bench_decode_writes_a_table(run, tmp_path):
     assert "decode state bytes equal at every T (133128 bytes): PASS" in text  # B1 H8 D64 linear_elu: (8*64*65)*4+8
 
 
+def test_bench_toeplitz_writes_a_table(run, tmp_path):
+    result = run("bench", "--toeplitz", "--max-len", "1024", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*-cpu-toeplitz.md")
+    text = path.read_text()
+    assert "| 256 |" in text and "| 1024 |" in text and "| 2048 |" not in text
+    assert "cost model (d = 32): quadratic for n <" in text and "fft above" in text
+
+
 def test_bench_decode_refuses_a_spec_without_a_state(run):
     result = CliRunner().invoke(main, ["bench", "--decode", "--spec", "softmax"])
     assert result.exit_code == 2
