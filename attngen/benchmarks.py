@@ -64,6 +64,17 @@ def _measure(impl, spec_name, t, b, h, d, repeats) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_result(text: str, out_dir: Path, name: str, echo=print) -> Path:
+    """Print a result table and write it to ``out_dir/<date>-<name>.md``; returns the path."""
+    echo(text)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.date.today().isoformat()}-{name}.md"
+    path.write_text(text)
+    echo(f"written to {path}")
+    return path
+
+
 def _machine() -> str:
     cpu = platform.processor() or "cpu"
     try:
@@ -92,12 +103,7 @@ def linear_scaling(spec_name="linear_elu", max_len=32768, out_dir=Path("bench/re
             rows[(impl, t)] = _measure(impl, spec_name, t, b, h, d, repeats)
     echo(" " * 60, end="\r")
     text = _report(rows, lengths, spec_name, b, h, d, max_len, repeats)
-    echo(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-linear-scaling.md"
-    path.write_text(text)
-    echo(f"written to {path}")
-    return path
+    return write_result(text, out_dir, "cpu-linear-scaling", echo)
 
 
 def _fmt(r, key):
@@ -247,12 +253,7 @@ def decode(spec_name="linear_elu", max_len=32768, tokens=64, out_dir=Path("bench
             rows[(impl, t)] = _run_worker(cmd, impl, t)
     echo(" " * 60, end="\r")
     text = _decode_report(rows, lengths, spec_name, tokens, b, h, d, max_len, repeats)
-    echo(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-decode.md"
-    path.write_text(text)
-    echo(f"written to {path}")
-    return path
+    return write_result(text, out_dir, "cpu-decode", echo)
 
 
 def _run_worker(cmd, impl, t) -> dict:

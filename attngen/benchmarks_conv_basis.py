@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .benchmarks import _fmt, _machine, _run_worker
+from .benchmarks import _fmt, _machine, _run_worker, write_result
 
 CONV_BASIS_IMPLS = ("attngen-conv-basis", "sdpa")
 DELTAS = (1e-3, 1.0, 4.0, 16.0, 64.0, 256.0)  # the delta sweep of conv_basis_error
@@ -88,12 +88,7 @@ def conv_basis_scaling(max_len=65536, k=8, out_dir=Path("bench/results"), b=1, h
             rows[(impl, t)] = _run_worker(cmd, impl, t)
     echo(" " * 60, end="\r")
     text = _conv_basis_report(rows, lengths, k, b, h, d, max_len, repeats, threads, (load0, os.getloadavg()[0]))
-    echo(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-conv-basis-scaling.md"
-    path.write_text(text)
-    echo(f"written to {path}")
-    return path
+    return write_result(text, out_dir, "cpu-conv-basis-scaling", echo)
 
 
 def _conv_basis_report(rows, lengths, k, b, h, d, max_len, repeats, threads, load) -> str:
@@ -237,12 +232,7 @@ def conv_basis_error(ks=(1, 2, 4, 8, 16, 32), seq_len=512, out_dir=Path("bench/r
     echo(" " * 60, end="\r")
     text = _conv_basis_error_report(results, sets, ks, seq_len, repeats, minilm_note, real,
                                     (load0, os.getloadavg()[0]))
-    echo(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-conv-basis-error.md"
-    path.write_text(text)
-    echo(f"written to {path}")
-    return path
+    return write_result(text, out_dir, "cpu-conv-basis-error", echo)
 
 
 def _conv_basis_error_report(results, sets, ks, seq_len, repeats, minilm_note, real, load) -> str:

@@ -292,14 +292,8 @@ def sparse(max_len: int = 32768, out_dir=Path("bench/results"), echo=print) -> P
     b, h, d, k, block, repeats = 1, 8, 64, 4, 64, 3
     rows, lengths = memory(max_len, b, h, d, k, block, repeats, echo)
     lines += ["## Memory", ""] + _memory_table(rows, lengths, b, h, d, k, block, repeats)
-    text = "\n".join(lines)
-    echo(text)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-sparse.md"
-    path.write_text(text)
-    echo(f"written to {path}")
-    return path
+    from .benchmarks import write_result
+    return write_result("\n".join(lines), out_dir, "cpu-sparse", echo)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import datetime
 import time
 from pathlib import Path
 
-from .benchmarks import _machine
+from .benchmarks import _machine, write_result
 
 KERNEL = "1/(1 + abs(i - j))"
 
@@ -64,9 +64,4 @@ def toeplitz(out_dir=Path("bench/results"), b=1, h=2, d=32, max_len=16384, repea
     for t, quad, fft, pick in rows:
         lines.append(f"| {t} | {quad * 1e3:.1f} | {fft * 1e3:.1f} | {fft / quad:.2f} | {pick} |")
     text = "\n".join(lines) + "\n"
-    echo(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-toeplitz.md"
-    path.write_text(text)
-    echo(f"written to {path}")
-    return path
+    return write_result(text, out_dir, "cpu-toeplitz", echo)

@@ -16,7 +16,7 @@ from sympy import Abs, Add, Mul, exp
 from sympy.simplify.fu import TR10
 
 from .errors import SpecError
-from .expr import KE, QE, Dot, I, J, Norm, outer_free_symbols, sides
+from .expr import KE, QE, Dot, I, J, outer_free_symbols, sides
 from .ir import (Decay, FeatureTerm, PositionTerm, Reweight, ReweightClass, Similarity,
                  SimilarityClass)
 

@@ -10,8 +10,8 @@ import yaml
 
 import attngen
 from attngen import resources
-from attngen.expr import HEAD, HEADS, J, N_K, N_Q, Dot, Norm, QE, KE, Relu, Sigmoid
-from attngen.spec import KEYS, RESERVED
+from attngen.expr import HEAD, HEADS, J, N_K, N_Q, Dot, QE, KE, Sigmoid
+from attngen.spec import RESERVED
 
 BUILTINS = attngen.builtin_names()
 MODES = [True, False]
