@@ -6,6 +6,7 @@ broadcast tensors [B, H, T, S, D], masks, normalises and multiplies by V. Run it
 """
 from __future__ import annotations
 
+import sympy
 import torch
 
 from .errors import InputError
@@ -30,9 +31,13 @@ def reference(spec, layout: str = "bhtd"):
     return run
 
 
-def attention_matrix(spec: Spec, q, k, params: dict):
+def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
     """A(i, j) = mask * W(i, j) * s(q_i, k_j) as a [B, H, T, S] tensor (softmax scores stabilised by the
-    row max, which cancels in the normalisation)."""
+    row max, which cancels in the normalisation).
+
+    For the references of approximations (attngen.verify): ``modify`` maps the score [B, H, T, S] of a
+    softmax-family spec (s = exp(score), or normalize: softmax) to the score the approximation uses;
+    ``keep`` [B, H, T, S] bool restricts the attended pairs further (block-sparse attention)."""
     b, h, t, d = q.shape
     s_len = k.shape[2]
     consts = spec.constant_values()
@@ -57,7 +62,11 @@ def attention_matrix(spec: Spec, q, k, params: dict):
     for p in spec.parameters:
         env[p.symbol] = params[p.name].to(q.dtype).view(1, h, 1, 1, 1) if p.shape else params[p.name].to(q.dtype)
     ev = Evaluator(env, dot, norm, where=spec.where)
-    sim = ev(spec.similarity_expr.xreplace(consts))
+    sim_expr = spec.similarity_expr.xreplace(consts)
+    if modify is not None:
+        sim = _modified(spec, sim_expr, ev, modify, (b, h, t, s_len), q)
+    else:
+        sim = ev(sim_expr)
     weight = ev(spec.reweight_expr.xreplace(consts))
     if spec.normalize.kind == "softmax":  # A = W * exp(s); the row max cancels
         sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device).expand(b, h, t, s_len, 1)
@@ -68,17 +77,38 @@ def attention_matrix(spec: Spec, q, k, params: dict):
     a = a.expand(b, h, t, s_len, 1)[..., 0]
     if spec.causal:
         a = torch.where(_causal(t, s_len, q.device), a, torch.zeros((), dtype=a.dtype, device=a.device))
+    if keep is not None:
+        a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
     return a
 
 
-def attention_matrix_apply(spec: Spec, q, k, v, params: dict):
-    """O = normalise(A) V for [B, H, T, D] inputs."""
-    a = attention_matrix(spec, q, k, params)
+def _modified(spec: Spec, sim_expr, ev, modify, shape, like):
+    """The similarity with its softmax score passed through ``modify`` (see attention_matrix)."""
+    from .errors import PlanError
+    if spec.normalize.kind == "softmax":
+        score = sim_expr
+    elif isinstance(sim_expr, sympy.exp):
+        score = sim_expr.args[0]
+    else:
+        raise PlanError(f"{spec.where}: a modified score needs a softmax-family spec (similarity exp(score) or "
+                        f"normalize: softmax); {spec.name} has the similarity {spec.similarity}")
+    value = torch.as_tensor(ev(score), dtype=like.dtype, device=like.device).expand(*shape, 1)[..., 0]
+    value = modify(value)[..., None]
+    return value if spec.normalize.kind == "softmax" else torch.exp(value)
+
+
+def attention_matrix_apply(spec: Spec, q, k, v, params: dict, *, modify=None, keep=None):
+    """O = normalise(A) V for [B, H, T, D] inputs (``modify``, ``keep``: see attention_matrix; with ``keep``
+    a row that attends to nothing gives 0)."""
+    a = attention_matrix(spec, q, k, params, modify=modify, keep=keep)
     out = a @ v
     norm = spec.normalize
     if norm.kind in ("rowsum", "softmax"):
         den = a.sum(-1, keepdim=True)
         den = den.clamp_min(norm.eps) if norm.eps_mode == "clamp" else den + norm.eps
+        if keep is not None:  # nothing kept: 0, not 0 / 0
+            empty = den == 0
+            den = torch.where(empty, torch.ones_like(den), den)
         out = out / den
     return out
 

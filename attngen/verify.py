@@ -3,6 +3,13 @@
 Three ways, as in FlexAttention's tests: the float64 reference ("golden"), the reference in the op's dtype
 ("ref", for context: how much of the error is just the dtype), and the op. A case passes when the op's error
 against golden is within the dtype's tolerance.
+
+An approximation is verified against the naive reference of what it claims to compute, given the discrete
+decisions the op made on the same inputs (which are not differentiated): topk_sparse is exact softmax over the
+kept blocks (the reference masked to op.last_selection); conv_basis is softmax of the scores rebuilt from the
+recovered starts (b_1 = H[:, 0], b_r = H[s_r:, s_r] - H[s_r - 1:, s_r - 1], H~ = sum_r conv(b_r, m_r)), with the
+gradient of softmax at H~ taken through H = c q k^T. The error against the exact reference is reported beside
+(CaseResult.exact_error), not a pass criterion.
 """
 from __future__ import annotations
 
@@ -10,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .inputs import default_parameters
-from .naive import reference
+from .inputs import check_params, check_qkv, default_parameters
+from .naive import attention_matrix_apply, reference
 from .runtime import compile as compile_op
 from .runtime import resolve_backend
 from .spec import Spec
@@ -51,6 +58,7 @@ class CaseResult:
     ref_errors: dict = field(default_factory=dict)  # name -> error of same-dtype reference vs float64
     tolerance: float = 0.0
     noise: float = 0.0  # absolute noise floor (NOISE_ULPS units of roundoff of the dtype)
+    exact_error: float | None = None  # an approximation: its output's error against the exact reference
 
     @property
     def worst(self) -> float:
@@ -97,6 +105,11 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
     ref = reference(spec)
     ordering = op.ordering_for(dk, s, device).value if hasattr(op, "ordering_for") else "?"
     backend = resolve_backend(op.backend, torch.device(device)) if hasattr(op, "backend") else "?"
+    got = _run(op, q, k, v, do, params, dtype, device)
+    exact = None
+    if ordering in APPROXIMATE:  # the reference of what the approximation claims, given the op's decisions
+        exact = _run(ref, q, k, v, do, params, torch.float64, "cpu")["o"]
+        ref = approximation_reference(op, spec)
     golden = _run(ref, q, k, v, do, params, torch.float64, "cpu")
     same = golden
     if dtype != torch.float64:
@@ -104,12 +117,65 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
         # (generated kernels); the naive reference in that dtype (the torch backend)
         yard = ref if backend == "torch" else compile_op(spec, backend="torch", plan=ordering)
         same = _run(yard, q, k, v, do, params, dtype, "cpu")
-    got = _run(op, q, k, v, do, params, dtype, device)
     res = CaseResult(spec.name, spec.mode, backend, ordering, str(dtype).replace("torch.", ""),
                      f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
                      tolerance=(TRITON_TOLERANCE if backend == "triton" else TOLERANCE)[dtype], noise=NOISE_ULPS * torch.finfo(dtype).eps)
+    if exact is not None:
+        res.exact_error = rel_rms(got["o"].cpu(), exact)
     for name, value in golden.items():
         res.errors[name] = rel_rms(got[name].cpu(), value)
         res.abs_errors[name] = float((got[name].detach().cpu().double() - value.detach()).pow(2).mean().sqrt())
         res.ref_errors[name] = rel_rms(same[name], value)
     return res
+
+
+APPROXIMATE = ("conv_basis", "topk_sparse")
+
+
+def approximation_reference(op, spec: Spec):
+    """The naive float64 reference of an approximation, with the decisions of ``op``'s last call (see the
+    module docstring); call the op on the inputs first."""
+    kind = spec.approximation.kind
+    decision = op.last_selection if kind == "topk_sparse" else op.last_basis
+    if decision is None:
+        raise ValueError(f"{spec.name}: the op recorded no {kind} decision; call it before building the reference")
+
+    def run(q, k, v, **params):
+        qh, kh, vh = check_qkv(spec, q, k, v, op.layout)
+        values = check_params(spec, params, qh.shape[1], qh)
+        if kind == "topk_sparse":
+            keep = decision.dense_mask().to(qh.device)
+            out = attention_matrix_apply(spec, qh, kh, vh, values, keep=keep)
+        else:
+            starts = decision.starts.to(qh.device)
+            out = attention_matrix_apply(spec, qh, kh, vh, values,
+                                         modify=lambda score: score + (rebuilt_scores(score.detach(), starts)
+                                                                       - score).detach())
+        return out.transpose(1, 2) if op.layout == "bthd" else out
+
+    return run
+
+
+def rebuilt_scores(scores: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """H~ = sum_r conv(b_r, m_r) [B, H, T, T] from the causal scores H [B, H, T, T] and the starts [B, H, K]
+    (ascending; T where absent), as in seeds.md: b_1 = H[:, 0], b_r[t] = H[s_r + t, s_r] - H[s_r - 1 + t, s_r - 1];
+    H~[i, j] = sum over r with s_r <= j of b_r[i - j] (i >= j; 0 above the diagonal)."""
+    t = scores.shape[-1]
+    i = torch.arange(t, device=scores.device).view(t, 1)
+    j = torch.arange(t, device=scores.device).view(1, t)
+    lag = (i - j).clamp_min(0)  # [T, T]
+    out = torch.zeros_like(scores)
+    for r in range(starts.shape[-1]):
+        s_r = starts[..., r].view(*starts.shape[:2], 1, 1)  # [B, H, 1, 1]
+        present = s_r < t
+        col = s_r.clamp_max(t - 1)
+        rows = (col + lag).clamp_max(t - 1)  # H[s_r + lag, s_r]
+        b_r = scores.gather(-1, col.expand(*scores.shape[:2], t, 1)).expand_as(scores).gather(-2, rows.expand_as(scores))
+        if r > 0:
+            prev = (col - 1).clamp_min(0)
+            rows_p = (prev + lag).clamp_max(t - 1)
+            b_r = b_r - scores.gather(-1, prev.expand(*scores.shape[:2], t, 1)).expand_as(scores).gather(
+                -2, rows_p.expand_as(scores))
+        use = present & (j >= s_r) & (i >= j) & (s_r + lag < t)
+        out = out + torch.where(use, b_r, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    return out
