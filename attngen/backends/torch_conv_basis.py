@@ -325,21 +325,23 @@ class _ConvBasis(torch.autograd.Function):
         dv = conv_apply_transposed(ef, starts, gf, size) if ctx.needs_input_grad[2] else None
         dq = dk = None
         step = max(1, GRAD_BUDGET // (bh * e_dim * size))  # head-dim columns per block of moments
-        if ctx.needs_input_grad[0]:
-            parts = []
-            for d0 in range(0, d, step):
-                x = (vf.unsqueeze(-1) * kf[:, :, None, d0:d0 + step]).flatten(2)  # [BH, T, E * dd]: v_a k
-                y = conv_apply(ef, starts, x, size).view(bh, t, e_dim, -1)
-                parts.append(torch.einsum("bia,biad->bid", gf, y))
-            dq = torch.cat(parts, -1).to(qs.dtype)
-        if ctx.needs_input_grad[1]:
-            parts = []
-            for d0 in range(0, d, step):
-                z = (gf.unsqueeze(-1) * qf[:, :, None, d0:d0 + step]).flatten(2)  # [BH, T, E * dd]: g_a qs
-                w = conv_apply_transposed(ef, starts, z, size).view(bh, t, e_dim, -1)
-                parts.append(torch.einsum("bja,bjad->bjd", vf, w))
-            dk = torch.cat(parts, -1).to(k.dtype)
+        if ctx.needs_input_grad[0]:  # dq_i = sum_a g_ia (conv of v_a k)_i
+            dq = _moments(conv_apply, ef, starts, size, vf, kf, gf, step).to(qs.dtype)
+        if ctx.needs_input_grad[1]:  # dk_j = sum_a v_ja (transposed conv of g_a qs)_j
+            dk = _moments(conv_apply_transposed, ef, starts, size, gf, qf, vf, step).to(k.dtype)
         return dq, dk, None if dv is None else dv.to(v.dtype), None
+
+
+def _moments(apply, ef, starts, size, outer, inner, weight, step):
+    """sum_a weight_a * apply((outer_a inner))[..., d] for d in blocks of ``step`` head-dim columns:
+    outer [BH, T, E], inner [BH, T, D], weight [BH, T, E] -> [BH, T, D]."""
+    bh, t, e_dim = outer.shape
+    parts = []
+    for d0 in range(0, inner.shape[-1], step):
+        x = (outer.unsqueeze(-1) * inner[:, :, None, d0:d0 + step]).flatten(2)  # [BH, T, E * dd]
+        y = apply(ef, starts, x, size).view(bh, t, e_dim, -1)
+        parts.append(torch.einsum("bia,biad->bid", weight, y))
+    return torch.cat(parts, -1)
 
 
 def apply_basis(qs, k, v, starts):
