@@ -19,6 +19,7 @@ class Module:
     spec: Spec
     source: str | None  # None: no Triton template for this plan
     reason: str = ""  # why not, when source is None
+    orderings: tuple = ()  # the orderings whose kernels the module holds (it dispatches when there are two)
 
     @property
     def filename(self) -> str:
@@ -34,7 +35,7 @@ def generate(spec: Spec) -> Module:
         codegen.check_supported(plan)
     except PlanError as exc:
         return Module(spec, None, str(exc))
-    return Module(spec, codegen.render(plan))
+    return Module(spec, codegen.render(plan), orderings=codegen.module_orderings(plan))
 
 
 def builtin_modules() -> list:

@@ -151,13 +151,14 @@ def _verify(cases, force, dtypes, lengths, head_dim) -> list:
     from .verify import DTYPES, verify_case
     lens = _int_list(lengths, "--seq-len")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    work = [(spec, backend, DTYPES[d], t) for spec, backend, default in cases for d in (dtypes or default)
-            for t in lens]
+    cases = [c if len(c) == 4 else (*c, force) for c in cases]  # (spec, backend, default dtypes, plan)
+    work = [(spec, backend, DTYPES[d], t, plan) for spec, backend, default, plan in cases
+            for d in (dtypes or default) for t in lens]
     results = []
     with click.progressbar(work, label="verifying", file=sys.stderr, show_pos=True,
                            item_show_func=lambda c: c and f"{c[0].name} {c[0].mode} {c[1]} T{c[3]}") as bar:
-        for spec, backend, dtype, t in bar:
-            op = compile_op(spec, backend=backend, plan=force)
+        for spec, backend, dtype, t, plan in bar:
+            op = compile_op(spec, backend=backend, plan=plan)
             results.append(verify_case(op, spec, dtype=dtype, t=t, dk=head_dim, seed=t, device=device))
     rows = []
     for r in results:
@@ -223,6 +224,8 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
         click.echo(f"{spec.name} ({spec.mode}): wrote {write(module, Path(out))}")
         if backend in (None, "triton", "auto"):
             cases.append((spec, backend or "triton", ("float32", "float16")))
+            if force is None and len(module.orderings) > 1:  # the dispatch reaches one side only at some lengths:
+                cases += [(spec, backend or "triton", ("float32", "float16"), o.value) for o in module.orderings]
     _verify(cases, force, dtypes, lengths, head_dim)
 
 
