@@ -350,6 +350,10 @@ def check_supported(plan: Plan):
                 spec = plan.spec
                 raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): block-sparse kernels are generated for the "
                                 "softmax family only (an exp similarity with a row-sum normaliser)")
+            a = plan.spec.approximation
+            if plan.choice.below is Ordering.TOPK_SPARSE and a.block > slots["sparse_max_block"]:
+                raise PlanError(f"{plan.spec.where}: approx.block = {a.block}: the Triton block-sparse kernels take "
+                                f"blocks of 16 .. {slots['sparse_max_block']}; use a smaller block, or backend='torch'")
 
 
 _ORDERINGS: dict = {}  # memo of module_orderings

@@ -26,6 +26,8 @@ from .printer import TritonPrinter
 
 FULL_TILE = "tl.zeros([BM, BN], dtype=tl.float32) + "  # broadcasts a row, a column or a number to [BM, BN]
 
+SPARSE_MAX_BLOCK = 128  # the largest block of the block-sparse kernels (it is their tile: registers)
+
 
 @dataclass(frozen=True)
 class Map:
@@ -81,7 +83,7 @@ def tile_slots(plan: Plan) -> dict:
     flat = tile.flatten(expr)
     pr = tile.printer("tile expression")
     slots = {
-        "flash": flash, "rowsum": norm.kind == "rowsum",
+        "flash": flash, "rowsum": norm.kind == "rowsum", "sparse_max_block": SPARSE_MAX_BLOCK,
         "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(expr),
         "weight": None if weight is None else tile.full(tile.printer("reweighting")(weight), weight),
         "weight_text": None if weight is None else sympy.sstr(weight),

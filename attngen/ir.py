@@ -127,6 +127,17 @@ class Reweight:
     log_weight: sympy.Expr | None = None  # log W when W is an exponential (folded into a softmax score)
 
 
+def is_softmax(similarity: Similarity, normalize) -> bool:
+    """Softmax attention: an exp(score) similarity with a row-sum normaliser and no eps."""
+    return similarity.kind is SimilarityClass.EXP and normalize.kind == "rowsum" and normalize.eps == 0
+
+
+def is_softmax_family(similarity: Similarity, reweight: Reweight, normalize) -> bool:
+    """Softmax with a reweighting that is none or exp(bias), which folds into the score (ALiBi)."""
+    folds = reweight.kind is ReweightClass.NONE or reweight.log_weight is not None
+    return is_softmax(similarity, normalize) and folds
+
+
 @dataclass(frozen=True)
 class LinearTerm:
     """One block of the linear plan's feature map: a feature term times a position term."""

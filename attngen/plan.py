@@ -20,7 +20,8 @@ import sympy
 from . import cost
 from .errors import PlanError
 from .expr import D
-from .ir import (Choice, LinearTerm, Ordering, Plan, ReweightClass, SimilarityClass, Step)
+from .ir import (Choice, LinearTerm, Ordering, Plan, ReweightClass, SimilarityClass, Step, is_softmax,
+                 is_softmax_family)
 from .rewrite import classify_reweight, classify_similarity
 from .spec import Normalize, Spec
 
@@ -109,18 +110,15 @@ def approximate(x: Draft) -> Draft:
     if a is None:
         return x
     where = f"{x.spec.where}: approx ({a.kind})"
-    softmax = (x.similarity.kind is SimilarityClass.EXP and x.normalize.kind == "rowsum"
-               and x.normalize.eps == 0)
     if a.kind == "conv_basis":
-        if not (softmax and x.reweight.kind is ReweightClass.NONE):
+        if not (is_softmax(x.similarity, x.normalize) and x.reweight.kind is ReweightClass.NONE):
             raise PlanError(f"{where}: conv_basis approximates causal softmax attention (similarity exp(score), "
                             f"no reweight, normalize rowsum or softmax); {x.spec.name} has a "
                             f"{x.similarity.kind.value} similarity, {x.reweight.kind.value} reweight and "
                             f"normalize {x.normalize.kind}. Fix: remove approx, or declare a softmax spec")
         return x.step("approximate", f"conv_basis with k = {a.k}, probe = {a.probe}, delta = {a.delta:g}, "
                                      f"{a.search} search (approximate; declared by the spec)")
-    folds = x.reweight.kind is ReweightClass.NONE or x.reweight.log_weight is not None
-    if not (softmax and folds):
+    if not is_softmax_family(x.similarity, x.reweight, x.normalize):
         raise PlanError(f"{where}: topk_sparse computes exact softmax attention on the kept blocks, so it needs a "
                         f"softmax-family spec (similarity exp(score), normalize rowsum or softmax, a reweight that "
                         f"is none or exp(bias)); {x.spec.name} has a {x.similarity.kind.value} similarity, "

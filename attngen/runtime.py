@@ -31,7 +31,6 @@ LAYOUTS = ("bhtd", "bthd")
 DEFAULT_HEAD_DIM = 64  # the head dim of op.plan before the first call
 
 TRITON_ORDERINGS = (Ordering.LINEAR, Ordering.QUADRATIC, Ordering.TOPK_SPARSE)  # orderings with Triton templates
-TRITON_MAX_SPARSE_BLOCK = 128  # the block-sparse kernels' largest tile
 _TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels need CUDA tensors; on a CPU they "
                "run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton; for "
                "verification, it is slow), otherwise use backend='torch'")
@@ -242,18 +241,10 @@ class AttentionOp:
                 plan = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force,
                                   orderings=TRITON_ORDERINGS)
                 codegen.check_supported(plan)
-                _check_sparse_block(plan)
             else:
                 plan = build_plan(self.spec, head_dim=head_dim, chunk=self.chunk, plan=self._force)
             self._plans[key] = plan
         return self._plans[key]
-
-def _check_sparse_block(plan) -> None:
-    a = plan.spec.approximation
-    if a is not None and a.kind == "topk_sparse" and a.block > TRITON_MAX_SPARSE_BLOCK:
-        raise PlanError(f"{plan.spec.where}: approx.block = {a.block}: the Triton block-sparse kernels take blocks of "
-                        f"16 .. {TRITON_MAX_SPARSE_BLOCK}; use a smaller block, or backend='torch'")
-
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend a call runs on: "auto" is triton for CUDA tensors, torch for any other device."""

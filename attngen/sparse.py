@@ -236,11 +236,9 @@ def attend(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection, p
     from .backends.torch_common import compute_dtype, symbol_env, with_ones
     from .errors import PlanError
     from .inputs import check_params
-    from .ir import ReweightClass, SimilarityClass
+    from .ir import is_softmax_family
     spec = plan.spec
-    folds = plan.reweight.kind is ReweightClass.NONE or plan.reweight.log_weight is not None
-    if not (plan.similarity.kind is SimilarityClass.EXP and plan.normalize.kind == "rowsum"
-            and plan.normalize.eps == 0 and folds):
+    if not is_softmax_family(plan.similarity, plan.reweight, plan.normalize):
         raise PlanError(f"{spec.where}: sparse.attend computes softmax attention over blocks: {spec.name} is not of "
                         "the softmax family (an exp similarity, normalize rowsum or softmax, a reweight that is none "
                         "or exp(bias))")
