@@ -256,6 +256,10 @@ def bench(max_len, out, spec_name, decode_mode, tokens, sparse_mode, conv_basis_
     --decode, the recurrent decode step against a softmax KV-cache decode; with --conv-basis or
     --conv-basis-error, the conv_basis approximation (docs/conv_basis.md); with --sparse, topk_sparse
     (docs/sparse.md); with --toeplitz, the FFT ordering against the quadratic one."""
+    chosen = [f for f, on in (("--decode", decode_mode), ("--sparse", sparse_mode), ("--toeplitz", toeplitz_mode),
+                               ("--conv-basis/--conv-basis-error", conv_basis_mode or conv_basis_error_mode)) if on]
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one benchmark, found {' and '.join(chosen)}")
     if conv_basis_mode or conv_basis_error_mode:
         _bench_conv_basis(conv_basis_mode, conv_basis_error_mode, max_len, conv_k, Path(out))
         return

@@ -111,6 +111,12 @@ def test_bench_toeplitz_writes_a_table(run, tmp_path):
     assert "cost model (d = 32): quadratic for n <" in text and "fft above" in text
 
 
+def test_bench_refuses_two_benchmarks_at_once():
+    result = CliRunner().invoke(main, ["bench", "--sparse", "--toeplitz"])
+    assert result.exit_code == 2
+    assert "choose one benchmark, found --sparse and --toeplitz" in result.output
+
+
 def test_bench_decode_refuses_a_spec_without_a_state(run):
     result = CliRunner().invoke(main, ["bench", "--decode", "--spec", "softmax"])
     assert result.exit_code == 2
