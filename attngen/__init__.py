@@ -1,19 +1,21 @@
-"""attngen: declare an attention variant in a few lines, get verified kernels."""
-from .errors import AttngenError, InputError, PlanError, SpecError, VerificationError
-from .spec import Spec, builtin_names, load_spec
+"""attngen: declare an attention variant in a few lines, get verified kernels.
 
-__version__ = "0.1.0"
+The compiler stages (frontend, passes, codegen, pipeline, build) import without torch; ``compile``,
+``AttentionOp`` and ``reference`` load the torch runtime on first use (PEP 562 lazy attributes).
+"""
+import importlib
+
+from attngen.errors import AttngenError, InputError, PlanError, SpecError, VerificationError
+from attngen.frontend.spec import Spec, builtin_names, load_spec
+from attngen.version import __version__
+
 __all__ = ["AttngenError", "InputError", "PlanError", "SpecError", "VerificationError", "Spec",
            "builtin_names", "load_spec", "__version__", "compile", "AttentionOp", "reference"]
 
+_LAZY = {"compile": "attngen.op", "AttentionOp": "attngen.op", "reference": "attngen.naive"}
+
 
 def __getattr__(name):
-    """compile, AttentionOp and reference import torch: load them on first use, so that the compiler stages
-    (spec, expr, rewrite, plan) import without torch."""
-    if name in ("compile", "AttentionOp"):
-        from . import runtime
-        return getattr(runtime, name)
-    if name == "reference":
-        from .naive import reference
-        return reference
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attngen' has no attribute {name!r}")

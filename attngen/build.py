@@ -1,7 +1,8 @@
 """`attngen build`: the generated modules of specs, written to a folder (generated/ for the built-ins).
 
-The text written for a spec is exactly what attngen.compile(spec, backend="triton") imports: the render of
-its plan restricted to the orderings the Triton backend implements."""
+The text written for a spec is exactly what attngen.compile(spec, backend="triton") imports: the lowering of
+its plan for the Triton target (attngen.pipeline). This module does not import torch or triton.
+"""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PlanError
-from .plan import build_plan
-from .spec import Spec, builtin_names, load_spec
+from attngen import pipeline
+from attngen.errors import PlanError
+from attngen.frontend.spec import Spec, builtin_names, load_spec
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,12 @@ class Module:
 
 def generate(spec: Spec) -> Module:
     """Render ``spec``'s Triton module, or say why its plan has no template."""
-    from . import codegen
-    from .runtime import TRITON_ORDERINGS
     try:
-        plan = build_plan(spec, orderings=TRITON_ORDERINGS)
-        codegen.check_supported(plan)
+        plan = pipeline.plan(spec, target="triton")
+        source = pipeline.lower(plan)
     except PlanError as exc:
         return Module(spec, None, str(exc))
-    return Module(spec, codegen.render(plan), orderings=codegen.module_orderings(plan))
+    return Module(spec, source, orderings=plan.capabilities.kernels)
 
 
 def builtin_modules() -> list:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import AttngenError, VerificationError
+from attngen.errors import AttngenError, VerificationError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -77,12 +77,12 @@ def _int_list(text: str, name: str) -> list:
 @main.command("list", context_settings=CONTEXT)
 def list_cmd():
     """List the built-in specs with their classes and chosen plans (d = 64)."""
-    from .plan import build_plan
-    from .spec import builtin_names, load_spec
+    from attngen import pipeline
+    from attngen.frontend.spec import builtin_names, load_spec
     rows = []
     for name in builtin_names():
         spec = load_spec(name)
-        plan = build_plan(spec)
+        plan = pipeline.plan(spec)
         rows.append((name, plan.similarity.kind.value, plan.reweight.kind.value, plan.choice.describe(),
                      spec.description[:60]))
     _table(["spec", "similarity", "reweight", "plan (causal, d=64)", "description"], rows)
@@ -97,18 +97,24 @@ def list_cmd():
               help="Override the spec's mode.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
 @click.option("--plan", "force", default=None, help="Force an ordering (linear, quadratic, recurrent, fft).")
+@click.option("--target", type=click.Choice(["torch", "triton"]), default="torch", show_default=True,
+              help="Plan for this backend (triton: among the orderings its kernels run).")
+@click.option("--trace", is_flag=True, help="Also list every pass of the pipeline (frontend, planning, lowering).")
 @click.option("--dot", "dot_file", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the op graph in Graphviz DOT to this file.")
-def plan(spec, seq_len, head_dim, mode, sets, force, dot_file):
+              help="Write the op graph in Graphviz DOT to this file (needs pydot: attngen[dot]).")
+def plan(spec, seq_len, head_dim, mode, sets, force, target, trace, dot_file):
     """Show how the planner rewrote SPEC, the cost table, and the chosen ordering."""
-    from .explain import explain, to_dot
-    from .plan import build_plan
-    from .spec import load_spec
+    from attngen import pipeline
+    from attngen.frontend.spec import load_spec
+    from attngen.graph import to_dot
     overrides = _overrides(sets)
     if mode:
         overrides["causal"] = mode == "causal"
-    p = build_plan(load_spec(spec, **overrides), head_dim=head_dim, plan=force)
-    click.echo(explain(p, n=seq_len, head_dim=head_dim))
+    p = pipeline.plan(load_spec(spec, **overrides), target=target, head_dim=head_dim, force=force)
+    click.echo(p.explain(n=seq_len, head_dim=head_dim))
+    if trace:
+        click.echo("\npipeline trace:")
+        _table(["stage", "pass", "what it did"], pipeline.trace(p))
     if dot_file:
         Path(dot_file).write_text(to_dot(p))
         click.echo(f"\nop graph written to {dot_file}")
@@ -136,7 +142,7 @@ def _verify_options(f):
 
 
 def _specs(names, all_specs, mode, sets) -> list:
-    from .spec import builtin_names, load_spec
+    from attngen.frontend.spec import builtin_names, load_spec
     names = list(names) + (builtin_names() if all_specs else [])
     if not names:
         raise click.UsageError("name at least one SPEC (a YAML file or built-in name), or pass --all")
@@ -147,8 +153,8 @@ def _verify(cases, force, dtypes, lengths, head_dim) -> list:
     """cases: (spec, backend, default dtypes). Prints the table; raises VerificationError on a failure."""
     import torch
 
-    from .runtime import compile as compile_op
-    from .verify import DTYPES, verify_case
+    from attngen.op import compile as compile_op
+    from attngen.verify import DTYPES, verify_case
     lens = _int_list(lengths, "--seq-len")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [c if len(c) == 4 else (*c, force) for c in cases]  # (spec, backend, default dtypes, plan)
@@ -211,7 +217,7 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
     """Generate each SPEC's Triton module (where its plan has templates), write it to --out, and verify
     it (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the
     naive reference."""
-    from .build import generate, write
+    from attngen.build import generate, write
     _use_interpreter_without_gpu()
     cases = []
     for spec in _specs(specs, all_specs, mode, sets):
@@ -227,68 +233,6 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
             if force is None and len(module.orderings) > 1:  # the dispatch reaches one side only at some lengths:
                 cases += [(spec, backend or "triton", ("float32", "float16"), o.value) for o in module.orderings]
     _verify(cases, force, dtypes, lengths, head_dim)
-
-
-@main.command(context_settings=CONTEXT)
-@click.option("--max-len", type=click.IntRange(1024), default=32768, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True)
-@click.option("--spec", "spec_name", default="linear_elu", show_default=True)
-@click.option("--decode", "decode_mode", is_flag=True,
-              help="Decode --tokens tokens after a context of T: recurrent step vs a softmax KV cache (SDPA).")
-@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True,
-              help="Tokens decoded per case (--decode).")
-@click.option("--sparse", "sparse_mode", is_flag=True,
-              help="topk_sparse (SEA-style): recall of the true top-k blocks, error vs exact softmax and time per "
-                   "estimator x k (random and MiniLM q, k, v), forward memory vs T next to exact softmax.")
-@click.option("--conv-basis", "conv_basis_mode", is_flag=True,
-              help="Causal softmax through conv_basis (--conv-k elements) vs exact SDPA, T = 1k .. --max-len.")
-@click.option("--conv-basis-error", "conv_basis_error_mode", is_flag=True,
-              help="conv_basis output error and time against k = 1 .. 32 on random, exactly k-conv and "
-                   "all-MiniLM-L6-v2 q, k, v (T = 512).")
-@click.option("--conv-k", type=click.IntRange(1), default=8, show_default=True,
-              help="Basis size k for --conv-basis.")
-@click.option("--toeplitz", "toeplitz_mode", is_flag=True,
-              help="A Toeplitz reweighting: the FFT ordering vs the quadratic one, T = 256 .. --max-len, beside "
-                   "the cost model's crossover.")
-def bench(max_len, out, spec_name, decode_mode, tokens, sparse_mode, conv_basis_mode, conv_basis_error_mode, conv_k,
-          toeplitz_mode):
-    """Benchmark the torch backend's causal linear plan against the reference and PyTorch SDPA; with
-    --decode, the recurrent decode step against a softmax KV-cache decode; with --conv-basis or
-    --conv-basis-error, the conv_basis approximation (docs/conv_basis.md); with --sparse, topk_sparse
-    (docs/sparse.md); with --toeplitz, the FFT ordering against the quadratic one."""
-    chosen = [f for f, on in (("--decode", decode_mode), ("--sparse", sparse_mode), ("--toeplitz", toeplitz_mode),
-                               ("--conv-basis/--conv-basis-error", conv_basis_mode or conv_basis_error_mode)) if on]
-    if len(chosen) > 1:
-        raise click.UsageError(f"choose one benchmark, found {' and '.join(chosen)}")
-    if conv_basis_mode or conv_basis_error_mode:
-        _bench_conv_basis(conv_basis_mode, conv_basis_error_mode, max_len, conv_k, Path(out))
-        return
-    if toeplitz_mode:
-        from .benchmarks_toeplitz import toeplitz
-        toeplitz(max_len=max_len, out_dir=Path(out))
-        return
-    if sparse_mode:
-        from .benchmarks_sparse import sparse
-        sparse(max_len=max_len, out_dir=Path(out))
-        return
-    if decode_mode:
-        from .benchmarks import decode
-        from .plan import build_plan
-        from .spec import load_spec
-        from .state import check_decodable
-        check_decodable(build_plan(load_spec(spec_name, causal=True)), "attngen bench --decode")
-        decode(spec_name=spec_name, max_len=max_len, tokens=tokens, out_dir=Path(out))
-        return
-    from .benchmarks import linear_scaling
-    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
-
-
-def _bench_conv_basis(scaling: bool, error: bool, max_len: int, k: int, out: Path) -> None:
-    from .benchmarks_conv_basis import conv_basis_error, conv_basis_scaling
-    if scaling:
-        conv_basis_scaling(max_len=max_len, k=k, out_dir=out)
-    if error:
-        conv_basis_error(out_dir=out)
 
 
 def _table(headers, rows):

@@ -1,4 +1,4 @@
-"""The planner's IR: small frozen dataclasses, built by the passes in attngen.plan.
+"""The planner's IR: small frozen dataclasses, built by the passes in attngen.passes (see attngen.pipeline).
 
     A(i,j) = mask * W(i,j) * s(q_i, k_j)
     s = sum_t coeff_t * qscale_t(q) * kscale_t(k) * prod_f <a_f(q), b_f(k)>     (FeatureTerm, separable case)
@@ -6,7 +6,9 @@
 
 A linear plan's feature map is the concatenation over (feature term, position term) pairs (LinearTerm) of
 f_r(i) * coeff * qscale * (a_1 (x) a_2 (x) ...)(q_i) on the query side and g_r(j) * kscale * (b_1 (x) ...)(k_j)
-on the key side (derivations.md section 1). Element formulas are in the element symbols QE / KE.
+on the key side (docs/derivations.md section 1). Element formulas are in the element symbols QE / KE.
+
+A Plan also reads itself out: ``plan.explain()`` is the derivation, the cost table and the choice.
 """
 from __future__ import annotations
 
@@ -14,6 +16,16 @@ import enum
 from dataclasses import dataclass, field
 
 import sympy
+
+from attngen.errors import PlanError
+from attngen.frontend.expr import D
+
+# the cost model's symbols: N the sequence length, C the chunk size of the causal linear plan
+N = sympy.Symbol("N", positive=True)
+C = sympy.Symbol("C", positive=True)
+# An ordering's cost is FLOPs + BALANCE * bytes: BALANCE is the machine's FLOPs per byte, about 20 for fp32
+# CUDA-core work on an H100 (67 TFLOP/s over 3.35 TB/s). The model ranks orderings; it does not predict times.
+BALANCE = 20
 
 
 class Ordering(str, enum.Enum):
@@ -157,6 +169,16 @@ class Candidate:
     flops: sympy.Expr | None = None  # in N (length), D (head dim), chunk C
     bytes: sympy.Expr | None = None
 
+    def total(self, head_dim: int, chunk: int):
+        """The cost (FLOPs + BALANCE * bytes) as an expression in N."""
+        return sympy.expand((self.flops + BALANCE * self.bytes).subs({D: head_dim, C: chunk}))
+
+    def evaluate(self, n: int, head_dim: int, chunk: int) -> tuple:
+        """(flops, bytes, cost) at length n, as floats."""
+        subs = {N: n, D: head_dim, C: chunk}
+        f, b = float(self.flops.subs(subs)), float(self.bytes.subs(subs))
+        return f, b, f + BALANCE * b
+
 
 @dataclass(frozen=True)
 class Step:
@@ -183,6 +205,48 @@ class Choice:
             return self.below.value + (" (forced)" if self.forced else "")
         return f"{self.below.value} for n < {self.crossover:.0f}, {self.above.value} above"
 
+    def dispatch_length(self, where: str = "") -> float:
+        """The key length from which a module holding the quadratic and the linear kernels runs the linear
+        ones: the crossover, 0 when linear is chosen at every length, inf for quadratic at every length."""
+        if self.crossover is not None:
+            if (self.below, self.above) != (Ordering.QUADRATIC, Ordering.LINEAR):
+                raise PlanError(f"{where}: the generated modules dispatch quadratic -> linear, not {self.describe()}")
+            return float(self.crossover)
+        return 0.0 if self.below is Ordering.LINEAR else float("inf")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the backends can do with a plan, recorded by the planning pass ``capabilities``.
+
+    kernels: the orderings whose Triton kernels the plan's generated module holds (empty: no module, see
+    ``kernels_reason``); with two it dispatches at ``crossover`` (its default, at head dim
+    CROSSOVER_HEAD_DIM; a caller passes the one of its own head dim). decodable: whether the plan has a
+    constant-size recurrent state (initial_state, return_state, cu_seqlens, step), else ``decode_reason``
+    says why not. length_terms: the linear plan's factors that use the final length (n_q, n_k)."""
+    kernels: tuple = ()
+    kernels_reason: str = ""
+    crossover: float | None = None
+    decodable: bool = False
+    decode_reason: str = ""
+    length_terms: tuple = ()
+
+
+CROSSOVER_HEAD_DIM = 64  # the head dim of a generated module's default crossover
+DEFAULT_CHUNK = 64  # the chunk size of the causal linear plan
+
+
+@dataclass(frozen=True)
+class Generator:
+    """What a code generator expresses, handed to the planning passes by attngen.pipeline (so that no pass
+    imports the code generator). ``orderings``: those with templates; ``choosable``: those a plan for this
+    target may choose (topk_sparse runs on the quadratic templates' block-sparse kernels); ``check(plan,
+    ordering)`` raises PlanError saying why the templates cannot express ``ordering`` for a plan."""
+    name: str
+    orderings: tuple
+    choosable: frozenset
+    check: object = field(compare=False, repr=False)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -196,8 +260,10 @@ class Plan:
     derivation: tuple  # of Step
     head_dim: int  # the head dim the costs were evaluated at
     chunk: int  # the chunk size of the causal linear plan
-    graph: object = field(compare=False, repr=False, default=None)  # networkx.DiGraph of ops
+    capabilities: Capabilities = Capabilities()
     estimator: "Plan | None" = field(compare=False, repr=False, default=None)  # topk_sparse: the estimator's plan
+    target: str = "torch"  # the backend whose orderings the choice was restricted to
+    trace: tuple = field(compare=False, repr=False, default=())  # (stage, pass, what it did) per pass
 
     def candidate(self, ordering: Ordering) -> Candidate:
         return next(c for c in self.candidates if c.ordering == ordering)
@@ -207,10 +273,52 @@ class Plan:
 
     def feature_width(self, d=None):
         """Total feature width F of the linear plan (sympy in d, or a number for a given d)."""
-        from .expr import D
         total = sum((t.width(D) for t in self.linear_terms), sympy.Integer(0))
         return total if d is None else int(total.subs(D, d))
 
-    def explain(self) -> str:
-        from .explain import explain
-        return explain(self)
+    def cost_table(self, n: int, head_dim: int | None = None) -> list:
+        """Rows (ordering, legal, flops, bytes, cost, reason) at length n."""
+        d = head_dim or self.head_dim
+        rows = []
+        for c in self.candidates:
+            if c.legal:
+                f, b, total = c.evaluate(n, d, self.chunk)
+                rows.append((c.ordering.value, True, f, b, total, c.reason))
+            else:
+                rows.append((c.ordering.value, False, None, None, None, c.reason))
+        return rows
+
+    def explain(self, n: int = 4096, head_dim: int | None = None) -> str:
+        """The derivation, the linear feature map, the cost table at length n, the choice and the capabilities."""
+        d = head_dim or self.head_dim
+        spec = self.spec
+        lines = [f"plan for {spec.name} ({spec.mode}), spec hash {spec.hash}, from {spec.where}", "", "derivation:"]
+        for i, s in enumerate(self.derivation, 1):
+            lines.append(f"  {i}. {s.name}: {s.detail}")
+        if self.linear_terms:
+            lines += ["", f"linear feature map (F = {sympy.sstr(self.feature_width())} = {self.feature_width(d)} "
+                          f"at d = {d}):"]
+            for t in self.linear_terms:
+                lines.append(f"  position {t.position.describe()}  x  feature {t.feature.describe()}"
+                             f"  [width {sympy.sstr(t.width(sympy.Symbol('d')))}]")
+        lines += ["", f"cost at n = {n}, d = {d}, chunk = {self.chunk} (cost = FLOPs + {BALANCE} x bytes):",
+                  f"  {'ordering':<12} {'legal':<6} {'GFLOP':>10} {'MB':>10} {'cost':>12}  why"]
+        for name, legal, f, b, total, reason in self.cost_table(n, d):
+            if legal:
+                lines.append(f"  {name:<12} {'yes':<6} {f / 1e9:>10.3f} {b / 1e6:>10.2f} {total:>12.4g}  {reason}")
+            else:
+                lines.append(f"  {name:<12} {'no':<6} {'-':>10} {'-':>10} {'-':>12}  {reason}")
+        lines.append("")
+        lines.append(f"chosen: {self.choice.describe()}")
+        lines.append(f"  at n = {n}: {self.choice.ordering_for(n).value}")
+        if self.choice.crossover is not None:
+            lines.append(f"  crossover n* = {self.choice.crossover:.0f}: {self.choice.below.value} is cheaper below "
+                         f"it, {self.choice.above.value} above it (the module dispatches on the key length)")
+        cap = self.capabilities
+        lines += ["", "capabilities:",
+                  "  triton kernels: " + (", ".join(o.value for o in cap.kernels) if cap.kernels
+                                          else f"none ({cap.kernels_reason})"),
+                  "  decodable: " + ("yes (recurrent state)" if cap.decodable else f"no ({cap.decode_reason})")]
+        if cap.length_terms:
+            lines.append("  length-dependent terms: " + ", ".join(cap.length_terms))
+        return "\n".join(lines)

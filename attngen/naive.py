@@ -9,11 +9,11 @@ from __future__ import annotations
 import sympy
 import torch
 
-from .errors import InputError
-from .evaluate import Evaluator
-from .expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, I, J
-from .inputs import check_params, check_qkv
-from .spec import Spec, load_spec
+from attngen.errors import InputError, PlanError
+from attngen.runtime.evaluate import Evaluator
+from attngen.frontend.expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, I, J
+from attngen.runtime.inputs import check_params, check_qkv
+from attngen.frontend.spec import Spec, load_spec
 
 
 def reference(spec, layout: str = "bhtd"):
@@ -84,7 +84,6 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
 
 def _modified(spec: Spec, sim_expr, ev, modify, shape, like):
     """The similarity with its softmax score passed through ``modify`` (see attention_matrix)."""
-    from .errors import PlanError
     if spec.normalize.kind == "softmax":
         score = sim_expr
     elif isinstance(sim_expr, sympy.exp):

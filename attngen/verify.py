@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .inputs import check_params, check_qkv, default_parameters
-from .naive import attention_matrix_apply, reference
-from .runtime import compile as compile_op
-from .runtime import resolve_backend
-from .spec import Spec
+from attngen.runtime.inputs import check_params, check_qkv, default_parameters
+from attngen.naive import attention_matrix_apply, reference
+from attngen.op import compile as compile_op
+from attngen.op import resolve_backend
+from attngen.frontend.spec import Spec
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # generated kernels accumulate in fp32 with tl.dot and tile-order sums: the Triton issue's bounds

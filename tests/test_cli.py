@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from attngen.cli import main
 
-COMMANDS = ["list", "plan", "verify", "build", "bench"]
+COMMANDS = ["list", "plan", "verify", "build"]
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_verify_passes_with_exit_0(run):
 
 
 def test_failed_verification_exits_1(run, monkeypatch):
-    from attngen.backends import torch_backend
+    from attngen.runtime.torch import backend as torch_backend
     real = torch_backend.run
     monkeypatch.setattr(torch_backend, "run", lambda *a, **kw: real(*a, **kw) * 1.001)  # a 0.1% error
     result = run("verify", "linear_elu", "--seq-len", "7", "--dtype", "float64", "--mode", "causal")
@@ -91,33 +91,3 @@ def test_build_writes_modules_and_verifies(run, tmp_path):
     assert (tmp_path / "cosformer_causal.py").is_file()
     assert (tmp_path / "softmax_causal.py").is_file()  # the quadratic ordering's module
     assert "triton" in result.output and "torch" in result.output
-
-
-def test_bench_decode_writes_a_table(run, tmp_path):
-    result = run("bench", "--decode", "--max-len", "1024", "--tokens", "2", "--out", str(tmp_path))
-    assert result.exit_code == 0, result.output
-    (path,) = tmp_path.glob("*-cpu-decode.md")
-    text = path.read_text()
-    assert "| 1024 |" in text and "error" not in text
-    assert "decode state bytes equal at every T (133128 bytes): PASS" in text  # B1 H8 D64 linear_elu: (8*64*65)*4+8
-
-
-def test_bench_toeplitz_writes_a_table(run, tmp_path):
-    result = run("bench", "--toeplitz", "--max-len", "1024", "--out", str(tmp_path))
-    assert result.exit_code == 0, result.output
-    (path,) = tmp_path.glob("*-cpu-toeplitz.md")
-    text = path.read_text()
-    assert "| 256 |" in text and "| 1024 |" in text and "| 2048 |" not in text
-    assert "cost model (d = 32): quadratic for n <" in text and "fft above" in text
-
-
-def test_bench_refuses_two_benchmarks_at_once():
-    result = CliRunner().invoke(main, ["bench", "--sparse", "--toeplitz"])
-    assert result.exit_code == 2
-    assert "choose one benchmark, found --sparse and --toeplitz" in result.output
-
-
-def test_bench_decode_refuses_a_spec_without_a_state(run):
-    result = CliRunner().invoke(main, ["bench", "--decode", "--spec", "softmax"])
-    assert result.exit_code == 2
-    assert "no linear (separable) form" in result.output

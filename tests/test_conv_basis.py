@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import attngen
-from attngen.backends import torch_conv_basis
+from attngen.approx.conv_basis import execute as torch_conv_basis
 from attngen.cli import main
 from attngen.errors import InputError, PlanError
 from attngen.verify import rel_rms
@@ -210,7 +210,7 @@ def test_probe_longer_than_the_sequence_is_an_input_error():
 def test_conv_basis_on_a_non_softmax_spec_is_a_plan_error(name):
     import yaml
 
-    from attngen.spec import load_spec
+    from attngen.frontend.spec import load_spec
     data = {**yaml.safe_load(load_spec(name, causal=True).to_yaml()), "approx": {"kind": "conv_basis", "k": 4}}
     with pytest.raises(PlanError, match="conv_basis approximates causal softmax attention"):
         attngen.compile(data)

@@ -7,7 +7,7 @@ import sympy
 import yaml
 
 import attngen
-from attngen.expr import (BUILTIN_SYMBOLS, D, HEAD, HEADS, I, J, KE, MAX_DEPTH, MAX_NODES, MAX_SOURCE_CHARS,
+from attngen.frontend.expr import (BUILTIN_SYMBOLS, D, HEAD, HEADS, I, J, KE, MAX_DEPTH, MAX_NODES, MAX_SOURCE_CHARS,
                           N_K, N_Q, QE, Context, Dot, Elu, Norm, Relu, Sigmoid, outer_free_symbols,
                           parse_expression, sides)
 

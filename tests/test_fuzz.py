@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import attngen
-from attngen.expr import D, HEAD, HEADS, KE, N_K, N_Q, NON_FINITE, QE, I, J
-from attngen.spec import KEYS
+from attngen.frontend.spec import spec_files
+from attngen.frontend.expr import D, HEAD, HEADS, KE, N_K, N_Q, NON_FINITE, QE, I, J
+from attngen.frontend.spec import KEYS
 
 # ATTNGEN_FUZZ_EXAMPLES=20000 for a long local run; 250 keeps the suite fast (< 30 s)
 FUZZ = settings(max_examples=int(os.environ.get("ATTNGEN_FUZZ_EXAMPLES", "250")), deadline=1000, database=None,
@@ -26,6 +27,8 @@ FUZZ = settings(max_examples=int(os.environ.get("ATTNGEN_FUZZ_EXAMPLES", "250"))
 M = sympy.Symbol("M", real=True)
 PM = sympy.Symbol("m", real=True)
 EXPR_KEYS = ["similarity", "reweight", "constants.M", "parameters.m.init"]
+
+SPECS = spec_files()[0].parent  # the built-in specs shipped in the package
 
 
 def spec_with(key, value):
@@ -340,6 +343,6 @@ def test_no_fuzzed_expression_runs_code(text, key):
 def test_valid_specs_load_under_the_sentinel():
     # the sentinel does not itself break parsing: every built-in still loads with it armed
     for name in attngen.builtin_names():
-        text = (attngen.resources.specs_dir() / f"{name}.yaml").read_text()
+        text = (SPECS / f"{name}.yaml").read_text()
         spec, calls = load_under_sentinel(text)
         assert calls == [] and isinstance(spec, attngen.Spec) and spec.name == name

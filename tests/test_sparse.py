@@ -7,11 +7,11 @@ from click.testing import CliRunner
 from conftest import assert_close
 
 import attngen
-from attngen import sparse
-from attngen.backends import torch_sparse
+from attngen.approx import topk_sparse as sparse
+from attngen.approx.topk_sparse import execute as torch_sparse
 from attngen.cli import main
 from attngen.naive import attention_matrix, reference
-from attngen.plan import build_plan
+from attngen.pipeline import plan as build_plan
 
 SOFTMAX = {"name": "sp", "similarity": "exp(dot(q, k)/sqrt(d))", "normalize": "rowsum"}
 ALIBI = {"name": "sp_alibi", "similarity": "exp(dot(q, k)/sqrt(d))", "reweight": "exp(-slope * abs(i - j))",
@@ -147,7 +147,7 @@ def test_inline_estimator_with_parameters():
     torch.testing.assert_close(op.last_selection.scores, scores)
     trained = sparse.block_scores(op.plan.estimator, q, k, 16, {"s": torch.tensor([2.0, 0.1], dtype=torch.float64)})
     assert not torch.allclose(trained, scores)
-    with pytest.raises(attngen.InputError, match="parameter t: expected shape"):
+    with pytest.raises(attngen.InputError, match="parameter 't': expected shape"):
         sparse.block_scores(op.plan.estimator, q, k, 16, {"t": torch.ones(2)})
 
 

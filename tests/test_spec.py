@@ -4,20 +4,24 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import sympy
 import yaml
 
 import attngen
-from attngen import resources
-from attngen.expr import HEAD, HEADS, J, N_K, N_Q, Dot, QE, KE, Sigmoid
-from attngen.spec import RESERVED
+from attngen.frontend.spec import spec_files
+from attngen.frontend.expr import HEAD, HEADS, J, N_K, N_Q, Dot, QE, KE, Sigmoid
+from attngen.frontend.spec import RESERVED
 
 BUILTINS = attngen.builtin_names()
 MODES = [True, False]
 M = sympy.Symbol("M", real=True)
 PM = sympy.Symbol("m", real=True)
-COSFORMER_DICT = yaml.safe_load((resources.specs_dir() / "cosformer.yaml").read_text())
+
+SPECS = spec_files()[0].parent  # the built-in specs shipped in the package
+COSFORMER_DICT = yaml.safe_load((SPECS / "cosformer.yaml").read_text())
 
 
 def mode_id(causal):
@@ -186,7 +190,7 @@ def test_parameters_as_a_list_and_defaults():
                               "parameters": [{"name": "g", "init": 1}, {"name": "s", "shape": [], "init": 2}]})
     assert [(p.name, p.shape, p.init) for p in spec.parameters] == [("g", ("H",), "1"), ("s", (), "2")]
     assert spec.reweight_expr == sympy.Symbol("g", real=True) * sympy.Symbol("s", real=True)
-    assert spec.causal is True and spec.normalize == attngen.spec.Normalize("none", 0.0, "add")
+    assert spec.causal is True and spec.normalize == attngen.frontend.spec.Normalize("none", 0.0, "add")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +390,7 @@ def test_errors_are_attngen_errors_not_tracebacks():
 # ---------------------------------------------------------------------------------------------
 # docs/specs.md stays true: every YAML block loads, and the built-in blocks match the shipped files
 # ---------------------------------------------------------------------------------------------
-DOC = resources.specs_dir().parent / "docs" / "specs.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "specs.md"
 
 
 def doc_yaml_blocks():
@@ -410,7 +414,7 @@ def test_doc_yaml_blocks_load_and_builtins_match():
         spec = attngen.load_spec({"name": "doc", "similarity": "dot(q, k)", "parameters": {"m": 0.5}, **data})
         assert isinstance(spec, attngen.Spec)
         if title in BUILTINS:
-            shipped = yaml.safe_load((resources.specs_dir() / f"{title}.yaml").read_text())
+            shipped = yaml.safe_load((SPECS / f"{title}.yaml").read_text())
             assert data == {k: v for k, v in shipped.items() if k not in ("name", "description", "causal")}, title
             shown.add(title)
     assert shown == set(BUILTINS)

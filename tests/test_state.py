@@ -10,8 +10,8 @@ import torch
 
 import attngen
 from attngen import InputError, PlanError
-from attngen.inputs import default_parameters
-from attngen.state import State, cat
+from attngen.runtime.inputs import default_parameters
+from attngen.runtime.state import State, cat
 from attngen.verify import rel_rms
 
 H, D = 2, 16
@@ -336,7 +336,7 @@ def _bad_state(what):
 
 BAD_STATES = {"other-spec": "another spec", "batch": r"shape \[3, 2, 16, 16\]; expected \[2, 2, 16, 16\]",
               "heads": "expected", "dtype": "dtype torch.float64; expected torch.float32",
-              "device": "on meta; expected cpu", "no-z": "normaliser z", "not-a-state": "expected a State"}
+              "device": "on meta; expected cpu", "no-z": "normalises by row sums, so z must be", "not-a-state": "expected a State"}
 
 
 @pytest.mark.parametrize("what", BAD_STATES)
@@ -353,8 +353,8 @@ def test_bad_state_raises_input_error(what, where):
 
 BAD_CU = {"start": ([1, 4, 10], "start at 0"), "not-increasing": ([0, 4, 4, 10], "strictly increasing"),
           "decreasing": ([0, 6, 4, 10], "strictly increasing"), "end": ([0, 4, 9], "end at T = 10"),
-          "float": (torch.tensor([0.0, 4.0, 10.0]), "integer tensor"), "2d": (torch.tensor([[0, 4, 10]]), "1-D"),
-          "list": ([0, 4, 10], "integer tensor"), "one-entry": ([0], "at least 2")}
+          "float": (torch.tensor([0.0, 4.0, 10.0]), "int32/int64 tensor"), "2d": (torch.tensor([[0, 4, 10]]), "1-D"),
+          "list": ([0, 4, 10], "int32/int64 tensor"), "one-entry": ([0], "at least 2")}
 
 
 @pytest.mark.parametrize("what", BAD_CU)
@@ -383,7 +383,7 @@ def test_step_needs_one_token():
 
 def test_triton_step_without_a_generated_step_is_a_plan_error(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
-    from attngen import triton_backend
+    from attngen.runtime.triton import loader as triton_backend
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton_backend, "load_module", lambda plan: types.SimpleNamespace())
     op = attngen.compile(spec_of("linear_elu"), backend="triton")

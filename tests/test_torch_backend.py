@@ -10,10 +10,10 @@ import torch
 
 import attngen
 from attngen import InputError, PlanError
-from attngen.inputs import default_parameters
+from attngen.runtime.inputs import default_parameters
 from attngen.ir import Ordering
-from attngen.plan import build_plan
-from attngen.runtime import resolve_backend
+from attngen.pipeline import plan as build_plan
+from attngen.op import resolve_backend
 from attngen.verify import rel_rms
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -29,7 +29,7 @@ def load(name, mode, **kw):
 
 def legal(name, mode, ordering):
     # forcing quadratic (always legal) skips the crossover solve; the cost table is the same
-    return build_plan(load(name, mode), head_dim=16, plan="quadratic").legal(Ordering(ordering))
+    return build_plan(load(name, mode), head_dim=16, force="quadratic").legal(Ordering(ordering))
 
 
 def check(spec, dtype=torch.float64, *, b=2, t=63, s=None, dk=16, dv=None, layout="bhtd", params=None,
@@ -279,7 +279,7 @@ def test_planner_dispatch_by_length():
 
 
 def test_auto_plan_runs_the_ordering_of_the_key_length(monkeypatch):
-    from attngen.backends import torch_backend
+    from attngen.runtime.torch import backend as torch_backend
     ran = []
     real = torch_backend.run
 
@@ -374,7 +374,7 @@ def test_bad_compile_arguments(kw, error, match):
 @pytest.mark.parametrize("name", ["linear_elu", "cosformer", "based"])
 def test_state_carried_across_chunk_groups(name, monkeypatch):
     """The undecayed causal scan runs a group of chunks at a time; several groups must give the same result."""
-    from attngen.backends import torch_linear
+    from attngen.runtime.torch import linear as torch_linear
     monkeypatch.setattr(torch_linear, "GROUP_TOKENS", 16)  # chunk 5 -> groups of 3 chunks: 5 groups at T = 63
     check(load(name, "causal"), t=63, plan="linear", chunk=5)
     check(load(name, "causal"), torch.float32, t=200, plan="linear", chunk=16)
@@ -386,7 +386,7 @@ def test_state_carried_across_chunk_groups(name, monkeypatch):
 def test_long_causal_sequences_run_in_blocks(name, overrides, monkeypatch):
     """Past BLOCK_TOKENS the causal linear ordering runs block by block with the state carried over (or, when a
     factor depends on the length, like cosFormer's default M, in one piece); both equal the reference."""
-    from attngen.backends import torch_backend
+    from attngen.runtime.torch import backend as torch_backend
     monkeypatch.setattr(torch_backend, "BLOCK_TOKENS", 32)  # chunk 16 -> blocks of 32 tokens: 7 blocks at T = 200
     calls = []
     real = torch_backend.run_state

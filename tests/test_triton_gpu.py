@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attngen import load_spec
-from attngen.plan import build_plan
-from attngen.naive import reference
+from attngen.pipeline import plan as build_plan
+from attngen.reference.naive import reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and native kernels)")]
@@ -29,9 +29,9 @@ def rel_rms(out, ref):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("name", SPECS)
 def test_native_matches_reference(name, causal, t, d, dtype):
-    from attngen import triton_backend
+    from attngen.runtime.triton import loader as triton_backend
     spec = load_spec(name, causal=causal)
-    fn = getattr(triton_backend.load_module(build_plan(spec, plan="linear")), f"{spec.name}_attention")
+    fn = getattr(triton_backend.load_module(build_plan(spec, force="linear")), f"{spec.name}_attention")
     g = torch.Generator(device="cpu").manual_seed(t)
     b, h = 2, 4
     q, k, v, do = (torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for _ in range(4))
@@ -56,9 +56,9 @@ SIGMOID = {"name": "sigmoid_attn", "similarity": "sigmoid(dot(q, k)/sqrt(d) - b)
 def _quadratic_case(spec, t, s, d, dtype, seed, block=None):
     """Errors of o and every gradient (q, k, v, parameters) of the quadratic module against the float64
     reference (block-sparse: every key block listed, so the reference is the dense one)."""
-    from attngen import triton_backend
-    from attngen.inputs import default_parameters
-    module = triton_backend.load_module(build_plan(spec, plan="quadratic"))
+    from attngen.runtime.triton import loader as triton_backend
+    from attngen.runtime.inputs import default_parameters
+    module = triton_backend.load_module(build_plan(spec, force="quadratic"))
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, h = 2, 4
     q = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)

@@ -20,14 +20,15 @@ from conftest import assert_close  # noqa: E402
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 from attngen import load_spec  # noqa: E402
-from attngen.codegen import render, template_hash  # noqa: E402
+from attngen.codegen.render import template_hash  # noqa: E402
+from attngen.pipeline import lower as render  # noqa: E402
 from attngen.errors import InputError, PlanError  # noqa: E402
-from attngen.evaluate import Evaluator  # noqa: E402
-from attngen.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
-from attngen.plan import build_plan  # noqa: E402
-from attngen.printer import print_triton  # noqa: E402
-from attngen.naive import reference  # noqa: E402
-from attngen import triton_backend  # noqa: E402
+from attngen.runtime.evaluate import Evaluator  # noqa: E402
+from attngen.frontend.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
+from attngen.pipeline import plan as build_plan  # noqa: E402
+from attngen.codegen.printer import print_triton  # noqa: E402
+from attngen.reference.naive import reference  # noqa: E402
+from attngen.runtime.triton import loader as triton_backend  # noqa: E402
 
 # CPU tensors under the interpreter, CUDA tensors when the kernels run natively on a GPU
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -47,7 +48,7 @@ def poisoned(module, monkeypatch):
 def check(name, causal, t, s, dk, dv, dtype, monkeypatch, layout="bhtd", b=1, h=2, seed=0, param_range=(-1, 1)):
     spec = load_spec(name, causal=causal)
     name = spec.name
-    plan = build_plan(spec, plan="linear")
+    plan = build_plan(spec, force="linear")
     module = triton_backend.load_module(plan)
     poisoned(module, monkeypatch)
     fn = getattr(module, f"{name}_attention")
@@ -130,7 +131,7 @@ def test_constant_feature_and_scalar_parameter(causal, monkeypatch):
 
 def test_strided_inputs_need_no_copy(monkeypatch):
     """A [B,T,H,D] tensor viewed as [B,H,T,D] (non-contiguous) gives the same result as a contiguous one."""
-    plan = build_plan(load_spec("linear_elu"), plan="linear")
+    plan = build_plan(load_spec("linear_elu"), force="linear")
     fn = triton_backend.function(plan)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 40, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
@@ -141,8 +142,8 @@ def test_strided_inputs_need_no_copy(monkeypatch):
 
 
 def test_module_text_is_deterministic_and_has_header():
-    plan = build_plan(load_spec("cosformer"), plan="linear")
-    a, b = render(plan), render(build_plan(load_spec("cosformer"), plan="linear"))
+    plan = build_plan(load_spec("cosformer"), force="linear")
+    a, b = render(plan), render(build_plan(load_spec("cosformer"), force="linear"))
     assert a == b
     assert f"spec hash: {plan.spec.hash}" in a and f"template hash: {template_hash()}" in a
     assert ("def cosformer_attention(q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, "
@@ -158,13 +159,13 @@ STATE_STORES = ["ds0", "dz0", "s_out", "st", "z_out", "zt"]
 
 def test_feature_maps_are_fused_not_stored():
     """phi(q), phi(k) never reach memory: the only stores are o / den, the gradients and the states."""
-    text = render(build_plan(load_spec("cosformer"), plan="linear"))
+    text = render(build_plan(load_spec("cosformer"), force="linear"))
     stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
     assert stored == sorted(["den", "p_dk", "p_dq", "p_dv", "p_o", *STATE_STORES])
 
 
 def test_input_errors(monkeypatch):
-    fn = triton_backend.function(build_plan(load_spec("cottention"), plan="linear"))
+    fn = triton_backend.function(build_plan(load_spec("cottention"), force="linear"))
     x = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(InputError, match="causal"):
         fn(x, torch.randn(1, 2, 9, 16, device=DEVICE), torch.randn(1, 2, 9, 16, device=DEVICE))
@@ -179,10 +180,10 @@ def test_input_errors(monkeypatch):
 def test_unsupported_plans_are_refused():
     decay_rowsum = {**LEARNED_GAMMA, "normalize": "rowsum"}
     with pytest.raises(PlanError, match="decay reweighting .* normalisation 'rowsum'"):
-        render(build_plan(load_spec(decay_rowsum), plan="linear"))
+        render(build_plan(load_spec(decay_rowsum), force="linear"))
     cube = {"name": "cube", "similarity": "(dot(q, k) / sqrt(d))**3", "normalize": "none"}
     with pytest.raises(PlanError, match=r"tensor power \(width d\*\*3\)"):
-        render(build_plan(load_spec(cube), plan="linear"))
+        render(build_plan(load_spec(cube), force="linear"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def test_printer_never_emits_integer_division():
 
 def test_torch_compile_fullgraph_traces_the_custom_ops():
     """The custom ops (fake kernels + autograd formula) let dynamo trace the call in one graph."""
-    fn = triton_backend.function(build_plan(load_spec("cottention"), plan="linear"))
+    fn = triton_backend.function(build_plan(load_spec("cottention"), force="linear"))
     g = torch.Generator().manual_seed(5)
     inputs = [torch.randn(1, 2, 40, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
     inputs.append(torch.tensor([0.2, -0.1], requires_grad=True))
@@ -283,7 +284,7 @@ def test_decay_matches_reference(which, causal, case, monkeypatch):
 
 
 def test_decay_gamma_out_of_range_is_an_input_error():
-    fn = triton_backend.function(build_plan(load_spec({**LEARNED_GAMMA, "causal": True}), plan="linear"))
+    fn = triton_backend.function(build_plan(load_spec({**LEARNED_GAMMA, "causal": True}), force="linear"))
     x = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(InputError, match=r"gamma = g must lie in \(0, 1\]"):
         fn(x, x, x, g=torch.tensor([0.9, 1.5]))
@@ -294,7 +295,7 @@ def test_decay_gamma_out_of_range_is_an_input_error():
 
 def test_decay_is_chunk_local():
     """No gamma**i * gamma**(-j): every power of gamma in the kernels is exp(n * log gamma) with n >= 0."""
-    text = render(build_plan(load_spec("retention", causal=False), plan="linear"))
+    text = render(build_plan(load_spec("retention", causal=False), force="linear"))
     assert "b_lg = tl.log(tl.load(gam + i_h))" in text
     for line in text.splitlines():
         if "* b_lg)" in line:
@@ -319,11 +320,11 @@ def test_tensor_power_matches_reference(name, causal, case, monkeypatch):
 
 
 def test_tensor_power_is_not_stored_and_refuses_large_heads():
-    text = render(build_plan(load_spec("based"), plan="linear"))
+    text = render(build_plan(load_spec("based"), force="linear"))
     assert "tl.reshape(" in text
     stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
     assert stored == sorted(["den", "p_dk", "p_dq", "p_dv", "p_o", *STATE_STORES])
-    fn = triton_backend.function(build_plan(load_spec("polynomial2"), plan="linear"))
+    fn = triton_backend.function(build_plan(load_spec("polynomial2"), force="linear"))
     x = torch.randn(1, 1, 8, 32, device=DEVICE)
     with pytest.raises(InputError, match="head dims up to 16; found Dk=32"):
         fn(x, x, x)

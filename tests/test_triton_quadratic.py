@@ -20,12 +20,13 @@ from conftest import assert_close
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 import attngen  # noqa: E402
-from attngen import load_spec, triton_backend  # noqa: E402
-from attngen.codegen import render  # noqa: E402
+from attngen import load_spec  # noqa: E402
+from attngen.runtime.triton import loader as triton_backend  # noqa: E402
+from attngen.pipeline import lower as render  # noqa: E402
 from attngen.errors import InputError, PlanError  # noqa: E402
-from attngen.inputs import default_parameters  # noqa: E402
-from attngen.naive import attention_matrix, reference  # noqa: E402
-from attngen.plan import build_plan  # noqa: E402
+from attngen.runtime.inputs import default_parameters  # noqa: E402
+from attngen.reference.naive import attention_matrix, reference  # noqa: E402
+from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.verify import rel_rms  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -44,7 +45,7 @@ def spec_of(name, causal):
 
 
 def module_of(spec):
-    return triton_backend.load_module(build_plan(spec, plan="quadratic"))
+    return triton_backend.load_module(build_plan(spec, force="quadratic"))
 
 
 def poisoned(module, monkeypatch):
@@ -259,7 +260,7 @@ def test_causal_key_blocks_above_the_diagonal_are_not_visited():
 
 def test_kernels_store_no_n_by_n_tensor_and_use_no_atomics():
     for spec in (spec_of("alibi", True), spec_of(SIGMOID, False)):
-        text = render(build_plan(spec, plan="quadratic"))
+        text = render(build_plan(spec, force="quadratic"))
         stored = sorted({line.split("tl.store(")[1].split(" ")[0] for line in text.splitlines() if "tl.store(" in line})
         stats = ["lse"] if spec.name == "alibi" else []
         params = [f"dpar_{p.name}" for p in spec.parameters]
@@ -282,15 +283,15 @@ def test_unsupported_quadratic_plans_are_plan_errors():
     clamp = {"name": "exp_clamp", "similarity": "exp(dot(q, k))", "normalize": {"kind": "rowsum", "eps": 1e-3,
                                                                               "eps_mode": "clamp"}}
     with pytest.raises(PlanError, match="clamped row sum"):
-        render(build_plan(load_spec(clamp), plan="quadratic"))
+        render(build_plan(load_spec(clamp), force="quadratic"))
     with pytest.raises(PlanError, match="mixes elements of q and k"):
-        render(build_plan(load_spec({"name": "mixed", "similarity": "norm(q * k)"}), plan="quadratic"))
+        render(build_plan(load_spec({"name": "mixed", "similarity": "norm(q * k)"}), force="quadratic"))
 
 
 def test_printer_prints_sign_the_derivative_of_abs():
     import sympy
-    from attngen.expr import QE
-    from attngen.printer import print_triton
+    from attngen.frontend.expr import QE
+    from attngen.codegen.printer import print_triton
 
     class TL:  # just enough of triton.language on torch tensors
         where = staticmethod(lambda c, a, b: torch.where(c, torch.as_tensor(a), torch.as_tensor(b)))
@@ -324,7 +325,7 @@ def test_torch_compile_fullgraph_traces_the_quadratic_ops():
 def test_dispatching_module_runs_each_ordering_at_its_lengths(monkeypatch):
     """polynomial2 (quadratic below the crossover, linear above): one module, both kernels; crossover= picks."""
     spec = spec_of("polynomial2", True)
-    module = triton_backend.load_module(build_plan(spec, orderings=("linear", "quadratic")))
+    module = triton_backend.load_module(build_plan(spec, target="triton"))
     assert module.CROSSOVER > 100
     ran = []
     for host in ("_qfwd", "_fwd"):

@@ -17,14 +17,15 @@ from attngen.verify import rel_rms
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
-from attngen import load_spec, triton_backend  # noqa: E402
-from attngen.backends import torch_backend  # noqa: E402
-from attngen.backends.torch_common import _side, log_decay, row_evaluator, symbol_env  # noqa: E402
+from attngen import load_spec  # noqa: E402
+from attngen.runtime.triton import loader as triton_backend  # noqa: E402
+from attngen.runtime.torch import backend as torch_backend  # noqa: E402
+from attngen.runtime.torch.common import _side, log_decay, row_evaluator, symbol_env  # noqa: E402
 from attngen.errors import InputError  # noqa: E402
-from attngen.expr import KE, QE, I, J  # noqa: E402
+from attngen.frontend.expr import KE, QE, I, J  # noqa: E402
 from attngen.ir import Ordering  # noqa: E402
-from attngen.naive import reference  # noqa: E402
-from attngen.plan import build_plan  # noqa: E402
+from attngen.reference.naive import reference  # noqa: E402
+from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.verify import FUDGE  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -47,7 +48,7 @@ D = 16  # the tensor-power specs (based, polynomial2) are generated up to head d
 
 def module(key):
     spec = SPECS[key]()
-    mod = triton_backend.load_module(build_plan(spec, plan="linear"))
+    mod = triton_backend.load_module(build_plan(spec, force="linear"))
     return spec, mod, getattr(mod, f"{spec.name}_attention"), getattr(mod, f"{spec.name}_step")
 
 
@@ -73,7 +74,7 @@ def zeros_state(mod, b, h, dk, dv):
 def recurrent64(spec, q, k, v, S0, z0, pos0, params):
     """float64 oracle: o [B, H, T, Dv] and the final (S, z) from the state (S0, z0) at positions pos0 + t:
     S_t = gamma S_{t-1} + K'_t^T V_t, z_t = gamma z_{t-1} + K'_t, o_t = Q'_t S_t / den'(Q'_t z_t)."""
-    plan = build_plan(spec, plan="linear")
+    plan = build_plan(spec, force="linear")
     b, h, t, d = q.shape
     env = symbol_env(plan, t, t, h, d, params, torch.float64, q.device)
     pos = (pos0.view(b, 1, 1, 1) + torch.arange(t).view(1, 1, t, 1)).double()
@@ -136,7 +137,7 @@ def test_prefill_then_steps_equals_full_forward(key, t1, t2, monkeypatch):
     # attngen.verify's rule: a case also passes within FUDGE x the error of the same computation in fp32 (the
     # torch backend's recurrent ordering); it binds only where fp32 itself cannot meet the tolerance
     # (polynomial2 at T = 1: one key, the row sum (q.k)**2 + eps cancels in float32)
-    same = torch_backend.run(build_plan(spec, plan="recurrent"), Ordering.RECURRENT, q.float(), k.float(), v.float(),
+    same = torch_backend.run(build_plan(spec, force="recurrent"), Ordering.RECURRENT, q.float(), k.float(), v.float(),
                              {n: p.float() for n, p in params.items()})
     floor = FUDGE * rel_rms(same[:, :, t1:], gold[:, :, t1:])
     assert_close("decode steps vs the module's full forward", steps, full[:, :, t1:], max(1e-5, floor))
@@ -156,7 +157,7 @@ def test_oracle_continues_the_reference():
     spec = SPECS["cosformer_M4096"]()
     g = torch.Generator().manual_seed(1)
     q, k, v = (rand(g, 2, 2, 30, 8) for _ in range(3))
-    f = build_plan(spec, plan="linear").feature_width(8)
+    f = build_plan(spec, force="linear").feature_width(8)
     zero = (torch.zeros(2, 2, f, 8, dtype=torch.float64), torch.zeros(2, 2, f, dtype=torch.float64))
     head, S, z = recurrent64(spec, q[:, :, :11], k[:, :, :11], v[:, :, :11], *zero, torch.zeros(2, dtype=torch.int64), {})
     tail, _, _ = recurrent64(spec, q[:, :, 11:], k[:, :, 11:], v[:, :, 11:], S, z, torch.full((2,), 11), {})
@@ -301,7 +302,7 @@ def test_packed_sequences_equal_each_alone(key, layout, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 def test_bidirectional_modules_refuse_states():
     spec = load_spec("linear_elu", causal=False)
-    mod = triton_backend.load_module(build_plan(spec, plan="linear"))
+    mod = triton_backend.load_module(build_plan(spec, force="linear"))
     x = torch.randn(1, 2, 8, 16, device=DEVICE)
     fn, step = mod.linear_elu_attention, mod.linear_elu_step
     for kwargs in (dict(return_state=True), dict(cu_seqlens=torch.tensor([0, 8], device=DEVICE)),
@@ -315,7 +316,7 @@ def test_bidirectional_modules_refuse_states():
 
 def test_cosformer_with_length_dependent_M_refuses_states():
     spec = load_spec("cosformer")
-    plan = build_plan(spec, plan="linear")
+    plan = build_plan(spec, force="linear")
     mod = triton_backend.load_module(plan)
     assert mod.LENGTH_TERMS and not mod.STATEFUL
     x = torch.randn(1, 2, 8, 16, device=DEVICE)

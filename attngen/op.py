@@ -1,0 +1,270 @@
+"""The public runtime: ``attngen.compile(spec, ...)`` returns an AttentionOp, callable like SDPA.
+
+    op = attngen.compile("cosformer", backend="auto", plan=None, layout="bhtd")
+    o = op(q, k, v)                      # q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv] -> o [B, H, T, Dv]
+
+backend: "torch" runs the Plan in PyTorch ops on any device; "triton" runs the generated kernels (CUDA
+tensors; CPU tensors only under TRITON_INTERPRET=1, for verification); "auto" picks triton for CUDA
+tensors and torch otherwise, per call, from the inputs' device. The triton backend implements the
+linear and quadratic orderings, so its plans choose among those (pipeline.plan(target="triton")) and say so in
+plan.explain(); a module holding both dispatches on the key length at the plan's crossover.
+plan: None lets the planner choose per call from the key length (a dispatch at the crossover length
+it solved); "linear", "quadratic", "recurrent" or "fft" forces one ordering.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from attngen import pipeline
+from attngen.approx.conv_basis import execute as conv_basis
+from attngen.approx.topk_sparse import execute as topk_sparse
+from attngen.approx.topk_sparse.attend import run_triton as run_triton_sparse
+from attngen.errors import InputError, PlanError
+from attngen.frontend.spec import Spec, load_spec
+from attngen.ir import DEFAULT_CHUNK, Ordering
+from attngen.runtime import state as state_lib
+from attngen.runtime.inputs import check_cu_seqlens, check_params, check_qkv
+from attngen.runtime.state import State, check_decodable
+from attngen.runtime.torch import backend as torch_backend
+from attngen.runtime.torch.common import compute_dtype
+from attngen.runtime.triton import loader as triton_loader
+
+BACKENDS = ("auto", "torch", "triton")
+# the approximations' torch execution (the exact orderings run in attngen.runtime.torch.backend)
+APPROXIMATIONS = {Ordering.CONV_BASIS: conv_basis.run, Ordering.TOPK_SPARSE: topk_sparse.run}
+LAYOUTS = ("bhtd", "bthd")
+DEFAULT_HEAD_DIM = 64  # the head dim of op.plan before the first call
+
+_TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels need CUDA tensors; on a CPU they "
+               "run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton; for "
+               "verification, it is slow), otherwise use backend='torch'")
+
+
+def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk: int = DEFAULT_CHUNK) -> "AttentionOp":
+    """Compile ``spec`` (a Spec, a built-in name, a YAML path or string, or a dict) into an AttentionOp.
+
+    Raises PlanError for an unknown backend, a spec the triton backend cannot generate, or an illegal forced ``plan``,
+    and InputError for an unknown ``layout`` or a bad ``chunk``."""
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    if backend not in BACKENDS:
+        raise PlanError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
+    if layout not in LAYOUTS:
+        raise InputError(f"layout={layout!r}: expected 'bhtd' ([B, H, T, D], SDPA's) or 'bthd' ([B, T, H, D], fla's)")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InputError(f"chunk={chunk!r}: expected a positive integer (the causal linear plan's chunk size)")
+    return AttentionOp(spec, backend, plan, layout, chunk)
+
+
+class AttentionOp:
+    """A compiled attention variant. Call it as ``op(q, k, v, **params)``.
+
+    Attributes: ``spec``, ``backend`` ("auto" or "torch"), ``layout``, ``chunk``, and ``plan``: the Plan
+    at head dim 64 until the first call, then the plan of the last call's head dim."""
+
+    def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk: int):
+        self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
+        self._force = plan
+        self.last_basis = None  # conv_basis: the basis recovered on the last call (starts, columns)
+        self.last_selection = None  # topk_sparse: the key blocks kept on the last call
+        self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
+        # validates a forced ordering (and, for triton, that the kernels can be generated) now
+        self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
+
+    def __repr__(self) -> str:
+        force = f", plan={self._force!r}" if self._force is not None else ""
+        return (f"AttentionOp({self.spec.name!r} {self.spec.mode}, backend={self.backend!r}{force}, "
+                f"layout={self.layout!r})")
+
+    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, **params):
+        """o [B, H, T, Dv] ("bhtd") or [B, T, H, Dv] ("bthd"); parameters are keyword tensors named as in
+        the spec ([H] per head or [] scalar) and default to their ``init``.
+
+        State passing (causal separable specs whose terms do not depend on the final length): with
+        ``initial_state`` (a State of batch B) the positions of sequence b continue from its ``pos`` and
+        its S (and z) enter as the state before the first token; gradients reach them. With
+        ``return_state=True`` the result is ``(o, state)``, the state after the last token. Both run the
+        linear ordering (the recurrent one when forced with plan="recurrent"), also at lengths where the
+        planner would choose the quadratic ordering: a state needs the linear form.
+
+        ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
+        B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
+        each sequence's positions start at 0 (or its initial state's pos)."""
+        qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
+        backend = resolve_backend(self.backend, qh.device)
+        values = check_params(self.spec, params, qh.shape[1], qh)
+        plan = self._plan_for(backend, qh.shape[-1])
+        self.plan = plan
+        bounds = None
+        if cu_seqlens is not None:
+            bounds = check_cu_seqlens(cu_seqlens, qh.shape[0], qh.shape[2], qh.device)
+            if kh.shape[2] != qh.shape[2]:
+                raise InputError(f"cu_seqlens: packed sequences need the key length to equal the query length "
+                                 f"(found {qh.shape[2]} and {kh.shape[2]})")
+        stateful = initial_state is not None or return_state
+        state = None
+        if stateful:
+            check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
+            n = qh.shape[0] if bounds is None else len(bounds) - 1
+            state = self._checked_state(initial_state, plan, qh, vh, n)
+        if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
+            o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
+        elif backend == "triton":
+            out = self._run_triton(plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens)
+            o, state = out if return_state else (out, None)
+        elif stateful:
+            o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds)
+        elif bounds is not None:  # each packed sequence alone, by the ordering the planner picks for its length
+            o = torch.cat([self._run_torch(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values, {})
+                           for a, b in zip(bounds[:-1], bounds[1:])], 2)
+        else:
+            info = {}
+            o = self._run_torch(plan, qh, kh, vh, values, info)
+            self._record(info)
+        o = o.transpose(1, 2) if self.layout == "bthd" else o
+        return (o, state) if return_state else o
+
+    def _run_torch(self, plan, qh, kh, vh, values, info: dict):
+        """The ordering the planner picks for this key length: an approximation's execution, or the exact
+        torch backend's."""
+        ordering = plan.choice.ordering_for(kh.shape[2])
+        if ordering in APPROXIMATIONS:
+            return APPROXIMATIONS[ordering](plan, qh, kh, vh, values, info)
+        return torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk)
+
+    def _record(self, info: dict) -> None:
+        """Keep what an approximation decided on the last call (see last_basis, last_selection)."""
+        if "basis" in info:
+            self.last_basis = info["basis"]
+        if "selection" in info:
+            self.last_selection = info["selection"]
+
+    def ordering_for(self, head_dim: int, length: int, device="cpu") -> Ordering:
+        """The ordering a call with this head dim, key length and device runs."""
+        backend = resolve_backend(self.backend, torch.device(device))
+        return self._plan_for(backend, head_dim).choice.ordering_for(length)
+
+    def init_state(self, batch: int, heads: int, dk: int, dv: int, *, dtype=torch.float32, device=None) -> State:
+        """The state before any token for ``batch`` sequences: S [batch, heads, F, dv] zeros (F the feature
+        width at head dim ``dk``), z [batch, heads, F] for row-sum specs, pos [batch] zeros. States
+        accumulate in float32 (use float64 with float64 inputs)."""
+        if isinstance(dk, bool) or not isinstance(dk, int) or dk < 1:
+            raise InputError(f"init_state: dk={dk!r}; expected a positive integer (the head dim of q and k)")
+        backend = resolve_backend(self.backend, torch.device(device or "cpu"))
+        plan = self._plan_for(backend, dk)
+        check_decodable(plan, "init_state")
+        return state_lib.zeros(self.spec.hash, batch, heads, plan.feature_width(dk), dv,
+                               plan.normalize.kind != "none", dtype=dtype, device=device)
+
+    def step(self, q_t, k_t, v_t, state, **params):
+        """One decode step: q_t, k_t [B, H, 1, Dk] and v_t [B, H, 1, Dv] (layout "bhtd"; [B, 1, H, D] for
+        "bthd"), ``state`` the State after each sequence's previous tokens (from init_state, step or
+        return_state=True). Returns (o_t [B, H, 1, Dv] in the layout, the state after this token).
+        Each sequence is at its own position state.pos; memory is constant in the tokens consumed."""
+        qh, kh, vh = check_qkv(self.spec, q_t, k_t, v_t, self.layout)
+        if qh.shape[2] != 1:
+            raise InputError(f"step: expected one token per sequence (T = 1 in layout {self.layout}), found "
+                             f"T = {qh.shape[2]}. Fix: call the op with initial_state=state, return_state=True "
+                             "for several tokens (prefill)")
+        backend = resolve_backend(self.backend, qh.device)
+        values = check_params(self.spec, params, qh.shape[1], qh)
+        plan = self._plan_for(backend, qh.shape[-1])
+        check_decodable(plan, "step")
+        if state is None:
+            raise InputError("step: state is None; expected a State (op.init_state(batch, heads, dk, dv) before "
+                             "the first token, then the state each step returns)")
+        state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state")
+        if backend == "triton":
+            if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InputError(_TRITON_CPU.format(device=qh.device.type))
+            if getattr(triton_loader.load_module(plan), f"{self.spec.name}_step", None) is None:
+                raise PlanError(f"step: the generated Triton module of {self.spec.name} ({self.spec.mode}) has no "
+                                f"{self.spec.name}_step function (no generated decode step); use backend='torch' "
+                                "for decoding")
+            o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values, layout="bhtd")
+            new = State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
+        else:
+            o, s = torch_backend.step(plan, qh, kh, vh, values, _augmented(state), state.pos)
+            new = _from_augmented(s, state.pos + 1, plan, self.spec.hash)
+        return (o.transpose(1, 2) if self.layout == "bthd" else o), new
+
+    def _checked_state(self, state, plan, qh, vh, batch, what="initial_state"):
+        """``state`` validated against the inputs (None: a zero state)."""
+        width, dv = plan.feature_width(qh.shape[-1]), vh.shape[-1]
+        dtype = compute_dtype(qh.dtype)
+        if state is None:
+            return state_lib.zeros(self.spec.hash, batch, qh.shape[1], width, dv, plan.normalize.kind != "none",
+                                   dtype=dtype, device=qh.device)
+        state_lib.check(state, self.spec, batch=batch, heads=qh.shape[1], width=width, dv=dv, device=qh.device,
+                        dtype=dtype, what=what)
+        return state
+
+    def _run_torch_state(self, plan, qh, kh, vh, values, state, bounds):
+        ordering = Ordering.RECURRENT if plan.choice.forced and plan.choice.below is Ordering.RECURRENT \
+            else Ordering.LINEAR
+        s0 = _augmented(state)
+        if bounds is None:
+            o, s = torch_backend.run_state(plan, ordering, qh, kh, vh, values, self.chunk, s0, state.pos)
+            return o, _from_augmented(s, state.pos + qh.shape[2], plan, self.spec.hash)
+        outs, finals = [], []
+        for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            o, s = torch_backend.run_state(plan, ordering, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
+                                           self.chunk, s0[n:n + 1], state.pos[n:n + 1])
+            outs.append(o)
+            finals.append(s)
+        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
+        return torch.cat(outs, 2), _from_augmented(torch.cat(finals), state.pos + lengths, plan, self.spec.hash)
+
+    def _run_triton_sparse(self, plan, qh, kh, vh, values, bounds):
+        """topk_sparse on the generated block-sparse kernels, the selection in torch (approx.topk_sparse.attend);
+        packed sequences run one at a time."""
+        if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InputError(_TRITON_CPU.format(device=qh.device.type))
+        if bounds is not None:
+            return torch.cat([run_triton_sparse(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values)
+                              for a, b in zip(bounds[:-1], bounds[1:])], 2)
+        info = {}
+        o = run_triton_sparse(plan, qh, kh, vh, values, info)
+        self._record(info)
+        return o
+
+    def _run_triton(self, plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens):
+        """The generated module's forward; states cross as the tuples (S, z, pos) it takes and returns."""
+        if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InputError(_TRITON_CPU.format(device=qh.device.type))
+        if initial_state is None and not return_state and cu_seqlens is None:
+            return triton_loader.run(plan, qh, kh, vh, values, layout="bhtd")
+        start = None if initial_state is None else (initial_state.S, initial_state.z, initial_state.pos)
+        out = triton_loader.run(plan, qh, kh, vh, values, layout="bhtd", initial_state=start, return_state=return_state,
+                     cu_seqlens=cu_seqlens)
+        if not return_state:
+            return out
+        o, (S, z, pos) = out
+        return o, State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
+
+    def _plan_for(self, backend: str, head_dim: int):
+        key = (backend, head_dim)
+        if key not in self._plans:
+            self._plans[key] = pipeline.plan(self.spec, target=backend, head_dim=head_dim, chunk=self.chunk,
+                                             force=self._force)
+        return self._plans[key]
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend a call runs on: "auto" is triton for CUDA tensors, torch for any other device."""
+    if backend != "auto":
+        return backend
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+
+def _augmented(state: State) -> torch.Tensor:
+    """The state as the kernels carry it: [S | z] [B, H, F, Dv + 1] for a row-sum spec (z rides along as
+    the ones column's state, docs/derivations.md section 2), else S."""
+    return state.S if state.z is None else torch.cat([state.S, state.z.unsqueeze(-1)], -1)
+
+
+def _from_augmented(s: torch.Tensor, pos: torch.Tensor, plan, spec_hash: str) -> State:
+    if plan.normalize.kind == "none":
+        return State(s, None, pos, spec_hash)
+    return State(s[..., :-1], s[..., -1], pos, spec_hash)

@@ -1,0 +1,140 @@
+"""Planning passes: the similarity separated, the reweighting classified, the linear plan's feature map,
+a declared approximation checked, every ordering costed, and the choice (see attngen.pipeline)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy
+
+from attngen.errors import PlanError
+from attngen.frontend.expr import D
+from attngen.ir import Choice, LinearTerm, Ordering, ReweightClass, SimilarityClass, is_softmax, is_softmax_family
+from attngen.passes import cost
+from attngen.passes.draft import Draft, with_steps
+from attngen.passes.rewrite import classify_reweight, classify_similarity
+
+
+def separate(x: Draft) -> Draft:
+    steps = []
+    sim = classify_similarity(x.similarity_expr, steps)
+    x = with_steps(x, steps)
+    if sim.kind is SimilarityClass.SEPARABLE:
+        detail = " + ".join(f"{t.describe()} [width {sympy.sstr(t.width(D))}]" for t in sim.terms)
+    elif sim.kind is SimilarityClass.EXP:
+        detail = f"exp of the separable score {sympy.sstr(sim.score)}: softmax family (running max)"
+    else:
+        detail = f"{sympy.sstr(sim.expr)} has no finite separation"
+    return x.step(f"similarity: {sim.kind.value}", detail, similarity=sim)
+
+
+def classify(x: Draft) -> Draft:
+    steps = []
+    rw = classify_reweight(x.reweight_expr, x.spec.causal, steps, x.spec.where)
+    x = with_steps(x, steps)
+    parts = [t.describe() for t in rw.terms]
+    if rw.decay is not None:
+        parts.insert(0, f"decay {sympy.sstr(rw.decay.gamma)}**{'|i-j|' if rw.decay.two_sided else '(i-j)'}"
+                     + (" (two scans)" if rw.decay.two_sided else " (one scan)"))
+    if rw.kernel is not None:
+        parts.append(f"h(t) = {sympy.sstr(rw.kernel)}, t = i - j")
+    return x.step(f"reweight: {rw.kind.value}", "; ".join(parts) or sympy.sstr(rw.expr), reweight=rw)
+
+
+def linear_terms(x: Draft) -> Draft:
+    if x.similarity.kind is not SimilarityClass.SEPARABLE or x.reweight.kind not in (
+            ReweightClass.NONE, ReweightClass.SEPARABLE, ReweightClass.DECAY):
+        return x
+    terms = tuple(LinearTerm(f, p) for p in x.reweight.terms for f in x.similarity.terms)
+    width = sum((t.width(D) for t in terms), sympy.Integer(0))
+    return x.step("linear-terms", f"{len(terms)} feature block(s), total width F = {sympy.sstr(width)}",
+                  linear_terms=terms)
+
+
+def approximate(x: Draft) -> Draft:
+    """A declared approximation: check that it applies to this spec (PlanError if not) and plan its estimator."""
+    a = x.spec.approximation
+    if a is None:
+        return x
+    where = f"{x.spec.where}: approx ({a.kind})"
+    if a.kind == "conv_basis":
+        if not (is_softmax(x.similarity, x.normalize) and x.reweight.kind is ReweightClass.NONE):
+            raise PlanError(f"{where}: conv_basis approximates causal softmax attention (similarity exp(score), "
+                            f"no reweight, normalize rowsum or softmax); {x.spec.name} has a "
+                            f"{x.similarity.kind.value} similarity, {x.reweight.kind.value} reweight and "
+                            f"normalize {x.normalize.kind}. Fix: remove approx, or declare a softmax spec")
+        return x.step("approximate", f"conv_basis with k = {a.k}, probe = {a.probe}, delta = {a.delta:g}, "
+                                     f"{a.search} search (approximate; declared by the spec)")
+    if not is_softmax_family(x.similarity, x.reweight, x.normalize):
+        raise PlanError(f"{where}: topk_sparse computes exact softmax attention on the kept blocks, so it needs a "
+                        f"softmax-family spec (similarity exp(score), normalize rowsum or softmax, a reweight that "
+                        f"is none or exp(bias)); {x.spec.name} has a {x.similarity.kind.value} similarity, "
+                        f"{x.reweight.kind.value} reweight and normalize {x.normalize.kind}")
+    est = a.estimator
+    try:
+        est_plan = x.subplan(est, head_dim=x.head_dim, chunk=x.chunk, force=Ordering.LINEAR)
+    except PlanError as exc:
+        raise PlanError(f"{where}: the estimator {est.name} must be separable (it is evaluated at linear cost "
+                        f"from pooled features): {exc}") from None
+    if est_plan.reweight.decay is not None:
+        raise PlanError(f"{where}: the estimator {est.name} has a decay reweighting "
+                        f"(({sympy.sstr(est_plan.reweight.decay.gamma)})**(i-j)), which does not pool over blocks; "
+                        "choose an estimator whose reweighting is none or a finite sum of f(i) g(j)")
+    return x.step("approximate", f"topk_sparse: estimator {est.name} (F = {sympy.sstr(est_plan.feature_width())}), "
+                                 f"block {a.block}, k = {a.k} key blocks per query block + "
+                                 f"{'the diagonal, ' if a.always_keep.diagonal else ''}the first "
+                                 f"{a.always_keep.first} (approximate; declared by the spec)",
+                  estimator=est_plan)
+
+
+def costs(x: Draft) -> Draft:
+    cands = cost.candidates(x.spec.causal, x.similarity, x.reweight, x.linear_terms)
+    width = x.estimator.feature_width() if x.estimator is not None else None
+    cands += cost.approximations(x.spec, None, width)
+    return replace(x, candidates=cands)
+
+
+def choose_ordering(x: Draft) -> Draft:
+    if x.force is not None:
+        cand = next(c for c in x.candidates if c.ordering == x.force)
+        if not cand.legal:
+            raise PlanError(f"{x.spec.where}: plan={x.force.value!r} is not legal for {x.spec.name} "
+                            f"({x.spec.mode}): {cand.reason}")
+        _check_available(x, [x.force])
+        choice = Choice(x.force, x.force, None, forced=True)
+        return x.step("choose", f"{x.force.value} (forced by the caller)", choice=choice)
+    a = x.spec.approximation
+    if a is not None:  # declared by the spec: chosen, with the exact orderings' costs shown beside it
+        _check_available(x, [Ordering(a.kind)])
+        choice = Choice(Ordering(a.kind), Ordering(a.kind), None)
+        return x.step("choose", f"{a.kind}: declared by the spec's approx (approximate; exact orderings are "
+                                "listed in the cost table; force one with plan=...)", choice=choice)
+    cands = x.candidates
+    note = ""
+    if x.available is not None:
+        legal = [c.ordering for c in cands if c.legal and c.ordering not in (Ordering.RECURRENT, *cost.APPROXIMATE)]
+        _check_available(x, legal, any_of=True)
+        cands = tuple(c for c in cands if c.ordering in x.available)
+        note = " [backend implements: " + ", ".join(sorted(o.value for o in x.available)) + "]"
+    choice, why = cost.choose(cands, x.head_dim, x.chunk)
+    return x.step("choose", why + note, choice=choice)
+
+
+def _check_available(x: Draft, orderings, any_of=False):
+    if x.available is None:
+        return
+    missing = [o for o in orderings if o not in x.available]
+    if (any_of and len(missing) == len(orderings)) or (not any_of and missing):
+        have = ", ".join(sorted(o.value for o in x.available)) or "none"
+        raise PlanError(f"{x.spec.where}: the backend implements {have} for {x.spec.name} ({x.spec.mode}), "
+                        f"not {', '.join(o.value for o in missing)}; use backend='torch', or force an "
+                        f"ordering it implements")
+
+
+def ordering(value, spec) -> Ordering:
+    if isinstance(value, Ordering):
+        return value
+    try:
+        return Ordering(value)
+    except ValueError:
+        raise PlanError(f"plan={value!r} for {spec.name}: expected one of "
+                        + ", ".join(o.value for o in Ordering) + " or None (let the planner choose)") from None

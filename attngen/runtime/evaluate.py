@@ -1,0 +1,141 @@
+"""Evaluate sympy expressions of the spec algebra on torch tensors, through one mapping table.
+
+Used by the naive reference (which evaluates the spec directly) and by the torch backend (which evaluates
+the planner's feature maps and position factors). No code is generated or executed: the tree is walked.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from attngen.errors import PlanError
+from attngen.frontend.expr import D, HEAD, HEADS, N_K, N_Q, Dot, Elu, Norm, Relu, Sigmoid
+
+
+def _max(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = _binary(out, x, torch.maximum, max)
+    return out
+
+
+def _min(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = _binary(out, x, torch.minimum, min)
+    return out
+
+
+def _binary(a, b, tfn, pyfn):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return tfn(a, b)
+    if isinstance(a, torch.Tensor):
+        return tfn(a, torch.as_tensor(b, dtype=a.dtype, device=a.device))
+    if isinstance(b, torch.Tensor):
+        return tfn(torch.as_tensor(a, dtype=b.dtype, device=b.device), b)
+    return pyfn(a, b)
+
+
+def _unary(tfn, pyfn):
+    return lambda x: tfn(x) if isinstance(x, torch.Tensor) else pyfn(x)
+
+
+def _pow(base, exp):
+    if not isinstance(base, torch.Tensor) and not isinstance(exp, torch.Tensor):
+        return float(base) ** exp
+    if isinstance(exp, (int, float)) and float(exp) == 0.5:
+        return torch.sqrt(base)
+    if not isinstance(base, torch.Tensor):
+        return torch.pow(torch.as_tensor(float(base), dtype=exp.dtype, device=exp.device), exp)
+    return torch.pow(base, exp)
+
+
+def _heaviside(x, h0=0.0):
+    if isinstance(x, torch.Tensor):
+        return (x > 0).to(x.dtype) + (x == 0).to(x.dtype) * float(h0)
+    return 1.0 if x > 0 else float(h0) if x == 0 else 0.0
+
+
+# sympy node type -> how to compute it from its evaluated arguments
+TABLE = {
+    sympy.exp: _unary(torch.exp, math.exp),
+    sympy.log: _unary(torch.log, math.log),
+    sympy.sin: _unary(torch.sin, math.sin),
+    sympy.cos: _unary(torch.cos, math.cos),
+    sympy.tanh: _unary(torch.tanh, math.tanh),
+    sympy.Abs: _unary(torch.abs, abs),
+    Relu: _unary(torch.relu, lambda x: max(x, 0.0)),
+    Elu: _unary(torch.nn.functional.elu, lambda x: x if x > 0 else math.expm1(x)),
+    Sigmoid: _unary(torch.sigmoid, lambda x: 1.0 / (1.0 + math.exp(-x))),
+    sympy.Max: _max,
+    sympy.Min: _min,
+    sympy.Heaviside: _heaviside,
+    sympy.Pow: _pow,
+}
+
+
+class Evaluator:
+    """Walks a sympy tree; ``env`` maps symbols to tensors or numbers; ``dot``/``norm`` evaluate the
+    reductions (the caller decides how vectors are laid out)."""
+
+    def __init__(self, env: dict, dot=None, norm=None, where: str = "<expr>"):
+        self.env, self.dot, self.norm, self.where = env, dot, norm, where
+
+    def __call__(self, expr):
+        if isinstance(expr, sympy.Symbol):
+            if expr not in self.env:
+                raise PlanError(f"{self.where}: no value for symbol {expr} (known: {sorted(map(str, self.env))})")
+            return self.env[expr]
+        if expr is sympy.pi:
+            return math.pi
+        if expr.is_Number or expr.is_NumberSymbol:
+            return int(expr) if expr.is_Integer else float(expr)
+        if isinstance(expr, Dot):
+            return self.dot(*expr.args)
+        if isinstance(expr, Norm):
+            return self.norm(expr.args[0])
+        if isinstance(expr, sympy.Add):
+            out = 0
+            for a in expr.args:
+                out = out + self(a)
+            return out
+        if isinstance(expr, sympy.Mul):
+            out = 1
+            for a in expr.args:
+                out = out * self(a)
+            return out
+        if isinstance(expr, sympy.Pow):
+            base, exp = self(expr.args[0]), self(expr.args[1])
+            return _pow(base, exp)
+        if isinstance(expr, sympy.Piecewise):
+            return self._piecewise(expr)
+        fn = TABLE.get(type(expr)) or TABLE.get(expr.func)
+        if fn is None:
+            raise PlanError(f"{self.where}: cannot evaluate {type(expr).__name__} in {expr}")
+        return fn(*[self(a) for a in expr.args])
+
+    def _piecewise(self, expr):
+        out = None
+        for value, cond in reversed(expr.args):
+            v = self(value)
+            if cond is sympy.true:
+                out = v
+                continue
+            if not isinstance(cond, sympy.core.relational.StrictGreaterThan) or cond.rhs != 0:
+                raise PlanError(f"{self.where}: cannot evaluate the condition {cond}")
+            c = self(cond.lhs) > 0
+            out = torch.where(c, v, out) if isinstance(c, torch.Tensor) else (v if c else out)
+        return out
+
+
+def scalar_env(spec, n_q: int, n_k: int, d: int, heads: int, params: dict, dtype, device) -> dict:
+    """Values of the symbols that do not vary within a row: lengths, d, head index and count, parameters
+    (per head as [1, H, 1, 1], scalars as 0-d tensors). Constants are substituted before evaluation."""
+    env = {N_Q: n_q, N_K: n_k, D: d, HEADS: heads,
+           HEAD: torch.arange(heads, dtype=dtype, device=device).view(1, heads, 1, 1)}
+    for p in spec.parameters:
+        t = params[p.name]
+        env[p.symbol] = t.view(1, heads, 1, 1) if p.shape else t.reshape(())
+    return env

@@ -1,0 +1,156 @@
+"""The torch backend: executes a Plan with plain PyTorch ops; autograd differentiates all of it.
+
+    run(plan, ordering, q, k, v, params, chunk) -> o
+    run_state(plan, ordering, q, k, v, params, chunk, s0, start) -> (o, s)   causal, from a recurrent state
+    step(plan, q, k, v, params, s0, start) -> (o, s)                         one decode step (T = 1)
+
+One function per ordering lives in linear (linear, recurrent), quadratic and fft;
+this module validates the ordering against the plan, builds the shared inputs (feature maps, ones
+column, decay rate) and divides by the row sum at the end.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from attngen.errors import PlanError
+from attngen.ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
+from attngen.runtime.torch import fft as torch_fft
+from attngen.runtime.torch import linear as torch_linear
+from attngen.runtime.torch import quadratic as torch_quadratic
+from attngen.runtime.torch.common import compute_dtype, feature_maps, finish, log_decay, symbol_env, with_ones
+
+_ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
+
+
+def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
+        chunk: int | None = None) -> torch.Tensor:
+    """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv].
+
+    ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
+    plan's chunk size (default plan.chunk). Computes in fp32 (fp64 for fp64 inputs)."""
+    ordering = Ordering(ordering)
+    _check_ordering(plan, ordering)
+    spec = plan.spec
+    if ordering is Ordering.LINEAR and spec.causal and q.shape[2] > BLOCK_TOKENS and _length_free(plan):
+        return _blockwise(plan, q, k, v, params, chunk)
+    in_dtype = q.dtype
+    q, k, v, env = prepare(plan, q, k, v, params)
+    h = q.shape[1]
+    if ordering is Ordering.QUADRATIC:
+        return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal).to(in_dtype)
+    if ordering is Ordering.FFT:
+        blocks = [(term, _ONE) for term in plan.similarity.terms]
+        qf, kf = feature_maps(blocks, env, q, k, spec.where)
+        acc = torch_fft.toeplitz(qf, kf, v, plan.reweight.kernel, env, spec.causal, spec.where)
+    else:
+        blocks = [(term.feature, term.position) for term in plan.linear_terms]
+        qf, kf = feature_maps(blocks, env, q, k, spec.where)
+        # the scans need gamma in (0, 1]; the quadratic ordering evaluates W directly and needs no check
+        lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
+        if ordering is Ordering.RECURRENT:
+            acc, _ = torch_linear.recurrent(qf, kf, v, lg)
+        elif spec.causal:
+            acc = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg)
+        elif lg is None:
+            acc = torch_linear.bidirectional(qf, kf, v)
+        else:
+            acc = torch_linear.two_sided(qf, kf, v, chunk or plan.chunk, lg)
+    return finish(acc, plan.normalize).to(in_dtype)
+
+
+def prepare(plan, q, k, v, params: dict) -> tuple:
+    """q, k, [v | 1] (the ones column for a row-sum spec) in the compute dtype, and the symbol values of the
+    call: what every ordering, the approximations' included (attngen.approx), starts from."""
+    dtype = compute_dtype(q.dtype)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    b, h, t, d = q.shape
+    env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
+    return q, k, with_ones(v, plan.normalize), env
+
+
+BLOCK_TOKENS = 1024  # a long causal sequence runs in blocks of this many tokens, its state carried between
+
+
+def _length_free(plan) -> bool:
+    """True when no feature or position factor depends on the sequence length (so blocks see the same math)."""
+    return plan.spec.causal and bool(plan.linear_terms) and not plan.capabilities.length_terms
+
+
+def _blockwise(plan, q, k, v, params: dict, chunk: int | None) -> torch.Tensor:
+    """The causal linear ordering over blocks of BLOCK_TOKENS tokens, the recurrent state carried from one
+    block to the next: feature maps and temporaries then stay the size of a block (cache-resident) at every
+    length, and the result is the same operator (state passing is exact)."""
+    b, t = q.shape[0], q.shape[2]
+    block = max(chunk or plan.chunk, BLOCK_TOKENS // (chunk or plan.chunk) * (chunk or plan.chunk))
+    start = torch.zeros(b, dtype=torch.int64, device=q.device)
+    outs, state = [], None
+    for t0 in range(0, t, block):
+        t1 = min(t, t0 + block)
+        o, state = run_state(plan, Ordering.LINEAR, q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1], params, chunk,
+                             state, start + t0)
+        outs.append(o)
+    return torch.cat(outs, 2)
+
+
+def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torch.Tensor | None,
+              start: torch.Tensor) -> tuple:
+    """(o [B, H, T, Dv], s [B, H, F, E]) of a causal separable plan continuing from a recurrent state.
+
+    ``s0`` [B, H, F, E] is the state after the tokens before this call (E = Dv + 1 for a row-sum spec: the
+    normaliser z is its last column), or None for a fresh start; ``start`` [B] int64 the number of those
+    tokens per sequence (the positions continue from it). ``ordering`` is linear (chunked) or recurrent;
+    gradients reach ``s0``. The caller checks that the plan is decodable (state.check_decodable)."""
+    ordering = Ordering(ordering)
+    if ordering not in (Ordering.LINEAR, Ordering.RECURRENT) or not plan.spec.causal:
+        raise PlanError(f"{plan.spec.where}: a recurrent state needs the causal linear or recurrent ordering, "
+                        f"not {ordering.value} ({plan.spec.mode})")
+    _check_ordering(plan, ordering)
+    in_dtype = q.dtype
+    qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
+    s0 = None if s0 is None else s0.to(qf.dtype)
+    if ordering is Ordering.RECURRENT:
+        acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
+    else:
+        acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg, initial=s0, return_final=True)
+    return finish(acc, plan.normalize).to(in_dtype), s
+
+
+def step(plan, q, k, v, params: dict, s0: torch.Tensor, start: torch.Tensor) -> tuple:
+    """One decode step: q, k [B, H, 1, Dk], v [B, H, 1, Dv] at positions ``start`` [B] (each sequence its
+    own), state ``s0`` [B, H, F, E] -> (o [B, H, 1, Dv], the state after this token)."""
+    in_dtype = q.dtype
+    qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
+    gamma = None if lg is None else torch.exp(lg)
+    o, s = torch_linear.recurrent_step(s0.to(qf.dtype), qf[:, :, 0], kf[:, :, 0], v[:, :, 0], gamma)
+    return finish(o.unsqueeze(2), plan.normalize).to(in_dtype), s
+
+
+def _linear_inputs(plan, q, k, v, params, start):
+    """Q', K' (positions from ``start``), [V | 1] and log(gamma) in the compute dtype."""
+    dtype = compute_dtype(q.dtype)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    b, h, t, d = q.shape
+    env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
+    blocks = [(term.feature, term.position) for term in plan.linear_terms]
+    qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)
+    lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
+    return qf, kf, with_ones(v, plan.normalize), lg
+
+
+def _check_ordering(plan, ordering: Ordering) -> None:
+    """A PlanError when the plan cannot run ``ordering`` (the cost table says why)."""
+    ok = {
+        Ordering.QUADRATIC: True,
+        Ordering.LINEAR: bool(plan.linear_terms),
+        Ordering.RECURRENT: bool(plan.linear_terms) and plan.spec.causal,
+        Ordering.FFT: plan.similarity.kind is SimilarityClass.SEPARABLE
+        and plan.reweight.kind is ReweightClass.TOEPLITZ,
+    }.get(ordering)
+    if ok is None:  # conv_basis, topk_sparse
+        raise PlanError(f"{plan.spec.where}: the {ordering.value} approximation runs in attngen.approx."
+                        f"{ordering.value} (through the op), not in the exact torch backend")
+    if not ok:
+        reason = next((c.reason for c in plan.candidates if c.ordering == ordering), "not in the cost table")
+        raise PlanError(f"{plan.spec.where}: the {ordering.value} ordering cannot run {plan.spec.name} "
+                        f"({plan.spec.mode}): {reason}")

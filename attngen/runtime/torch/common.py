@@ -1,0 +1,139 @@
+"""Pieces shared by the torch backend's orderings: the symbol environment, the feature maps Q' and K'
+(derivations.md section 1), the decay rate (section 4), the ones column and the final division
+(section 2).
+
+Shapes: q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv]; E = Dv + 1 with the ones column, else Dv.
+Per-head values (the head index h, per-head parameters) are [1, H, 1, 1].
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from attngen.errors import InputError
+from attngen.runtime.evaluate import Evaluator, scalar_env
+from attngen.frontend.expr import KE, QE, I, J
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs, else fp32: states and row sums never accumulate in half precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def symbol_env(plan, n_q: int, n_k: int, heads: int, d: int, params: dict, dtype, device) -> dict:
+    """Values of the row-constant symbols (lengths, d, h, H, parameters) as numbers or [1, H, 1, 1]."""
+    params = {name: t.to(dtype=dtype, device=device) for name, t in params.items()}
+    return scalar_env(plan.spec, n_q, n_k, d, heads, params, dtype, device)
+
+
+def with_rank5(env: dict) -> dict:
+    """The same environment with [1, H, 1, 1] tensors as [1, H, 1, 1, 1] (for [B, H, T, S, D] tiles)."""
+    return {s: x.unsqueeze(-1) if isinstance(x, torch.Tensor) and x.dim() == 4 else x for s, x in env.items()}
+
+
+def as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    """An evaluated value (number or tensor) as a tensor of ``like``'s dtype and device."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def row_evaluator(env: dict, elem, x: torch.Tensor, pos_symbol, pos: torch.Tensor, where: str) -> Evaluator:
+    """Evaluate element formulas of one side: ``elem`` (QE or KE) is the rows x [B, H, T, D]; the
+    reductions norm and dot run over the head dim and keep it as width 1."""
+    def dot(a, b):
+        return (as_tensor(ev(a), x) * as_tensor(ev(b), x)).sum(-1, keepdim=True)
+
+    def norm(a):
+        return torch.linalg.vector_norm(as_tensor(ev(a), x), dim=-1, keepdim=True)
+
+    ev = Evaluator({**env, elem: x, pos_symbol: pos}, dot, norm, where=where)
+    return ev  # dot and norm above call it recursively
+
+
+def tensor_product(factors: list, prefix: tuple, like: torch.Tensor) -> torch.Tensor:
+    """Flattened outer product of m factors [*prefix, D] -> [*prefix, D**m]; m = 0 gives a ones column."""
+    if not factors:
+        return like.new_ones(*prefix, 1)
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out.unsqueeze(-1) * f.unsqueeze(-2)).flatten(-2)
+    return out
+
+
+def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str,
+                 start: torch.Tensor | None = None):
+    """Q' [B, H, T, F] and K' [B, H, S, F] for ``blocks``, a sequence of (FeatureTerm, PositionTerm):
+    block r is coeff * f_r(i) * c * qscale(q) * (a_1 (x) ... )(q) on the query side and
+    g_r(j) * kscale(k) * (b_1 (x) ...)(k) on the key side (the IR's LinearTerm).
+
+    ``start`` [B] (int64) shifts the positions of each sequence: i = start + arange(T), likewise j (a
+    continuation from a recurrent state); the position factors are then [B, 1, T, 1]."""
+    b, h, t, _ = q.shape
+    s = k.shape[2]
+    i = torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1)
+    j = torch.arange(s, dtype=k.dtype, device=k.device).view(1, 1, s, 1)
+    if start is not None:
+        offset = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        i, j = i + offset, j + offset
+    qev = row_evaluator(env, QE, q, I, i, where)
+    kev = row_evaluator(env, KE, k, J, j, where)
+    q_blocks, k_blocks = [], []
+    for feature, position in blocks:
+        q_scale = (position.coeff, position.f_i, feature.coeff, feature.q_scale)
+        q_blocks.append(_side(qev, q_scale, feature.q_factors, q))
+        k_blocks.append(_side(kev, (position.g_j, feature.k_scale), feature.k_factors, k))
+    return torch.cat(q_blocks, -1), torch.cat(k_blocks, -1)
+
+
+def _side(ev: Evaluator, scales, factors, x: torch.Tensor) -> torch.Tensor:
+    # factors evaluated separately and multiplied in torch: no sympy re-simplification of the product
+    prefix = tuple(x.shape[:-1])
+    feats = [torch.broadcast_to(as_tensor(ev(f), x), x.shape) for f in factors]
+    out = tensor_product(feats, prefix, x)
+    for scale in scales:
+        if scale != 1:
+            out = out * as_tensor(ev(scale), x)
+    return torch.broadcast_to(out, prefix + out.shape[-1:])
+
+
+def log_decay(plan, env: dict, heads: int, like: torch.Tensor) -> torch.Tensor:
+    """log(gamma) of the plan's decay as [1, H, 1, 1]; InputError unless 0 < gamma <= 1 for every head.
+
+    The log is taken symbolically first, so gamma = exp(-slope) gives -slope exactly (no underflow)."""
+    gamma = plan.reweight.decay.gamma
+    ev = Evaluator(env, where=f"{plan.spec.where}: decay rate")
+    log_expr = sympy.expand_log(sympy.log(gamma), force=True)
+    lg = None
+    if not log_expr.has(sympy.I):
+        lg = torch.broadcast_to(as_tensor(ev(log_expr), like), (1, heads, 1, 1))
+        ok = torch.isfinite(lg) & (lg <= 0)
+        if bool(ok.all()):
+            return lg
+    values = torch.broadcast_to(as_tensor(ev(gamma), like), (1, heads, 1, 1)).detach().flatten().tolist()
+    raise InputError(f"{plan.spec.name}: the decay rate gamma = {sympy.sstr(gamma)} must lie in (0, 1] for every "
+                     f"head; found {[round(g, 6) for g in values]}. gamma > 1 grows without bound and gamma <= 0 "
+                     "has no stable scan: keep a learnable gamma in range (e.g. gamma = sigmoid(x))")
+
+
+def with_ones(v: torch.Tensor, normalize) -> torch.Tensor:
+    """[V | 1] for a row-sum normalisation (the row sum rides along as one more value column)."""
+    if normalize.kind != "rowsum":
+        return v
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+
+
+def finish(acc: torch.Tensor, normalize, log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """O from the unnormalised result acc [..., E]; ``log_scale`` [..., 1] (a running max) means the true
+    result is acc * exp(log_scale), so eps is rescaled by exp(-log_scale) to stay exact."""
+    if normalize.kind != "rowsum":
+        return acc if log_scale is None else acc * torch.exp(log_scale)
+    num, den = acc[..., :-1], acc[..., -1:]
+    eps = normalize.eps
+    if log_scale is not None and eps != 0:
+        eps = eps * torch.exp(-log_scale)
+    if normalize.eps_mode == "clamp":
+        den = torch.maximum(den, eps) if isinstance(eps, torch.Tensor) else den.clamp_min(eps)
+    else:
+        den = den + eps
+    return num / den

@@ -1,0 +1,111 @@
+"""The benchmarks command (``python -m benchmarks <benchmark>``, benchmarks/cli.py): one subcommand per
+benchmark, a table written to --out, exit 2 for bad input (nothing written), exit 1 when every measurement
+failed (nothing written)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import benchmarks.common
+from benchmarks.cli import main
+
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, list(args))
+
+
+def test_group_help_lists_every_benchmark(run):
+    result = run("--help")
+    assert result.exit_code == 0, result.output
+    for name in SUBCOMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help(run, command):
+    result = run(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and command in result.output and "--out" in result.output
+
+
+def test_an_unknown_benchmark_is_a_usage_error(run):
+    result = run("bogus")
+    assert result.exit_code == 2
+    assert "No such command" in result.output and "bogus" in result.output
+
+
+def test_the_old_flags_are_usage_errors(run):
+    result = run("--decode")
+    assert result.exit_code == 2
+    assert "No such option" in result.output and "--decode" in result.output
+
+
+def test_decode_writes_a_table_from_any_directory(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the workers (python -m benchmarks.common) find the package through PYTHONPATH
+    result = run("decode", "--max-len", "1024", "--tokens", "2", "--out", "results")
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "results").glob("*-cpu-decode.md")
+    text = path.read_text()
+    assert "| 1024 |" in text and "error" not in text
+    assert "decode state bytes equal at every T (133128 bytes): PASS" in text  # B1 H8 D64 linear_elu: (8*64*65)*4+8
+    assert "- command: `python -m benchmarks decode --spec linear_elu --max-len 1024 --tokens 2`" in text
+
+
+def test_toeplitz_writes_a_table(run, tmp_path):
+    result = run("toeplitz", "--max-len", "1024", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*-cpu-toeplitz.md")
+    text = path.read_text()
+    assert "| 256 |" in text and "| 1024 |" in text and "| 2048 |" not in text
+    assert "cost model (d = 32): quadratic for n <" in text and "fft above" in text
+    assert "- command: `python -m benchmarks toeplitz --max-len 1024`" in text
+
+
+def test_decode_refuses_a_spec_without_a_state(run, tmp_path):
+    result = run("decode", "--spec", "softmax", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "benchmarks: error:" in result.output and "softmax" in result.output
+    assert "no linear (separable) form" in result.output and "no constant-size state" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["linear", "decode"])
+def test_an_unknown_spec_exits_2_without_writing(run, tmp_path, command):
+    result = run(command, "--spec", "nonexistent", "--max-len", "1024", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "benchmarks: error:" in result.output and "no spec file or built-in spec named" in result.output
+    assert "nonexistent" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+def test_linear_refuses_a_spec_without_a_linear_plan(run, tmp_path):
+    result = run("linear", "--spec", "softmax", "--max-len", "1024", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "benchmarks: error:" in result.output and "softmax" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_measurement_failing_exits_1_without_writing(run, tmp_path, monkeypatch):
+    def failing(module, *args):
+        return [sys.executable, "-c", "raise SystemExit('worker exploded')"]
+    monkeypatch.setattr(benchmarks.common, "worker_command", failing)
+    result = run("decode", "--max-len", "1024", "--tokens", "2", "--out", str(tmp_path))
+    assert result.exit_code == 1
+    assert "every measurement failed" in result.output and "worker exploded" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_python_dash_m_benchmarks_runs_from_the_repository_root():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: python -m benchmarks" in proc.stdout and "conv-basis-error" in proc.stdout
