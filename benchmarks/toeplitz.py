@@ -1,4 +1,4 @@
-"""`attngen bench --toeplitz`: the FFT ordering against the quadratic one for a Toeplitz reweighting,
+"""`python -m benchmarks toeplitz`: the FFT ordering against the quadratic one for a Toeplitz reweighting,
 measured on this machine next to the cost model's prediction.
 
 The cost model ranks orderings for an H100-like balance (cost.BALANCE FLOPs per byte); a CPU has another
@@ -12,23 +12,22 @@ import datetime
 import time
 from pathlib import Path
 
-from .benchmarks import _machine, write_result
+import torch
+
+import attngen
+from attngen import pipeline
+from attngen.ir import Ordering
+from benchmarks.common import _machine, write_result
 
 KERNEL = "1/(1 + abs(i - j))"
 
 
 def toeplitz(out_dir=Path("bench/results"), b=1, h=2, d=32, max_len=16384, repeats=3, causal=True,
              echo=print) -> Path:
-    import torch
-
-    from .ir import Ordering
-    from .runtime import compile as compile_op
-    from .spec import load_spec
-    spec = load_spec({"name": "toeplitz_inverse", "causal": causal, "similarity": "dot(relu(q), relu(k))",
-                      "reweight": KERNEL, "normalize": {"kind": "rowsum", "eps": 1e-6}})
-    ops = {o: compile_op(spec, backend="torch", plan=o.value) for o in (Ordering.QUADRATIC, Ordering.FFT)}
-    auto = compile_op(spec, backend="torch")
-    plan = auto._plan_for("torch", d)
+    spec = attngen.load_spec({"name": "toeplitz_inverse", "causal": causal, "similarity": "dot(relu(q), relu(k))",
+                              "reweight": KERNEL, "normalize": {"kind": "rowsum", "eps": 1e-6}})
+    ops = {o: attngen.compile(spec, backend="torch", plan=o.value) for o in (Ordering.QUADRATIC, Ordering.FFT)}
+    plan = pipeline.plan(spec, head_dim=d)  # what the torch backend's planner chooses at this head dim
     lengths = [256 << s for s in range(0, 12) if (256 << s) <= max_len]
     rows = []
     torch.manual_seed(0)
@@ -52,7 +51,7 @@ def toeplitz(out_dir=Path("bench/results"), b=1, h=2, d=32, max_len=16384, repea
     n_star = plan.choice.crossover
     lines = [f"# Toeplitz reweighting: FFT vs quadratic ordering ({datetime.date.today().isoformat()})", "",
              f"- machine: {_machine()}",
-             f"- command: `attngen bench --toeplitz --max-len {max_len}`",
+             f"- command: `python -m benchmarks toeplitz --max-len {max_len}`",
              f"- spec: similarity dot(relu(q), relu(k)), reweight {KERNEL}, rowsum, "
              f"{'causal' if causal else 'bidirectional'}; B={b} H={h} D={d} fp32 forward, torch backend, "
              f"minimum of {repeats} runs",

@@ -1,0 +1,134 @@
+"""The benchmarks command line, ``python -m benchmarks <benchmark> [options]`` from the repository root.
+
+One subcommand per benchmark; each writes one markdown table to ``--out`` (default bench/results/,
+``<date>-cpu-<name>.md``) and prints it. Exit codes: 0 success, 1 every measurement of a benchmark failed (no
+file is written), 2 bad input (an unknown spec, a spec the benchmark cannot run, a bad option; one message,
+``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+import attngen
+from attngen import pipeline
+from attngen.errors import AttngenError
+from attngen.runtime.state import check_decodable
+from benchmarks.common import WorkerError, decode, linear_scaling
+from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
+from benchmarks.sparse import sparse
+from benchmarks.toeplitz import toeplitz
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+PROG = "python -m benchmarks"
+
+
+class _Group(click.Group):
+    """A user's mistake (AttngenError) is one message and exit 2; a benchmark whose every measurement failed
+    (WorkerError) one message and exit 1; unless --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (AttngenError, WorkerError) as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"benchmarks: error: {exc}", err=True)
+            sys.exit(1 if isinstance(exc, WorkerError) else 2)
+
+
+_max_len = click.option("--max-len", type=click.IntRange(1024), default=32768, show_default=True,
+                        help="The longest sequence length T measured.")
+_out = click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True,
+                    help="Folder for the result table (<date>-cpu-<name>.md).")
+_spec = click.option("--spec", "spec_name", default="linear_elu", show_default=True,
+                     help="A built-in spec name or a YAML file (causal).")
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug):
+    """attngen's benchmarks: each measures the torch backend on this machine against exact anchors run in
+    the same process tree (PyTorch SDPA, the naive reference) and writes a markdown table to --out."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command(context_settings=CONTEXT)
+@_max_len
+@_out
+@_spec
+def linear(max_len, out, spec_name):
+    """Causal linear plan vs the naive reference and SDPA.
+
+    Time and peak memory of the torch backend's causal linear plan against the naive reference and PyTorch
+    SDPA, T = 1k .. --max-len, each case in its own subprocess."""
+    pipeline.plan(attngen.load_spec(spec_name, causal=True), force="linear")  # PlanError: no linear ordering
+    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
+
+
+@main.command("decode", context_settings=CONTEXT)
+@_max_len
+@_out
+@_spec
+@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens decoded per case.")
+def decode_cmd(max_len, out, spec_name, tokens):
+    """Recurrent decode step vs a softmax KV cache.
+
+    Decode --tokens tokens after a context of T = 1k .. --max-len: the recurrent step (op.step) against a
+    softmax KV cache (SDPA), with the exact bytes of the state and of the cache. --spec needs a recurrent
+    state (causal and separable)."""
+    check_decodable(pipeline.plan(attngen.load_spec(spec_name, causal=True)), f"{PROG} decode --spec {spec_name}")
+    decode(spec_name=spec_name, max_len=max_len, tokens=tokens, out_dir=Path(out))
+
+
+@main.command("sparse", context_settings=CONTEXT)
+@_max_len
+@_out
+def sparse_cmd(max_len, out):
+    """topk_sparse: recall, error, time and memory.
+
+    SEA-style topk_sparse (docs/sparse.md): recall of the true top-k blocks, error against exact softmax and
+    time per estimator x k (random and all-MiniLM-L6-v2 q, k, v), forward memory against T = 1k .. --max-len
+    next to exact softmax."""
+    sparse(max_len=max_len, out_dir=Path(out))
+
+
+@main.command("conv-basis", context_settings=CONTEXT)
+@_max_len
+@_out
+@click.option("--conv-k", type=click.IntRange(1), default=8, show_default=True, help="Basis size k.")
+def conv_basis_cmd(max_len, out, conv_k):
+    """conv_basis time vs exact SDPA against T.
+
+    Causal softmax through conv_basis (docs/conv_basis.md, --conv-k elements) against exact SDPA,
+    T = 1k .. --max-len, each case in its own subprocess."""
+    conv_basis_scaling(max_len=max_len, k=conv_k, out_dir=Path(out))
+
+
+@main.command("conv-basis-error", context_settings=CONTEXT)
+@_out
+def conv_basis_error_cmd(out):
+    """conv_basis output error against k.
+
+    conv_basis output error and time against k = 1 .. 32 on random, exactly k-conv and all-MiniLM-L6-v2
+    q, k, v (T = 512)."""
+    conv_basis_error(out_dir=Path(out))
+
+
+@main.command("toeplitz", context_settings=CONTEXT)
+@_max_len
+@_out
+def toeplitz_cmd(max_len, out):
+    """Toeplitz reweighting: FFT vs quadratic ordering.
+
+    A Toeplitz reweighting: the FFT ordering against the quadratic one, T = 256 .. --max-len, beside the
+    cost model's crossover."""
+    toeplitz(max_len=max_len, out_dir=Path(out))
+
+
+if __name__ == "__main__":
+    main(prog_name=PROG)
