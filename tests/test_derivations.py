@@ -318,7 +318,8 @@ def decay_dloggamma_scan(qf, kf, v, do, lg, c, s0, ds_end):
         read = torch.exp(lg * (pos + 1))[:, None]
         total = total + (read * (((pos + 1)[:, None] * (q @ s) + q @ sd) * dd)).sum()  # pairs through S_c
         write_e = n - 1 - pos
-        sd = torch.exp(lg * n) * (sd + n * s) + (write_e[:, None] * torch.exp(lg * write_e)[:, None] * k).T @ vv
+        weighted = (write_e * torch.exp(lg * write_e))[:, None] * k  # (n-1-b) gamma**(n-1-b) K'_b
+        sd = torch.exp(lg * n) * (sd + n * s) + weighted.T @ vv
         s = torch.exp(lg * n) * s + (torch.exp(lg * write_e)[:, None] * k).T @ vv
     return total + (ds_end * sd).sum()
 
@@ -670,7 +671,7 @@ def test_s6_softcap_modification_gradient():
     close((ds * (th - r / cap0 * (1 - th ** 2))).sum(), ref[3])
 
 
-def test_s6_D_is_the_row_sum_of_P_dP_and_a_rounded_O_breaks_it():
+def test_s6_D_identity_and_fp16_output_shift():
     """D_i = sum_j P_ij dP_ij = dO_i . O_i, so every row of ds sums to 0. With O rounded to fp16 each
     ds_ij of row i moves by -P_ij (D~_i - D_i): the reason for keeping an fp32 copy of O."""
     g = gen(25)
@@ -742,7 +743,8 @@ def test_s7_fft_bidirectional_equals_toeplitz_sum(n_keys):
 @pytest.mark.parametrize("causal", [False, True])
 def test_s7_fft_backward_is_the_reflected_convolution(causal):
     """dQ'_i = dO_i (sum_j h(i-j) U_j)^T; dU_j = sum_i h(i-j) Q'_i^T dO_i is the same FFT convolution with
-    the reflected kernel h~(y) = h(-y) run from the queries to the keys; dK'_j = dU_j V_j, dV_j = K'_j^T dU_j."""
+    the reflected kernel h~(y) = h(-y) run from the queries to the keys; dK'_j = V_j dU_j^T and
+    dV_j = K'_j dU_j."""
     g = gen(28)
     s_len = 29
     h = causal_part(kernel_h) if causal else kernel_h
