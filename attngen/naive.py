@@ -43,16 +43,16 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
     consts = spec.constant_values()
     qv, kv = q[:, :, :, None, :], k[:, :, None, :, :]  # [B,H,T,1,D], [B,H,1,S,D]
 
-    def dot(a, bb):
+    def dot(ev, a, bb):
         ea, eb = ev(a), ev(bb)
         if _only(a, QE) and _only(bb, KE):  # an outer product: a matmul, not a [T,S,D] tensor
             return (ea[:, :, :, 0, :] @ eb[:, :, 0, :, :].transpose(-1, -2)).unsqueeze(-1) \
                 if ea.dim() == 5 and eb.dim() == 5 else (ea * eb).sum(-1, keepdim=True)
         if _only(a, KE) and _only(bb, QE):
-            return dot(bb, a)
+            return dot(ev, bb, a)
         return (ea * eb).sum(-1, keepdim=True)
 
-    def norm(a):
+    def norm(ev, a):
         return torch.linalg.vector_norm(ev(a), dim=-1, keepdim=True)
 
     env = {QE: qv, KE: kv, N_Q: t, N_K: s_len, D: d, HEADS: h,

@@ -77,8 +77,9 @@ TABLE = {
 
 
 class Evaluator:
-    """Walks a sympy tree; ``env`` maps symbols to tensors or numbers; ``dot``/``norm`` evaluate the
-    reductions (the caller decides how vectors are laid out)."""
+    """Walks a sympy tree; ``env`` maps symbols to tensors or numbers; ``dot(ev, a, b)`` / ``norm(ev, a)``
+    evaluate the reductions, given this evaluator for their arguments (the caller decides how vectors are
+    laid out; passing the evaluator in keeps the functions free of references back to it)."""
 
     def __init__(self, env: dict, dot=None, norm=None, where: str = "<expr>"):
         self.env, self.dot, self.norm, self.where = env, dot, norm, where
@@ -93,9 +94,9 @@ class Evaluator:
         if expr.is_Number or expr.is_NumberSymbol:
             return int(expr) if expr.is_Integer else float(expr)
         if isinstance(expr, Dot):
-            return self.dot(*expr.args)
+            return self.dot(self, *expr.args)
         if isinstance(expr, Norm):
-            return self.norm(expr.args[0])
+            return self.norm(self, expr.args[0])
         if isinstance(expr, sympy.Add):
             out = 0
             for a in expr.args:

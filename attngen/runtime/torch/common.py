@@ -1,5 +1,5 @@
 """Pieces shared by the torch backend's orderings: the symbol environment, the feature maps Q' and K'
-(derivations.md section 1), the decay rate (section 4), the ones column and the final division
+(docs/derivations.md section 1), the decay rate (section 4), the ones column and the final division
 (section 2).
 
 Shapes: q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv]; E = Dv + 1 with the ones column, else Dv.
@@ -41,14 +41,13 @@ def as_tensor(value, like: torch.Tensor) -> torch.Tensor:
 def row_evaluator(env: dict, elem, x: torch.Tensor, pos_symbol, pos: torch.Tensor, where: str) -> Evaluator:
     """Evaluate element formulas of one side: ``elem`` (QE or KE) is the rows x [B, H, T, D]; the
     reductions norm and dot run over the head dim and keep it as width 1."""
-    def dot(a, b):
+    def dot(ev, a, b):
         return (as_tensor(ev(a), x) * as_tensor(ev(b), x)).sum(-1, keepdim=True)
 
-    def norm(a):
+    def norm(ev, a):
         return torch.linalg.vector_norm(as_tensor(ev(a), x), dim=-1, keepdim=True)
 
-    ev = Evaluator({**env, elem: x, pos_symbol: pos}, dot, norm, where=where)
-    return ev  # dot and norm above call it recursively
+    return Evaluator({**env, elem: x, pos_symbol: pos}, dot, norm, where=where)
 
 
 def tensor_product(factors: list, prefix: tuple, like: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
     tk = k_tile.shape[2]
     cache = {}
 
-    def dot(a, bb):
+    def dot(ev, a, bb):
         if sides(a) == {"k"} and sides(bb) == {"q"}:
             a, bb = bb, a
         key = (a, bb)
@@ -104,10 +104,8 @@ def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
                 cache[key] = (as_tensor(ev(a), q_tile) * as_tensor(ev(bb), q_tile)).sum(-1, keepdim=True)
         return cache[key]
 
-    def norm(a):
+    def norm(ev, a):
         return torch.linalg.vector_norm(as_tensor(ev(a), q_tile), dim=-1, keepdim=True)
 
     ev = Evaluator({**env5, QE: q_tile[:, :, :, None, :], KE: k_tile[:, :, None, :, :]}, dot, norm, where=where)
-    out = torch.broadcast_to(as_tensor(ev(expr), q_tile), (b, h, tq, tk, 1))[..., 0]
-    del ev  # ev and dot refer to each other: break the cycle so the tiles they hold are freed now, not by the gc
-    return out
+    return torch.broadcast_to(as_tensor(ev(expr), q_tile), (b, h, tq, tk, 1))[..., 0]
