@@ -13,6 +13,7 @@ gradient of softmax at H~ taken through H = c q k^T. The error against the exact
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -69,9 +70,13 @@ class CaseResult:
         return all(self.quantity_passed(n) for n in self.errors)
 
     def quantity_passed(self, name: str) -> bool:
-        e = self.errors[name]
-        return e == e and (e <= max(self.tolerance, FUDGE * self.ref_errors[name])
-                           or self.abs_errors[name] <= self.noise)
+        """Within the tolerance, or within FUDGE x the same-dtype yardstick's error, or under the noise floor.
+        A non-finite error never passes, and neither does any quantity whose yardstick is non-finite (an
+        overflowing yardstick would otherwise excuse anything, an op returning zeros included)."""
+        e, ref, absolute = self.errors[name], self.ref_errors[name], self.abs_errors[name]
+        if not (math.isfinite(e) and math.isfinite(ref) and math.isfinite(absolute)):
+            return False
+        return e <= max(self.tolerance, FUDGE * ref) or absolute <= self.noise
 
 
 def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
@@ -115,7 +120,7 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
     if dtype != torch.float64:
         # the yardstick of the three-way rule: the same evaluation order in the same dtype, in plain torch
         # (generated kernels); the naive reference in that dtype (the torch backend)
-        yard = ref if backend == "torch" else compile_op(spec, backend="torch", plan=ordering)
+        yard = ref if backend in ("torch", "?") else compile_op(spec, backend="torch", plan=ordering)
         same = _run(yard, q, k, v, do, params, dtype, "cpu")
     res = CaseResult(spec.name, spec.mode, backend, ordering, str(dtype).replace("torch.", ""),
                      f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
@@ -158,7 +163,8 @@ def approximation_reference(op, spec: Spec):
 
 def rebuilt_scores(scores: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """H~ = sum_r conv(b_r, m_r) [B, H, T, T] from the causal scores H [B, H, T, T] and the starts [B, H, K]
-    (ascending; T where absent), as in seeds.md: b_1 = H[:, 0], b_r[t] = H[s_r + t, s_r] - H[s_r - 1 + t, s_r - 1];
+    (ascending; T where absent), as in docs/variants.md, "Conv-Basis": b_1 = H[:, 0],
+    b_r[t] = H[s_r + t, s_r] - H[s_r - 1 + t, s_r - 1];
     H~[i, j] = sum over r with s_r <= j of b_r[i - j] (i >= j; 0 above the diagonal)."""
     t = scores.shape[-1]
     i = torch.arange(t, device=scores.device).view(t, 1)
