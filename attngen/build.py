@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from attngen import pipeline
@@ -44,10 +45,41 @@ def builtin_modules() -> list:
 
 def write(module: Module, folder: Path) -> Path:
     """Write the module atomically (temporary file, then rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / module.filename
-    fd, tmp = tempfile.mkstemp(prefix=f".{module.filename}.", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(module.source)
-    os.replace(tmp, path)
+    return _write_bytes(Path(folder) / module.filename, module.source.encode("utf-8"))
+
+
+HOST_PACKAGE = "attngen_host"
+# the shared host runtime and what it imports, as (package, file) -> path under <folder>/attngen_host: the same
+# relative layout as in attngen, so their relative imports (from ..validate, from ...errors) resolve there too
+HOST_FILES = {
+    ("attngen", "errors.py"): "errors.py",
+    ("attngen.runtime", "validate.py"): "runtime/validate.py",
+    ("attngen.runtime.triton", "host.py"): "runtime/triton/host.py",
+}
+HOST_INITS = ("__init__.py", "runtime/__init__.py", "runtime/triton/__init__.py")  # empty
+
+
+def write_host(folder: Path) -> list:
+    """Write the generated modules' shared host runtime into ``folder``/attngen_host (the files of HOST_FILES and
+    empty __init__.py files), for modules that run without attngen installed: they import
+    attngen_host.runtime.triton.host when attngen.runtime.triton.host is not importable. Returns the paths."""
+    root = Path(folder) / HOST_PACKAGE
+    written = [_write_bytes(root / init, b"") for init in HOST_INITS]
+    for (package, name), target in HOST_FILES.items():
+        written.append(_write_bytes(root / target, resources.files(package).joinpath(name).read_bytes()))
+    return written
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path

@@ -222,9 +222,6 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
     naive reference."""
     from attngen.build import HOST_PACKAGE, generate, write, write_host
     _use_interpreter_without_gpu()
-    if standalone:
-        write_host(Path(out))
-        click.echo(f"shared host runtime: wrote {Path(out) / HOST_PACKAGE}")
     cases = []
     for spec in _specs(specs, all_specs, mode, sets):
         module = generate(spec)
@@ -238,6 +235,9 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
             cases.append((spec, backend or "triton", ("float32", "float16")))
             if force is None and len(module.orderings) > 1:  # the dispatch reaches one side only at some lengths:
                 cases += [(spec, backend or "triton", ("float32", "float16"), o.value) for o in module.orderings]
+    if standalone:
+        write_host(Path(out))
+        click.echo(f"the modules' shared host runtime: wrote {Path(out) / HOST_PACKAGE}")
     _verify(cases, force, dtypes, lengths, head_dim)
 
 

@@ -117,9 +117,9 @@ SELECT = [("cosformer", True, True, 1), ("cosformer", False, True, 1), ("linear_
 @pytest.mark.parametrize("estimator,causal,diagonal,first", SELECT, ids=[
     f"{e}-{'causal' if c else 'bidir'}-diag{int(dg)}-first{f}" for e, c, dg, f in SELECT])
 def test_selection_is_always_kept_plus_dense_topk(estimator, causal, diagonal, first, monkeypatch):
-    monkeypatch.setattr(sparse, "SELECT_ELEMENTS", 2 * 2 * 10 * 3)  # chunks of 3 query blocks
+    monkeypatch.setattr(sparse.selection, "SELECT_ELEMENTS", 2 * 2 * 10 * 3)  # chunks of 3 query blocks
     # feature maps pooled 32 rows at a time (positions offset), or one block at a time when 8 < block
-    monkeypatch.setattr(sparse, "POOL_ROWS", 32 if diagonal else 8)
+    monkeypatch.setattr(sparse.selection, "POOL_ROWS", 32 if diagonal else 8)
     spec = sparse_spec(causal=causal, k=3, block=16, estimator=estimator, diagonal=diagonal, first=first)
     q, k, v = inputs(150, b=2, h=2, d=8)  # 10 blocks, the last one partial
     op = attngen.compile(spec, backend="torch")

@@ -103,10 +103,11 @@ def test_chunked_calls_with_initial_state_equal_one_long_run(name, plan):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cottention: the RNN form of seeds.md, the recurrent ordering and the parallel form agree
+# Cottention: the paper's RNN form (docs/variants.md), the recurrent ordering and the parallel form agree
 # ---------------------------------------------------------------------------------------------
 def cottention_rnn_seed(q, k, v, m):
-    """seeds.md: S_t = S_{t-1} + k_hat_t v'_t^T, o_t = S_t^T q_hat_t, v'_j = v_j / max((j+1)**sigmoid(m), 1)."""
+    """Cottention's RNN form: S_t = S_{t-1} + k_hat_t v'_t^T, o_t = S_t^T q_hat_t,
+    v'_j = v_j / max((j+1)**sigmoid(m), 1)."""
     qh, kh = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
     c = torch.arange(1, q.shape[2] + 1, dtype=q.dtype).view(1, 1, -1, 1)
     vs = v / torch.clamp(c ** torch.sigmoid(m).view(1, -1, 1, 1), min=1)

@@ -10,7 +10,7 @@ import torch
 
 from attngen import load_spec
 from attngen.pipeline import plan as build_plan
-from attngen.reference.naive import reference
+from attngen.naive import reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and native kernels)")]

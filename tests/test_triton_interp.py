@@ -27,7 +27,7 @@ from attngen.runtime.evaluate import Evaluator  # noqa: E402
 from attngen.frontend.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
 from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.codegen.printer import print_triton  # noqa: E402
-from attngen.reference.naive import reference  # noqa: E402
+from attngen.naive import reference  # noqa: E402
 from attngen.runtime.triton import loader as triton_backend  # noqa: E402
 
 # CPU tensors under the interpreter, CUDA tensors when the kernels run natively on a GPU
@@ -42,7 +42,7 @@ def poisoned(module, monkeypatch):
     """Make every buffer the module allocates start as NaN, so an unwritten element fails the test."""
     def empty(shape, like, dtype=None):
         return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(module, "_empty", empty)
+    monkeypatch.setattr(module.host, "_empty", empty)  # the shared host runtime allocates every buffer
 
 
 def check(name, causal, t, s, dk, dv, dtype, monkeypatch, layout="bhtd", b=1, h=2, seed=0, param_range=(-1, 1)):

@@ -25,7 +25,7 @@ from attngen.runtime.triton import loader as triton_backend  # noqa: E402
 from attngen.pipeline import lower as render  # noqa: E402
 from attngen.errors import InputError, PlanError  # noqa: E402
 from attngen.runtime.inputs import default_parameters  # noqa: E402
-from attngen.reference.naive import attention_matrix, reference  # noqa: E402
+from attngen.naive import attention_matrix, reference  # noqa: E402
 from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.verify import rel_rms  # noqa: E402
 
@@ -52,7 +52,7 @@ def poisoned(module, monkeypatch):
     """Every buffer the module allocates starts as NaN, so an unwritten element fails the test."""
     def empty(shape, like, dtype=None):
         return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(module, "_empty", empty)
+    monkeypatch.setattr(module.host, "_empty", empty)  # the shared host runtime allocates every buffer
 
 
 def inputs(spec, b, h, t, s, dk, dv, seed, layout="bhtd"):
@@ -328,9 +328,9 @@ def test_dispatching_module_runs_each_ordering_at_its_lengths(monkeypatch):
     module = triton_backend.load_module(build_plan(spec, target="triton"))
     assert module.CROSSOVER > 100
     ran = []
-    for host in ("_qfwd", "_fwd"):
-        real = getattr(module, host)
-        monkeypatch.setattr(module, host, lambda *a, _real=real, _h=host: ran.append(_h) or _real(*a))
+    for host in ("_qfwd", "_fwd"):  # the launch drivers of the shared host runtime
+        real = getattr(module.host, host)
+        monkeypatch.setattr(module.host, host, lambda *a, _real=real, _h=host: ran.append(_h) or _real(*a))
     q, k, v, do, _ = inputs(spec, 1, 2, 50, 50, 16, 16, seed=11)
     gold = run(reference(spec), q, k, v, do, {}, torch.float64)
     for crossover, host in ((float("inf"), "_qfwd"), (0.0, "_fwd")):

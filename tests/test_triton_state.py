@@ -24,7 +24,7 @@ from attngen.runtime.torch.common import _side, log_decay, row_evaluator, symbol
 from attngen.errors import InputError  # noqa: E402
 from attngen.frontend.expr import KE, QE, I, J  # noqa: E402
 from attngen.ir import Ordering  # noqa: E402
-from attngen.reference.naive import reference  # noqa: E402
+from attngen.naive import reference  # noqa: E402
 from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.verify import FUDGE  # noqa: E402
 
@@ -56,7 +56,7 @@ def poisoned(mod, monkeypatch):
     """Every buffer the module allocates starts as NaN, so an element a kernel does not write fails."""
     def empty(shape, like, dtype=None):
         return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(mod, "_empty", empty)
+    monkeypatch.setattr(mod.host, "_empty", empty)  # the shared host runtime allocates every buffer
 
 
 def params_of(spec, h, g):
@@ -66,8 +66,8 @@ def params_of(spec, h, g):
 
 
 def zeros_state(mod, b, h, dk, dv):
-    f = mod.feature_width(dk)
-    z = torch.zeros(b, h, f, device=DEVICE) if mod.NORMALISED else None
+    f = mod.MODULE.feature_width(dk)
+    z = torch.zeros(b, h, f, device=DEVICE) if mod.MODULE.normalised else None
     return torch.zeros(b, h, f, dv, device=DEVICE), z, torch.zeros(b, dtype=torch.int64, device=DEVICE)
 
 
@@ -144,7 +144,7 @@ def test_prefill_then_steps_equals_full_forward(key, t1, t2, monkeypatch):
     assert_close("decode steps vs float64 reference", steps, gold[:, :, t1:], max(1e-4, floor))
     assert state[2].tolist() == pos_full.tolist() == [t1 + t2] * b
     assert_close("state S after the steps", state[0], s_full, 1e-5)
-    if mod.NORMALISED:
+    if mod.MODULE.normalised:
         assert_close("state z after the steps", state[1], z_full, 1e-5)
     else:
         assert state[1] is None and z_full is None
@@ -252,9 +252,9 @@ def test_packed_sequences_equal_each_alone(key, layout, monkeypatch):
     axis = 1 if layout == "bthd" else 2
     x = [rand(g, *shape).float().to(DEVICE).requires_grad_() for _ in range(3)]
     n = len(LENGTHS)
-    f = mod.feature_width(D)
+    f = mod.MODULE.feature_width(D)
     s0 = (0.1 * rand(g, n, h, f, D)).abs().float().to(DEVICE).requires_grad_()
-    z0 = (0.1 * rand(g, n, h, f)).abs().float().to(DEVICE).requires_grad_() if mod.NORMALISED else None
+    z0 = (0.1 * rand(g, n, h, f)).abs().float().to(DEVICE).requires_grad_() if mod.MODULE.normalised else None
     pos0 = torch.tensor([0, 7, 3, 100], device=DEVICE)
     p_leaf = {k_: p.clone().requires_grad_() for k_, p in params.items()}
     o, (st, zt, pos) = fn(*x, initial_state=(s0, z0, pos0), return_state=True, cu_seqlens=cu, layout=layout,
@@ -304,13 +304,14 @@ def test_bidirectional_modules_refuse_states():
     spec = load_spec("linear_elu", causal=False)
     mod = triton_backend.load_module(build_plan(spec, force="linear"))
     x = torch.randn(1, 2, 8, 16, device=DEVICE)
-    fn, step = mod.linear_elu_attention, mod.linear_elu_step
+    fn = mod.linear_elu_attention
+    assert not hasattr(mod, "linear_elu_step")  # a bidirectional module has no decode step; the host refuses one
     for kwargs in (dict(return_state=True), dict(cu_seqlens=torch.tensor([0, 8], device=DEVICE)),
                    dict(initial_state=zeros_state(mod, 1, 2, 16, 16))):
         with pytest.raises(InputError, match="bidirectional.*causal=True"):
             fn(x, x, x, **kwargs)
     with pytest.raises(InputError, match="bidirectional"):
-        step(x[:, :, :1], x[:, :, :1], x[:, :, :1], *zeros_state(mod, 1, 2, 16, 16))
+        mod.host.step(mod.MODULE, x[:, :, :1], x[:, :, :1], x[:, :, :1], *zeros_state(mod, 1, 2, 16, 16))
     assert isinstance(InputError("x"), ValueError)
 
 
@@ -318,7 +319,7 @@ def test_cosformer_with_length_dependent_M_refuses_states():
     spec = load_spec("cosformer")
     plan = build_plan(spec, force="linear")
     mod = triton_backend.load_module(plan)
-    assert mod.LENGTH_TERMS and not mod.STATEFUL
+    assert mod.MODULE.linear.length_terms and not mod.MODULE.stateful
     x = torch.randn(1, 2, 8, 16, device=DEVICE)
     for kwargs in (dict(return_state=True), dict(initial_state=zeros_state(mod, 1, 2, 16, 16)),
                    dict(cu_seqlens=torch.tensor([0, 3, 8], device=DEVICE))):
@@ -332,8 +333,8 @@ def test_cosformer_with_length_dependent_M_refuses_states():
 
 
 @pytest.mark.parametrize("cu, match", [
-    ([1, 4, 8], "cu\\[0\\]"), ([0, 5, 3, 8], "cu\\[0\\]"), ([0, 4, 7], "= T = 8"), ([0, 4, 4, 8], "<"),
-    ([0.0, 8.0], "int32/int64"), ([[0, 8]], "1-d"),
+    ([1, 4, 8], "must start at 0"), ([0, 5, 3, 8], "strictly increasing"), ([0, 4, 7], "must end at T = 8"),
+    ([0, 4, 4, 8], "strictly increasing"), ([0.0, 8.0], "int32/int64"), ([[0, 8]], "1-D"),
 ], ids=["not-from-0", "decreasing", "not-ending-at-T", "empty-sequence", "float", "2-d"])
 def test_malformed_cu_seqlens(cu, match):
     _, mod, fn, _ = module("linear_elu")
@@ -341,7 +342,7 @@ def test_malformed_cu_seqlens(cu, match):
     with pytest.raises(InputError, match=match):
         fn(x, x, x, cu_seqlens=torch.tensor(cu, device=DEVICE))
     x2 = torch.randn(2, 2, 8, 16, device=DEVICE)
-    with pytest.raises(InputError, match="batch 1"):
+    with pytest.raises(InputError, match="batch size 1"):
         fn(x2, x2, x2, cu_seqlens=torch.tensor([0, 8], device=DEVICE))
 
 

@@ -48,7 +48,8 @@ def linear_slots(plan: Plan) -> dict:
     return {
         "plan_lines": [lt.feature.describe() + "  x  " + lt.position.describe() for lt in plan.linear_terms],
         "chunk": plan.chunk, "length_terms": list(plan.capabilities.length_terms),
-        "feature_width": " + ".join(t["width"] for t in terms).replace("K", "dk"), "terms": terms,
+        # the feature width F = width[0] + width[1] * d + width[2] * d**2 (the blocks of widths 1, K, K * K)
+        "width": tuple(sum(t["width"] == w for t in terms) for w in STATE_WIDTH.values()), "terms": terms,
         "sides": {s: side.slots() for s, side in sides.items()},
         "rowsum": rowsum,
         "den_expr": (f"tl.maximum(b_den, {eps})" if clamp else f"b_den + {eps}") if rowsum else "b_den",

@@ -88,7 +88,7 @@ def fill_slots(m: Module) -> Module:
         "op_name": f"{spec.name}_{spec.mode}_{tag}_{spec.hash[:8]}_{template_hash()[:8]}",
         "params": param_slots(spec),
         "regenerate": 'attngen build (attngen.pipeline.lower(attngen.pipeline.plan(spec, target="triton")))',
-        "quadratic": Ordering.QUADRATIC in orderings, "standalone": Ordering.LINEAR not in orderings,
+        "linear": Ordering.LINEAR in orderings, "quadratic": Ordering.QUADRATIC in orderings,
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

@@ -3,6 +3,9 @@
 The cache key is the spec hash plus the template hash, so editing a template or a spec gives a new
 file and a stale module is never imported. Files are written to a temporary name and moved into place
 with os.replace, so concurrent processes never import a half-written module.
+
+A module holds its kernels, its record (MODULE) and thin public functions; the host code they call is
+attngen.runtime.triton.host, imported by every module, so editing the host changes no file and no cache key.
 """
 from __future__ import annotations
 

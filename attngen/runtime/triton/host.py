@@ -1,0 +1,735 @@
+"""The shared host runtime of the generated Triton modules.
+
+A generated module holds its header, its ``@triton.jit`` kernels, a declarative record of itself (``Module``:
+spec name, mode, parameters and their defaults, the feature width, the chunk, the crossover, the kernel
+handles) and thin public functions (``<name>_attention``, ``<name>_step``, ``<name>_attention_block_sparse``)
+that call ``attention``, ``step`` and ``block_sparse`` here. Everything else lives in this one file: the input
+checks (through attngen.runtime.validate, the one validator), the launch drivers of the linear, decay and
+quadratic orderings and of the decode step, block sizes, buffer allocation (one ``_empty``: the tests poison it
+with NaN), the torch.library custom ops of each module (registered once per process under the record's op
+name) with their fake kernels and autograd formulas, the dispatch at the crossover, recurrent states, packed
+sequences and block-sparse tables.
+
+This file is plain Python, not a template: changing it regenerates no module and changes no template hash.
+It imports nothing from attngen but the validator and the errors, relatively, so ``attngen build
+--standalone`` can copy it (as attngen_host/runtime/triton/host.py) beside generated modules that then run
+without attngen installed.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from ...errors import InputError
+from .. import validate
+
+QBLOCK = 64  # query rows and key columns of a quadratic tile (half that for head dims above 128: registers)
+
+
+# ---------------------------------------------------------------------------------------------
+# the record a generated module declares
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    """A learnable parameter: shape [H] (per_head) or [], and its constant default (None: required)."""
+    name: str
+    per_head: bool = False
+    default: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Decay:
+    """The decay class gamma**(i-j) (causal) or gamma**|i-j| (two_sided): ``kernel`` computes gamma per head and
+    d log(gamma) / d p for the parameters ``params`` (in that order); ``gamma`` is its formula, for messages."""
+    kernel: object
+    gamma: str
+    two_sided: bool = False
+    params: tuple = ()
+
+
+@dataclass(frozen=True)
+class Linear:
+    """The linear ordering's kernels and sizes. The feature width at head dim d is
+    width[0] + width[1] * d + width[2] * d**2; ``length_terms``: position terms that use n_q / n_k (a state
+    would go stale); ``max_power_dim``: the largest head dim of tensor-power features (None: no limit)."""
+    fwd: object
+    bwd_dq: object
+    bwd_dkv: object
+    step: object = None
+    chunk: int = 64
+    width: tuple = (0, 1, 0)
+    length_terms: tuple = ()
+    max_power_dim: Optional[int] = None
+    decay: Optional[Decay] = None
+
+
+@dataclass(frozen=True)
+class Quadratic:
+    """The quadratic ordering's kernels; ``flash``: the softmax family (online softmax, the log-sum-exp saved,
+    a block-sparse mode with blocks of 16 .. sparse_max_block)."""
+    fwd: object
+    bwd_dq: object
+    bwd_dkv: object
+    flash: bool = False
+    sparse_max_block: int = 128
+
+
+@dataclass(frozen=True)
+class Module:
+    """What a generated module is: its spec, mode, op name (unique per spec, mode, orderings and hashes), its
+    parameters, whether it normalises by row sums, and its orderings. With both orderings the public function
+    runs the quadratic one for key lengths below ``crossover`` (the planner's, at head dim 64)."""
+    spec: str
+    mode: str
+    op_name: str
+    spec_hash: str = ""
+    params: tuple = ()
+    normalised: bool = False
+    linear: Optional[Linear] = None
+    quadratic: Optional[Quadratic] = None
+    crossover: Optional[float] = None
+
+    @property
+    def causal(self) -> bool:
+        return self.mode == "causal"
+
+    @property
+    def stateful(self) -> bool:
+        """Whether initial_state, return_state, cu_seqlens and the decode step are available."""
+        return self.causal and self.linear is not None and not self.linear.length_terms
+
+    @property
+    def qstat(self) -> bool:
+        """Whether the quadratic forward saves a row statistic (log-sum-exp or normaliser)."""
+        return self.quadratic is not None and (self.quadratic.flash or self.normalised)
+
+    def feature_width(self, dk: int) -> int:
+        """F, the width of the feature map Q', K' at head dim ``dk``: the rows of a state S [N, H, F, Dv]."""
+        a, b, c = self.linear.width
+        return a + b * dk + c * dk * dk
+
+
+def register(m: Module) -> Module:
+    """Create ``m``'s custom ops (once per process: a second module with the same op name reuses them)."""
+    if m.linear is not None and m.op_name + "_fwd" not in _OPS:
+        _OPS[m.op_name + "_fwd"], _OPS[m.op_name + "_bwd"] = _linear_ops(m)
+    if m.quadratic is not None and m.op_name + "_qfwd" not in _OPS:
+        _OPS[m.op_name + "_qfwd"], _OPS[m.op_name + "_qbwd"] = _quadratic_ops(m)
+    return m
+
+
+_OPS: dict = {}  # op name (with its _fwd, _bwd, _qfwd, _qbwd suffix) -> the registered custom op
+
+
+# ---------------------------------------------------------------------------------------------
+# the public functions (the generated wrappers call these)
+# ---------------------------------------------------------------------------------------------
+def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seqlens=None, layout="bhtd",
+              crossover=None, params=None):
+    """o for q, k, v (layout "bhtd" [B, H, T, D] or "bthd" [B, T, H, D]); with ``return_state``, (o, (S, z,
+    pos)). ``initial_state`` (S, z, pos) continues sequences, ``cu_seqlens`` packs them along T (B = 1): the
+    causal mode's linear ordering only. A module with both orderings runs the quadratic one for key lengths
+    below ``crossover`` when none of the three is given."""
+    qh, _, _ = validate.qkv(q, k, v, layout, name=m.spec, causal=m.causal, limits=validate.TRITON)
+    stateless = initial_state is None and not return_state and cu_seqlens is None
+    if m.linear is None and not stateless:
+        raise InputError(f"{m.spec}: initial_state / return_state / cu_seqlens need a recurrent state, and "
+                         "this module runs the quadratic ordering only (no linear form: its decode state would "
+                         "be the KV cache); call it on whole sequences (pad or loop over packed ones)")
+    B, H, T, K = qh.shape
+    ps = _params(m, params, H, q)
+    if stateless:
+        crossover = m.crossover if crossover is None else crossover
+        if m.quadratic is not None and (m.linear is None or validate.bhtd(k, layout).shape[2] < crossover):
+            o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
+            return o
+        _check_linear(m, K)
+        o, _, _, _ = _OPS[m.op_name + "_fwd"](q, k, v, ps, layout, [], None, False)
+        return o
+    _refuse_states(m, "initial_state / return_state / cu_seqlens")
+    _check_linear(m, K)
+    cu = None if cu_seqlens is None else validate.cu_seqlens(cu_seqlens, batch=B, length=T, device=q.device)
+    n = _sequences(B, cu)
+    state = [] if initial_state is None else _state(m, initial_state, n, H, K, validate.bhtd(v, layout).shape[3],
+                                                     q.device, "initial_state")
+    o, _, st, zt = _OPS[m.op_name + "_fwd"](q, k, v, ps, layout, state, cu, bool(return_state))
+    if not return_state:
+        return o
+    consumed = cu[1:] - cu[:-1] if cu is not None else torch.full((n,), T, dtype=torch.int64, device=q.device)
+    pos = consumed + (state[-1] if state else 0)
+    return o, (st, zt if m.normalised else None, pos)
+
+
+def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
+    """One decode step of the recurrent form: (o_t, S, z, pos) with new state tensors; no gradients."""
+    _refuse_states(m, "the decode step")
+    qh, _, vh = validate.qkv(q_t, k_t, v_t, layout, name=m.spec, causal=m.causal, limits=validate.TRITON)
+    B, H, T, K = qh.shape
+    if T != 1:
+        raise InputError(f"{m.spec}_step: expected one token per sequence (T = 1), found T = {T}; run "
+                         f"{m.spec}_attention with initial_state= for a chunk of tokens")
+    _check_linear(m, K)
+    state = _state(m, (S, z, pos), B, H, K, vh.shape[3], q_t.device, "state")
+    ps = _params(m, params, H, q_t)
+    with torch.no_grad():
+        return _step(m, q_t, k_t, v_t, state, [p.detach() for p in ps], layout)
+
+
+def block_sparse(m: Module, q, k, v, kv_blocks, block, layout="bhtd", params=None):
+    """o over the key blocks ``kv_blocks`` [B, H, NQB, MAXK] lists for each block of ``block`` query rows."""
+    qh, kh, _ = validate.qkv(q, k, v, layout, name=m.spec, causal=m.causal, limits=validate.TRITON)
+    B, H, T, _ = qh.shape
+    tab = validate.kv_blocks(kv_blocks, block, batch=B, heads=H, length=T, key_length=kh.shape[2],
+                             device=q.device, max_block=m.quadratic.sparse_max_block)
+    ps = _params(m, params, H, q)
+    o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, tab, block)
+    return o
+
+
+def _params(m: Module, values, heads, like):
+    """The parameter tensors in the record's order: the given values validated, the defaults filled in."""
+    values = values or {}
+    out = []
+    for p in m.params:
+        value = values.get(p.name)
+        if value is None:
+            if p.default is None:
+                raise InputError(f"{m.spec}: parameter {p.name!r} has no constant default; pass {p.name}=tensor")
+            value = torch.full((heads,) if p.per_head else (), p.default, dtype=torch.float32, device=like.device)
+        out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec))
+    return out
+
+
+def _check_linear(m: Module, dk):
+    """InputError where the linear kernels cannot run: tensor-power features beyond their head dims."""
+    validate.power_dim(dk, name=m.spec, max_power_dim=m.linear.max_power_dim)
+
+
+def _refuse_states(m: Module, what):
+    """InputError unless this module can carry a recurrent state (causal, no length-dependent terms)."""
+    if not m.causal:
+        raise InputError(f"{m.spec} (bidirectional): {what} needs the causal mode's recurrent form; a "
+                         "bidirectional op reads the whole sequence at once (build the spec with causal=True)")
+    if m.linear.length_terms:
+        raise InputError(f"{m.spec}: {what} is refused because its position terms use the final sequence "
+                         f"length ({', '.join(m.linear.length_terms)}): a state computed now would be wrong once the "
+                         "sequence grows. Fix the length constant as a number, e.g. "
+                         "load_spec(\"cosformer\", M=4096)")
+
+
+def _state(m: Module, state, n, h, dk, dv, device, what):
+    """The list [S, z, pos] (row sums) or [S, pos] of a state tuple (S, z, pos) (or an object with the
+    attributes S, z, pos, such as attngen's State), validated."""
+    S, z, pos = validate.state_parts(state, what=what)
+    validate.state_tensors(S, z, pos, batch=n, heads=h, width=m.feature_width(dk), dv=dv, device=device,
+                           normalised=m.normalised, spec=m.spec, what=what)
+    return [S, z, pos] if m.normalised else [S, pos]
+
+
+# ---------------------------------------------------------------------------------------------
+# buffers, views and launch arguments
+# ---------------------------------------------------------------------------------------------
+def _empty(shape, like, dtype=None):
+    """Every buffer the kernels write comes from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _bhtd(x, layout):
+    """A [B, H, T, D] view of ``x`` (stored in ``layout``) with unit stride along D."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x.transpose(1, 2) if layout == "bthd" else x
+
+
+def _like_layout(b, h, t, d, like, layout, dtype=None):
+    """A new buffer stored in ``layout`` and its [B, H, T, D] view."""
+    shape = (b, t, h, d) if layout == "bthd" else (b, h, t, d)
+    x = _empty(shape, like, dtype)
+    return x, _bhtd(x, layout)
+
+
+def _strides(*xs):
+    return [s for x in xs for s in x.stride()[:3]]
+
+
+def _precision(x):
+    # fp32 inputs keep fp32 products (ieee); fp16/bf16 ones tolerate tf32 on a GPU
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _params_f32(params):
+    return [p.detach().to(torch.float32).contiguous() for p in params]
+
+
+def _dummy(like):
+    """A pointer argument that the kernel does not read (its flag is off)."""
+    return torch.zeros(1, dtype=torch.float32, device=like.device)
+
+
+def _blocks(m: Module, t, dk, dv, split_v):
+    """BT, BK, BV of the linear kernels: chunks of BT rows, BV columns of v per program when ``split_v``."""
+    bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = max(16, triton.next_power_of_2(dv))
+    return bt, bk, (min(64, bv) if split_v else bv)
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent states (causal mode): S [N, H, F, Dv], z [N, H, F] (row-sum specs), pos [N] int64
+# ---------------------------------------------------------------------------------------------
+def _sequences(batch, cu):
+    """N, the number of sequences: the batch, or the packed sequences of cu_seqlens."""
+    return batch if cu is None else cu.shape[0] - 1
+
+
+def _state_args(m: Module, state, like):
+    """Kernel arguments s0, z0, pos of a validated state list ([S, z, pos] or [S, pos]; [] for none)."""
+    if not state:
+        return _dummy(like), _dummy(like), _dummy(like)
+    z0 = state[1].contiguous() if m.normalised else _dummy(like)
+    return state[0].contiguous(), z0, state[-1].contiguous()
+
+
+def _state_outputs(m: Module, n, h, f, dv, like, state, wanted):
+    """Buffers for the final state S [N, H, F, Dv] and z [N, H, F] (in the initial state's dtype, else
+    fp32); empty when not ``wanted`` (z also without row sums)."""
+    dtype = state[0].dtype if state else torch.float32
+    if not wanted:
+        return _empty((0,), like, dtype), _empty((0,), like, dtype)
+    z = _empty((n, h, f), like, dtype) if m.normalised else _empty((0,), like, dtype)
+    return _empty((n, h, f, dv), like, dtype), z
+
+
+# ---------------------------------------------------------------------------------------------
+# the linear ordering: launch drivers
+# ---------------------------------------------------------------------------------------------
+def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
+    """o [layout of q, Dv], the normaliser den' [B, H, T] (fp32; empty without row sums) and the final
+    state S [N, H, F, Dv], z [N, H, F] (empty unless ``return_state``; z also without row sums)."""
+    if m.linear.decay is not None:
+        return _decay_fwd(m, q, k, v, params, layout, state, cu, return_state)
+    qh, kh, vh = (_bhtd(x, layout) for x in (q, k, v))
+    B, H, T, K = qh.shape
+    S, V = kh.shape[2], vh.shape[3]
+    o, oh = _like_layout(B, H, T, V, q, layout)
+    den = _empty((B, H, T) if m.normalised else (0,), q, torch.float32)
+    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=True)
+    if not m.causal:
+        m.linear.fwd[(triton.cdiv(V, BV), B * H)](
+            qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
+            T, S, H, float(T), float(S), float(K), float(H),
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+        return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
+    n, F = _sequences(B, cu), m.feature_width(K)
+    st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
+    m.linear.fwd[(triton.cdiv(V, BV), n * H)](
+        qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
+        st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
+        *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
+        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q),
+        USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
+    return o, den, st, zt
+
+
+def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
+    """[dq, dk, dv, d<param>..., dS_0, dz_0] for the incoming gradients ``do`` of ``o`` and ``dst``, ``dzt``
+    of the final state (None: zero); dS_0, dz_0 only with an initial ``state`` (dz_0 with row sums)."""
+    if m.linear.decay is not None:
+        return _decay_bwd(m, do, q, k, v, o, den, params, layout, state, cu, dst, dzt)
+    qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
+    B, H, T, K = qh.shape
+    S, V = kh.shape[2], vh.shape[3]
+    if m.normalised:
+        delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: sum_e dO_e O_e
+    else:
+        delta = den
+    dq, dqh = _like_layout(B, H, T, K, q, layout)
+    dk, dkh = _like_layout(B, H, S, K, k, layout)
+    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    pf = _params_f32(params)
+    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=False)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+    if m.causal:
+        n, F = _sequences(B, cu), m.feature_width(K)
+        dpar_q = [_empty((n * H,), q, torch.float32) for _ in params]
+        dpar_k = [_empty((n * H,), q, torch.float32) for _ in params]
+        s0, z0, pos = _state_args(m, state, q)
+        ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
+        dz0 = _empty(state[1].shape, state[1]) if state and m.normalised else _dummy(q)
+        use_dst = dst is not None
+        dst = dst.contiguous() if use_dst else _dummy(q)
+        dzt = dzt.contiguous() if use_dst and m.normalised else _dummy(q)
+        cu_arg = cu if cu is not None else _dummy(q)
+        lengths = (T, H, F, float(T), float(S), float(K), float(H))
+        flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
+        m.linear.bwd_dq[(n * H,)](
+            qh, kh, vh, doh, den, delta, dqh, s0, z0, pos, cu_arg, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dqh),
+            *lengths, **meta, **flags)
+        m.linear.bwd_dkv[(n * H,)](
+            qh, kh, vh, doh, den, delta, dkh, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
+            *_strides(qh, kh, vh, doh, dkh, dvh), *lengths, **meta, USE_DST=use_dst, **flags)
+        dstate = ([ds0, dz0] if m.normalised else [ds0]) if state else []
+    else:
+        dpar_q = [_empty((B * H,), q, torch.float32) for _ in params]
+        dpar_k = [_empty((B * H,), q, torch.float32) for _ in params]
+        lengths = (T, S, H, float(T), float(S), float(K), float(H))
+        m.linear.bwd_dq[(B * H,)](
+            qh, kh, vh, doh, den, delta, dqh, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
+        m.linear.bwd_dkv[(B * H,)](
+            qh, kh, vh, doh, den, delta, dkh, dvh, *pf, *dpar_k, *_strides(qh, kh, vh, doh, dkh, dvh),
+            *lengths, **meta)
+        dstate = []
+    dparams = []
+    for p, a, b in zip(params, dpar_q, dpar_k):
+        total = (a + b).view(-1, H).sum(0)  # [H]
+        dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+    return [dq, dk, dv, *dparams, *dstate]
+
+
+def _step(m: Module, q, k, v, state, params, layout):
+    """One decode step: o_t [layout, T = 1], and the new S, z, pos (the inputs are left as they are)."""
+    qh, kh, vh = (_bhtd(x, layout) for x in (q, k, v))
+    B, H, _, K = qh.shape
+    V = vh.shape[3]
+    S, pos = state[0].contiguous(), state[-1].contiguous()
+    z = state[1].contiguous() if m.normalised else None
+    o, oh = _like_layout(B, H, 1, V, q, layout)
+    s_out = _empty(S.shape, S)
+    z_out = _empty(z.shape, z) if m.normalised else None
+    gam = _gamma(m, params, H, 1, 1, K, q)[0] if m.linear.decay is not None else _dummy(q)
+    BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+    m.linear.step[(B * H,)](
+        qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
+        *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0, 1.0, float(K), float(H),
+        K=K, V=V, BT=1, BK=BK, BV=BV)
+    return o, s_out, z_out, pos + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the decay class: gamma per head from its kernel, a causal scan and (two-sided) an anti-causal one
+# ---------------------------------------------------------------------------------------------
+def _gamma(m: Module, params, H, T, S, K, like):
+    """gamma [H] (fp32) and d log(gamma) / d parameter [H] per parameter; refuses gamma outside (0, 1]."""
+    decay = m.linear.decay
+    gam = _empty((H,), like, torch.float32)
+    dlg = [_empty((H,), like, torch.float32) for _ in decay.params]
+    decay.kernel[(1,)](gam, *dlg, *_params_f32(params), H, float(T), float(S), float(K), float(H),
+                       BH=max(16, triton.next_power_of_2(H)))
+    ok = (gam > 0) & (gam <= 1)
+    if not bool(ok.all()):
+        raise InputError(f"{m.spec}: the decay gamma = {decay.gamma} must lie in (0, 1] (gamma > 1 grows "
+                         f"without bound); found {gam.tolist()} for heads 0..{H - 1}; pass parameters that "
+                         "keep it in range")
+    return gam, dlg
+
+
+def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
+    """o [layout of q, Dv]; the second output (a normaliser) is empty: the decay class has none; then
+    the final state S [N, H, F, Dv] (empty unless ``return_state``) and an empty z."""
+    two_sided, kernel = m.linear.decay.two_sided, m.linear.fwd
+    qh, kh, vh = (_bhtd(x, layout) for x in (q, k, v))
+    B, H, T, K = qh.shape
+    S, V = kh.shape[2], vh.shape[3]
+    gam, _ = _gamma(m, params, H, T, S, K, q)
+    o, oh = _like_layout(B, H, T, V, q, layout)
+    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=True)
+    n, F = _sequences(B, cu), m.feature_width(K)
+    grid = (triton.cdiv(V, BV), n * H)
+    pf = _params_f32(params)
+    lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+    acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
+    st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
+    s0, _, pos = _state_args(m, state, q)
+    cu_arg = cu if cu is not None else _dummy(q)
+    flags = dict(USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
+    # the causal scan (into acc when the anti-causal one follows), then the anti-causal scan adding it
+    dest = acc if two_sided else oh
+    kernel[grid](qh, kh, vh, dest, acc, gam, s0, pos, cu_arg, st if return_state else _dummy(q),
+                 *pf, *_strides(qh, kh, vh, dest), *lengths, REV=0, ACC=0, **meta, **flags)
+    if two_sided:
+        kernel[grid](qh, kh, vh, oh, acc, gam, s0, pos, cu_arg, _dummy(q), *pf,
+                     *_strides(qh, kh, vh, oh), *lengths, REV=1, ACC=1, **meta,
+                     USE_S0=False, STORE_ST=False, VARLEN=False)
+    return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
+
+
+def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
+    """[dq, dk, dv, d<param>..., dS_0]; dL/dlog(gamma) from per-program partial sums, reduced here; dS_0
+    only with an initial ``state``; ``dst`` is the final state's incoming gradient (None: zero)."""
+    decay = m.linear.decay
+    qh, kh, vh, doh = (_bhtd(x, layout) for x in (q, k, v, do))
+    B, H, T, K = qh.shape
+    S, V = kh.shape[2], vh.shape[3]
+    gam, dlg_dpar = _gamma(m, params, H, T, S, K, q)
+    dq, dqh = _like_layout(B, H, T, K, q, layout)
+    dk, dkh = _like_layout(B, H, S, K, k, layout)
+    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    pf = _params_f32(params)
+    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=False)
+    n, F = _sequences(B, cu), m.feature_width(K)
+    lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
+    s0, _, pos = _state_args(m, state, q)
+    ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
+    use_dst = dst is not None
+    dst = dst.contiguous() if use_dst else _dummy(q)
+    cu_arg = cu if cu is not None else _dummy(q)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+    scans = (0, 1) if decay.two_sided else (0,)
+    if decay.two_sided:  # fp32 partial gradients of the causal scan, added by the anti-causal one
+        accq, acck, accv = (_empty((B, H, r, d), q, torch.float32) for r, d in ((T, K), (S, K), (S, V)))
+    else:
+        accq, acck, accv = dqh, dkh, dvh
+    dlg = _empty((len(scans), n * H), q, torch.float32)
+    dpar = [[_empty((n * H,), q, torch.float32) for _ in params] for _ in range(2 * len(scans))]
+    for rev in scans:
+        last = rev == scans[-1]
+        out_q, out_k, out_v = (dqh, dkh, dvh) if last else (accq, acck, accv)
+        # the initial and final states belong to the causal scan (rev = 0; a causal op has only that one)
+        flags = dict(USE_S0=bool(state) and rev == 0, USE_DST=use_dst and rev == 0, VARLEN=cu is not None)
+        m.linear.bwd_dq[(n * H,)](
+            qh, kh, vh, doh, out_q, accq, gam, dlg[rev], s0, pos, cu_arg, dst, *pf, *dpar[2 * rev],
+            *_strides(qh, kh, vh, doh, out_q), *lengths, REV=rev, ACC=int(rev == 1), **meta, **flags)
+        m.linear.bwd_dkv[(n * H,)](
+            qh, kh, vh, doh, out_k, out_v, acck, accv, gam, pos, cu_arg, dst, ds0, *pf, *dpar[2 * rev + 1],
+            *_strides(qh, kh, vh, doh, out_k, out_v), *lengths, REV=rev, ACC=int(rev == 1), **meta, **flags)
+    dlg_total = dlg.sum(0).view(-1, H).sum(0)  # [H] dL/dlog(gamma)
+    dparams = []
+    for i, p in enumerate(params):
+        total = sum(d[i] for d in dpar).view(-1, H).sum(0)  # [H]
+        name = m.params[i].name
+        if name in decay.params:
+            total = total + dlg_total * dlg_dpar[decay.params.index(name)]
+        dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+    return [dq, dk, dv, *dparams, *([ds0] if state else [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# the linear ordering's custom ops (opaque to torch.compile) with fake kernels and an autograd formula
+# ---------------------------------------------------------------------------------------------
+def _fwd_fake(m: Module, q, k, v, params, layout, state, cu, return_state):
+    (B, H, T, K), V = _bhtd(q, layout).shape, v.shape[3]
+    o = q.new_empty((B, T, H, V) if layout == "bthd" else (B, H, T, V))
+    dtype = state[0].dtype if state else torch.float32
+    st = zt = q.new_empty((0,), dtype=dtype)
+    if return_state:
+        n, f = _sequences(B, cu), m.feature_width(K)
+        st = q.new_empty((n, H, f, V), dtype=dtype)
+        zt = q.new_empty((n, H, f) if m.normalised else (0,), dtype=dtype)
+    return o, q.new_empty((B, H, T) if m.normalised else (0,), dtype=torch.float32), st, zt
+
+
+def _bwd_fake(do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            *[torch.empty_like(p) for p in params], *[torch.empty_like(s) for s in state[:-1]]]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, params, layout, state, cu, return_state = inputs
+    o, den, _, _ = output
+    ctx.save_for_backward(q, k, v, o, den, *params, *state, *([] if cu is None else [cu]))
+    ctx.layout, ctx.counts, ctx.return_state = layout, (len(params), len(state), cu is not None), return_state
+
+
+def _backward(m: Module, ctx, do, dden, dst, dzt):
+    q, k, v, o, den, *rest = ctx.saved_tensors
+    n_params, n_state, has_cu = ctx.counts
+    params, state = rest[:n_params], rest[n_params:n_params + n_state]
+    cu = rest[-1] if has_cu else None
+    do = torch.zeros_like(o) if do is None else do
+    if not ctx.return_state or dst is None:
+        dst = dzt = None
+    elif m.normalised and dzt is None:
+        dzt = torch.zeros(dst.shape[:-1], dtype=dst.dtype, device=dst.device)
+    grads = _OPS[m.op_name + "_bwd"](do, q, k, v, o, den, list(params), ctx.layout, list(state), cu, dst, dzt)
+    dq, dk, dv = grads[:3]
+    dparams, dstate = grads[3:3 + n_params], grads[3 + n_params:]
+    return dq, dk, dv, list(dparams), None, ([*dstate, None] if n_state else []), None, None
+
+
+def _linear_ops(m: Module):
+    """The linear ordering's two custom ops of ``m`` (reused when the process already has them)."""
+    ns, name = torch.ops.attngen, m.op_name
+    if hasattr(ns, name + "_fwd"):
+        return getattr(ns, name + "_fwd"), getattr(ns, name + "_bwd")
+
+    @torch.library.custom_op("attngen::" + name + "_fwd", mutates_args=())
+    def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: list[torch.Tensor], layout: str,
+               state: list[torch.Tensor], cu: Optional[torch.Tensor],
+               return_state: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fwd(m, q, k, v, params, layout, state, cu, return_state)
+
+    @torch.library.custom_op("attngen::" + name + "_bwd", mutates_args=())
+    def bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               den: torch.Tensor, params: list[torch.Tensor], layout: str, state: list[torch.Tensor],
+               cu: Optional[torch.Tensor], dst: Optional[torch.Tensor],
+               dzt: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        return _bwd(m, do, q, k, v, o, den, params, layout, state, cu, dst, dzt)
+
+    @fwd_op.register_fake
+    def _(q, k, v, params, layout, state, cu, return_state):
+        return _fwd_fake(m, q, k, v, params, layout, state, cu, return_state)
+
+    def backward(ctx, do, dden, dst, dzt):
+        return _backward(m, ctx, do, dden, dst, dzt)
+
+    bwd_op.register_fake(_bwd_fake)
+    fwd_op.register_autograd(backward, setup_context=_setup_context)
+    return fwd_op, bwd_op
+
+
+# ---------------------------------------------------------------------------------------------
+# the quadratic ordering: launch drivers, block-sparse tables, custom ops
+# ---------------------------------------------------------------------------------------------
+def _qblocks(t, s, dk, dv, block):
+    """BM, BN, BK, BV: a tile of BM query rows and BN keys (both ``block`` in the block-sparse mode)."""
+    bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    if block:
+        return block, block, bk, bv
+    top = QBLOCK if max(bk, bv) <= 128 else QBLOCK // 2
+    return min(top, max(16, triton.next_power_of_2(t))), min(top, max(16, triton.next_power_of_2(s))), bk, bv
+
+
+def _qfwd(m: Module, q, k, v, params, layout, tab, block):
+    """o [layout of q, Dv], the row statistic [B, H, T] fp32 (empty when none is saved) and, for fp16 / bf16
+    inputs with a statistic, o in fp32 for the backward (else empty): its D_i = dO_i . O_i from a rounded O
+    would shift every ds_ij of row i and, summed with weights such as |i - j|, the parameters' gradients.
+    ``tab``: the block-sparse mode's key blocks per query block [B, H, NQB, MAXB] int32 (None: dense)."""
+    qh, kh, vh = (_bhtd(x, layout) for x in (q, k, v))
+    B, H, T, K = qh.shape
+    S, V = kh.shape[2], vh.shape[3]
+    wide = m.qstat and q.dtype != torch.float32
+    o, oh = _like_layout(B, H, T, V, q, layout, torch.float32 if wide else None)
+    stat = _empty((B, H, T) if m.qstat else (0,), q, torch.float32)
+    BM, BN, BK, BV = _qblocks(T, S, K, V, block)
+    lengths = (T, S, H, float(T), float(S), float(K), float(H))
+    if m.quadratic.flash:
+        sparse = tab is not None
+        tab = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
+        extra = (tab, *_params_f32(params), *_strides(qh, kh, vh, oh), *lengths, tab.shape[-1] if sparse else 0)
+        flags = dict(SPARSE=sparse)
+    else:
+        extra = (*_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
+        flags = {}
+    m.quadratic.fwd[(triton.cdiv(T, BM), B * H)](
+        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **flags)
+    if wide:
+        return o.to(q.dtype), stat, o
+    return o, stat, _empty((0,), q, torch.float32)
+
+
+def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
+    """[dq, dk, dv, d<param>...] for the gradient ``do`` of the output ``o`` (fp32 for half inputs, see _qfwd).
+    Parameter gradients: each key-block program writes its partial sum, added here (deterministic, no atomics)."""
+    qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
+    B, H, T, K = qh.shape
+    S, V = kh.shape[2], vh.shape[3]
+    BM, BN, BK, BV = _qblocks(T, S, K, V, block)
+    NKB = triton.cdiv(S, BN)
+    if m.qstat:
+        delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: D_i = sum_e dO_ie O_ie
+    else:
+        delta = _empty((0,), q, torch.float32)
+    dq, dqh = _like_layout(B, H, T, K, q, layout)
+    dk, dkh = _like_layout(B, H, S, K, k, layout)
+    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    dpar = [_empty((B * H * NKB,), q, torch.float32) for _ in params]
+    pf = _params_f32(params)
+    lengths = (T, S, H, float(T), float(S), float(K), float(H))
+    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q))
+    if m.quadratic.flash:
+        sparse = tab is not None
+        rows = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
+        cols = _key_table(tab, NKB) if sparse else rows
+        meta.update(SPARSE=sparse)
+        m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
+            qh, kh, vh, doh, stat, delta, dqh, rows, *pf, *_strides(qh, kh, vh, doh, dqh), *lengths,
+            rows.shape[-1] if sparse else 0, **meta)
+        m.quadratic.bwd_dkv[(NKB, B * H)](
+            qh, kh, vh, doh, stat, delta, dkh, dvh, cols, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh),
+            *lengths, cols.shape[-1] if sparse else 0, **meta)
+    else:
+        m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
+            qh, kh, vh, doh, stat, delta, dqh, *pf, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
+        m.quadratic.bwd_dkv[(NKB, B * H)](
+            qh, kh, vh, doh, stat, delta, dkh, dvh, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh), *lengths,
+            **meta)
+    dparams = []
+    for p, part in zip(params, dpar):
+        total = part.view(B, H, NKB).sum((0, 2))  # [H]
+        dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+    return [dq, dk, dv, *dparams]
+
+
+def _key_table(tab, nkb):
+    """The transposed block table: for each key block, the query blocks that list it, [B, H, NKB, MAXQ]
+    int32 in ascending order, padded with -1 (torch ops, no loop over blocks)."""
+    B, H, NQB, _ = tab.shape
+    hit = torch.zeros(B, H, NQB, nkb + 1, dtype=torch.bool, device=tab.device)  # column nkb takes the -1s
+    hit.scatter_(3, torch.where(tab >= 0, tab, nkb).long(), True)
+    hit = hit[..., :nkb].transpose(2, 3)  # [B, H, NKB, NQB]
+    width = max(1, int(hit.sum(-1).max())) if hit.numel() else 1
+    rows = torch.arange(NQB, dtype=torch.int32, device=tab.device).expand_as(hit)
+    order = torch.where(hit, rows, NQB).sort(-1).values[..., :width]
+    return torch.where(order < NQB, order, -1).to(torch.int32).contiguous()
+
+
+def _qfwd_fake(m: Module, q, k, v, params, layout, tab, block):
+    (B, H, T, _), V = _bhtd(q, layout).shape, v.shape[3]
+    shape = (B, T, H, V) if layout == "bthd" else (B, H, T, V)
+    wide = m.qstat and q.dtype != torch.float32
+    return (q.new_empty(shape), q.new_empty((B, H, T) if m.qstat else (0,), dtype=torch.float32),
+            q.new_empty(shape if wide else (0,), dtype=torch.float32))
+
+
+def _qbwd_fake(do, q, k, v, o, stat, params, layout, tab, block):
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), *[torch.empty_like(p) for p in params]]
+
+
+def _qsetup_context(ctx, inputs, output):
+    q, k, v, params, layout, tab, block = inputs
+    o, stat, wide = output
+    ctx.save_for_backward(q, k, v, wide if wide.numel() else o, stat, *params, *([] if tab is None else [tab]))
+    ctx.layout, ctx.n_params, ctx.sparse, ctx.block = layout, len(params), tab is not None, block
+
+
+def _qbackward(m: Module, ctx, do, dstat, dwide):
+    q, k, v, o, stat, *rest = ctx.saved_tensors
+    params = rest[:ctx.n_params]
+    tab = rest[ctx.n_params] if ctx.sparse else None
+    do = torch.zeros(o.shape, dtype=q.dtype, device=q.device) if do is None else do
+    grads = _OPS[m.op_name + "_qbwd"](do, q, k, v, o, stat, list(params), ctx.layout, tab, ctx.block)
+    return grads[0], grads[1], grads[2], list(grads[3:]), None, None, None
+
+
+def _quadratic_ops(m: Module):
+    """The quadratic ordering's two custom ops of ``m``; ``tab`` None is the dense mode."""
+    ns, name = torch.ops.attngen, m.op_name
+    if hasattr(ns, name + "_qfwd"):
+        return getattr(ns, name + "_qfwd"), getattr(ns, name + "_qbwd")
+
+    @torch.library.custom_op("attngen::" + name + "_qfwd", mutates_args=())
+    def qfwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: list[torch.Tensor], layout: str,
+                tab: Optional[torch.Tensor], block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _qfwd(m, q, k, v, params, layout, tab, block)
+
+    @torch.library.custom_op("attngen::" + name + "_qbwd", mutates_args=())
+    def qbwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                stat: torch.Tensor, params: list[torch.Tensor], layout: str, tab: Optional[torch.Tensor],
+                block: int) -> list[torch.Tensor]:
+        return _qbwd(m, do, q, k, v, o, stat, params, layout, tab, block)
+
+    @qfwd_op.register_fake
+    def _(q, k, v, params, layout, tab, block):
+        return _qfwd_fake(m, q, k, v, params, layout, tab, block)
+
+    def backward(ctx, do, dstat, dwide):
+        return _qbackward(m, ctx, do, dstat, dwide)
+
+    qbwd_op.register_fake(_qbwd_fake)
+    qfwd_op.register_autograd(backward, setup_context=_qsetup_context)
+    return qfwd_op, qbwd_op
