@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from attngen import pipeline
-from attngen.errors import PlanError
+from attngen.errors import InputError, PlanError
 from attngen.frontend.spec import Spec, builtin_names, load_spec
 
 
@@ -45,7 +45,7 @@ def builtin_modules() -> list:
 
 def write(module: Module, folder: Path) -> Path:
     """Write the module atomically (temporary file, then rename)."""
-    return _write_bytes(Path(folder) / module.filename, module.source.encode("utf-8"))
+    return write_bytes(Path(folder) / module.filename, module.source.encode("utf-8"))
 
 
 HOST_PACKAGE = "attngen_host"
@@ -64,17 +64,26 @@ def write_host(folder: Path) -> list:
     empty __init__.py files), for modules that run without attngen installed: they import
     attngen_host.runtime.triton.host when attngen.runtime.triton.host is not importable. Returns the paths."""
     root = Path(folder) / HOST_PACKAGE
-    written = [_write_bytes(root / init, b"") for init in HOST_INITS]
+    written = [write_bytes(root / init, b"") for init in HOST_INITS]
     for (package, name), target in HOST_FILES.items():
-        written.append(_write_bytes(root / target, resources.files(package).joinpath(name).read_bytes()))
+        written.append(write_bytes(root / target, resources.files(package).joinpath(name).read_bytes()))
     return written
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then os.replace), with the
+    permissions a plain open() would give (0666 less the umask; mkstemp's 0600 would hide the file from
+    other users of a shared cache or checkout). InputError when the folder cannot hold it."""
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: expected a folder to write {path.name} into, found a file")
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot write {path.name} there ({exc.strerror or exc})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -83,3 +92,9 @@ def _write_bytes(path: Path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
+    os.umask(mask)
+    return mask

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import yaml
 
-from attngen.errors import AttngenError, VerificationError
+from attngen.errors import AttngenError, InputError, PlanError, VerificationError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -30,6 +30,12 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"attngen: error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # a file the user named (--dot, --out, a cache folder) cannot be read or written
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"attngen: error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
 
 
@@ -71,6 +77,15 @@ def _int_list(text: str, name: str) -> list:
                                  param_hint=name) from None
     if not values or min(values) < 1:
         raise click.BadParameter(f"{text!r}: expected positive integers", param_hint=name)
+    return values
+
+
+def _checked_lengths(text: str) -> list:
+    from attngen.verify import MAX_LENGTH
+    values = _int_list(text, "--seq-len")
+    if max(values) > MAX_LENGTH:
+        raise click.BadParameter(f"{max(values)}: at most {MAX_LENGTH} (the naive reference materialises T x T in "
+                                 f"float64: 128 MiB per batch and head at {MAX_LENGTH})", param_hint="--seq-len")
     return values
 
 
@@ -116,7 +131,11 @@ def plan(spec, seq_len, head_dim, mode, sets, force, target, trace, dot_file):
         click.echo("\npipeline trace:")
         _table(["stage", "pass", "what it did"], pipeline.trace(p))
     if dot_file:
-        Path(dot_file).write_text(to_dot(p))
+        text = to_dot(p)
+        try:
+            Path(dot_file).write_text(text)
+        except OSError as exc:
+            raise InputError(f"--dot {dot_file}: cannot write the op graph there ({exc.strerror or exc})") from None
         click.echo(f"\nop graph written to {dot_file}")
 
 
@@ -149,23 +168,21 @@ def _specs(names, all_specs, mode, sets) -> list:
     return [load_spec(n, causal=c, **_overrides(sets)) for n in names for c in _modes(mode)]
 
 
-def _verify(cases, force, dtypes, lengths, head_dim) -> list:
-    """cases: (spec, backend, default dtypes). Prints the table; raises VerificationError on a failure."""
+def _verify(cases) -> list:
+    """Run the cases (attngen.verify.Case), one progress line each; print the table; raise VerificationError on a
+    failure and a usage error when there is nothing to verify."""
     import torch
 
-    from attngen.op import compile as compile_op
-    from attngen.verify import DTYPES, verify_case
-    lens = _int_list(lengths, "--seq-len")
+    from attngen.verify import run_case
+    if not cases:
+        raise click.UsageError("nothing to verify: no case matches the specs, backend and options given")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cases = [c if len(c) == 4 else (*c, force) for c in cases]  # (spec, backend, default dtypes, plan)
-    work = [(spec, backend, DTYPES[d], t, plan) for spec, backend, default, plan in cases
-            for d in (dtypes or default) for t in lens]
     results = []
-    with click.progressbar(work, label="verifying", file=sys.stderr, show_pos=True,
-                           item_show_func=lambda c: c and f"{c[0].name} {c[0].mode} {c[1]} T{c[3]}") as bar:
-        for spec, backend, dtype, t, plan in bar:
-            op = compile_op(spec, backend=backend, plan=plan)
-            results.append(verify_case(op, spec, dtype=dtype, t=t, dk=head_dim, seed=t, device=device))
+    for n, case in enumerate(cases, 1):
+        r = run_case(case, device=device)
+        results.append(r)
+        # one line per case, to stderr: progress that also reads well in a non-terminal log
+        click.echo(f"[{n}/{len(cases)}] {case.id}: {'pass' if r.passed else 'FAIL'}", err=True)
     rows = []
     for r in results:
         grads = [k for k in r.errors if k != "o"]
@@ -182,7 +199,8 @@ def _verify(cases, force, dtypes, lengths, head_dim) -> list:
     failed = [r for r in results if not r.passed]
     click.echo(f"\n{len(results) - len(failed)} passed, {len(failed)} failed\n(errors: RMS(out - ref) / "
                "max(RMS(ref), 1e-2) against the float64 reference; a quantity passes within max(tol, 2 x the "
-               "same-dtype reference's error), or within 8 units of roundoff absolute)")
+               "same-dtype reference's error), or within 8 units of roundoff absolute; plan 'step': a prefill, "
+               "then op.step token by token)")
     if failed:
         raise VerificationError(", ".join(sorted({f"{r.spec} ({r.mode}, {r.backend})" for r in failed})))
     return results
@@ -200,13 +218,14 @@ def _use_interpreter_without_gpu():
 @main.command(context_settings=CONTEXT)
 @_verify_options
 def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
-    """Check compiled ops against the naive reference: output and every gradient."""
+    """Check compiled ops against the naive reference: output and every gradient (and the decode step of
+    decodable specs)."""
+    from attngen.verify import verify_cases
     backend = backend or "torch"
     if backend != "torch":
         _use_interpreter_without_gpu()
-    default = ("float64", "float32") if backend == "torch" else ("float32", "float16")
-    _verify([(s, backend, default) for s in _specs(specs, all_specs, mode, sets)], force, dtypes, lengths,
-            head_dim)
+    _verify(verify_cases(_specs(specs, all_specs, mode, sets), backend, force, dtypes,
+                         _checked_lengths(lengths), head_dim))
 
 
 @main.command(context_settings=CONTEXT)
@@ -221,24 +240,26 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
     it (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the
     naive reference."""
     from attngen.build import HOST_PACKAGE, generate, write, write_host
+    from attngen.verify import build_cases
     _use_interpreter_without_gpu()
-    cases = []
+    lens = _checked_lengths(lengths)
+    modules, refused = [], []
     for spec in _specs(specs, all_specs, mode, sets):
         module = generate(spec)
-        if backend in (None, "torch"):
-            cases.append((spec, "torch", ("float64", "float32")))
+        modules.append(module)
         if module.source is None:
+            refused.append(module)
             click.echo(f"{spec.name} ({spec.mode}): no Triton module: {module.reason}")
             continue
         click.echo(f"{spec.name} ({spec.mode}): wrote {write(module, Path(out))}")
-        if backend in (None, "triton", "auto"):
-            cases.append((spec, backend or "triton", ("float32", "float16")))
-            if force is None and len(module.orderings) > 1:  # the dispatch reaches one side only at some lengths:
-                cases += [(spec, backend or "triton", ("float32", "float16"), o.value) for o in module.orderings]
     if standalone:
         write_host(Path(out))
         click.echo(f"the modules' shared host runtime: wrote {Path(out) / HOST_PACKAGE}")
-    _verify(cases, force, dtypes, lengths, head_dim)
+    _verify(build_cases(modules, backend, force, dtypes, lens, head_dim))
+    if refused and backend != "torch":
+        names = ", ".join(f"{m.spec.name} ({m.spec.mode})" for m in refused)
+        raise PlanError(f"no Triton module for {names} (reasons above); the torch backend was verified. Use "
+                        "--backend torch to verify without generating")
 
 
 def _table(headers, rows):

@@ -16,8 +16,7 @@ from attngen.ir import DEFAULT_CHUNK, Plan
 from attngen.passes.capabilities import capabilities
 from attngen.passes.draft import Draft
 from attngen.passes.frontend import read_spec, softmax_as_exp, substitute_constants
-from attngen.passes.planning import (approximate, choose_ordering, classify, costs, linear_terms, ordering,
-                                     separate)
+from attngen.passes.planning import approximate, choose_ordering, classify, costs, linear_terms, ordering, separate
 
 FRONTEND = (read_spec, substitute_constants, softmax_as_exp)
 PLANNING = (separate, classify, linear_terms, approximate, costs, choose_ordering, capabilities)

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attngen import pipeline
+from attngen.errors import InputError
+from attngen.ir import Ordering
 from attngen.runtime.inputs import check_params, check_qkv, default_parameters
 from attngen.naive import attention_matrix_apply, reference
 from attngen.op import compile as compile_op
@@ -85,7 +88,7 @@ def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
     k = torch.randn(b, h, s, dk, generator=g, dtype=torch.float64)
     v = torch.randn(b, h, s, dv, generator=g, dtype=torch.float64)
     do = torch.randn(b, h, t, dv, generator=g, dtype=torch.float64)
-    params = default_parameters(spec, h, torch.float64)
+    params = default_parameters(spec, h, torch.float64, head_dim=dk)
     params = {n: p + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
     return q, k, v, do, params
 
@@ -147,7 +150,7 @@ def approximation_reference(op, spec: Spec):
 
     def run(q, k, v, **params):
         qh, kh, vh = check_qkv(spec, q, k, v, op.layout)
-        values = check_params(spec, params, qh.shape[1], qh)
+        values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         if kind == "topk_sparse":
             keep = decision.dense_mask().to(qh.device)
             out = attention_matrix_apply(spec, qh, kh, vh, values, keep=keep)
@@ -185,3 +188,126 @@ def rebuilt_scores(scores: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         use = present & (j >= s_r) & (i >= j) & (s_r + lag < t)
         out = out + torch.where(use, b_r, torch.zeros((), dtype=scores.dtype, device=scores.device))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the cases of `attngen verify` and of the main job `attngen build` (the tests run the same list)
+# ---------------------------------------------------------------------------------------------
+LENGTHS = (7, 63, 200)
+MAX_LENGTH = 4096  # the naive reference materialises [B, H, T, S] in float64: 128 MiB per head pair at 4096
+DEFAULT_DTYPES = {"torch": ("float64", "float32"), "triton": ("float32", "float16"), "auto": ("float32", "float16")}
+STEP_TOKENS = 4  # decoded with op.step after a prefill, in a step case
+
+
+@dataclass(frozen=True)
+class Case:
+    """One verification: ``spec`` on ``backend`` in ``dtype`` at length ``t`` (head dim ``head_dim``), the
+    planner's ordering or a forced ``plan``; ``step``: a prefill, then op.step token by token (decode)."""
+    spec: Spec
+    backend: str
+    dtype: str
+    t: int
+    plan: str | None = None
+    step: bool = False
+    head_dim: int = 16
+
+    @property
+    def id(self) -> str:
+        return (f"{self.spec.name}-{self.spec.mode}-{self.backend}-{self.plan or 'auto'}-{self.dtype}-T{self.t}"
+                + ("-step" if self.step else ""))
+
+
+def verify_cases(specs, backend: str = "torch", force=None, dtypes=(), lengths=LENGTHS, head_dim=16) -> list:
+    """The cases of `attngen verify`: every spec, dtype and length on one backend, and the decode step of every
+    decodable spec (not with a forced ordering other than linear / recurrent)."""
+    out = []
+    for spec in specs:
+        out += _cases(spec, backend, force, dtypes, lengths, head_dim, step=_decodable(spec, backend, force))
+    return out
+
+
+def build_cases(modules, backend=None, force=None, dtypes=(), lengths=LENGTHS, head_dim=16) -> list:
+    """The cases of `attngen build` for its rendered ``modules`` (attngen.build.Module): the torch backend (unless
+    ``backend`` names another), and each generated module on the Triton backend, with each ordering forced too
+    when it holds two (the dispatch reaches one side only at some lengths), and the decode step."""
+    out = []
+    for m in modules:
+        if backend in (None, "torch"):
+            out += _cases(m.spec, "torch", force, dtypes, lengths, head_dim, step=_decodable(m.spec, "torch", force))
+        if m.source is None or backend == "torch":
+            continue
+        b = backend or "triton"
+        step = Ordering.LINEAR in m.orderings and _decodable(m.spec, b, force)
+        out += _cases(m.spec, b, force, dtypes, lengths, head_dim, step=step)
+        if force is None and len(m.orderings) > 1:
+            for o in m.orderings:
+                out += _cases(m.spec, b, o.value, dtypes, lengths, head_dim, step=False)
+    return out
+
+
+def _cases(spec, backend, force, dtypes, lengths, head_dim, step: bool) -> list:
+    for t in lengths:
+        if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_LENGTH:
+            raise InputError(f"length {t!r}: expected 1..{MAX_LENGTH} (the naive reference materialises T x T "
+                             f"in float64: {MAX_LENGTH}**2 x 8 bytes = 128 MiB per batch and head)")
+    kinds = (False, True) if step else (False,)
+    return [Case(spec, backend, d, t, force, s, head_dim) for s in kinds
+            for d in (dtypes or DEFAULT_DTYPES[backend]) for t in lengths]
+
+
+def _decodable(spec, backend, force) -> bool:
+    if force not in (None, "linear", "recurrent"):
+        return False
+    target = "torch" if backend == "torch" else "triton"
+    return pipeline.plan(spec, target=target, force=force).capabilities.decodable
+
+
+def run_case(case: Case, device="cpu") -> CaseResult:
+    """Compile the case's op and verify it (verify_case, or verify_step for a step case)."""
+    op = compile_op(case.spec, backend=case.backend, plan=case.plan)
+    check = verify_step if case.step else verify_case
+    return check(op, case.spec, dtype=DTYPES[case.dtype], t=case.t, dk=case.head_dim, seed=case.t, device=device)
+
+
+def verify_step(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, dk=16, dv=None, seed=0,
+                device="cpu") -> CaseResult:
+    """Decode: the first tokens through op(..., return_state=True) (none at T <= STEP_TOKENS: op.init_state),
+    the last STEP_TOKENS one by one through op.step; every output row against the float64 reference of the
+    whole sequence (a step that read a wrong position, parameter or state fails here)."""
+    dv = dk if dv is None else dv
+    q, k, v, _, params = _inputs(spec, b, h, t, t, dk, dv, seed)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def decode(q, k, v, **p):
+        n0 = max(0, q.shape[2] - STEP_TOKENS)
+        outs = []
+        with torch.no_grad():
+            if n0:
+                o, state = op(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], return_state=True, **p)
+                outs.append(o)
+            else:
+                state = op.init_state(q.shape[0], q.shape[1], q.shape[3], v.shape[3], dtype=state_dtype,
+                                      device=q.device)
+            for j in range(n0, q.shape[2]):
+                o, state = op.step(q[:, :, j:j + 1], k[:, :, j:j + 1], v[:, :, j:j + 1], state, **p)
+                outs.append(o)
+        return torch.cat(outs, 2)
+
+    def forward(fn, dt, dev):
+        pd = torch.float64 if dt == torch.float64 else torch.float32
+        with torch.no_grad():
+            return fn(*(x.to(dtype=dt, device=dev) for x in (q, k, v)),
+                      **{n: x.to(dtype=pd, device=dev) for n, x in params.items()})
+
+    ref = reference(spec)
+    golden = forward(ref, torch.float64, "cpu")
+    got = forward(decode, dtype, device).cpu()
+    same = forward(ref, dtype, "cpu") if dtype != torch.float64 else golden
+    backend = resolve_backend(op.backend, torch.device(device))
+    res = CaseResult(spec.name, spec.mode, backend, "step", str(dtype).replace("torch.", ""), f"B{b}-H{h}-T{t}-D{dk}",
+                     tolerance=(TRITON_TOLERANCE if backend == "triton" else TOLERANCE)[dtype],
+                     noise=NOISE_ULPS * torch.finfo(dtype).eps)
+    res.errors["o"] = rel_rms(got, golden)
+    res.abs_errors["o"] = float((got.double() - golden).pow(2).mean().sqrt())
+    res.ref_errors["o"] = rel_rms(same, golden)
+    return res

@@ -336,7 +336,8 @@ def _decode_report(rows, lengths, spec_name, n, b, h, d, max_len, repeats) -> st
                      f"{mems[0] / 2 ** 20:.1f} -> {mems[-1] / 2 ** 20:.1f} MiB")
     speeds = [rows[("attngen-step", t)]["tokens_per_s"] for t in lengths if ok(rows.get(("attngen-step", t)))]
     if len(speeds) >= 2:
-        lines.append(f"- attngen tokens/s from the shortest to the longest context: {speeds[0]:.0f} -> {speeds[-1]:.0f} "
+        lines.append(f"- attngen tokens/s from the shortest to the longest context: {speeds[0]:.0f} -> "
+                     f"{speeds[-1]:.0f} "
                      f"({speeds[-1] / speeds[0]:.2f}x; flat is constant work per token)")
     return "\n".join(lines) + "\n"
 

@@ -141,7 +141,7 @@ def _conv_basis_report(rows, lengths, k, b, h, d, max_len, repeats, threads, loa
 
 def kconv_example(starts, t: int, b: int = 1, h: int = 12, d: int = 32, seed: int = 0, dtype=None):
     """q, k, v [B, H, T, D] whose scaled scores q_i . k_j / sqrt(d) = sum_{r: s_r <= j} a_r cos(w_r (i - j))
-    are exactly k-conv with the given starts (seeds.md): block r of the head dim holds
+    are exactly k-conv with the given starts (docs/variants.md, "Conv-Basis"): block r of the head dim holds
     q_i = a_r sqrt(d) [cos(w_r i), sin(w_r i)], k_j = [j >= s_r] [cos(w_r j), sin(w_r j)]."""
     dtype = dtype or torch.float32
     assert 2 * len(starts) <= d

@@ -27,8 +27,7 @@ from attngen.approx.topk_sparse.attend import attend
 from attngen.approx.topk_sparse.selection import allowed_blocks, always_blocks, pool, select_blocks
 from attngen.verify import rel_rms
 from benchmarks import realdata
-from benchmarks.common import (_machine, _proc_status, _run_worker, check_measured, worker_command,
-                               write_result)
+from benchmarks.common import _machine, _proc_status, _run_worker, check_measured, worker_command, write_result
 
 ESTIMATORS = ("cosformer", "linear_elu", "relu_linear", "based")
 KS = (1, 2, 4, 8)

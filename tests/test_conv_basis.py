@@ -1,4 +1,4 @@
-"""conv_basis (seeds.md "Conv-Basis", docs/conv_basis.md): exact on exactly k-conv scores (output, every
+"""conv_basis (docs/variants.md, "Conv-Basis"; docs/conv_basis.md): exact on exactly k-conv scores (output, every
 gradient, the recovered starts and columns) against the float64 naive reference, both search modes; exact
 on any scores with an n-conv basis (p = 1, k = T); the guarantee near k-conv scores; the settings' errors at
 the planner and at the call; the plan's cost table on the command line."""
@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_close
 
 import attngen
 from attngen.approx.conv_basis import execute as torch_conv_basis
 from attngen.cli import main
 from attngen.errors import InputError, PlanError
 from attngen.verify import rel_rms
-from conftest import assert_close
 
 EXACT = 1e-10  # relative RMS, float64
 
@@ -119,7 +119,8 @@ def _basis_matrix(basis, b, h, t):
 
 def test_guarantee_on_scores_near_k_conv():
     """H = H' + N, H' exactly k-conv, |N| <= eps: the recovered H~ (reading columns of H) is within 2 k eps of H,
-    and ||Y~ - Y||_inf <= (exp(2 max|H~ - H|) - 1) ||V||_inf (seeds.md's bound, with the recovered matrix)."""
+    and ||Y~ - Y||_inf <= (exp(2 max|H~ - H|) - 1) ||V||_inf (the bound in docs/variants.md, "Conv-Basis", with
+    the recovered matrix)."""
     t, d, starts = 96, 12, [[[0, 17, 50]]]
     q, k, v, _ = kconv_inputs(starts, t, d=d)
     g = torch.Generator().manual_seed(1)

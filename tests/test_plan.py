@@ -7,11 +7,11 @@ import sympy
 
 import attngen
 import attngen.frontend.expr
-from attngen.graph import op_graph
 from attngen.frontend.expr import KE, QE, D, J, Norm
+from attngen.graph import op_graph
 from attngen.ir import N, Ordering, ReweightClass, SimilarityClass
-from attngen.pipeline import plan as build_plan
 from attngen.passes.rewrite import T_DIFF
+from attngen.pipeline import plan as build_plan
 
 LONG = 1 << 20
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import realdata
 from attngen.errors import InputError
+from benchmarks import realdata
 
 needs_model = pytest.mark.skipif(
     not realdata.available(),

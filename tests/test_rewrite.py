@@ -7,10 +7,16 @@ import sympy
 
 import attngen
 import attngen.frontend.expr
-from attngen.frontend.expr import KE, QE, Dot, I, J, N_K, N_Q, Norm
+from attngen.frontend.expr import KE, N_K, N_Q, QE, Dot, I, J, Norm
 from attngen.ir import ReweightClass
-from attngen.passes.rewrite import (CAUSAL_REWEIGHT_RULES, SEPARATION_RULES, SIMILARITY_RULES, T_DIFF,
-                             classify_reweight, classify_similarity)
+from attngen.passes.rewrite import (
+    CAUSAL_REWEIGHT_RULES,
+    SEPARATION_RULES,
+    SIMILARITY_RULES,
+    T_DIFF,
+    classify_reweight,
+    classify_similarity,
+)
 
 RULES = {r.name: r for r in SIMILARITY_RULES + CAUSAL_REWEIGHT_RULES + SEPARATION_RULES}
 DIM = 3

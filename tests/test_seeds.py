@@ -1,5 +1,5 @@
-"""The built-in cosFormer and Cottention against the math of shared/docs/seeds.md, written out here in plain
-torch as the papers state it (not through the spec): value-row scaling for Cottention, the clamp and
+"""The built-in cosFormer and Cottention against the math of their papers (docs/variants.md), written out here
+in plain torch as the papers state it (not through the spec): value-row scaling for Cottention, the clamp and
 M = max(n_q, n_k) for cosFormer. Every backend (torch; triton under the interpreter) is checked."""
 import math
 import os
@@ -15,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cottention_seed(q, k, v, m, causal):
-    """seeds.md: q_hat = F.normalize(q), v'_j = v_j / max(c_j ** sigmoid(m), 1), O = (q_hat k_hat^T masked) v'."""
+    """Cottention: q_hat = F.normalize(q), v'_j = v_j / max(c_j ** sigmoid(m), 1), O = (q_hat k_hat^T masked) v'."""
     t = q.shape[2]
     qh, kh = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
     c = torch.arange(1, t + 1, dtype=q.dtype) if causal else torch.full((t,), float(t), dtype=q.dtype)
@@ -28,7 +28,7 @@ def cottention_seed(q, k, v, m, causal):
 
 
 def cottention_rnn(q, k, v, m):
-    """seeds.md's RNN form: S_t = S_{t-1} + k_hat_t v'_t^T, o_t = S_t^T q_hat_t (constant memory)."""
+    """Cottention's RNN form: S_t = S_{t-1} + k_hat_t v'_t^T, o_t = S_t^T q_hat_t (constant memory)."""
     b, h, t, d = q.shape
     qh, kh = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
     state = torch.zeros(b, h, d, v.shape[-1], dtype=q.dtype)
@@ -41,7 +41,7 @@ def cottention_rnn(q, k, v, m):
 
 
 def cosformer_seed(q, k, v, causal, big_m=None):
-    """seeds.md: w_ij = relu(q_i).relu(k_j) cos(pi/2 (i-j)/M), O_i = sum_j w_ij v_j / max(sum_j w_ij, 1e-6)."""
+    """cosFormer: w_ij = relu(q_i).relu(k_j) cos(pi/2 (i-j)/M), O_i = sum_j w_ij v_j / max(sum_j w_ij, 1e-6)."""
     t, s = q.shape[2], k.shape[2]
     big_m = big_m or max(t, s)
     i = torch.arange(t, dtype=q.dtype).view(t, 1)

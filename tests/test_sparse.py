@@ -312,5 +312,6 @@ def test_triton_backend_runs_topk_sparse_through_the_op():
 
 def test_triton_backend_refuses_blocks_above_its_tile():
     pytest.importorskip("triton")
-    with pytest.raises(attngen.PlanError, match="approx.block = 256: the Triton block-sparse kernels take blocks of 16 .. 128"):
+    with pytest.raises(attngen.PlanError,
+                       match="approx.block = 256: the Triton block-sparse kernels take blocks of 16 .. 128"):
         attngen.compile(sparse_spec(causal=True, k=2, block=256), backend="triton")

@@ -1,6 +1,7 @@
 """The spec loader: built-in specs in both modes, the per-mode mapping, overrides, every input form, the
 hash, the YAML round trip, and the structural errors (each naming where, the key and the fix)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def test_every_builtin_loads_in_both_modes(name, causal):
     assert spec.similarity_expr.free_symbols <= declared | builtins | {QE, KE}
 
 
-SEED_MATH = [  # (name, similarity, normalize (kind, eps, eps_mode)) as docs/seeds.md states them
+SEED_MATH = [  # (name, similarity, normalize (kind, eps, eps_mode)) as docs/variants.md states them
     ("linear_elu", "dot(elu(q) + 1, elu(k) + 1)", ("rowsum", 1e-6, "add")),
     ("relu_linear", "dot(relu(q), relu(k))", ("rowsum", 1e-6, "clamp")),
     ("cosformer", "dot(relu(q), relu(k))", ("rowsum", 1e-6, "clamp")),
@@ -418,3 +419,17 @@ def test_doc_yaml_blocks_load_and_builtins_match():
             assert data == {k: v for k, v in shipped.items() if k not in ("name", "description", "causal")}, title
             shown.add(title)
     assert shown == set(BUILTINS)
+
+
+VARIANTS = DOC.parent / "variants.md"
+
+
+@pytest.mark.skipif(not VARIANTS.is_file(), reason="docs/ is not shipped in the wheel")
+def test_variants_doc_shows_every_shipped_spec_exactly():
+    """docs/variants.md quotes each built-in's YAML file; the quotes stay equal to the shipped files."""
+    text = VARIANTS.read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    shown = {b["name"]: b for b in blocks if isinstance(b, dict) and b.get("name") in BUILTINS}
+    assert set(shown) == set(BUILTINS)
+    for name, data in shown.items():
+        assert data == yaml.safe_load((SPECS / f"{name}.yaml").read_text()), name

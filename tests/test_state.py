@@ -337,7 +337,8 @@ def _bad_state(what):
 
 BAD_STATES = {"other-spec": "another spec", "batch": r"shape \[3, 2, 16, 16\]; expected \[2, 2, 16, 16\]",
               "heads": "expected", "dtype": "dtype torch.float64; expected torch.float32",
-              "device": "on meta; expected cpu", "no-z": "normalises by row sums, so z must be", "not-a-state": "expected a State"}
+              "device": "on meta; expected cpu", "no-z": "normalises by row sums, so z must be",
+              "not-a-state": "expected a State"}
 
 
 @pytest.mark.parametrize("what", BAD_STATES)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attngen import load_spec
-from attngen.pipeline import plan as build_plan
 from attngen.naive import reference
+from attngen.pipeline import plan as build_plan
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and native kernels)")]
@@ -56,8 +56,8 @@ SIGMOID = {"name": "sigmoid_attn", "similarity": "sigmoid(dot(q, k)/sqrt(d) - b)
 def _quadratic_case(spec, t, s, d, dtype, seed, block=None):
     """Errors of o and every gradient (q, k, v, parameters) of the quadratic module against the float64
     reference (block-sparse: every key block listed, so the reference is the dense one)."""
-    from attngen.runtime.triton import loader as triton_backend
     from attngen.runtime.inputs import default_parameters
+    from attngen.runtime.triton import loader as triton_backend
     module = triton_backend.load_module(build_plan(spec, force="quadratic"))
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, h = 2, 4

@@ -2,7 +2,7 @@
 
 On CPU they run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
 imported); on a GPU machine natively. bf16 is not run here: Triton 3.9's
-interpreter computes tl.dot on bf16 operands wrongly (docs/gpu.md), so bf16 is checked on a GPU only.
+interpreter computes tl.dot on bf16 operands wrongly, so bf16 is checked on a GPU only.
 
 The full matrix: every spec x mode x T in {1, 63, 130} x D in {16, 48, 64} x {fp32, fp16}, B*H = 2;
 bidirectional cases use a key length S != T (cross attention); layouts, Dk != Dv, several V blocks
@@ -14,20 +14,19 @@ import os
 import pytest  # noqa: E402
 import sympy  # noqa: E402
 import torch  # noqa: E402
-
 from conftest import assert_close  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 from attngen import load_spec  # noqa: E402
-from attngen.codegen.render import template_hash  # noqa: E402
-from attngen.pipeline import lower as render  # noqa: E402
-from attngen.errors import InputError, PlanError  # noqa: E402
-from attngen.runtime.evaluate import Evaluator  # noqa: E402
-from attngen.frontend.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
-from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.codegen.printer import print_triton  # noqa: E402
+from attngen.codegen.render import template_hash  # noqa: E402
+from attngen.errors import InputError, PlanError  # noqa: E402
+from attngen.frontend.expr import KE, QE, Elu, I, J, Norm, Relu, Sigmoid  # noqa: E402
 from attngen.naive import reference  # noqa: E402
+from attngen.pipeline import lower as render  # noqa: E402
+from attngen.pipeline import plan as build_plan  # noqa: E402
+from attngen.runtime.evaluate import Evaluator  # noqa: E402
 from attngen.runtime.triton import loader as triton_backend  # noqa: E402
 
 # CPU tensors under the interpreter, CUDA tensors when the kernels run natively on a GPU
@@ -264,7 +263,7 @@ def test_torch_compile_fullgraph_traces_the_custom_ops():
 
 
 # ---------------------------------------------------------------------------------------------
-# the decay class (derivations.md section 4): retention, and a learnable per-head gamma
+# the decay class (docs/derivations.md section 4): retention, and a learnable per-head gamma
 # ---------------------------------------------------------------------------------------------
 LEARNED_GAMMA = {"name": "retention_learned", "similarity": "dot(q, k) / sqrt(d)", "reweight": "g**abs(i - j)",
                  "normalize": "none", "parameters": {"g": {"shape": ["H"], "init": 0.9}}}
@@ -303,7 +302,7 @@ def test_decay_is_chunk_local():
 
 
 # ---------------------------------------------------------------------------------------------
-# tensor-power features (derivations.md section 5): the d**2 block is built in registers
+# tensor-power features (docs/derivations.md section 5): the d**2 block is built in registers
 # ---------------------------------------------------------------------------------------------
 POWER_CASES = [(t, 16, dtype) for dtype in (torch.float32, torch.float16) for t in (1, 63, 130)]
 

@@ -1,5 +1,5 @@
-"""The quadratic ordering's generated kernels (templates/quadratic*.j2) under the interpreter, against the
-naive float64 reference: the output and every gradient (q, k, v, parameters), relative RMS error.
+"""The quadratic ordering's generated kernels (attngen/codegen/templates/quadratic*.j2) under the interpreter, against
+the naive float64 reference: the output and every gradient (q, k, v, parameters), relative RMS error.
 
 Covered: the softmax family (softmax; alibi, whose exp reweighting folds into the score and whose slope is
 learnable; an exp similarity times a non-exp reweighting with a learnable parameter), general similarities
@@ -7,26 +7,25 @@ learnable; an exp similarity times a non-exp reweighting with a learnable parame
 quadratic (cottention: row reductions and a learnable reweighting), causal and bidirectional with cross
 attention (S != T), the block-sparse entry point, the modules that dispatch between the linear and the
 quadratic ordering, and causal block skipping. bf16 is not run here: Triton 3.9's interpreter computes
-tl.dot on bf16 operands wrongly (shared/docs/gpu.md); tests/test_triton_gpu.py runs bf16 and fp16 on a GPU.
+tl.dot on bf16 operands wrongly, so bf16 is checked on a GPU only: tests/test_triton_gpu.py runs bf16 and fp16 there.
 """
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 import attngen  # noqa: E402
 from attngen import load_spec  # noqa: E402
-from attngen.runtime.triton import loader as triton_backend  # noqa: E402
-from attngen.pipeline import lower as render  # noqa: E402
 from attngen.errors import InputError, PlanError  # noqa: E402
-from attngen.runtime.inputs import default_parameters  # noqa: E402
 from attngen.naive import attention_matrix, reference  # noqa: E402
+from attngen.pipeline import lower as render  # noqa: E402
 from attngen.pipeline import plan as build_plan  # noqa: E402
+from attngen.runtime.inputs import default_parameters  # noqa: E402
+from attngen.runtime.triton import loader as triton_backend  # noqa: E402
 from attngen.verify import rel_rms  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -112,8 +111,9 @@ def test_matches_reference(name, causal, case, dtype, monkeypatch):
     check(spec, t, t if causal else CROSS[t], d, d, dtype, monkeypatch)
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 is checked on a GPU only: Triton 3.9's interpreter computes tl.dot "
-                                            "on bf16 operands wrongly (errors of 1e9 seen); see tests/test_triton_gpu.py")
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 is checked on a GPU only: Triton 3.9's interpreter computes "
+                                            "tl.dot on bf16 operands wrongly (errors of 1e9 seen); see "
+                                            "tests/test_triton_gpu.py")
 @pytest.mark.parametrize("name", ["softmax", "alibi"])
 def test_bf16_matches_reference(name, monkeypatch):
     spec = spec_of(name, True)
@@ -290,8 +290,9 @@ def test_unsupported_quadratic_plans_are_plan_errors():
 
 def test_printer_prints_sign_the_derivative_of_abs():
     import sympy
-    from attngen.frontend.expr import QE
+
     from attngen.codegen.printer import print_triton
+    from attngen.frontend.expr import QE
 
     class TL:  # just enough of triton.language on torch tensors
         where = staticmethod(lambda c, a, b: torch.where(c, torch.as_tensor(a), torch.as_tensor(b)))

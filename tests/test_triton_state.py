@@ -3,7 +3,7 @@ step, initial_state, gradients of the initial and the returned state, packed seq
 the errors (bidirectional modules, cosFormer with M = max(n_q, n_k), malformed inputs).
 
 Under the interpreter on CPU (tests/conftest.py), natively on a GPU. The float64 oracle of a state
-continuation is `recurrent64` below: the recurrent convention of derivations.md section 4 written out in
+continuation is `recurrent64` below: the recurrent convention of docs/derivations.md section 4 written out in
 torch (feature maps from the torch backend, positions pos + local index); it is itself checked against the
 naive reference. fp32 only: bf16 is checked on a GPU (test_triton_interp.py says why).
 """
@@ -11,21 +11,21 @@ import os
 
 import pytest
 import torch
-
 from conftest import assert_close
+
 from attngen.verify import rel_rms
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
 from attngen import load_spec  # noqa: E402
-from attngen.runtime.triton import loader as triton_backend  # noqa: E402
-from attngen.runtime.torch import backend as torch_backend  # noqa: E402
-from attngen.runtime.torch.common import _side, log_decay, row_evaluator, symbol_env  # noqa: E402
 from attngen.errors import InputError  # noqa: E402
 from attngen.frontend.expr import KE, QE, I, J  # noqa: E402
 from attngen.ir import Ordering  # noqa: E402
 from attngen.naive import reference  # noqa: E402
 from attngen.pipeline import plan as build_plan  # noqa: E402
+from attngen.runtime.torch import backend as torch_backend  # noqa: E402
+from attngen.runtime.torch.common import _side, log_decay, row_evaluator, symbol_env  # noqa: E402
+from attngen.runtime.triton import loader as triton_backend  # noqa: E402
 from attngen.verify import FUDGE  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -159,7 +159,8 @@ def test_oracle_continues_the_reference():
     q, k, v = (rand(g, 2, 2, 30, 8) for _ in range(3))
     f = build_plan(spec, force="linear").feature_width(8)
     zero = (torch.zeros(2, 2, f, 8, dtype=torch.float64), torch.zeros(2, 2, f, dtype=torch.float64))
-    head, S, z = recurrent64(spec, q[:, :, :11], k[:, :, :11], v[:, :, :11], *zero, torch.zeros(2, dtype=torch.int64), {})
+    start = torch.zeros(2, dtype=torch.int64)
+    head, S, z = recurrent64(spec, q[:, :, :11], k[:, :, :11], v[:, :, :11], *zero, start, {})
     tail, _, _ = recurrent64(spec, q[:, :, 11:], k[:, :, 11:], v[:, :, 11:], S, z, torch.full((2,), 11), {})
     gold = reference(spec)(q, k, v)
     assert_close("oracle", torch.cat([head, tail], 2), gold, 1e-12)
@@ -193,7 +194,8 @@ def test_state_gradients_match_float64(key, monkeypatch):
     assert_close("o", o, go, 1e-4)
     assert_close("final S", st, gst, 1e-4)
     do, dst = rand(g, *go.shape), rand(g, *gst.shape)
-    loss, gold_loss = (o * do.float().to(DEVICE)).sum() + (st * dst.float().to(DEVICE)).sum(), (go * do).sum() + (gst * dst).sum()
+    loss = (o * do.float().to(DEVICE)).sum() + (st * dst.float().to(DEVICE)).sum()
+    gold_loss = (go * do).sum() + (gst * dst).sum()
     if z0 is not None:
         dzt = rand(g, *gzt.shape)
         assert_close("final z", zt, gzt, 1e-4)

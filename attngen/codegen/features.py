@@ -13,7 +13,7 @@ import sympy
 
 from attngen.codegen.printer import TritonPrinter
 from attngen.errors import PlanError
-from attngen.frontend.expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, Dot, I, J, Norm
+from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, Dot, I, J, Norm
 
 SCALARS = {N_Q: "f_nq", N_K: "f_nk", D: "f_d", HEAD: "f_h", HEADS: "f_H"}
 

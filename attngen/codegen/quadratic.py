@@ -1,5 +1,5 @@
 """The quadratic ordering's template slots: a plan's similarity (or softmax score) and reweighting as code
-over one [BM, BN] tile of query rows i and key columns j (derivations.md section 6).
+over one [BM, BN] tile of query rows i and key columns j (docs/derivations.md section 6).
 
 The tile expression is the plan's sympy expression with every reduction replaced by a tile quantity:
     pair dot    dot(a(q), b(k))   -> b_p<n> = tl.dot(a(Q block), b(K block)^T)   [BM, BN]
@@ -19,10 +19,10 @@ import sympy
 from sympy import Add
 
 from attngen.codegen.features import SCALARS, Side
-from attngen.errors import PlanError
-from attngen.frontend.expr import D, KE, QE, Dot, I, J, Norm, sides
-from attngen.ir import Plan, ReweightClass, SimilarityClass
 from attngen.codegen.printer import TritonPrinter
+from attngen.errors import PlanError
+from attngen.frontend.expr import KE, QE, D, Dot, I, J, Norm, sides
+from attngen.ir import Plan, ReweightClass, SimilarityClass
 
 FULL_TILE = "tl.zeros([BM, BN], dtype=tl.float32) + "  # broadcasts a row, a column or a number to [BM, BN]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sympy
 
 from attngen.frontend.expr import D
-from attngen.ir import BALANCE, C, N, Candidate, Choice, Ordering, ReweightClass, SimilarityClass
+from attngen.ir import C, Candidate, Choice, N, Ordering, ReweightClass, SimilarityClass
 
 BYTES = 4
 B_Q = 64  # query tile of the quadratic plan: K and V are re-read once per tile

@@ -17,8 +17,7 @@ from sympy.simplify.fu import TR10
 
 from attngen.errors import SpecError
 from attngen.frontend.expr import KE, QE, Dot, I, J, outer_free_symbols, sides
-from attngen.ir import (Decay, FeatureTerm, PositionTerm, Reweight, ReweightClass, Similarity,
-                 SimilarityClass)
+from attngen.ir import Decay, FeatureTerm, PositionTerm, Reweight, ReweightClass, Similarity, SimilarityClass
 
 T_DIFF = sympy.Symbol("t", integer=True)  # i - j, the argument of a Toeplitz kernel h(t)
 

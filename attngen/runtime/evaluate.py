@@ -11,7 +11,7 @@ import sympy
 import torch
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import D, HEAD, HEADS, N_K, N_Q, Dot, Elu, Norm, Relu, Sigmoid
+from attngen.frontend.expr import HEAD, HEADS, N_K, N_Q, D, Dot, Elu, Norm, Relu, Sigmoid
 
 
 def _max(*xs):

@@ -1,5 +1,5 @@
-"""The conv_basis ordering: causal softmax attention through a recovered k-conv basis (seeds.md, "Conv-Basis";
-docs/conv_basis.md).
+"""The conv_basis ordering: causal softmax attention through a recovered k-conv basis (Gu, Liang, Liu, Shi,
+Song and Yin 2024, "Conv-Basis"; docs/variants.md, "Conv-Basis"; docs/conv_basis.md).
 
     conv_basis(plan, q, k, v, env, info) -> O [B, H, T, Dv]
     recover(qs, k, cfg) -> starts [BH, K]                the basis search (discrete: no gradient)
@@ -30,8 +30,8 @@ import sympy
 import torch
 
 from attngen.errors import InputError, PlanError
+from attngen.frontend.expr import KE, QE, Dot, I, J, Norm
 from attngen.runtime.evaluate import Evaluator
-from attngen.frontend.expr import KE, QE, I, J, Dot, Norm
 from attngen.runtime.torch.backend import prepare
 from attngen.runtime.torch.common import finish
 

@@ -36,7 +36,7 @@ def attend(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection, p
         raise InputError(f"selection: made for B, H = {list(selection.kv_blocks.shape[:2])}, n_q = {selection.n_q}, "
                          f"n_k = {selection.n_k}, causal = {selection.causal}; the call has B, H = "
                          f"{list(q.shape[:2])}, n_q = {q.shape[2]}, n_k = {k.shape[2]}, causal = {spec.causal}")
-    values = check_params(spec, params or {}, q.shape[1], q)
+    values = check_params(spec, params or {}, q.shape[1], q, head_dim=q.shape[3])
     if backend == "triton":
         return _triton_blocks(plan, q, k, v, values, selection)
     in_dtype, dtype = q.dtype, compute_dtype(q.dtype)

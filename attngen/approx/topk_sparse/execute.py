@@ -16,8 +16,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from attngen.approx.topk_sparse import selection as sparse
-from attngen.runtime.evaluate import Evaluator
 from attngen.frontend.expr import I, J
+from attngen.runtime.evaluate import Evaluator
 from attngen.runtime.torch.backend import prepare
 from attngen.runtime.torch.common import as_tensor, finish, with_rank5
 from attngen.runtime.torch.quadratic import pair_values

@@ -89,7 +89,7 @@ def pooled_features(est_plan, q: torch.Tensor, k: torch.Tensor, block: int, para
     spec = est_plan.spec
     b, h, t, d = q.shape
     dtype = compute_dtype(q.dtype)
-    values = check_params(spec, params or {}, h, q)  # defaults filled, names and shapes checked (InputError)
+    values = check_params(spec, params or {}, h, q, head_dim=d)  # defaults filled, names, shapes checked (InputError)
     with torch.no_grad():
         q, k = q.detach().to(dtype), k.detach().to(dtype)
         env = symbol_env(est_plan, t, k.shape[2], h, d, values, dtype, q.device)

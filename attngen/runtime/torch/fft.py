@@ -1,4 +1,4 @@
-"""The FFT ordering in PyTorch (derivations.md section 7): a Toeplitz reweighting W = h(i - j) as a
+"""The FFT ordering in PyTorch (docs/derivations.md section 7): a Toeplitz reweighting W = h(i - j) as a
 convolution along the sequence, O_i = Q'_i . sum_j h(i - j) U_j with U_j = K'_j^T V_j.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The separable orderings in PyTorch: linear (bidirectional, causal chunked, decayed, two-sided) and
-recurrent (derivations.md sections 3 and 4). All take the feature-mapped Q' [B, H, T, F], K' [B, H, S, F]
-and values V [B, H, S, E] (E includes the ones column) and return the unnormalised result [B, H, T, E].
+recurrent (docs/derivations.md sections 3 and 4). All take the feature-mapped Q' [B, H, T, F],
+K' [B, H, S, F] and values V [B, H, S, E] (E includes the ones column) and return the unnormalised result
+[B, H, T, E].
 ``lg`` is log(gamma) of a decay as [1, H, 1, 1] (<= 0), or None.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ def causal_chunked(qf, kf, v, chunk: int, lg: torch.Tensor | None = None, strict
     With ``lg`` the decay gamma**(i-j) in the chunk-local form (all exponents >= 0, never gamma**-j);
     ``strict`` excludes the diagonal (j < i), which the anti-causal half of a two-sided decay needs.
     ``initial`` [B, H, F, E] is the state after the tokens before this call (the recurrent convention of
-    derivations.md section 4): it enters exactly like a previous chunk's state. With ``return_final``
+    docs/derivations.md section 4): it enters exactly like a previous chunk's state. With ``return_final``
     the result is (out, the state after the last token [B, H, F, E]).
     """
     b, h, t, f = qf.shape

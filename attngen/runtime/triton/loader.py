@@ -13,11 +13,11 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 from attngen import pipeline
+from attngen.build import write_bytes
 from attngen.codegen.module import module_name, module_tag
 from attngen.codegen.render import template_hash
 from attngen.errors import PlanError
@@ -97,22 +97,11 @@ def _checked(plan, params: dict | None) -> dict:
 
 
 def _write(key: str, source: str) -> Path:
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}.py"
+    path = cache_dir() / f"{key}.py"
     data = source.encode()
     if path.is_file() and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
         return path
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_bytes(path, data)
 
 
 def _import(key: str, path: Path):
