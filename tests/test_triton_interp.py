@@ -10,6 +10,7 @@ and strided inputs are covered by the dedicated tests below.
 """
 import math
 import os
+import warnings
 
 import pytest  # noqa: E402
 import sympy  # noqa: E402
@@ -18,6 +19,7 @@ from conftest import assert_close  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
 
+import attngen  # noqa: E402
 from attngen import load_spec  # noqa: E402
 from attngen.codegen.printer import print_triton  # noqa: E402
 from attngen.codegen.render import template_hash  # noqa: E402
@@ -28,6 +30,7 @@ from attngen.pipeline import lower as render  # noqa: E402
 from attngen.pipeline import plan as build_plan  # noqa: E402
 from attngen.runtime.evaluate import Evaluator  # noqa: E402
 from attngen.runtime.triton import loader as triton_backend  # noqa: E402
+from attngen.verify import verify_case  # noqa: E402
 
 # CPU tensors under the interpreter, CUDA tensors when the kernels run natively on a GPU
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -327,3 +330,18 @@ def test_tensor_power_is_not_stored_and_refuses_large_heads():
     x = torch.randn(1, 1, 8, 32, device=DEVICE)
     with pytest.raises(InputError, match="head dims up to 16; found Dk=32"):
         fn(x, x, x)
+
+
+# masked rows (past the sequence end inside the last block) never divide by their zero row reductions
+@pytest.mark.parametrize("plan", ["linear", "quadratic"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_cosine_masked_rows_make_no_nan(plan, causal):
+    """The docs' cosine example: its row scale 1/(norm(q) norm(k)) is 1/0 on padding rows unless the kernels
+    mask the reduction; numpy's invalid-value warnings (0 * inf) are errors here, so a NaN made and then
+    discarded fails too."""
+    spec = load_spec({"name": "cosine", "similarity": "dot(q, k) / (norm(q) * norm(k))", "causal": causal})
+    op = attngen.compile(spec, backend="triton", plan=plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = verify_case(op, spec, dtype=torch.float32, t=63, dk=16)
+    assert res.passed, res.errors
