@@ -15,10 +15,10 @@ from attngen.frontend.spec import Spec, load_spec
 from attngen.ir import DEFAULT_CHUNK, Plan
 from attngen.passes.capabilities import capabilities
 from attngen.passes.draft import Draft
-from attngen.passes.frontend import read_spec, softmax_as_exp, substitute_constants
+from attngen.passes.frontend import check_names, read_spec, softmax_as_exp, substitute_constants
 from attngen.passes.planning import approximate, choose_ordering, classify, costs, linear_terms, ordering, separate
 
-FRONTEND = (read_spec, substitute_constants, softmax_as_exp)
+FRONTEND = (check_names, read_spec, substitute_constants, softmax_as_exp)
 PLANNING = (separate, classify, linear_terms, approximate, costs, choose_ordering, capabilities)
 LOWERING = (select_kernels, fill_slots, render_text)
 

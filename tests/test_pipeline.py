@@ -15,7 +15,7 @@ PACKAGE = Path(attngen.__file__).resolve().parent
 
 def test_pass_lists_are_named_and_ordered():
     names = [[p.__name__ for p in stage] for stage in (pipeline.FRONTEND, pipeline.PLANNING, pipeline.LOWERING)]
-    assert names == [["read_spec", "substitute_constants", "softmax_as_exp"],
+    assert names == [["check_names", "read_spec", "substitute_constants", "softmax_as_exp"],
                      ["separate", "classify", "linear_terms", "approximate", "costs", "choose_ordering",
                       "capabilities"],
                      ["select_kernels", "fill_slots", "render_text"]]
@@ -78,3 +78,36 @@ def test_cli_plan_trace_and_dot(tmp_path):
                    "triton kernels: linear, quadratic"):
         assert needle in result.output
     assert dot.read_text().startswith("strict digraph cosformer")
+
+
+@pytest.mark.parametrize("name", ["v", "layout", "S", "z", "pos", "state", "return_state", "q_t", "host", "MODULE",
+                                  "torch", "crossover"])
+def test_parameter_names_that_clash_in_generated_code_are_refused(name):
+    """S3: a parameter named like an argument of the op or of a generated function (or a module global) would
+    shadow it (SyntaxError / TypeError at call time, or a wrong value); it is refused when the op is planned."""
+    spec = attngen.load_spec({"name": "p", "similarity": "dot(elu(q) + 1, elu(k) + 1)",
+                              "reweight": f"(j + 1)**(-sigmoid({name}))",
+                              "parameters": {name: {"shape": [], "init": 0.3}}})
+    with pytest.raises(attngen.SpecError, match=f"parameter name '{name}' clashes"):
+        pipeline.plan(spec)
+    with pytest.raises(attngen.SpecError, match="clashes"):
+        attngen.compile(spec)
+
+
+@pytest.mark.parametrize("name", ["heads", "B", "T", "K", "kv", "lambda_"])
+def test_parameters_named_like_shape_variables_verify_on_both_backends(name):
+    """S2, S3: parameters named like the host's shape variables (heads, B, T, K) or like kernel arguments run
+    and decode correctly on both backends (the generated code keeps them in their own namespace)."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from attngen.verify import verify_case, verify_step
+    spec = attngen.load_spec({"name": "p", "similarity": "dot(elu(q) + 1, elu(k) + 1)",
+                              "reweight": f"(j + 1)**(-sigmoid({name}))",
+                              "parameters": {name: {"shape": [], "init": 0.3}}})
+    for backend in ("torch", "triton"):
+        op = attngen.compile(spec, backend=backend, plan="linear")
+        assert verify_case(op, spec, dtype=torch.float32, t=20, dk=16).passed
+        assert verify_step(op, spec, dtype=torch.float32, t=20, dk=16).passed

@@ -4,12 +4,36 @@
 """
 from __future__ import annotations
 
+import keyword
 from dataclasses import replace
 
 import sympy
 
+from attngen.errors import SpecError
 from attngen.frontend.spec import Normalize
 from attngen.passes.draft import Draft
+
+# Parameters become keyword arguments of the op, of the reference and of a generated module's functions, next to
+# these names (and the module's globals): a parameter named like one of them would shadow it or clash with it
+CALL_NAMES = frozenset({
+    "q", "k", "v", "q_t", "k_t", "v_t", "S", "z", "pos", "state", "initial_state", "return_state", "cu_seqlens",
+    "layout", "crossover", "kv_blocks", "block", "plan", "backend", "chunk", "params", "self",  # call signatures
+    "host", "MODULE", "torch", "triton", "tl", "math", "Optional", "CROSSOVER",  # a generated module's globals
+})
+
+
+def check_names(x: Draft) -> Draft:
+    """SpecError for a parameter name that would clash in generated code or a call signature."""
+    for p in x.spec.parameters:
+        clash = p.name in CALL_NAMES or keyword.iskeyword(p.name) or p.name.startswith("_") or \
+            p.name.upper() == p.name and p.name in ("SPEC_NAME", "SPEC_HASH", "TEMPLATE_HASH", "ATTNGEN_VERSION")
+        if clash:
+            raise SpecError(f"the parameter name {p.name!r} clashes with a name of the op's call or of the generated "
+                            "module", where=x.spec.where, key=f"parameters.{p.name}",
+                            expected="a name that is not a Python keyword, does not start with '_' and is not one of "
+                                     + ", ".join(sorted(CALL_NAMES)),
+                            fix=f"rename it, e.g. {p.name.strip('_') or 'p'}_param")
+    return x
 
 
 def read_spec(x: Draft) -> Draft:
