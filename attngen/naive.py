@@ -10,10 +10,10 @@ import sympy
 import torch
 
 from attngen.errors import InputError, PlanError
-from attngen.runtime.evaluate import Evaluator
-from attngen.frontend.expr import D, HEAD, HEADS, KE, N_K, N_Q, QE, I, J
-from attngen.runtime.inputs import check_params, check_qkv
+from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, I, J
 from attngen.frontend.spec import Spec, load_spec
+from attngen.runtime.evaluate import Evaluator
+from attngen.runtime.inputs import check_params, check_qkv
 
 
 def reference(spec, layout: str = "bhtd"):
@@ -24,7 +24,8 @@ def reference(spec, layout: str = "bhtd"):
         if initial_state is not None or return_state:
             raise InputError("the naive reference has no recurrent state; call it on the whole sequence")
         qh, kh, vh = check_qkv(spec, q, k, v, layout)
-        out = attention_matrix_apply(spec, qh, kh, vh, check_params(spec, params, qh.shape[1], qh))
+        values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+        out = attention_matrix_apply(spec, qh, kh, vh, values)
         return out.transpose(1, 2) if layout == "bthd" else out
 
     run.spec = spec
@@ -63,12 +64,20 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
         env[p.symbol] = params[p.name].to(q.dtype).view(1, h, 1, 1, 1) if p.shape else params[p.name].to(q.dtype)
     ev = Evaluator(env, dot, norm, where=spec.where)
     sim_expr = spec.similarity_expr.xreplace(consts)
+    weight_expr = spec.reweight_expr.xreplace(consts)
+    # a row-sum of exp(score) without eps is the softmax of the score; and W = exp(w) is exp(score + w) (ALiBi's
+    # exp(-slope |i - j|) alone overflows float32 once -slope |i - j| > 88): both are stabilised by the row max
+    softmax = spec.normalize.kind == "softmax" or (modify is None and spec.normalize.kind == "rowsum"
+                                                   and spec.normalize.eps == 0 and isinstance(sim_expr, sympy.exp))
     if modify is not None:
         sim = _modified(spec, sim_expr, ev, modify, (b, h, t, s_len), q)
     else:
-        sim = ev(sim_expr)
-    weight = ev(spec.reweight_expr.xreplace(consts))
-    if spec.normalize.kind == "softmax":  # A = W * exp(s); the row max cancels
+        sim = ev(sim_expr.args[0] if softmax and spec.normalize.kind == "rowsum" else sim_expr)
+    if softmax and modify is None and isinstance(weight_expr, sympy.exp):
+        sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device) + ev(weight_expr.args[0])
+        weight_expr = sympy.Integer(1)
+    weight = ev(weight_expr)
+    if softmax:  # A = W * exp(s); the row max cancels
         sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device).expand(b, h, t, s_len, 1)
         if spec.causal:
             sim = sim.masked_fill(~_causal(t, s_len, q.device)[..., None], float("-inf"))

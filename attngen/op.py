@@ -93,7 +93,7 @@ class AttentionOp:
         each sequence's positions start at 0 (or its initial state's pos)."""
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
         backend = resolve_backend(self.backend, qh.device)
-        values = check_params(self.spec, params, qh.shape[1], qh)
+        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         plan = self._plan_for(backend, qh.shape[-1])
         self.plan = plan
         bounds = None
@@ -168,7 +168,7 @@ class AttentionOp:
                              f"T = {qh.shape[2]}. Fix: call the op with initial_state=state, return_state=True "
                              "for several tokens (prefill)")
         backend = resolve_backend(self.backend, qh.device)
-        values = check_params(self.spec, params, qh.shape[1], qh)
+        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         plan = self._plan_for(backend, qh.shape[-1])
         check_decodable(plan, "step")
         if state is None:

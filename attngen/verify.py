@@ -20,12 +20,12 @@ import torch
 
 from attngen import pipeline
 from attngen.errors import InputError
+from attngen.frontend.spec import Spec
 from attngen.ir import Ordering
-from attngen.runtime.inputs import check_params, check_qkv, default_parameters
 from attngen.naive import attention_matrix_apply, reference
 from attngen.op import compile as compile_op
 from attngen.op import resolve_backend
-from attngen.frontend.spec import Spec
+from attngen.runtime.inputs import check_params, check_qkv, default_parameters
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # generated kernels accumulate in fp32 with tl.dot and tile-order sums: the Triton issue's bounds
@@ -127,7 +127,8 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
         same = _run(yard, q, k, v, do, params, dtype, "cpu")
     res = CaseResult(spec.name, spec.mode, backend, ordering, str(dtype).replace("torch.", ""),
                      f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
-                     tolerance=(TRITON_TOLERANCE if backend == "triton" else TOLERANCE)[dtype], noise=NOISE_ULPS * torch.finfo(dtype).eps)
+                     tolerance=(TRITON_TOLERANCE if backend == "triton" else TOLERANCE)[dtype],
+                     noise=NOISE_ULPS * torch.finfo(dtype).eps)
     if exact is not None:
         res.exact_error = rel_rms(got["o"].cpu(), exact)
     for name, value in golden.items():
@@ -179,7 +180,8 @@ def rebuilt_scores(scores: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         present = s_r < t
         col = s_r.clamp_max(t - 1)
         rows = (col + lag).clamp_max(t - 1)  # H[s_r + lag, s_r]
-        b_r = scores.gather(-1, col.expand(*scores.shape[:2], t, 1)).expand_as(scores).gather(-2, rows.expand_as(scores))
+        b_r = scores.gather(-1, col.expand(*scores.shape[:2], t, 1)).expand_as(scores).gather(
+            -2, rows.expand_as(scores))
         if r > 0:
             prev = (col - 1).clamp_min(0)
             rows_p = (prev + lag).clamp_max(t - 1)

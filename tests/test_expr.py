@@ -7,9 +7,30 @@ import sympy
 import yaml
 
 import attngen
-from attngen.frontend.expr import (BUILTIN_SYMBOLS, D, HEAD, HEADS, I, J, KE, MAX_DEPTH, MAX_NODES, MAX_SOURCE_CHARS,
-                          N_K, N_Q, QE, Context, Dot, Elu, Norm, Relu, Sigmoid, outer_free_symbols,
-                          parse_expression, sides)
+from attngen.frontend.expr import (
+    BUILTIN_SYMBOLS,
+    HEAD,
+    HEADS,
+    KE,
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_SOURCE_CHARS,
+    N_K,
+    N_Q,
+    QE,
+    Context,
+    D,
+    Dot,
+    Elu,
+    I,
+    J,
+    Norm,
+    Relu,
+    Sigmoid,
+    outer_free_symbols,
+    parse_expression,
+    sides,
+)
 
 M = sympy.Symbol("M", real=True)
 GAMMA = sympy.Symbol("gamma", real=True)

@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import attngen
-from attngen.frontend.spec import spec_files
-from attngen.frontend.expr import D, HEAD, HEADS, KE, N_K, N_Q, NON_FINITE, QE, I, J
-from attngen.frontend.spec import KEYS
+from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, NON_FINITE, QE, D, I, J
+from attngen.frontend.spec import KEYS, MAPPING_START, spec_files
 
 # ATTNGEN_FUZZ_EXAMPLES=20000 for a long local run; 250 keeps the suite fast (< 30 s)
 FUZZ = settings(max_examples=int(os.environ.get("ATTNGEN_FUZZ_EXAMPLES", "250")), deadline=1000, database=None,
@@ -218,9 +217,10 @@ def test_text_dumped_to_yaml_gives_spec_or_spec_error(text, key):
         assert result.where == "<yaml string>"
 
 
-YAML_TOKENS = ["a: 1", "similarity: dot(q, k)", "- ", ": ", "{", "}", "[", "]", "&a ", "*a", "!!python/object:os.system",
-               "!!binary", "? ", "|", ">", "'", '"', "#", "\t", "  ", "1" + "0" * 5000, "causal:", "!!set",
-               "<<: *a", "---", "...", "%YAML 1.1", "normalize: {kind: rowsum, eps: ", "!!float nan", "\n"]
+YAML_TOKENS = ["a: 1", "similarity: dot(q, k)", "- ", ": ", "{", "}", "[", "]", "&a ", "*a",
+               "!!python/object:os.system", "!!binary", "? ", "|", ">", "'", '"', "#", "\t", "  ", "1" + "0" * 5000,
+               "causal:", "!!set", "<<: *a", "---", "...", "%YAML 1.1", "normalize: {kind: rowsum, eps: ",
+               "!!float nan", "\n"]
 
 
 @FUZZ
@@ -238,10 +238,16 @@ def test_raw_yaml_text_gives_spec_or_spec_error(text):
 @example(text="a\x00b")
 @example(text="0.\x00")  # read_text raised ValueError: embedded null byte
 @example(text="")  # Path("") is ".", a directory: the message had an empty 'where'
-def test_single_line_text_is_a_path_or_a_name(text):
+@example(text="/etc/passwd")  # was read as a file, and its lines quoted in the message
+@example(text="/dev/zero")
+@example(text="/dev/zero.yaml")
+@example(text=".")
+def test_single_line_text_is_a_name_yaml_text_or_a_yaml_path(text):
     text = text.replace("\n", " ")
     result = load_or_spec_error(text)
-    assert isinstance(result, attngen.SpecError) or text in attngen.builtin_names() or os.path.exists(text)
+    is_yaml_path = text.strip().lower().endswith((".yaml", ".yml")) and os.path.isfile(text)
+    assert isinstance(result, attngen.SpecError) or text in attngen.builtin_names() or is_yaml_path \
+        or MAPPING_START.match(text), text
 
 
 # ---------------------------------------------------------------------------------------------

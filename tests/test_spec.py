@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,8 @@ import sympy
 import yaml
 
 import attngen
-from attngen.frontend.spec import spec_files
-from attngen.frontend.expr import HEAD, HEADS, J, N_K, N_Q, Dot, QE, KE, Sigmoid
-from attngen.frontend.spec import RESERVED
+from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, Dot, J, Sigmoid
+from attngen.frontend.spec import RESERVED, spec_files
 
 BUILTINS = attngen.builtin_names()
 MODES = [True, False]
@@ -170,8 +168,8 @@ def test_every_input_form_gives_the_same_spec(tmp_path, form):
     expected = attngen.load_spec("cosformer")
     path = tmp_path / "cosformer.yaml"
     path.write_text(yaml.safe_dump(COSFORMER_DICT))
-    source = {"builtin": "cosformer", "path": path, "str-path": str(path), "yaml-string": yaml.safe_dump(COSFORMER_DICT),
-              "dict": dict(COSFORMER_DICT), "spec": expected}[form]
+    source = {"builtin": "cosformer", "path": path, "str-path": str(path),
+              "yaml-string": yaml.safe_dump(COSFORMER_DICT), "dict": dict(COSFORMER_DICT), "spec": expected}[form]
     spec = attngen.load_spec(source)
     assert spec == expected and spec.hash == expected.hash
     assert spec.where == {"builtin": expected.where, "path": str(path), "str-path": str(path),
@@ -256,7 +254,8 @@ STRUCT_ERRORS = [
      ["unknown key(s) ['epsilon']", "expected kind, eps, eps_mode"]),
     ("negative-eps", {"normalize": {"kind": "rowsum", "eps": -1}}, "normalize.eps",
      ["eps -1", "expected a number in [0, 1000)"]),
-    ("text-eps", {"normalize": {"kind": "rowsum", "eps": "tiny"}}, "normalize.eps", ["eps 'tiny'", "expected a number"]),
+    ("text-eps", {"normalize": {"kind": "rowsum", "eps": "tiny"}}, "normalize.eps",
+     ["eps 'tiny'", "expected a number"]),
     ("bool-eps", {"normalize": {"kind": "rowsum", "eps": True}}, "normalize.eps", ["eps True", "expected a number"]),
     ("bad-eps-mode", {"normalize": {"kind": "rowsum", "eps": 1e-6, "eps_mode": "mul"}}, "normalize.eps_mode",
      ["eps_mode 'mul'", "expected add or clamp"]),
@@ -266,7 +265,8 @@ STRUCT_ERRORS = [
      ["shape [3]", "expected [H] (one value per head) or [] (a scalar)"]),
     ("bad-parameter-shape-2d", {"parameters": {"g": {"shape": ["H", "H"], "init": 1}}}, "parameters.g.shape",
      ["shape ['H', 'H']", "expected [H]"]),
-    ("missing-init", {"parameters": {"g": {"shape": ["H"]}}}, "parameters.g", ["missing 'init'", "Fix: add e.g. init: 0.5"]),
+    ("missing-init", {"parameters": {"g": {"shape": ["H"]}}}, "parameters.g",
+     ["missing 'init'", "Fix: add e.g. init: 0.5"]),
     ("parameter-unknown-key", {"parameters": {"g": {"init": 1, "lr": 0.1}}}, "parameters.g",
      ["unknown key(s) ['lr']", "expected shape, init"]),
     ("scalar-parameter-uses-h", {"parameters": {"g": {"shape": [], "init": "h"}}}, "parameters.g.init",

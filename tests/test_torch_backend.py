@@ -10,10 +10,10 @@ import torch
 
 import attngen
 from attngen import InputError, PlanError
-from attngen.runtime.inputs import default_parameters
 from attngen.ir import Ordering
-from attngen.pipeline import plan as build_plan
 from attngen.op import resolve_backend
+from attngen.pipeline import plan as build_plan
+from attngen.runtime.inputs import default_parameters
 from attngen.verify import rel_rms
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

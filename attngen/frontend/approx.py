@@ -25,7 +25,8 @@ MIN_BLOCK = 16
 
 @dataclass(frozen=True)
 class ConvBasis:
-    """Conv-Basis (seeds.md): a k-conv basis of the masked scaled scores, recovered by probing columns."""
+    """Conv-Basis (Gu et al. 2024; docs/variants.md, "Conv-Basis"): a k-conv basis of the masked scaled scores,
+    recovered by probing columns."""
     k: int  # basis size (number of convolutions)
     probe: int = 16  # probe length p: the head h(c) = H[c : c + p, c] compared between columns
     delta: float = 1e-3  # l1 distance between heads that starts a new basis element
@@ -69,7 +70,7 @@ def parse_approx(raw, causal: bool, where: str, load, builtins):
 
 
 def _fields(raw: dict, allowed: tuple, where: str):
-    extra = sorted(str(k) for k in raw if k not in allowed)
+    extra = sorted(k if isinstance(k, str) else brief(k, 40) for k in raw if k not in allowed)[:8]
     if extra:
         raise SpecError(f"unknown key(s) {extra}", where=where, key="approx", expected=", ".join(allowed))
 
@@ -116,7 +117,7 @@ def _topk_sparse(raw: dict, causal: bool, where: str, load, builtins) -> TopkSpa
     keep = raw.get("always_keep", {})
     if keep is None:
         keep = {}
-    if not isinstance(keep, dict) or set(map(str, keep)) - {"diagonal", "first"}:
+    if not isinstance(keep, dict) or any(k not in ("diagonal", "first") for k in keep):
         raise SpecError(f"always_keep = {brief(keep, 60)}", where=where, key="approx.always_keep",
                         expected="a mapping {diagonal: true|false, first: <key blocks, >= 0>}")
     diagonal = keep.get("diagonal", AlwaysKeep.diagonal)

@@ -17,7 +17,7 @@ import ast
 import math
 import reprlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 from sympy import Function, Integer, Symbol
@@ -29,7 +29,7 @@ from attngen.errors import SpecError
 # ---------------------------------------------------------------------------------------------
 QE = Symbol("q_e", real=True)  # one element of the query vector
 KE = Symbol("k_e", real=True)  # one element of the key vector
-I = Symbol("i", integer=True, nonnegative=True)  # query position (0-based)
+I = Symbol("i", integer=True, nonnegative=True)  # noqa: E741 (the query position i, 0-based)
 J = Symbol("j", integer=True, nonnegative=True)  # key position (0-based)
 N_Q = Symbol("n_q", integer=True, positive=True)  # query length
 N_K = Symbol("n_k", integer=True, positive=True)  # key length (= n)
@@ -110,17 +110,26 @@ FUNCTION_NAMES = sorted([*ELEMENTWISE, "dot", "norm"])
 MAX_SOURCE_CHARS = 2000
 MAX_NODES = 400
 MAX_DEPTH = 40
+MAX_CALL_DEPTH = 6  # function calls inside function calls (also once constants are substituted)
 MAX_LITERAL = 1e30
 MAX_FOLDED_EXPONENT = 64  # numeric ** numeric folds only below this exponent
-MAX_SYMBOLIC_POWER = 8  # integer powers of expressions that contain q or k (tensor powers)
+MAX_SYMBOLIC_POWER = 8  # powers of expressions that contain q or k (tensor powers), and the tensor degree
+MAX_INTEGER_POWER = 16  # integer powers of other symbolic expressions (the planner expands powers of sums)
+MAX_EXPONENT = 1e6  # any other numeric exponent
+MAX_MAGNITUDE = 1e300  # every numeric value (a literal, a folded number, a numeric sub-expression)
+MIN_MAGNITUDE = 1e-300  # every nonzero number sympy holds (a folded coefficient), so float64 keeps it
+MAX_LOG2 = math.log2(MAX_MAGNITUDE)
 NON_FINITE = (sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
 
 
 @dataclass(frozen=True)
 class Value:
-    """A parsed sub-expression: its sympy form and whether it is a vector (element formula)."""
+    """A parsed sub-expression: its sympy form, whether it is a vector (element formula), and its value as a
+    float when it is known at load time (numbers, numeric constants), else None."""
     expr: sympy.Expr
     vector: bool
+    num: float | None = None
+    calls: int = 0  # how deep function calls nest in it
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,119 @@ class Context:
     names: dict  # allowed scalar names -> sympy symbol
     vectors: bool  # whether q and k are allowed
     forbidden_hint: dict  # name -> why it is not allowed here (for better errors)
+    numbers: dict = field(default_factory=dict)  # symbol -> float: the values of numeric constants
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric values at load time: every numeric sub-expression is evaluated in float64 *before* sympy builds
+# the node around it, so sympy never folds or evalf's a number beyond float64 (exp(exp(exp(exp(1)))) would
+# make its assumption queries run for minutes).
+# ---------------------------------------------------------------------------------------------
+class OutOfRange(ArithmeticError):
+    """A numeric value beyond float64 (|x| > MAX_MAGNITUDE, or a nonzero |x| < MIN_MAGNITUDE held exactly)."""
+
+
+class NotFinite(ArithmeticError):
+    """A numeric value that is not a finite real number (log(0), sqrt(-1), 1/0)."""
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _prod(*xs: float) -> float:
+    out = 1.0
+    for x in xs:
+        out *= x
+    return out
+
+
+# float64 counterparts of the functions of the language (by name) and of the sympy nodes they build
+FLOAT_FUNCTIONS = {
+    "relu": lambda x: max(x, 0.0), "elu": lambda x: x if x > 0 else math.expm1(x), "sigmoid": _sigmoid,
+    "exp": math.exp, "log": math.log, "tanh": math.tanh, "abs": abs, "sqrt": math.sqrt, "sin": math.sin,
+    "cos": math.cos, "min": min, "max": max,
+}
+FLOAT_NODES = {
+    sympy.Add: lambda *xs: math.fsum(xs), sympy.Mul: _prod, sympy.Pow: math.pow, sympy.exp: math.exp,
+    sympy.log: math.log, sympy.sin: math.sin, sympy.cos: math.cos, sympy.tanh: math.tanh, sympy.Abs: abs,
+    sympy.Max: max, sympy.Min: min, Relu: FLOAT_FUNCTIONS["relu"], Elu: FLOAT_FUNCTIONS["elu"], Sigmoid: _sigmoid,
+}
+
+
+def apply_float(fn, args) -> float | None:
+    """``fn(*args)`` in float64: OutOfRange beyond MAX_MAGNITUDE, None outside the domain (log(-1), 1/0)."""
+    try:
+        out = fn(*args)
+    except OverflowError:
+        raise OutOfRange() from None
+    except (ValueError, ZeroDivisionError, TypeError):
+        return None
+    if isinstance(out, complex) or out != out:
+        return None
+    out = float(out)
+    if math.isinf(out) or abs(out) > MAX_MAGNITUDE:
+        raise OutOfRange()
+    return out
+
+
+def log2_magnitude(number) -> float | None:
+    """log2 |number| of a sympy Number without converting it (None for zero or a non-finite number)."""
+    if isinstance(number, sympy.Float):
+        sign, man, exp, bc = number._mpf_
+        return None if not man else float(exp + bc)
+    if isinstance(number, sympy.Rational):
+        p, q = abs(int(number.p)), int(number.q)
+        return None if not p else float(p.bit_length() - q.bit_length())
+    return None
+
+
+def number_in_range(number) -> bool:
+    """Whether a sympy Number is 0 or within MIN_MAGNITUDE .. MAX_MAGNITUDE (checked on its exponent)."""
+    bits = log2_magnitude(number)
+    return bits is None or -MAX_LOG2 + 1 <= bits <= MAX_LOG2 - 1
+
+
+def out_of_range_number(expr, shallow: bool = False):
+    """The first sympy Number in ``expr`` (its top two levels when ``shallow``) beyond float64, else None."""
+    if shallow:
+        candidates = [expr, *expr.args, *(b for a in expr.args for b in a.args)]
+        numbers = [n for n in candidates if isinstance(n, sympy.Number)]
+    else:
+        numbers = expr.atoms(sympy.Number)
+    return next((n for n in numbers if not number_in_range(n)), None)
+
+
+def magnitude(expr) -> float:
+    """|value| of a numeric sympy expression: inf beyond float64 or when it has no float64 value."""
+    try:
+        value = numeric_value(expr)
+    except OutOfRange:
+        return math.inf
+    return math.inf if value is None else abs(value)
+
+
+def numeric_value(expr, memo: dict | None = None) -> float | None:
+    """The float64 value of a numeric sympy tree, walked bottom-up (OutOfRange beyond float64); None when a
+    node is outside its domain or is not a node of the language."""
+    memo = {} if memo is None else memo
+    if expr in memo:
+        return memo[expr]
+    if isinstance(expr, sympy.Number):
+        if not number_in_range(expr):
+            raise OutOfRange()
+        out = float(expr) if expr.is_finite else None
+    elif expr is sympy.pi:
+        out = math.pi
+    elif expr is sympy.E:
+        out = math.e
+    elif expr.func in FLOAT_NODES and expr.args:
+        args = [numeric_value(a, memo) for a in expr.args]
+        out = None if None in args else apply_float(FLOAT_NODES[expr.func], args)
+    else:
+        out = None
+    memo[expr] = out
+    return out
 
 
 def brief(value, width: int = 60) -> str:
@@ -154,6 +276,11 @@ def parse_expression(text, ctx: Context) -> sympy.Expr:
 
     Raises SpecError (never anything else) for any text that is not a valid expression here.
     """
+    return parse_value(text, ctx).expr
+
+
+def parse_value(text, ctx: Context) -> Value:
+    """parse_expression, returning the Value: the sympy form and its float64 value when it is numeric."""
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise _err(ctx, f"found {type(text).__name__} {brief(text, 80)}", "an expression string or a number",
                    "write the expression as a string, e.g. 'dot(relu(q), relu(k))'")
@@ -188,12 +315,16 @@ def parse_expression(text, ctx: Context) -> sympy.Expr:
     if value.vector:
         raise _err(ctx, f"{text!r:.120} is a vector", "a scalar",
                    "reduce it with dot(a, b) or norm(a), e.g. dot(relu(q), relu(k))")
-    return value.expr
+    if out_of_range_number(value.expr) is not None:
+        raise _err(ctx, "a number it folds to is beyond float64",
+                   f"numeric values within {MIN_MAGNITUDE:g} .. {MAX_MAGNITUDE:g} in magnitude")
+    return value
 
 
 class _Walker:
     def __init__(self, ctx: Context, text: str):
         self.ctx, self.text = ctx, text
+        self.memo = {}  # numeric_value's memo, shared by the nodes of this expression
 
     def src(self, node) -> str:
         return ast.get_source_segment(self.text.strip(), node) or ast.dump(node)[:80]
@@ -210,13 +341,46 @@ class _Walker:
                             "numbers, names, + - * / **, unary minus and function calls")
         value = method(node, depth + 1)
         self._check_finite(node, value.expr)
-        return value
+        return self._check_numbers(node, value)
 
     def _check_finite(self, node, expr):
         """Refuse infinities, NaN and non-real numbers (0**-1, log(0), sqrt(-1)) where they appear."""
         if expr.has(*NON_FINITE) or (expr.is_number and expr.is_real is False):
             raise self.fail(node, f"the value {str(expr)[:60]} is not a finite real number",
                             "finite real values", "check for division by zero, log(0), sqrt or ** of a negative")
+
+    def _out_of_range(self, node, what="the value"):
+        return self.fail(node, f"{what} is beyond float64", f"numeric values within {MIN_MAGNITUDE:g} .. "
+                         f"{MAX_MAGNITUDE:g} in magnitude", "use smaller numbers, or split the value into factors")
+
+    def _check_numbers(self, node, value: Value) -> Value:
+        """The numbers sympy folded stay within float64, and a numeric node has a float64 value."""
+        if out_of_range_number(value.expr, shallow=True) is not None:
+            raise self._out_of_range(node, "a number it folds to")
+        if value.num is None and value.expr.is_number:  # e.g. n - n + 1: numeric only after sympy's folding
+            try:
+                num = numeric_value(value.expr, self.memo)
+            except OutOfRange:
+                raise self._out_of_range(node) from None
+            if num is None:
+                raise self.fail(node, f"the value {str(value.expr)[:60]} has no float64 value", "finite real values")
+            value = Value(value.expr, value.vector, num, value.calls)
+        return value
+
+    def _fold(self, node, fn, values, what="the value"):
+        """fn of the operands' float values when all are known (None otherwise), refused beyond float64:
+        computed before sympy builds the node, so sympy never sees such a number."""
+        nums = [v.num for v in values]
+        if None in nums:
+            return None
+        try:
+            out = apply_float(fn, nums)
+        except OutOfRange:
+            raise self._out_of_range(node, what) from None
+        if out is None:  # log(0), sqrt(-1), 0**-1, also of numeric constants (log(c) with c: 0)
+            raise self.fail(node, "the value is not a finite real number", "finite real values",
+                            "check for division by zero, log(0), sqrt or ** of a negative")
+        return out
 
     # -- leaves ------------------------------------------------------------------------------
     def visit_Constant(self, node, depth):
@@ -225,20 +389,21 @@ class _Walker:
             raise self.fail(node, f"literal {v!r:.40} is not a number", "an int or float literal")
         if abs(v) > MAX_LITERAL or not math.isfinite(v):
             raise self.fail(node, f"number {v!r:.40} is out of range", f"|x| <= {MAX_LITERAL:g}")
-        return Value(Integer(v) if isinstance(v, int) else sympy.Float(v), False)
+        return Value(Integer(v) if isinstance(v, int) else sympy.Float(v), False, float(v))
 
     def visit_Name(self, node, depth):
         name = node.id
         ctx = self.ctx
         if name == "pi":
-            return Value(sympy.pi, False)
+            return Value(sympy.pi, False, math.pi)
         if name in ("q", "k"):
             if not ctx.vectors:
                 raise self.fail(node, f"the vector {name!r} is not allowed here",
                                 fix="q and k may appear only in 'similarity'")
             return Value(QE if name == "q" else KE, True)
         if name in ctx.names:
-            return Value(ctx.names[name], False)
+            symbol = ctx.names[name]
+            return Value(symbol, False, ctx.numbers.get(symbol))
         if name in ctx.forbidden_hint:
             raise self.fail(node, f"{name!r} is not allowed here: {ctx.forbidden_hint[name]}")
         allowed = sorted({"pi", *ctx.names, *(("q", "k") if ctx.vectors else ())})
@@ -249,7 +414,7 @@ class _Walker:
     def visit_UnaryOp(self, node, depth):
         operand = self.visit(node.operand, depth)
         if isinstance(node.op, ast.USub):
-            return Value(-operand.expr, operand.vector)
+            return Value(-operand.expr, operand.vector, None if operand.num is None else -operand.num, operand.calls)
         if isinstance(node.op, ast.UAdd):
             return operand
         raise self.fail(node, f"operator {type(node.op).__name__} is not allowed", "unary - or +")
@@ -261,15 +426,18 @@ class _Walker:
         if not isinstance(op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
             raise self.fail(node, f"operator {type(op).__name__} is not allowed", "+ - * / **")
         a, b = self.visit(node.left, depth), self.visit(node.right, depth)
+        vector, calls = a.vector or b.vector, max(a.calls, b.calls)
         if isinstance(op, (ast.Add, ast.Sub)):
             self._check_mix(node, a, b)
-            return Value(a.expr + b.expr if isinstance(op, ast.Add) else a.expr - b.expr, a.vector or b.vector)
+            if isinstance(op, ast.Add):
+                return Value(a.expr + b.expr, vector, self._fold(node, lambda x, y: x + y, (a, b)), calls)
+            return Value(a.expr - b.expr, vector, self._fold(node, lambda x, y: x - y, (a, b)), calls)
         if isinstance(op, ast.Mult):
-            return Value(a.expr * b.expr, a.vector or b.vector)
+            return Value(a.expr * b.expr, vector, self._fold(node, lambda x, y: x * y, (a, b)), calls)
         if isinstance(op, ast.Div):
-            if b.expr.is_zero:
+            if b.num == 0 or b.expr.is_zero:
                 raise self.fail(node, "division by zero")
-            return Value(a.expr / b.expr, a.vector or b.vector)
+            return Value(a.expr / b.expr, vector, self._fold(node, lambda x, y: x / y, (a, b)), calls)
         return self._power(node, a, b)
 
     def _check_mix(self, node, a: Value, b: Value):
@@ -288,24 +456,36 @@ class _Walker:
         base, exp = a.expr, b.expr
         if exp.is_number and exp.is_real is not True:
             raise self.fail(node, f"the exponent {str(exp)[:60]} is not a real number", "a real exponent")
+        e = b.num  # the exponent's value, also when it is a numeric constant (M**2 with M: 4096)
+        shown = str(exp)[:40] if exp.is_number or e is None else f"{str(exp)[:40]} = {e:g}"
         if base.is_number and exp.is_number:
-            self._check_fold(node, base, exp)
-        elif (a.vector or base.has(Dot, Norm)) and exp.is_number and abs(float(exp)) > MAX_SYMBOLIC_POWER:
-            raise self.fail(node, f"power {exp} of a q/k expression is too large",
+            self._check_fold(node, a, b)
+        elif e is not None and (a.vector or base.has(Dot, Norm)) and abs(e) > MAX_SYMBOLIC_POWER:
+            raise self.fail(node, f"power {shown} of a q/k expression is too large",
                             f"|exponent| <= {MAX_SYMBOLIC_POWER}")
-        if exp.is_number and exp.is_real and abs(float(exp)) > 1e6:
-            raise self.fail(node, f"exponent {exp} is too large", "|exponent| <= 1e6")
-        return Value(base ** exp, a.vector)
+        elif e is not None and not base.is_number and e.is_integer() and abs(e) > MAX_INTEGER_POWER:
+            raise self.fail(node, f"integer power {shown} of an expression is too large",
+                            f"|exponent| <= {MAX_INTEGER_POWER} for an integer power (sympy expands it)")
+        if e is not None and abs(e) > MAX_EXPONENT:
+            raise self.fail(node, f"exponent {shown} is too large", f"|exponent| <= {MAX_EXPONENT:g}")
+        num = self._fold(node, math.pow, (a, b), "the power")
+        out = base ** exp
+        if isinstance(out, sympy.Pow) and out.exp.is_number and not out.base.is_number:  # powers of powers multiply
+            if out.base.has(QE, KE, Dot, Norm) and abs(magnitude(out.exp)) > MAX_SYMBOLIC_POWER:  # (dot(q, k)**8)**8
+                raise self.fail(node, f"power {str(out.exp)[:40]} of a q/k expression is too large (powers of "
+                                "powers multiply)", f"|exponent| <= {MAX_SYMBOLIC_POWER}")
+            if out.exp.is_Integer and abs(out.exp) > MAX_INTEGER_POWER:  # ((i + 1)**64)**64
+                raise self.fail(node, f"integer power {str(out.exp)[:40]} of an expression is too large (powers of "
+                                "powers multiply)", f"|exponent| <= {MAX_INTEGER_POWER} for an integer power")
+        return Value(out, a.vector, num, max(a.calls, b.calls))
 
-    def _check_fold(self, node, base, exp):
+    def _check_fold(self, node, a: Value, b: Value):
         """Refuse numeric powers whose exact value would be huge (sympy folds them eagerly)."""
-        try:
-            e = float(exp)
-            bmag = abs(float(base))
-        except (TypeError, OverflowError, ValueError):
-            raise self.fail(node, "numeric power is out of range") from None
+        if a.num is None or b.num is None:
+            raise self.fail(node, "numeric power is out of range")
+        e, bmag = b.num, abs(a.num)
         if abs(e) > MAX_FOLDED_EXPONENT and bmag not in (0.0, 1.0):
-            raise self.fail(node, f"numeric power with exponent {exp} would be huge",
+            raise self.fail(node, f"numeric power with exponent {b.expr} would be huge",
                             f"|exponent| <= {MAX_FOLDED_EXPONENT} for a numeric base",
                             "write the value as a decimal literal")
         if bmag > 0 and abs(e) * abs(math.log10(bmag)) > 300:
@@ -321,9 +501,14 @@ class _Walker:
         if name not in ELEMENTWISE and name not in ("dot", "norm"):
             raise self.fail(node, f"unknown function {name!r}", "one of " + ", ".join(FUNCTION_NAMES))
         args = [self.visit(a, depth) for a in node.args]
+        calls = 1 + max((a.calls for a in args), default=0)
+        if calls > MAX_CALL_DEPTH:  # sympy's automatic evaluation of nested calls (tanh(tanh(...))) is exponential
+            raise self.fail(node, f"function calls are nested {calls} deep", f"at most {MAX_CALL_DEPTH}",
+                            "name an inner part as a constant, or simplify")
         if name in ("dot", "norm"):
             if not self.ctx.vectors:
-                raise self.fail(node, f"{name}() is not allowed here", fix="dot and norm apply to q and k in 'similarity'")
+                raise self.fail(node, f"{name}() is not allowed here",
+                                fix="dot and norm apply to q and k in 'similarity'")
             want = 2 if name == "dot" else 1
             if len(args) != want:
                 raise self.fail(node, f"{name}() takes {want} argument(s), got {len(args)}")
@@ -332,18 +517,177 @@ class _Walker:
                     raise self.fail(node, f"{name}() got a scalar argument", "vector arguments (built from q, k)",
                                     "e.g. dot(relu(q), relu(k))")
             if name == "dot":
-                return Value(Dot(args[0].expr, args[1].expr), False)
-            return Value(Norm(args[0].expr), False)
+                return Value(Dot(args[0].expr, args[1].expr), False, None, calls)
+            return Value(Norm(args[0].expr), False, None, calls)
         fn, arity = ELEMENTWISE[name]
         if len(args) != arity:
             raise self.fail(node, f"{name}() takes {arity} argument(s), got {len(args)}")
         if arity == 2:
             self._check_mix(node, args[0], args[1])
+        num = self._fold(node, FLOAT_FUNCTIONS[name], args, f"{name}() cannot be applied: its value")
         try:
             out = fn(*[a.expr for a in args])
         except (TypeError, ValueError, OverflowError) as exc:
             raise self.fail(node, f"{name}() cannot be applied: {exc}") from None
-        return Value(out, any(a.vector for a in args))
+        return Value(out, any(a.vector for a in args), num, calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds after constants are substituted (the planner's view of an expression)
+# ---------------------------------------------------------------------------------------------
+def tree_size(expr, sizes: dict, cap: int) -> int:
+    """The number of nodes of ``expr`` once each symbol in ``sizes`` is replaced by a tree of that many
+    nodes (shared subtrees counted every time, as the planner's walks visit them); at most cap + 1."""
+    memo = {}
+
+    def size(e):
+        if e in memo:
+            return memo[e]
+        if e in sizes:
+            out = sizes[e]
+        else:
+            out = 1
+            for a in e.args:
+                out = min(out + size(a), cap + 1)
+        memo[e] = out
+        return out
+
+    return size(expr)
+
+
+def substitute(expr, values: dict, memo: dict | None = None) -> sympy.Expr:
+    """``expr`` with the symbols in ``values`` replaced, rebuilt bottom-up; a node whose arguments are all
+    numeric is evaluated in float64 before sympy builds it (OutOfRange beyond float64, NotFinite for log(0),
+    sqrt(-1), 1/0), so folding the
+    substituted numbers (exp(exp(exp(exp(c)))) with c: 1) never reaches sympy's arbitrary precision.
+    Bound the result's size with tree_size first."""
+    memo = {} if memo is None else memo
+    floats = {}
+
+    def walk(e):
+        if e in memo:
+            return memo[e]
+        if e in values:
+            out = values[e]
+        elif not e.args:
+            out = e
+        else:
+            args = [walk(a) for a in e.args]
+            if e.func in FLOAT_NODES and all(a.is_number for a in args):
+                nums = [numeric_value(a, floats) for a in args]
+                if None in nums or apply_float(FLOAT_NODES[e.func], nums) is None:  # OutOfRange beyond float64
+                    raise NotFinite()
+            out = e if all(x is y for x, y in zip(args, e.args)) else e.func(*args)
+            if out.is_number and not isinstance(out, sympy.Number) and numeric_value(out, floats) is None:
+                raise NotFinite()
+        memo[e] = out
+        return out
+
+    out = walk(expr)
+    if out_of_range_number(out) is not None:
+        raise OutOfRange()
+    if out.has(*NON_FINITE):
+        raise NotFinite()
+    return out
+
+
+def tensor_degree(expr, cap: int = 1 << 20) -> int:
+    """The tensor-power degree of a similarity: how many dot() factors a product of its terms multiplies
+    (dot(q, k)**2 * dot(relu(q), relu(k)) is 3, a feature width of d**3); at most cap."""
+    memo = {}
+
+    def deg(e):
+        if e in memo:
+            return memo[e]
+        if isinstance(e, Dot):
+            out = 1
+        elif isinstance(e, sympy.Mul):
+            out = sum(deg(a) for a in e.args)
+        elif isinstance(e, sympy.Pow):
+            b = deg(e.base)
+            out = b * math.ceil(min(abs(magnitude(e.exp)), cap)) if b and e.exp.is_number else b
+        else:  # a sum, or a function: the largest degree of its arguments
+            out = max((deg(a) for a in e.args), default=0)
+        memo[e] = out = min(out, cap)
+        return out
+
+    return deg(expr)
+
+
+def expanded_terms(expr, cap: int) -> int:
+    """An upper bound of the work of expanding ``expr`` the way the planner does (sympy.expand of products,
+    integer powers of sums and function arguments; sin/cos of a sum of t terms into 2**(t - 1) products):
+    the number of terms, summed over every node; at most cap + 1."""
+    memo, total = {}, [0]
+
+    def terms(e):
+        if e in memo:
+            return memo[e]
+        if not e.args:
+            out = 1
+        elif isinstance(e, sympy.Add):
+            out = sum(terms(a) for a in e.args)
+        elif isinstance(e, sympy.Mul):
+            out = 1
+            for a in e.args:
+                out = min(out * terms(a), cap + 1)
+        elif isinstance(e, sympy.Pow):
+            t, n = terms(e.base), e.exp
+            terms(n)
+            t = min(t, cap + 1)  # a sum of t terms to the integer power n: comb(t + |n| - 1, t - 1) terms
+            out = math.comb(t + abs(int(n)) - 1, t - 1) if t > 1 and n.is_Integer and n != 0 else 1
+        elif isinstance(e, (sympy.sin, sympy.cos)):
+            out = 2 ** (min(terms(e.args[0]), 64) - 1)
+        else:
+            for a in e.args:
+                terms(a)
+            out = 1
+        out = min(out, cap + 1)
+        memo[e] = out
+        total[0] += out
+        if total[0] > cap:
+            raise OutOfRange()
+        return out
+
+    try:
+        terms(expr)
+    except OutOfRange:
+        return cap + 1
+    return total[0]
+
+
+TRIG = (sympy.sin, sympy.cos, sympy.tanh)
+
+
+def largest_integer_power(expr) -> int:
+    """The largest |n| of an integer power x**n of a non-numeric x in ``expr`` (0 if none)."""
+    return max((abs(int(e.exp)) for e in sympy.preorder_traversal(expr)
+                if isinstance(e, sympy.Pow) and e.exp.is_Integer and not e.base.is_number), default=0)
+
+
+def call_depth(expr, depths: dict, cap: int = 1 << 10) -> int:
+    """How deep function calls nest in ``expr`` once each symbol in ``depths`` is replaced by an expression
+    whose calls nest that deep."""
+    memo = {}
+
+    def depth(e):
+        if e in memo:
+            return memo[e]
+        if e in depths:
+            out = depths[e]
+        else:
+            inner = max((depth(a) for a in e.args), default=0)
+            out = min(inner + isinstance(e, (sympy.Function, sympy.Max, sympy.Min)), cap)
+        memo[e] = out
+        return out
+
+    return depth(expr)
+
+
+def trig_terms(expr) -> int:
+    """The terms of the arguments of every sin, cos and tanh in ``expr``, each occurrence counted: what
+    sympy's trigonometric simplification of the reweight (the planner's Toeplitz test) grows with."""
+    return sum(len(sympy.Add.make_args(e.args[0])) for e in sympy.preorder_traversal(expr) if isinstance(e, TRIG))
 
 
 def outer_free_symbols(expr: sympy.Expr) -> set:

@@ -15,26 +15,60 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-
 from importlib import resources
+from pathlib import Path
 
 import sympy
 import yaml
 
-from attngen.frontend.approx import parse_approx
 from attngen.errors import SpecError
-from attngen.frontend.expr import BUILTIN_SYMBOLS, I, J, Context, brief, parse_expression
+from attngen.frontend.approx import parse_approx
+from attngen.frontend.expr import (
+    BUILTIN_SYMBOLS,
+    MAX_CALL_DEPTH,
+    MAX_INTEGER_POWER,
+    MAX_NODES,
+    MAX_SYMBOLIC_POWER,
+    Context,
+    I,
+    J,
+    NotFinite,
+    OutOfRange,
+    brief,
+    call_depth,
+    expanded_terms,
+    largest_integer_power,
+    numeric_value,
+    parse_expression,
+    parse_value,
+    substitute,
+    tensor_degree,
+    tree_size,
+    trig_terms,
+)
 
 KEYS = ("name", "description", "causal", "similarity", "reweight", "normalize", "constants",
         "parameters", "approx")
 NORMALIZE_KINDS = ("none", "rowsum", "softmax")
 EPS_MODES = ("add", "clamp")
 MODES = ("causal", "bidirectional")
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-MAX_YAML_DEPTH = 100
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # matched with fullmatch: '$' would accept a trailing newline
+SUFFIXES = (".yaml", ".yml")
+# Limits on the size of a spec (untrusted input), each refused with a SpecError
+MAX_NAME = 64  # characters of a spec, constant or parameter name
+MAX_SPEC_BYTES = 64 * 1024  # YAML text or file
+MAX_YAML_DEPTH = 100  # nesting of [ and {
+MAX_ENTRIES = 64  # constants, parameters, keys of any one mapping, items of any one list
+MAX_PLAIN_NODES = 10_000  # values in the approx mapping (hashed as JSON)
+MAX_CONSTANT_DEPTH = 32  # a constant using a constant using ... (the chain of references)
+MAX_SUBSTITUTED_NODES = 4 * MAX_NODES  # nodes of an expression once the constants are substituted
+MAX_TERMS = 256  # terms of the planner's expansion of the similarity and the reweight (expanded_terms)
+MAX_TRIG_TERMS = 4  # terms in the arguments of sin, cos, tanh of the reweight, in all (trig_terms)
 RESERVED = set(BUILTIN_SYMBOLS) | {"q", "k", "pi", "dot", "norm", "relu", "elu", "exp", "log", "sigmoid",
                                    "tanh", "abs", "sqrt", "sin", "cos", "min", "max"}
 
@@ -143,20 +177,35 @@ def builtin_names() -> list:
 
 
 def load_spec(source, **overrides) -> Spec:
-    """Load a spec from a YAML path, a built-in name (``"cosformer"``), a YAML string, or a dict.
+    """Load a spec from a built-in name (``"cosformer"``), YAML text, a file (a ``pathlib.Path``, or a string
+    ending in .yaml / .yml), a mapping or a Spec.
 
+    A plain string is a built-in name or YAML text (it holds a newline, starts with '{', or starts like a
+    mapping: ``name: x``), and is read as a file path only when it ends in .yaml or .yml: spec text from an
+    untrusted source is never taken for the name of some other file. load_spec_file reads any path.
     ``overrides`` replace top-level keys or constants: ``load_spec("cosformer", causal=False, M=4096)``.
     Raises SpecError with the file, key, what was found and how to fix it.
     """
     if isinstance(source, Spec):
-        data, where = yaml.safe_load(source.to_yaml()), source.where
-    elif isinstance(source, dict):
-        data, where = dict(source), "<dict>"
-    elif isinstance(source, (str, Path)):
-        data, where = _read(source)
+        data, where = _parse_yaml(source.to_yaml(), source.where, limit=None), source.where  # loaded once already
+    elif isinstance(source, Mapping):
+        data, where = source, "<dict>"
+    elif isinstance(source, Path):
+        data, where = _read_file(source)
+    elif isinstance(source, str):
+        data, where = _read_text(source)
     else:
         raise SpecError(f"cannot load a spec from {type(source).__name__}",
-                        expected="a path, a built-in name, or a dict")
+                        expected="a path, a built-in name, YAML text, or a dict")
+    return build_spec(data, where, overrides)
+
+
+def load_spec_file(path, **overrides) -> Spec:
+    """Load a spec from the YAML file at ``path`` (a str or a pathlib.Path, any suffix): a regular file of at
+    most MAX_SPEC_BYTES. Raises SpecError (a missing file, a directory, a device or FIFO, invalid YAML)."""
+    if not isinstance(path, (str, Path)):
+        raise SpecError(f"cannot read a spec file from {type(path).__name__}", expected="a str or a pathlib.Path")
+    data, where = _read_file(Path(path))
     return build_spec(data, where, overrides)
 
 
@@ -165,48 +214,158 @@ def _key(k) -> str:
     return k if isinstance(k, str) else brief(k)
 
 
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
-        return False
+def _listing(items, most: int = 8) -> list:
+    """Up to ``most`` items, as text, sorted: for messages about unknown keys (of a mapping of any size)."""
+    out = []
+    for item in items:
+        out.append(brief(item, 40) if not isinstance(item, str) else item[:40])
+        if len(out) >= 4 * most:
+            break
+    return sorted(out)[:most]
 
 
-def _read(source) -> tuple:
-    text = str(source)
+MAPPING_START = re.compile(r"\s*(\{|[A-Za-z_][A-Za-z0-9_]*\s*:(\s|$))")
+
+
+def _read_text(text: str) -> tuple:
+    """A plain string: YAML text, a built-in name, or (ending in .yaml / .yml) a file path."""
+    builtin = {p.stem: p for p in spec_files()}
     if not text.strip():
         raise SpecError("the spec source is empty", where="<empty>",
-                        expected="a YAML file path, a built-in name, YAML text or a dict")
-    path = Path(text)
-    builtin = {p.stem: p for p in spec_files()}
-    if "\n" not in text and not _exists(path) and text in builtin:
-        path = builtin[text]
-        source = f"{text} (built-in {path.name})"
-    if "\n" not in text and path.suffix in (".yaml", ".yml", "") and not _exists(path):
-        raise SpecError(f"no spec file or built-in spec named {brief(text, 200)}",
-                        where=text, expected="a YAML file path or one of " + ", ".join(sorted(builtin)),
-                        fix="check the path, or run 'attngen list' for the built-in names")
-    where = str(source) if "\n" not in text else "<yaml string>"
+                        expected="a built-in name, YAML text, a .yaml file path or a dict")
+    if "\n" in text or MAPPING_START.match(text):
+        return _parse_yaml(text, "<yaml string>"), "<yaml string>"
+    if text in builtin:
+        data, _ = _read_file(builtin[text])
+        return data, f"{text} (built-in {builtin[text].name})"
+    if text.strip().lower().endswith(SUFFIXES):
+        return _read_file(Path(text))
+    fix = "check the path, or run 'attngen list' for the built-in names"
+    if "/" in text or "." in text or os.sep in text:  # meant as a path
+        fix += (" (a string is read as a file only when it ends in .yaml or .yml; pass a pathlib.Path or use "
+                "load_spec_file for others)")
+    raise SpecError(f"no spec file or built-in spec named {brief(text, 200)}", where=_where(text),
+                    expected="a YAML file path or one of " + ", ".join(sorted(builtin)), fix=fix)
+
+
+def _where(text: str) -> str:
+    """A path or name as the 'where' of a message: itself when short and printable, else a short repr."""
+    return text if len(text) <= 200 and text.isprintable() else brief(text, 200)
+
+
+def _read_file(path: Path) -> tuple:
+    """The mapping in the YAML file at ``path``: a regular file (not a directory, device or FIFO, which could
+    block or never end), read up to MAX_SPEC_BYTES + 1 bytes."""
+    where = str(path)
+    builtin = sorted(p.stem for p in spec_files())
     try:
-        raw = path.read_text() if "\n" not in text else text
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path, or text that is not UTF-8
-        raise SpecError(f"cannot read the file: {str(exc)[:200]}", where=where) from None
-    if _flow_depth(raw) > MAX_YAML_DEPTH:  # PyYAML needs ~1 s to reach its RecursionError on such input
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise SpecError(f"no spec file or built-in spec named {brief(where, 200)}", where=_where(where),
+                        expected="a YAML file path or one of " + ", ".join(builtin),
+                        fix="check the path, or run 'attngen list' for the built-in names") from None
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte, no permission
+        raise SpecError(f"cannot read the file: {type(exc).__name__}", where=_where(where)) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+        raise SpecError(f"cannot read the file: it is {kind}, not a regular file", where=where,
+                        expected="a YAML file")
+    if info.st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"the file is {info.st_size} bytes long", where=where, expected=f"at most {MAX_SPEC_BYTES}",
+                        fix="a spec is a few lines of YAML")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in: no blocking
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced between stat and open
+                raise SpecError("cannot read the file: it is not a regular file", where=where)
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"cannot read the file: {type(exc).__name__}", where=where) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"the file is more than {MAX_SPEC_BYTES} bytes long", where=where,
+                        expected=f"at most {MAX_SPEC_BYTES}", fix="a spec is a few lines of YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"cannot read the file: it is not UTF-8 text (byte {exc.start})", where=where) from None
+    return _parse_yaml(text, where), where
+
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: aliases and anchors are refused (an alias bomb of a few hundred bytes
+    expands into gigabytes when the value is walked), and so are merge keys and duplicate keys (which PyYAML
+    resolves silently, the last one winning)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def compose_sequence_node(self, anchor):
+        node = super().compose_sequence_node(anchor)
+        if len(node.value) > MAX_ENTRIES:
+            raise yaml.composer.ComposerError(None, None, f"a list of {len(node.value)} items (at most "
+                                              f"{MAX_ENTRIES})", node.start_mark)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            if len(node.value) > MAX_ENTRIES:
+                raise yaml.constructor.ConstructorError(None, None, f"a mapping of {len(node.value)} keys (at most "
+                                                        f"{MAX_ENTRIES})", node.start_mark)
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not allowed",
+                                                            key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key (first at line {first.line + 1}, column {first.column + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str, limit: int | None = MAX_SPEC_BYTES) -> dict:
+    """The mapping in YAML ``text`` (at most ``limit`` characters); a SpecError says the line, column and kind
+    of a mistake, never the text."""
+    if limit is not None and len(text) > limit:
+        raise SpecError(f"the YAML text is {len(text)} characters long", where=where,
+                        expected=f"at most {MAX_SPEC_BYTES}", fix="a spec is a few lines of YAML")
+    if _flow_depth(text) > MAX_YAML_DEPTH:  # PyYAML needs ~1 s to reach its RecursionError on such input
         raise SpecError(f"YAML is nested more than {MAX_YAML_DEPTH} levels deep", where=where)
     try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        data = yaml.load(text, Loader=SpecLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.reader.ReaderError as exc:
+        raise SpecError(f"invalid YAML at character {exc.position + 1}: {_kind(exc.reason)}", where=where) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"invalid YAML{at}: {getattr(exc, 'problem', exc)}", where=where) from None
+        raise SpecError(f"invalid YAML{at}: {_kind(exc.problem or exc.context or 'syntax error')}",
+                        where=where) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid YAML: {type(exc).__name__}", where=where) from None
     except RecursionError:
         raise SpecError("YAML is nested too deeply", where=where) from None
-    except ValueError as exc:  # e.g. an integer literal beyond Python's int-to-str digit limit
-        raise SpecError(f"invalid YAML: {str(exc)[:120]}", where=where) from None
+    except ValueError:  # e.g. an integer literal beyond Python's int-to-str digit limit
+        raise SpecError("invalid YAML: a value cannot be converted (e.g. an integer of too many digits)",
+                        where=where) from None
     if not isinstance(data, dict):
         raise SpecError(f"the document is a {type(data).__name__}", where=where,
                         expected="a mapping with keys " + ", ".join(KEYS))
-    return data, where
+    return data
+
+
+def _kind(problem: str) -> str:
+    """PyYAML's description of a problem with the quoted text taken out (the file's content is not echoed)."""
+    return re.sub(r"'[^'\n]*'|\"[^\"\n]*\"|#x[0-9a-fA-F]+", "…", str(problem))[:120]
 
 
 def _flow_depth(text: str) -> int:
@@ -226,7 +385,7 @@ def _pick_mode(value, causal: bool, where: str, key: str):
     if isinstance(value, dict) and set(value) & set(MODES):
         extra = set(map(_key, value)) - set(MODES)
         if extra:
-            raise SpecError(f"mode mapping has unknown keys {sorted(extra)}", where=where, key=key,
+            raise SpecError(f"mode mapping has unknown keys {_listing(extra)}", where=where, key=key,
                             expected="only 'causal' and 'bidirectional'")
         mode = "causal" if causal else "bidirectional"
         if mode not in value:
@@ -237,9 +396,12 @@ def _pick_mode(value, causal: bool, where: str, key: str):
 
 
 def _check_name(name, where, key):
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(f"invalid name {brief(name)}", where=where, key=key,
-                        expected="an identifier such as 'gamma' or 'M'")
+                        expected="an identifier such as 'gamma' or 'M' (a letter, then letters, digits or _)")
+    if len(name) > MAX_NAME:
+        raise SpecError(f"the name is {len(name)} characters long", where=where, key=key,
+                        expected=f"at most {MAX_NAME} characters", fix="choose a shorter name")
     if name in RESERVED:
         raise SpecError(f"{name!r} is a reserved name", where=where, key=key,
                         fix="choose another name (reserved: " + ", ".join(sorted(RESERVED)) + ")")
@@ -247,11 +409,15 @@ def _check_name(name, where, key):
 
 def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     """Validate the mapping ``data`` (+ overrides) and build the Spec for its mode."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"found {type(data).__name__}", where=where, expected="a mapping with keys " + ", ".join(KEYS))
+    if len(data) > MAX_ENTRIES:
+        raise SpecError(f"the mapping has {len(data)} keys", where=where, expected="the keys " + ", ".join(KEYS))
     data = {_key(k): v for k, v in data.items()}
     overrides = dict(overrides or {})
     unknown = set(data) - set(KEYS)
     if unknown:
-        raise SpecError(f"unknown key(s) {sorted(unknown)}", where=where,
+        raise SpecError(f"unknown key(s) {_listing(unknown)}", where=where,
                         expected="keys among " + ", ".join(KEYS), fix="check the spelling (docs/specs.md)")
     for key in ("causal", "name", "description", "similarity", "reweight", "normalize", "approx"):
         if key in overrides:
@@ -267,8 +433,11 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     description = data.get("description", "") or ""
     if not isinstance(description, str):
         raise SpecError("description must be text", where=where, key="description")
+    if len(description) > MAX_SPEC_BYTES:
+        raise SpecError(f"the description is {len(description)} characters long", where=where, key="description",
+                        expected=f"at most {MAX_SPEC_BYTES}")
 
-    constants = _constants(data.get("constants") or {}, overrides, causal, where)
+    constants, bounds = _constants(data.get("constants") or {}, overrides, causal, where)
     parameters = _parameters(data.get("parameters") or {}, causal, where, {c.name for c in constants})
     names = {c.name: c.symbol for c in constants} | {p.name: p.symbol for p in parameters}
 
@@ -277,65 +446,172 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
         raise SpecError("missing key 'similarity'", where=where, expected="e.g. similarity: dot(q, k)")
     similarity = _pick_mode(data["similarity"], causal, where, "similarity")
     sim_ctx = Context(where, "similarity", scalar_names, True,
-                      {"i": "positions belong in 'reweight'", "j": "positions belong in 'reweight'"})
+                      {"i": "positions belong in 'reweight'", "j": "positions belong in 'reweight'"},
+                      bounds.numbers)
     sim_expr = parse_expression(similarity, sim_ctx)
+    bounds.check(sim_expr, where, "similarity", similarity=True)
 
     reweight = _pick_mode(data.get("reweight", 1), causal, where, "reweight")
     if reweight is None:
         reweight = 1
     rw_ctx = Context(where, "reweight", dict(BUILTIN_SYMBOLS) | names, False,
                      {"q": "the reweighting depends on positions only; put q, k in 'similarity'",
-                      "k": "the reweighting depends on positions only; put q, k in 'similarity'"})
+                      "k": "the reweighting depends on positions only; put q, k in 'similarity'"}, bounds.numbers)
     rw_expr = parse_expression(reweight, rw_ctx)
+    bounds.check(rw_expr, where, "reweight")
 
     normalize = _normalize(_pick_mode(data.get("normalize", "none"), causal, where, "normalize"), where)
     approx = _pick_mode(data.get("approx"), causal, where, "approx")
-    approximation = parse_approx(approx, causal, where, load_spec, builtin_names)  # refused before json.dumps (aliased YAML could hang it)
+    approximation = parse_approx(approx, causal, where, load_spec, builtin_names)
+    _check_plain(approx, where, "approx")  # bounded before json.dumps walks it (shared references could explode)
     try:
         approx_json = json.dumps(approx, sort_keys=True)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise SpecError(f"approx is not plain data: {exc}", where=where, key="approx") from None
+        raise SpecError(f"approx is not plain data: {type(exc).__name__}", where=where, key="approx") from None
     return Spec(name=name, description=description.strip(), causal=causal, similarity=str(similarity),
                 reweight=str(reweight), normalize=normalize, constants=tuple(constants),
                 parameters=tuple(parameters), approx=approx_json, where=where,
                 similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation)
 
 
-def _constants(raw, overrides: dict, causal: bool, where: str) -> list:
+def _check_plain(value, where: str, key: str) -> None:
+    """SpecError unless ``value`` is plain data (mappings with text keys, lists, text, numbers, booleans, null)
+    of at most MAX_PLAIN_NODES values (shared references counted each time) nested at most MAX_YAML_DEPTH."""
+    stack, count = [(value, 0)], 1
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            count += len(item)  # before walking it: a list may hold millions of (shared) items
+        if count > MAX_PLAIN_NODES or depth > MAX_YAML_DEPTH:
+            raise SpecError(f"{key} holds more than {MAX_PLAIN_NODES} values or is nested more than "
+                            f"{MAX_YAML_DEPTH} levels deep", where=where, key=key, expected="a small mapping")
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    raise SpecError(f"a key {brief(k, 40)} is not text", where=where, key=key)
+                stack.append((v, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > 64:
+            raise SpecError(f"found {brief(item, 40)}", where=where, key=key, expected="integers below 2**64")
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise SpecError(f"found a {type(item).__name__}", where=where, key=key,
+                            expected="plain data: mappings, lists, text, numbers, true/false, null")
+
+
+@dataclass
+class _Bounds:
+    """What bounds the planner's work on expressions that use constants: each constant's value with the
+    constants it uses substituted, its size in nodes and the depth of its chain of references."""
+    values: dict = field(default_factory=dict)  # symbol -> value in n_q, n_k, d, h, H
+    sizes: dict = field(default_factory=dict)  # symbol -> nodes of that value
+    depths: dict = field(default_factory=dict)  # symbol -> 1 + the deepest constant it uses
+    calls: dict = field(default_factory=dict)  # symbol -> how deep function calls nest in that value
+    numbers: dict = field(default_factory=dict)  # symbol -> float, for the numeric constants
+
+    def check(self, expr, where: str, key: str, similarity: bool = False):
+        """SpecError unless ``expr`` with the constants substituted stays small: at most MAX_SUBSTITUTED_NODES
+        nodes, numbers within float64, a tensor degree <= MAX_SYMBOLIC_POWER (similarity), an expansion of
+        at most MAX_TERMS terms. Returns the substituted expression."""
+        used = [s for s in expr.free_symbols if s in self.sizes]
+        size = tree_size(expr, self.sizes, MAX_SUBSTITUTED_NODES)
+        if size > MAX_SUBSTITUTED_NODES:
+            raise SpecError(f"with the constants it uses substituted, the expression has more than "
+                            f"{MAX_SUBSTITUTED_NODES} nodes", where=where, key=key,
+                            expected=f"at most {MAX_SUBSTITUTED_NODES}",
+                            fix="use each constant fewer times, or simplify the constants")
+        calls = call_depth(expr, self.calls)
+        if calls > MAX_CALL_DEPTH:  # before substitute builds the nested calls (sympy evaluates each)
+            raise SpecError(f"with the constants it uses substituted, function calls are nested {calls} deep",
+                            where=where, key=key, expected=f"at most {MAX_CALL_DEPTH}",
+                            fix="nest fewer functions through the constants")
+        try:
+            value = substitute(expr, self.values) if used else expr
+        except OutOfRange:
+            raise SpecError("with the constants substituted, a numeric value is beyond float64", where=where, key=key,
+                            expected="numeric values within 1e-300 .. 1e300 in magnitude") from None
+        except NotFinite:
+            raise SpecError("with the constants substituted, a value is not a finite real number", where=where,
+                            key=key, expected="finite real values",
+                            fix="check for division by zero, log(0), sqrt or ** of a negative") from None
+        power = largest_integer_power(value) if used else 0  # (x**c)**2 is x**(2*c): 2*c is known only now
+        if power > MAX_INTEGER_POWER and not similarity:
+            raise SpecError(f"with the constants substituted, an integer power {power} of an expression",
+                            where=where, key=key, expected=f"|exponent| <= {MAX_INTEGER_POWER} for an integer power",
+                            fix="use a lower power")
+        if similarity:
+            degree = tensor_degree(value)
+            if degree > MAX_SYMBOLIC_POWER:
+                raise SpecError(f"the similarity multiplies {degree} dot() factors (constants substituted): a "
+                                f"tensor power of feature width d**{degree}", where=where, key=key,
+                                expected=f"a tensor degree of at most {MAX_SYMBOLIC_POWER}",
+                                fix="use a lower power of dot(q, k)")
+        if key == "reweight" and trig_terms(value) > MAX_TRIG_TERMS:  # sympy's trigsimp is exponential in them
+            raise SpecError(f"the arguments of sin, cos and tanh hold {trig_terms(value)} terms in all (constants "
+                            "substituted)", where=where, key=key, expected=f"at most {MAX_TRIG_TERMS}",
+                            fix="use fewer or simpler trigonometric factors, e.g. cos(pi/2 * (i - j) / M)")
+        if expanded_terms(value, MAX_TERMS) > MAX_TERMS:
+            raise SpecError(f"expanding the expression (products, integer powers of sums, sin/cos of sums) makes "
+                            f"more than {MAX_TERMS} terms", where=where, key=key,
+                            expected=f"at most {MAX_TERMS} terms", fix="use lower powers or fewer terms")
+        return value
+
+
+def _constants(raw, overrides: dict, causal: bool, where: str) -> tuple:
     if not isinstance(raw, dict):
         raise SpecError(f"found {type(raw).__name__}", where=where, key="constants",
                         expected="a mapping name -> number or expression, e.g. {M: max(n_q, n_k)}")
+    if len(raw) > MAX_ENTRIES:
+        raise SpecError(f"{len(raw)} constants", where=where, key="constants", expected=f"at most {MAX_ENTRIES}")
     raw = {_key(k): _pick_mode(v, causal, where, f"constants.{_key(k)}") for k, v in raw.items()}
     unknown = set(overrides) - set(raw)
     if unknown:
-        raise SpecError(f"unknown override(s) {sorted(unknown)}", where=where,
+        raise SpecError(f"unknown override(s) {_listing(unknown)}", where=where,
                         expected="a top-level key (" + ", ".join(KEYS) + ") or a declared constant ("
                         + (", ".join(raw) or "none") + ")")
     raw |= overrides
-    out, known = [], {}
+    out, known, bounds = [], {}, _Bounds()
     for name, value in raw.items():
-        _check_name(name, where, f"constants.{name}")
+        key = f"constants.{name}"
+        _check_name(name, where, key)
         sym = sympy.Symbol(name, real=True)
-        ctx = Context(where, f"constants.{name}",
+        ctx = Context(where, key,
                       {k: v for k, v in BUILTIN_SYMBOLS.items() if k not in ("i", "j")} | known, False,
                       {"i": "constants cannot depend on positions", "j": "constants cannot depend on positions",
-                       **{n: "a constant may only use constants declared before it" for n in raw if n not in known}})
+                       **{n: "a constant may only use constants declared before it" for n in raw if n not in known}},
+                      dict(bounds.numbers))
         if isinstance(value, bool):
-            raise SpecError(f"found {value!r}", where=where, key=f"constants.{name}", expected="a number or expression")
-        expr = parse_expression(value, ctx)
+            raise SpecError(f"found {value!r}", where=where, key=key, expected="a number or expression")
+        expr = parse_value(value, ctx).expr
+        depth = 1 + max((bounds.depths[s] for s in expr.free_symbols if s in bounds.depths), default=0)
+        if depth > MAX_CONSTANT_DEPTH:
+            raise SpecError(f"a chain of {depth} constants each using the one before", where=where, key=key,
+                            expected=f"at most {MAX_CONSTANT_DEPTH}", fix="write the value with fewer constants")
+        substituted = bounds.check(expr, where, key)
+        bounds.values[sym], bounds.depths[sym] = substituted, depth
+        bounds.sizes[sym] = tree_size(substituted, {}, MAX_SUBSTITUTED_NODES)
+        bounds.calls[sym] = call_depth(substituted, {})
+        number = numeric_value(substituted) if substituted.is_number else None  # within float64: checked
+        if number is not None:
+            bounds.numbers[sym] = number
         source = value if isinstance(value, str) else repr(value)  # after parsing: repr is safe now
         out.append(Constant(name, source, expr, sym))
         known[name] = sym
-    return out
+    return out, bounds
 
 
 def _parameters(raw, causal: bool, where: str, taken: set) -> list:
+    if isinstance(raw, (list, dict)) and len(raw) > MAX_ENTRIES:
+        raise SpecError(f"{len(raw)} parameters", where=where, key="parameters", expected=f"at most {MAX_ENTRIES}")
     if isinstance(raw, list):  # also accept a list of {name, shape, init}
         items = {}
         for n, item in enumerate(raw):
             if not isinstance(item, dict) or "name" not in item:
                 raise SpecError(f"item {n} is not a mapping with a 'name'", where=where, key="parameters")
             _check_name(item["name"], where, f"parameters[{n}].name")
+            if item["name"] in items:
+                raise SpecError(f"the parameter {item['name']!r} is declared twice", where=where,
+                                key=f"parameters[{n}].name", fix="give each parameter its own name")
             items[item["name"]] = {k: v for k, v in item.items() if k != "name"}
         raw = items
     if not isinstance(raw, dict):
@@ -351,7 +627,7 @@ def _parameters(raw, causal: bool, where: str, taken: set) -> list:
             body = {"init": body}
         extra = set(map(_key, body)) - {"shape", "init"}
         if extra:
-            raise SpecError(f"unknown key(s) {sorted(extra)}", where=where, key=key, expected="shape, init")
+            raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key=key, expected="shape, init")
         shape = body.get("shape", ["H"])
         if shape in ([], (), None, "scalar"):
             shape = ()
@@ -385,7 +661,7 @@ def _normalize(raw, where: str) -> Normalize:
                         expected="none, rowsum, softmax, or {kind: rowsum, eps: 1e-6, eps_mode: add|clamp}")
     extra = set(map(_key, raw)) - {"kind", "eps", "eps_mode"}
     if extra:
-        raise SpecError(f"unknown key(s) {sorted(extra)}", where=where, key=key, expected="kind, eps, eps_mode")
+        raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key=key, expected="kind, eps, eps_mode")
     kind = raw.get("kind", "none")
     if kind not in NORMALIZE_KINDS:
         raise SpecError(f"unknown kind {brief(kind, 40)}", where=where, key=f"{key}.kind",

@@ -5,21 +5,40 @@ from __future__ import annotations
 import torch
 
 from attngen.errors import InputError
+from attngen.frontend.expr import HEAD, HEADS, D
+from attngen.frontend.spec import Spec
 from attngen.runtime import validate
 from attngen.runtime.evaluate import Evaluator
-from attngen.frontend.expr import D, HEAD, HEADS
-from attngen.frontend.spec import Spec
 
 
-def default_parameters(spec: Spec, heads: int, dtype=torch.float32, device=None) -> dict:
-    """The spec's parameters at their ``init`` values: per-head ones of shape [H], scalars of shape []."""
+def default_parameters(spec: Spec, heads: int, dtype=torch.float32, device=None, *, head_dim: int | None = None,
+                       names=None) -> dict:
+    """The spec's parameters at their ``init`` values: per-head ones of shape [H], scalars of shape [].
+
+    ``head_dim`` is the head dim d of the call (q's last dim), the value of ``d`` in an init such as
+    ``1/sqrt(d)``; None is allowed only when no init uses d. ``names`` limits the parameters evaluated (default:
+    all). InputError names a parameter whose init is not a finite number here."""
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise InputError(f"{spec.name}: head_dim={head_dim!r}; expected a positive integer (the head dim of q, k)")
     out = {}
     for p in spec.parameters:
+        if names is not None and p.name not in names:
+            continue
+        if head_dim is None and p.init_expr.has(D):
+            raise InputError(f"{spec.name}: the init of parameter {p.name!r} ({p.init}) uses the head dim d: pass "
+                             f"head_dim= (q's last dim), or pass {p.name}= explicitly")
         h = torch.arange(heads, dtype=torch.float64)
-        value = Evaluator({HEAD: h, HEADS: heads, D: 0}, where=f"{spec.where}: parameters.{p.name}.init")(
-            p.init_expr)
-        t = torch.as_tensor(value, dtype=torch.float64)
+        env = {HEAD: h, HEADS: heads} | ({D: head_dim} if head_dim is not None else {})
+        try:
+            value = Evaluator(env, where=f"{spec.where}: parameters.{p.name}.init")(p.init_expr)
+            t = torch.as_tensor(value, dtype=torch.float64)
+        except (ArithmeticError, ValueError, TypeError) as exc:  # 1/(d - 64) at d = 64, a domain error
+            raise InputError(f"{spec.name}: the init of parameter {p.name!r} ({p.init}) cannot be evaluated at "
+                             f"d = {head_dim}, H = {heads} ({type(exc).__name__}); pass {p.name}= explicitly") from None
         t = t.expand(heads).clone() if p.shape else t.reshape(())
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"{spec.name}: the init of parameter {p.name!r} ({p.init}) is not finite at "
+                             f"d = {head_dim}, H = {heads}; pass {p.name}= explicitly")
         out[p.name] = t.to(dtype=dtype, device=device)
     return out
 
@@ -29,13 +48,20 @@ def check_qkv(spec: Spec, q, k, v, layout: str, limits: validate.Limits = valida
     return validate.qkv(q, k, v, layout, name=spec.name, causal=spec.causal, limits=limits)
 
 
-def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor) -> dict:
-    """Fill defaults for missing parameters and validate the given ones."""
+def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None) -> dict:
+    """Fill defaults for missing parameters (their init at the call's head dim: ``head_dim``, default
+    ``like.shape[-1]``, q's last dim for the [B, H, T, D] ``like`` every caller passes) and validate the given
+    ones."""
     unknown = set(params) - set(spec.param_names)
     if unknown:
         raise InputError(f"unknown keyword(s) {sorted(unknown)} for {spec.name}; its parameters are "
                          f"{list(spec.param_names) or 'none'}")
-    out = default_parameters(spec, heads, like.dtype, like.device)
+    if head_dim is None:
+        head_dim = int(like.shape[-1]) if like.dim() else None
+    if head_dim is None or head_dim < 1:
+        raise InputError(f"{spec.name}: head dim {head_dim}: expected q and k with a last dim >= 1")
+    missing = [p.name for p in spec.parameters if p.name not in params]
+    out = default_parameters(spec, heads, like.dtype, like.device, head_dim=head_dim, names=missing)
     for p in spec.parameters:
         if p.name in params:
             out[p.name] = validate.parameter(p.name, params[p.name], per_head=bool(p.shape), heads=heads, like=like,

@@ -11,8 +11,8 @@ import sympy
 import torch
 
 from attngen.errors import InputError
-from attngen.runtime.evaluate import Evaluator, scalar_env
 from attngen.frontend.expr import KE, QE, I, J
+from attngen.runtime.evaluate import Evaluator, scalar_env
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

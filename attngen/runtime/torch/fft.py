@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from attngen.runtime.evaluate import Evaluator
 from attngen.passes.rewrite import T_DIFF
+from attngen.runtime.evaluate import Evaluator
 from attngen.runtime.torch.common import as_tensor
 
 

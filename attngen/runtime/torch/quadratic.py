@@ -3,6 +3,12 @@
 Query tiles of BLOCK_Q rows; inside, key tiles of BLOCK_K columns. The softmax family (an exp
 similarity) keeps a running max and rescales (flash-style); other similarities accumulate A V directly.
 Each query tile runs under activation checkpointing, so autograd keeps one tile's scores at a time.
+
+With autograd, a row-sum-normalised tile forms its rows of A over all keys (the recomputation keeps them for
+the backward anyway) and divides through RowNormalize, whose backward takes the row term from the very
+products it differentiates (see RowNormalize): O is invariant to scaling a row of A, so sum_j A_ij dA_ij = 0,
+and a gradient that is a long sum over (i, j), such as ALiBi's dslope = -sum_ij dS_ij |i - j|, depends on
+that cancellation holding in floating point.
 """
 from __future__ import annotations
 
@@ -11,19 +17,21 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from attngen.runtime.evaluate import Evaluator
 from attngen.frontend.expr import KE, QE, I, J, sides
 from attngen.ir import ReweightClass, SimilarityClass
+from attngen.runtime.evaluate import Evaluator
 from attngen.runtime.torch.common import as_tensor, finish, with_rank5
 
 BLOCK_Q = 64  # query rows per tile
 BLOCK_K = 64  # key columns per tile
+WIDE_COLUMNS = 512  # RowNormalize's backward works in float64 on this many key columns at a time
 
 
 def quadratic(plan, q, k, v, env: dict, causal: bool) -> torch.Tensor:
     """O [B, H, T, Dv] (normalised) for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, E]."""
-    tile = functools.partial(_query_tile, plan, env, with_rank5(env), causal)
     track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env)))
+    body = _normalized_tile if track and plan.normalize.kind == "rowsum" else _query_tile
+    tile = functools.partial(body, plan, env, with_rank5(env), causal)
     outs = []
     for i0 in range(0, q.shape[2], BLOCK_Q):
         q_tile = q[:, :, i0:i0 + BLOCK_Q]
@@ -82,6 +90,101 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
                 a = torch.where(allowed, a, torch.zeros_like(a))
             acc = acc + a @ v[:, :, j0:j1]
     return finish(acc, plan.normalize, row_max)
+
+
+def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v):
+    """Rows i0 .. i0 + Tq of a row-sum-normalised O with autograd: the tile's A [B, H, Tq, S'] over the keys
+    up to the diagonal (scores computed key tile by key tile), one row max, then RowNormalize.
+
+    ``v`` is [V | 1]; the row sum is taken from A itself, so the ones column is not used here."""
+    tq = q_tile.shape[2]
+    s_len = k.shape[2]
+    exp_class = plan.similarity.kind is SimilarityClass.EXP
+    sim_expr = plan.similarity.score if exp_class else plan.similarity.expr
+    log_weight = plan.reweight.log_weight
+    fold = exp_class and log_weight is not None
+    if fold and log_weight == 0:
+        log_weight = None
+    weighted = plan.reweight.kind is not ReweightClass.NONE and not fold
+    i = torch.arange(i0, i0 + tq, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, tq, 1)
+    stop = min(s_len, i0 + tq) if causal else s_len
+    j = torch.arange(0, stop, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, 1, stop)
+    allowed = None
+    if causal and stop - 1 > i0:  # the block crosses the diagonal; masked pairs evaluate W at (i, i)
+        allowed = j <= i
+        j = torch.minimum(j, i)
+    scores = torch.cat([pair_values(sim_expr, env5, q_tile, k[:, :, j0:min(stop, j0 + BLOCK_K)], plan.spec.where)
+                        for j0 in range(0, stop, BLOCK_K)], -1)  # [B, H, Tq, S']
+    # W (or log W) in float64: a parameter's gradient then sums dS_ij dW_ij/dtheta over (i, j) in float64
+    wide = {s: x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for s, x in env4.items()}
+    wev = Evaluator({**wide, I: i.to(torch.float64), J: j.to(torch.float64)}, where=f"{plan.spec.where}: reweight")
+    row_max = None
+    if exp_class:
+        if log_weight is not None:
+            scores = scores + as_tensor(wev(log_weight), scores).to(scores.dtype)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True).detach()  # cancels in the normalisation
+        a = torch.exp(scores - row_max)
+        if weighted:
+            a = a * as_tensor(wev(plan.reweight.expr), a).to(a.dtype)
+    else:
+        a = scores * as_tensor(wev(plan.reweight.expr), scores).to(scores.dtype) if weighted else scores
+        if allowed is not None:
+            a = torch.where(allowed, a, torch.zeros_like(a))
+    norm = plan.normalize
+    eps = norm.eps
+    if row_max is not None and eps != 0:
+        eps = eps * torch.exp(-row_max)  # A carries the factor exp(-row max): eps likewise (as in finish)
+    return RowNormalize.apply(a, v[:, :, :stop, :-1], eps, norm.eps_mode == "clamp")
+
+
+class RowNormalize(torch.autograd.Function):
+    """O = (A V) / g(r) with r = sum_j A_ij and g(r) = r + eps or max(r, eps), for A [..., T, S], V [..., S, E].
+
+    Backward: dA_ij = (dP_ij - D_i) / g_i with dP_ij = dO_i . V_j and D_i = g'(r_i) sum_j A_ij dP_ij / g_i, the
+    sum taken over the same dP_ij (accumulated in float64). Autograd of num / den would take D_i from
+    dO_i . num_i with num = A V rounded by a different product: then the rows of dA do not cancel
+    (sum_j A_ij dA_ij = 0 when eps = 0) beyond what the rounding of dP allows, and a parameter gradient that
+    sums dS_ij = A_ij dA_ij against a weight growing along the row (ALiBi's |i - j|) picks up that residue
+    times the weight: at T = 63 up to 1.5e-5 in float32 where the consistent form gives ~4e-6."""
+
+    @staticmethod
+    def forward(ctx, a, v, eps, clamp):
+        den = a.sum(-1, keepdim=True)
+        g = _guard(den, eps, clamp)
+        ctx.save_for_backward(a, v)
+        ctx.eps, ctx.clamp = eps, clamp
+        return (a @ v) / g
+
+    @staticmethod
+    def backward(ctx, do):
+        a, v = ctx.saved_tensors
+        wide = torch.float64
+        eps = ctx.eps.to(wide) if isinstance(ctx.eps, torch.Tensor) else ctx.eps
+        cols = [slice(c, c + WIDE_COLUMNS) for c in range(0, a.shape[-1], WIDE_COLUMNS)]  # bounds the float64 copies
+        den = sum(a[..., c].to(wide).sum(-1, keepdim=True) for c in cols)
+        g = _guard(den, eps, ctx.clamp)
+        da = dv = None
+        if ctx.needs_input_grad[0]:
+            dp = do @ v.transpose(-1, -2)  # [..., T, S]
+            d = sum((a[..., c].to(wide) * dp[..., c].to(wide)).sum(-1, keepdim=True) for c in cols) / g
+            if ctx.clamp:
+                d = torch.where(den > eps, d, torch.zeros_like(d))  # g' = 0 where the clamp holds
+            da = torch.empty_like(a)
+            for c in cols:
+                da[..., c] = (dp[..., c].to(wide) - d) / g  # rounded to a's dtype once
+        if ctx.needs_input_grad[1]:
+            dv = a.transpose(-1, -2) @ (do / g.to(a.dtype))
+        return da, dv, None, None
+
+
+def _guard(den, eps, clamp: bool):
+    """g(r): r + eps, or max(r, eps) (eps a number or a tensor broadcasting against r)."""
+    if clamp:
+        return torch.maximum(den, eps) if isinstance(eps, torch.Tensor) else den.clamp_min(eps)
+    return den + eps
 
 
 def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
