@@ -40,3 +40,23 @@ def test_an_op_returning_zeros_fails_even_when_the_yardstick_overflows():
     # its dv (zero) is wrong by 100 % against the float64 reference, while the float16 yardstick's dv is inf
     assert res.errors["dv"] == 1.0 and not math.isfinite(res.ref_errors["dv"])
     assert not res.quantity_passed("dv") and not res.passed
+
+
+def test_a_parameter_on_another_device_is_an_input_error():
+    """A parameter tensor on another device than q, k, v: one InputError naming it (was a raw NotImplementedError)."""
+    import pytest
+    spec = attngen.load_spec("cottention")
+    q = k = v = torch.randn(1, 2, 8, 16)
+    with pytest.raises(attngen.InputError, match="parameter 'm' is on meta, the inputs on cpu"):
+        attngen.compile(spec, backend="torch")(q, k, v, m=torch.zeros(2, device="meta"))
+
+
+def test_a_cache_folder_that_is_a_file_is_an_input_error(tmp_path, monkeypatch):
+    import pytest
+
+    from attngen.runtime.triton import loader
+    blocker = tmp_path / "cache"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(blocker))
+    with pytest.raises(attngen.InputError, match="expected a folder"):
+        loader._write("x", "text")
