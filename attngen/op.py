@@ -25,7 +25,7 @@ from attngen.errors import InputError, PlanError
 from attngen.frontend.spec import Spec, load_spec
 from attngen.ir import DEFAULT_CHUNK, Ordering
 from attngen.runtime import state as state_lib
-from attngen.runtime.inputs import check_cu_seqlens, check_params, check_qkv
+from attngen.runtime.inputs import check_cu_seqlens, check_params, check_positions, check_qkv
 from attngen.runtime.state import State, check_decodable
 from attngen.runtime.torch import backend as torch_backend
 from attngen.runtime.torch.common import compute_dtype
@@ -108,6 +108,9 @@ class AttentionOp:
             check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
             n = qh.shape[0] if bounds is None else len(bounds) - 1
             state = self._checked_state(initial_state, plan, qh, vh, n)
+            lengths = qh.shape[2] if bounds is None else torch.tensor(
+                [b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
+            check_positions(self.spec, state.pos + lengths)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton":
@@ -175,6 +178,7 @@ class AttentionOp:
             raise InputError("step: state is None; expected a State (op.init_state(batch, heads, dk, dv) before "
                              "the first token, then the state each step returns)")
         state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state")
+        check_positions(self.spec, state.pos + 1, "step")
         if backend == "triton":
             if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise InputError(_TRITON_CPU.format(device=qh.device.type))

@@ -111,6 +111,80 @@ def test_S1_verify_draws_parameters_at_the_head_dim():
 
 
 # ---------------------------------------------------------------------------------------------
+# S5: a spec's max_length is enforced (decoding cosFormer with M = 16 went on silently: |o| ~ 1e7 at token 30)
+# ---------------------------------------------------------------------------------------------
+def _cosformer_tokens(n, d=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    return [tuple(torch.randn(1, 2, 1, d, generator=g, dtype=dtype) for _ in range(3)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_S5_decoding_past_max_length_is_refused(backend):
+    op = attngen.compile(attngen.load_spec("cosformer", M=16), backend=backend)
+    state = op.init_state(1, 2, 8, 8)
+    outs = []
+    for q, k, v in _cosformer_tokens(16):  # positions 0 .. 15: valid
+        o, state = op.step(q, k, v, state)
+        outs.append(o)
+    assert torch.isfinite(torch.cat(outs, 2)).all() and int(state.pos) == 16
+    q, k, v = _cosformer_tokens(1)[0]
+    with pytest.raises(InputError, match="max_length 16"):
+        op.step(q, k, v, state)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_S5_prefill_and_forward_past_max_length_are_refused(backend):
+    op = attngen.compile(attngen.load_spec("cosformer", M=16), backend=backend)
+    q, k, v = qkv(d=8, t=12, dtype=torch.float32)
+    _, state = op(q, k, v, return_state=True)  # positions 0 .. 11
+    with pytest.raises(InputError, match="positions up to 23"):
+        op(q, k, v, initial_state=state)  # 12 .. 23
+    long = qkv(d=8, t=17, dtype=torch.float32)
+    with pytest.raises(InputError, match="max_length 16"):
+        op(*long)
+    assert torch.isfinite(op(*qkv(d=8, t=16, dtype=torch.float32))).all()
+
+
+def test_S5_generated_module_refuses_past_max_length():
+    from attngen.runtime.triton import loader
+    spec = attngen.load_spec("cosformer", M=16)
+    module = loader.load_module(pipeline.plan(spec, target="triton"))
+    q, k, v = qkv(d=8, t=17, dtype=torch.float32)
+    with pytest.raises(InputError, match="max_length 16"):
+        module.cosformer_attention(q, k, v)
+    S = torch.zeros(1, 2, 16, 8)  # F = 2 d: cos and sin of the position angle
+    z = torch.zeros(1, 2, 16)
+    q, k, v = _cosformer_tokens(1)[0]
+    module.cosformer_step(q, k, v, S, z, torch.tensor([15]))  # position 15: the last valid one
+    with pytest.raises(InputError, match="max_length 16"):
+        module.cosformer_step(q, k, v, S, z, torch.tensor([16]))
+
+
+def test_S5_reference_refuses_past_max_length_and_default_M_limits_nothing():
+    with pytest.raises(InputError, match="max_length 16"):
+        attngen.reference(attngen.load_spec("cosformer", M=16))(*qkv(d=8, t=17))
+    spec = attngen.load_spec("cosformer")
+    assert spec.max_length == "M" and spec.length_limit is None
+    assert torch.isfinite(attngen.reference(spec)(*qkv(d=8, t=40))).all()
+
+
+@pytest.mark.parametrize("value, match", [(0, "1 .. 2**62"), (2.5, "1 .. 2**62"), ("d", "unknown"),
+                                          ("n_q", "at least max(n_q, n_k)"), ("c - 10", "1 .. 2**62"),
+                                          (True, "positive integer"), ("i", "number of positions")])
+def test_S5_max_length_must_be_a_count_of_positions(value, match):
+    refused({**BASE, "constants": {"c": 4}, "max_length": value}, match)
+
+
+def test_S5_max_length_forms_and_hash():
+    base = attngen.load_spec(BASE)
+    assert base.length_limit is None and "max_length" not in base.canonical()  # hashes of other specs unchanged
+    assert attngen.load_spec({**BASE, "constants": {"c": 4}, "max_length": "2*c"}).length_limit == 8
+    assert attngen.load_spec({**BASE, "max_length": "max(n_q, n_k)"}).length_limit is None
+    limited = attngen.load_spec({**BASE, "max_length": 32})
+    assert limited.hash != base.hash and attngen.load_spec(limited.to_yaml()) == limited
+
+
+# ---------------------------------------------------------------------------------------------
 # SEC1: a plain string is a built-in name or YAML text, a path only when it ends in .yaml / .yml
 # ---------------------------------------------------------------------------------------------
 def test_SEC1_one_line_string_is_never_read_as_a_file(tmp_path):

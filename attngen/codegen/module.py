@@ -83,6 +83,7 @@ def fill_slots(m: Module) -> Module:
     tag = module_tag(orderings)
     out = {
         "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
+        "max_length": spec.length_limit,
         "template_hash": template_hash(), "spec_yaml": spec.to_yaml().rstrip("\n").splitlines(),
         "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention", "causal": spec.causal,
         "op_name": f"{spec.name}_{spec.mode}_{tag}_{spec.hash[:8]}_{template_hash()[:8]}",

@@ -53,7 +53,7 @@ from attngen.frontend.expr import (
 )
 
 KEYS = ("name", "description", "causal", "similarity", "reweight", "normalize", "constants",
-        "parameters", "approx")
+        "parameters", "approx", "max_length")
 NORMALIZE_KINDS = ("none", "rowsum", "softmax")
 EPS_MODES = ("add", "clamp")
 MODES = ("causal", "bidirectional")
@@ -116,6 +116,9 @@ class Spec:
     similarity_expr: sympy.Expr = field(compare=False)
     reweight_expr: sympy.Expr = field(compare=False)
     approximation: object = field(compare=False, default=None)  # attngen.approx.ConvBasis | TopkSparse | None
+    max_length: str = ""  # the source of the max_length key ('' if absent); hashed when set
+    length_limit: int | None = field(compare=False, default=None)  # its value when a number: positions 0 .. limit-1
+
 
     @property
     def mode(self) -> str:
@@ -134,7 +137,7 @@ class Spec:
             "constants": [[c.name, c.source] for c in self.constants],
             "parameters": [[p.name, list(p.shape), p.init] for p in self.parameters],
             "approx": self.approx,
-        }
+        } | ({"max_length": self.max_length} if self.max_length else {})
 
     @property
     def hash(self) -> str:
@@ -161,6 +164,8 @@ class Spec:
             data["parameters"] = {p.name: {"shape": list(p.shape), "init": p.init} for p in self.parameters}
         if self.approx != "null":
             data["approx"] = json.loads(self.approx)
+        if self.max_length:
+            data["max_length"] = self.max_length
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -468,10 +473,43 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
         approx_json = json.dumps(approx, sort_keys=True)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SpecError(f"approx is not plain data: {type(exc).__name__}", where=where, key="approx") from None
+    max_length, limit = _max_length(_pick_mode(data.get("max_length"), causal, where, "max_length"), names,
+                                    bounds, where)
     return Spec(name=name, description=description.strip(), causal=causal, similarity=str(similarity),
                 reweight=str(reweight), normalize=normalize, constants=tuple(constants),
                 parameters=tuple(parameters), approx=approx_json, where=where,
-                similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation)
+                similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation,
+                max_length=max_length, length_limit=limit)
+
+
+MAX_LENGTH_LIMIT = 2**62  # a max_length beyond this is refused (positions are int64)
+
+
+def _max_length(raw, names: dict, bounds: _Bounds, where: str) -> tuple:
+    """The max_length key: (its source, its value when a number, else None). A number (or constants) >= 1, or
+    a value in n_q, n_k that is at least max(n_q, n_k): then no call without a state can pass it."""
+    if raw is None:
+        return "", None
+    key = "max_length"
+    if isinstance(raw, bool):
+        raise SpecError(f"found {raw!r}", where=where, key=key, expected="a positive integer or a constant")
+    lengths = {k: BUILTIN_SYMBOLS[k] for k in ("n_q", "n_k", "n")}
+    ctx = Context(where, key, lengths | {k: v for k, v in names.items() if v in bounds.values}, False,
+                  {"i": "max_length is a number of positions", "j": "max_length is a number of positions"},
+                  bounds.numbers)
+    value = bounds.check(parse_value(raw, ctx).expr, where, key)
+    if value.is_number:
+        number = numeric_value(value)
+        if number != int(number) or not 1 <= number <= MAX_LENGTH_LIMIT:
+            raise SpecError(f"the value is {brief(value, 40)}", where=where, key=key,
+                            expected="an integer in 1 .. 2**62 (the number of positions the spec is valid for)")
+        return (raw if isinstance(raw, str) else repr(raw)), int(number)
+    extra = value.free_symbols - {BUILTIN_SYMBOLS["n_q"], BUILTIN_SYMBOLS["n_k"]}
+    if extra or not (value - sympy.Max(BUILTIN_SYMBOLS["n_q"], BUILTIN_SYMBOLS["n_k"])).is_nonnegative:
+        raise SpecError(f"the value is {brief(value, 60)}", where=where, key=key,
+                        expected="a number, or a value in n_q and n_k of at least max(n_q, n_k) (it then limits "
+                                 "nothing; fix a number to decode past it)")
+    return (raw if isinstance(raw, str) else repr(raw)), None
 
 
 def _check_plain(value, where: str, key: str) -> None:

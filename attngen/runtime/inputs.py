@@ -44,8 +44,16 @@ def default_parameters(spec: Spec, heads: int, dtype=torch.float32, device=None,
 
 
 def check_qkv(spec: Spec, q, k, v, layout: str, limits: validate.Limits = validate.TORCH):
-    """Validate q, k, v (attngen.runtime.validate.qkv) and return them as [B, H, T, D] views (no copies)."""
-    return validate.qkv(q, k, v, layout, name=spec.name, causal=spec.causal, limits=limits)
+    """Validate q, k, v (attngen.runtime.validate.qkv) and return them as [B, H, T, D] views (no copies); the
+    lengths T and S within the spec's max_length."""
+    qh, kh, vh = validate.qkv(q, k, v, layout, name=spec.name, causal=spec.causal, limits=limits)
+    check_positions(spec, max(qh.shape[2], kh.shape[2]))
+    return qh, kh, vh
+
+
+def check_positions(spec: Spec, end, what: str | None = None) -> None:
+    """InputError when positions 0 .. end - 1 (``end`` an int or per-sequence tensor) pass spec's max_length."""
+    validate.positions(end, max_length=spec.length_limit, spec=spec.name, what=what or spec.name)
 
 
 def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None) -> dict:

@@ -98,6 +98,20 @@ def parameter(name: str, value, *, per_head: bool, heads: int, like: torch.Tenso
     return value
 
 
+def positions(end, *, max_length: int | None, spec: str, what: str) -> None:
+    """InputError when positions 0 .. end - 1 pass the spec's max_length (None: no limit). ``end``: an int, or
+    a tensor of per-sequence ends (its largest is read: one device sync, for specs that declare a limit)."""
+    if max_length is None:
+        return
+    last = int(end.max()) if isinstance(end, torch.Tensor) else int(end)
+    if last > max_length:
+        raise InputError(f"{what}: positions up to {last - 1}, but spec {spec!r} declares max_length {max_length} "
+                         f"(positions 0 .. {max_length - 1}); past it its position terms leave the range they "
+                         "are defined on (cosFormer's cos(pi/2 (i - j) / M) turns negative and the row sum can "
+                         "reach zero). Fix: load the spec with a larger limit (load_spec(name, M=...) when "
+                         "max_length is the constant M)")
+
+
 def cu_seqlens(cu, *, batch: int, length: int, device) -> torch.Tensor:
     """Packed sequence boundaries (B = 1, sequences along T) as int64 [N + 1] on ``device``: sequence n holds
     tokens [cu[n], cu[n + 1])."""

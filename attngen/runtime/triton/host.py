@@ -89,6 +89,7 @@ class Module:
     linear: Optional[Linear] = None
     quadratic: Optional[Quadratic] = None
     crossover: Optional[float] = None
+    max_length: Optional[int] = None  # the spec's fixed max_length: positions 0 .. max_length - 1
 
     @property
     def causal(self) -> bool:
@@ -140,6 +141,8 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
     B, H, T, K = qh.shape
     ps = _params(m, params, H, q)
     if stateless:
+        validate.positions(max(T, validate.bhtd(k, layout).shape[2]), max_length=m.max_length, spec=m.spec,
+                           what=m.spec)
         crossover = m.crossover if crossover is None else crossover
         if m.quadratic is not None and (m.linear is None or validate.bhtd(k, layout).shape[2] < crossover):
             o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
@@ -153,11 +156,12 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
     n = _sequences(B, cu)
     state = [] if initial_state is None else _state(m, initial_state, n, H, K, validate.bhtd(v, layout).shape[3],
                                                      q.device, "initial_state")
+    consumed = cu[1:] - cu[:-1] if cu is not None else torch.full((n,), T, dtype=torch.int64, device=q.device)
+    pos = consumed + (state[-1] if state else 0)
+    validate.positions(pos, max_length=m.max_length, spec=m.spec, what=m.spec)
     o, _, st, zt = _OPS[m.op_name + "_fwd"](q, k, v, ps, layout, state, cu, bool(return_state))
     if not return_state:
         return o
-    consumed = cu[1:] - cu[:-1] if cu is not None else torch.full((n,), T, dtype=torch.int64, device=q.device)
-    pos = consumed + (state[-1] if state else 0)
     return o, (st, zt if m.normalised else None, pos)
 
 
@@ -171,6 +175,7 @@ def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
                          f"{m.spec}_attention with initial_state= for a chunk of tokens")
     _check_linear(m, K)
     state = _state(m, (S, z, pos), B, H, K, vh.shape[3], q_t.device, "state")
+    validate.positions(state[-1] + 1, max_length=m.max_length, spec=m.spec, what=f"{m.spec}_step")
     ps = _params(m, params, H, q_t)
     with torch.no_grad():
         return _step(m, q_t, k_t, v_t, state, [p.detach() for p in ps], layout)
