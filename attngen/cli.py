@@ -1,6 +1,7 @@
-"""The attngen command line: list, plan, verify, build, bench.
+"""The attngen command line: list, plan, verify, build, aot.
 
-Exit codes: 0 success, 1 a verification failed, 2 bad input (one clear message; --debug shows the traceback).
+Exit codes: 0 success, 1 a verification failed (aot: a kernel over shared memory or failing to compile), 2 bad
+input (one clear message; --debug shows the traceback).
 """
 from __future__ import annotations
 
@@ -260,6 +261,76 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
         names = ", ".join(f"{m.spec.name} ({m.spec.mode})" for m in refused)
         raise PlanError(f"no Triton module for {names} (reasons above); the torch backend was verified. Use "
                         "--backend torch to verify without generating")
+
+
+def _names(text: str, name: str) -> list:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise click.BadParameter(f"{text!r}: expected a comma-separated list", param_hint=name)
+    return values
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("specs", nargs=-1)
+@click.option("--all", "all_specs", is_flag=True, help="All built-in specs (both modes: 18 modules).")
+@click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
+@click.option("--arch", "archs", default="sm_90,sm_80", show_default=True, help="Comma-separated GPU archs.")
+@click.option("--head-dim", "head_dims", default="64,128", show_default=True, help="Comma-separated head dims.")
+@click.option("--dtype", "dtypes", default="bfloat16,float16,float32", show_default=True,
+              help="Comma-separated input dtypes.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the rows to this file: a list of objects with the keys module, kernel, arch, dtype, "
+                   "head_dim, status, regs, spill_bytes, shared_bytes (and error for status error).")
+@click.option("--smem-limit", type=click.IntRange(1), default=None,
+              help="Shared memory per block in bytes for every arch [default: the arch's opt-in maximum, 232448 on "
+                   "sm_90, 166912 on sm_80].")
+@click.option("--jobs", "-j", type=click.IntRange(1), default=None,
+              help="Modules compiled at once [default: the CPU count].")
+def aot(specs, all_specs, mode, sets, archs, head_dims, dtypes, json_file, smem_limit, jobs):
+    """Compile the Triton kernels of SPECs (built-in names, YAML files or generated modules .py) ahead of time for
+    NVIDIA GPUs, without one, at the launch configurations the host uses (recorded by running the modules under
+    the Triton interpreter, forward and backward). Prints registers, spill stores and shared memory per
+    configuration. Exit 1 when a configuration needs more shared memory than the arch has (smem) or fails to
+    compile (error)."""
+    import os
+    import tempfile
+
+    from attngen import aot as stage
+    from attngen.build import generate
+    archs, dtypes = _names(archs, "--arch"), _names(dtypes, "--dtype")
+    dims = _int_list(head_dims, "--head-dim")
+    stage.check(archs, dtypes)
+    files = [s for s in specs if s.endswith(".py")]
+    spec_names = [s for s in specs if not s.endswith(".py")]
+    modules = []
+    if spec_names or all_specs or not files:
+        for spec in _specs(spec_names, all_specs, mode, sets):
+            module = generate(spec)
+            if module.source is None:
+                click.echo(f"{spec.name} ({spec.mode}): no Triton module: {module.reason}", err=True)
+            modules.append(module)
+    with tempfile.TemporaryDirectory(prefix="attngen-aot-") as folder:
+        srcs = stage.sources([m for m in modules if m.source is not None], files, Path(folder))
+        if not srcs:
+            raise PlanError("no Triton module to compile among the specs given (reasons above)")
+        click.echo(f"compiling the kernels of {len(srcs)} modules for {', '.join(archs)} at head dims "
+                   f"{', '.join(map(str, dims))} in {', '.join(dtypes)}", err=True)
+        results = stage.run(srcs, archs, dims, dtypes, smem_limit=smem_limit, jobs=jobs or os.cpu_count() or 1,
+                            progress=lambda line: click.echo(line, err=True))
+    _table(*stage.table(results))
+    errors = [r for res in results for r in res.rows if r.status == "error"]
+    for r in errors:
+        click.echo(f"error: {r.module}.{r.kernel} ({r.arch}, {r.dtype}, head dim {r.head_dim}): {r.error}")
+    click.echo("\n" + stage.summary(results, smem_limit))
+    if json_file:
+        stage.write_json(results, Path(json_file))
+        click.echo(f"rows written to {json_file}")
+    bad = [r for res in results for r in res.rows if r.status != "ok"]
+    if bad:
+        click.echo(f"attngen aot: {len(bad)} configurations are not ok ({sum(r.status == 'smem' for r in bad)} smem, "
+                   f"{len(errors)} error)", err=True)
+        sys.exit(1)
 
 
 def _table(headers, rows):
