@@ -367,3 +367,46 @@ def test_malformed_states():
         fn_r(x, x, x, initial_state=(S, z, pos))
     with pytest.raises(InputError, match="one token"):
         step(x[:, :, :2], x[:, :, :2], x[:, :, :2], S, z, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# programs split over value blocks: partial dq, dk summed on the host, the normaliser's gradient and z once
+# ---------------------------------------------------------------------------------------------
+def _everything(fn, spec, mod, causal, g, dv=48, t=70):
+    """o, the final state and every gradient (q, k, v, parameters; S0, z0 when causal) of one run."""
+    b, h = 2, 1
+    q, k = (rand(g, b, h, t, D).float().to(DEVICE).requires_grad_() for _ in range(2))
+    v = rand(g, b, h, t, dv).float().to(DEVICE).requires_grad_()
+    params = {n: p.float().to(DEVICE).requires_grad_() for n, p in params_of(spec, h, g).items()}
+    leaves = [q, k, v, *params.values()]
+    if causal:
+        f = mod.MODULE.feature_width(D)
+        s0 = (0.1 * rand(g, b, h, f, dv)).abs().float().to(DEVICE).requires_grad_()
+        z0 = (0.1 * rand(g, b, h, f)).abs().float().to(DEVICE).requires_grad_() if mod.MODULE.normalised else None
+        leaves += [s0, *([z0] if z0 is not None else [])]
+        o, (st, zt, _) = fn(q, k, v, initial_state=(s0, z0, torch.tensor([3, 50], device=DEVICE)),
+                            return_state=True, **params)
+        outs = [o, st, *([zt] if zt is not None else [])]
+    else:
+        outs = [fn(q, k, v, **params)]
+    loss = sum((x * rand(g, *x.shape).float().to(DEVICE)).sum() for x in outs)
+    return [x.detach() for x in outs], torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("key", ["relu_linear", "cottention", "retention_learned", "based"])
+def test_value_blocks_split_matches_one_block(key, causal, monkeypatch):
+    """Dv = 48 in blocks of 16 (a small STATE_BUDGET) against one block of 64: outputs, final states and
+    every gradient, parameters' and the initial state's included."""
+    spec = load_spec(SPECS[key]().to_yaml(), causal=causal)
+    mod = triton_backend.load_module(build_plan(spec, force="linear"))
+    fn = getattr(mod, f"{spec.name}_attention")
+    monkeypatch.setattr(mod.host, "STATE_BUDGET", 1 << 20)
+    assert mod.host._blocks(mod.MODULE, 70, D, 48)[2] == 64
+    whole = _everything(fn, spec, mod, causal, torch.Generator().manual_seed(11))
+    poisoned(mod, monkeypatch)
+    monkeypatch.setattr(mod.host, "STATE_BUDGET", 256)
+    assert mod.host._blocks(mod.MODULE, 70, D, 48)[2] == 16  # three V blocks
+    split = _everything(fn, spec, mod, causal, torch.Generator().manual_seed(11))
+    for a, b in zip(whole[0] + list(whole[1]), split[0] + list(split[1])):
+        assert_close("split", b, a, 1e-5)

@@ -271,12 +271,36 @@ def _dummy(like):
     return torch.zeros(1, dtype=torch.float32, device=like.device)
 
 
-def _blocks(m: Module, t, dk, dv, split_v):
-    """BT, BK, BV of the linear kernels: chunks of BT rows, BV columns of v per program when ``split_v``."""
-    bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
+STATE_BUDGET = 4096  # fp32 state elements [rows, BV] one linear-ordering program keeps in registers
+THREAD_VALUES = 128  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
+
+
+def _blocks(m: Module, t, dk, dv):
+    """BT, BK, BV and num_warps of the linear kernels: chunks of BT rows (32 at head dims above 64 or wide
+    features: four [BT, BK] fp32 tiles must stay in registers), every feature column of a term in one block
+    (BK; the in-chunk product Q'K'^T needs all of them), and BV value columns per program, the most (up to 64)
+    that keep the program's recurrent state [rows, BV] within STATE_BUDGET fp32 values (rows: the feature width
+    at BK). Programs split V (grid cdiv(V, BV) x sequences x heads); the backward adds their partial dq, dk.
+    num_warps: 8 when the tiles (raw and mapped q, k per feature block, the chunk's [BT, BT] product, the state,
+    v and o) would pass THREAD_VALUES per thread at 4 warps, else 4."""
     bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, triton.next_power_of_2(dv))
-    return bt, bk, (min(64, bv) if split_v else bv)
+    rows = max(bk, m.feature_width(bk))
+    bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
+    if bk > 64 or rows > 256:
+        bt = min(bt, 32)
+    fit = 1 << max(4, (STATE_BUDGET // rows).bit_length() - 1)  # the largest power of two <= budget / rows, >= 16
+    bv = min(64, fit, max(16, triton.next_power_of_2(dv)))
+    values = bt * bk * 2 + bt * rows * 2 + bt * bt + rows * bv + 2 * bt * bv
+    return bt, bk, bv, (4 if values <= THREAD_VALUES * 128 else 8)
+
+
+def _partial(n_v, shape, out, like):
+    """Where the V blocks write dq (or dk): ``out`` itself (stride 0) when V is one block, else an fp32 buffer
+    [n_v, *shape] whose blocks the caller sums: (target, its extra stride, buffer or None)."""
+    if n_v == 1:
+        return out, 0, None
+    buf = _empty((n_v, *shape), like, torch.float32)
+    return buf[0], buf.stride(0), buf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,12 +342,12 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     S, V = kh.shape[2], vh.shape[3]
     o, oh = _like_layout(B, H, T, V, q, layout)
     den = _empty((B, H, T) if m.normalised else (0,), q, torch.float32)
-    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=True)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
     if not m.causal:
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
             T, S, H, float(T), float(S), float(K), float(H),
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
@@ -331,7 +355,7 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q),
+        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W,
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
 
@@ -352,12 +376,15 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
     dk, dkh = _like_layout(B, H, S, K, k, layout)
     dv, dvh = _like_layout(B, H, S, V, v, layout)
     pf = _params_f32(params)
-    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=False)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
+    NV = triton.cdiv(V, BV)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
+    dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
     if m.causal:
         n, F = _sequences(B, cu), m.feature_width(K)
-        dpar_q = [_empty((n * H,), q, torch.float32) for _ in params]
-        dpar_k = [_empty((n * H,), q, torch.float32) for _ in params]
+        dpar_q = [_empty((NV * n * H,), q, torch.float32) for _ in params]
+        dpar_k = [_empty((NV * n * H,), q, torch.float32) for _ in params]
         s0, z0, pos = _state_args(m, state, q)
         ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
         dz0 = _empty(state[1].shape, state[1]) if state and m.normalised else _dummy(q)
@@ -367,23 +394,27 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         cu_arg = cu if cu is not None else _dummy(q)
         lengths = (T, H, F, float(T), float(S), float(K), float(H))
         flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
-        m.linear.bwd_dq[(n * H,)](
-            qh, kh, vh, doh, den, delta, dqh, s0, z0, pos, cu_arg, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dqh),
-            *lengths, **meta, **flags)
-        m.linear.bwd_dkv[(n * H,)](
-            qh, kh, vh, doh, den, delta, dkh, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
-            *_strides(qh, kh, vh, doh, dkh, dvh), *lengths, **meta, USE_DST=use_dst, **flags)
+        m.linear.bwd_dq[(NV, n * H)](
+            qh, kh, vh, doh, den, delta, dq_to, s0, z0, pos, cu_arg, *pf, *dpar_q,
+            *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths, **meta, **flags)
+        m.linear.bwd_dkv[(NV, n * H)](
+            qh, kh, vh, doh, den, delta, dk_to, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
+            *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn, *lengths, **meta, USE_DST=use_dst, **flags)
         dstate = ([ds0, dz0] if m.normalised else [ds0]) if state else []
     else:
-        dpar_q = [_empty((B * H,), q, torch.float32) for _ in params]
-        dpar_k = [_empty((B * H,), q, torch.float32) for _ in params]
+        dpar_q = [_empty((NV * B * H,), q, torch.float32) for _ in params]
+        dpar_k = [_empty((NV * B * H,), q, torch.float32) for _ in params]
         lengths = (T, S, H, float(T), float(S), float(K), float(H))
-        m.linear.bwd_dq[(B * H,)](
-            qh, kh, vh, doh, den, delta, dqh, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
-        m.linear.bwd_dkv[(B * H,)](
-            qh, kh, vh, doh, den, delta, dkh, dvh, *pf, *dpar_k, *_strides(qh, kh, vh, doh, dkh, dvh),
+        m.linear.bwd_dq[(NV, B * H)](
+            qh, kh, vh, doh, den, delta, dq_to, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths,
+            **meta)
+        m.linear.bwd_dkv[(NV, B * H)](
+            qh, kh, vh, doh, den, delta, dk_to, dvh, *pf, *dpar_k, *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn,
             *lengths, **meta)
         dstate = []
+    for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
+        if buf is not None:
+            out.copy_(buf.sum(0))
     dparams = []
     for p, a, b in zip(params, dpar_q, dpar_k):
         total = (a + b).view(-1, H).sum(0)  # [H]
@@ -402,11 +433,11 @@ def _step(m: Module, q, k, v, state, params, layout):
     s_out = _empty(S.shape, S)
     z_out = _empty(z.shape, z) if m.normalised else None
     gam = _gamma(m, params, H, 1, 1, K, q)[0] if m.linear.decay is not None else _dummy(q)
-    BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-    m.linear.step[(B * H,)](
+    _, BK, BV, W = _blocks(m, 1, K, V)
+    m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
         *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0, 1.0, float(K), float(H),
-        K=K, V=V, BT=1, BK=BK, BV=BV)
+        K=K, V=V, BT=1, BK=BK, BV=BV, num_warps=4)
     return o, s_out, z_out, pos + 1
 
 
@@ -437,12 +468,12 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     S, V = kh.shape[2], vh.shape[3]
     gam, _ = _gamma(m, params, H, T, S, K, q)
     o, oh = _like_layout(B, H, T, V, q, layout)
-    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=True)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
     n, F = _sequences(B, cu), m.feature_width(K)
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
     acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
     s0, _, pos = _state_args(m, state, q)
@@ -471,7 +502,8 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     dk, dkh = _like_layout(B, H, S, K, k, layout)
     dv, dvh = _like_layout(B, H, S, V, v, layout)
     pf = _params_f32(params)
-    BT, BK, BV = _blocks(m, max(T, S), K, V, split_v=False)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
+    NV = triton.cdiv(V, BV)
     n, F = _sequences(B, cu), m.feature_width(K)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
     s0, _, pos = _state_args(m, state, q)
@@ -479,25 +511,34 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     use_dst = dst is not None
     dst = dst.contiguous() if use_dst else _dummy(q)
     cu_arg = cu if cu is not None else _dummy(q)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q))
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
     scans = (0, 1) if decay.two_sided else (0,)
-    if decay.two_sided:  # fp32 partial gradients of the causal scan, added by the anti-causal one
-        accq, acck, accv = (_empty((B, H, r, d), q, torch.float32) for r, d in ((T, K), (S, K), (S, V)))
+    dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
+    dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
+    if decay.two_sided:  # fp32 partial gradients of the causal scan (per V block), added by the anti-causal one
+        accq, acck = _empty((NV, B, H, T, K), q, torch.float32), _empty((NV, B, H, S, K), q, torch.float32)
+        accv = _empty((B, H, S, V), q, torch.float32)
     else:
-        accq, acck, accv = dqh, dkh, dvh
-    dlg = _empty((len(scans), n * H), q, torch.float32)
-    dpar = [[_empty((n * H,), q, torch.float32) for _ in params] for _ in range(2 * len(scans))]
+        accq, acck, accv = _dummy(q), _dummy(q), _dummy(q)
+    dlg = _empty((len(scans), NV * n * H), q, torch.float32)
+    dpar = [[_empty((NV * n * H,), q, torch.float32) for _ in params] for _ in range(2 * len(scans))]
     for rev in scans:
         last = rev == scans[-1]
-        out_q, out_k, out_v = (dqh, dkh, dvh) if last else (accq, acck, accv)
+        if last:
+            out_q, out_k, out_v, sq, sk = dq_to, dk_to, dvh, s_dqn, s_dkn
+        else:
+            out_q, out_k, out_v, sq, sk = accq[0], acck[0], accv, accq.stride(0), acck.stride(0)
         # the initial and final states belong to the causal scan (rev = 0; a causal op has only that one)
         flags = dict(USE_S0=bool(state) and rev == 0, USE_DST=use_dst and rev == 0, VARLEN=cu is not None)
-        m.linear.bwd_dq[(n * H,)](
+        m.linear.bwd_dq[(NV, n * H)](
             qh, kh, vh, doh, out_q, accq, gam, dlg[rev], s0, pos, cu_arg, dst, *pf, *dpar[2 * rev],
-            *_strides(qh, kh, vh, doh, out_q), *lengths, REV=rev, ACC=int(rev == 1), **meta, **flags)
-        m.linear.bwd_dkv[(n * H,)](
+            *_strides(qh, kh, vh, doh, out_q), sq, *lengths, REV=rev, ACC=int(rev == 1), **meta, **flags)
+        m.linear.bwd_dkv[(NV, n * H)](
             qh, kh, vh, doh, out_k, out_v, acck, accv, gam, pos, cu_arg, dst, ds0, *pf, *dpar[2 * rev + 1],
-            *_strides(qh, kh, vh, doh, out_k, out_v), *lengths, REV=rev, ACC=int(rev == 1), **meta, **flags)
+            *_strides(qh, kh, vh, doh, out_k, out_v), sk, *lengths, REV=rev, ACC=int(rev == 1), **meta, **flags)
+    for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
+        if buf is not None:
+            out.copy_(buf.sum(0))
     dlg_total = dlg.sum(0).view(-1, H).sum(0)  # [H] dL/dlog(gamma)
     dparams = []
     for i, p in enumerate(params):
@@ -589,12 +630,18 @@ def _linear_ops(m: Module):
 # the quadratic ordering: launch drivers, block-sparse tables, custom ops
 # ---------------------------------------------------------------------------------------------
 def _qblocks(t, s, dk, dv, block):
-    """BM, BN, BK, BV: a tile of BM query rows and BN keys (both ``block`` in the block-sparse mode)."""
+    """BM, BN, BK, BV and the launch options of the quadratic kernels: a tile of BM query rows and BN keys (both
+    ``block`` in the block-sparse mode). 8 warps for tiles of 128 x 128 or head dims of 128 and more (the score
+    tile and the [BM, BK] / [BN, BV] accumulators stay in registers), and 2 pipeline stages (not 3) for
+    128 x 128 tiles at those head dims, which fits sm_80's 163 KB of shared memory."""
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     if block:
-        return block, block, bk, bv
-    top = QBLOCK if max(bk, bv) <= 128 else QBLOCK // 2
-    return min(top, max(16, triton.next_power_of_2(t))), min(top, max(16, triton.next_power_of_2(s))), bk, bv
+        bm = bn = block
+    else:
+        top = QBLOCK if max(bk, bv) <= 128 else QBLOCK // 2
+        bm, bn = min(top, max(16, triton.next_power_of_2(t))), min(top, max(16, triton.next_power_of_2(s)))
+    wide, big = max(bk, bv) >= 128, bm * bn >= 128 * 128
+    return bm, bn, bk, bv, dict(num_warps=8 if wide or big else 4, num_stages=2 if wide and big else 3)
 
 
 def _qfwd(m: Module, q, k, v, params, layout, tab, block):
@@ -608,7 +655,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
     wide = m.qstat and q.dtype != torch.float32
     o, oh = _like_layout(B, H, T, V, q, layout, torch.float32 if wide else None)
     stat = _empty((B, H, T) if m.qstat else (0,), q, torch.float32)
-    BM, BN, BK, BV = _qblocks(T, S, K, V, block)
+    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
     lengths = (T, S, H, float(T), float(S), float(K), float(H))
     if m.quadratic.flash:
         sparse = tab is not None
@@ -619,7 +666,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
         extra = (*_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
         flags = {}
     m.quadratic.fwd[(triton.cdiv(T, BM), B * H)](
-        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **flags)
+        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts, **flags)
     if wide:
         return o.to(q.dtype), stat, o
     return o, stat, _empty((0,), q, torch.float32)
@@ -631,7 +678,7 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
-    BM, BN, BK, BV = _qblocks(T, S, K, V, block)
+    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
     NKB = triton.cdiv(S, BN)
     if m.qstat:
         delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: D_i = sum_e dO_ie O_ie
@@ -643,7 +690,7 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     dpar = [_empty((B * H * NKB,), q, torch.float32) for _ in params]
     pf = _params_f32(params)
     lengths = (T, S, H, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q))
+    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts)
     if m.quadratic.flash:
         sparse = tab is not None
         rows = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
