@@ -4,7 +4,8 @@ Two child processes per module, so that this process imports neither torch nor t
 
 1. capture (``TRITON_INTERPRET=1``): the module's public functions run on small CPU tensors, forward and
    backward, at each head dim and dtype: the quadratic and the linear ordering (forced through ``crossover``),
-   initial_state + return_state, cu_seqlens (alone and with a state), the decode step, block-sparse tables
+   initial_state + return_state, cu_seqlens (alone and with a state), the chunk-parallel causal scan (host.SCAN
+   set to "parallel"), the decode step, block-sparse tables
    (blocks of SPARSE_BLOCKS). Each kernel's ``run`` is wrapped on its instance to record every launch the
    shared host (attngen.runtime.triton.host) makes: tensor dtypes and 16-byte alignment, integers, floats and
    constexprs, as the host really passes them (block sizes, flags, num_warps / num_stages when given).
@@ -335,6 +336,12 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
                 call("state", lambda: stateful(None, 1))
                 call("varlen", lambda: backward(attention(*qkv(dk=dk), cu_seqlens=cu, **params())))
                 call("varlen+state", lambda: stateful(cu, 2))
+                if m.linear.chunked is not None:  # the chunk-parallel scan, which the host picks for long sequences
+                    mod.host.SCAN = "parallel"
+                    call("parallel", lambda: backward(attention(*qkv(dk=dk), **params())))
+                    call("parallel+state", lambda: stateful(None, 1))
+                    call("parallel+varlen+state", lambda: stateful(cu, 2))
+                    mod.host.SCAN = "auto"
                 if step is not None:
                     def decode():
                         s, z, _ = state(2)

@@ -771,3 +771,36 @@ def test_s7_numpy_and_torch_fft_agree_on_the_circular_layout():
     conv = np.fft.irfft(np.fft.rfft(u, n) * np.fft.rfft(h_circ, n), n)[:t]
     direct = kernel_h(lags(t, t)).numpy() @ u
     np.testing.assert_allclose(conv, direct, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 8: the causal scan in parallel over chunks
+# --------------------------------------------------------------------------------------------------------
+
+def test_s8_chunk_parallel_forward_and_backward():
+    g = gen(80)
+    qf, kf, v, do = randn(g, T, F), randn(g, T, F), randn(g, T, DV), randn(g, T, DV)
+    s0, ds_end = randn(g, F, DV), randn(g, F, DV)
+    ref_out, ref_end, ref = _causal_reference(qf, kf, v, do, s0, ds_end)
+    spans = chunks(T, C)
+    hs, s = [], s0.clone()
+    for a, b in spans:  # the sequential pass: the state before every chunk
+        hs.append(s.clone())
+        s = s + kf[a:b].T @ v[a:b]
+    gs, gr = [None] * len(spans), ds_end.clone()
+    for n in reversed(range(len(spans))):  # the reverse pass: the state gradient after every chunk
+        a, b = spans[n]
+        gs[n] = gr.clone()
+        gr = gr + qf[a:b].T @ do[a:b]
+    out, dq, dk, dv = (torch.zeros_like(x) for x in (v, qf, kf, v))
+    for n, (a, b) in enumerate(spans):  # every chunk alone, from H_c and G_c
+        qc, kc, vc, dc = qf[a:b], kf[a:b], v[a:b], do[a:b]
+        out[a:b] = qc @ hs[n] + torch.tril(qc @ kc.T) @ vc
+        da = torch.tril(dc @ vc.T)
+        dq[a:b] = dc @ hs[n].T + da @ kc
+        dk[a:b] = vc @ gs[n].T + da.T @ qc
+        dv[a:b] = kc @ gs[n] + torch.tril(qc @ kc.T).T @ dc
+    close(out, ref_out)
+    close(s, ref_end)
+    for mine, theirs in zip((dq, dk, dv, gr), ref):  # dS_0: the reverse pass past the first chunk
+        close(mine, theirs)

@@ -410,3 +410,55 @@ def test_value_blocks_split_matches_one_block(key, causal, monkeypatch):
     split = _everything(fn, spec, mod, causal, torch.Generator().manual_seed(11))
     for a, b in zip(whole[0] + list(whole[1]), split[0] + list(split[1])):
         assert_close("split", b, a, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunk-parallel causal scan (states per chunk, every chunk at once) against the fused one
+# ---------------------------------------------------------------------------------------------
+def _packed(fn, spec, mod, g, lengths=(5, 64, 70, 1)):
+    """o, final states and every gradient of packed sequences (cu_seqlens) with initial states."""
+    h, dv = 2, 32
+    total, n = sum(lengths), len(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k = (rand(g, 1, h, total, D).float().to(DEVICE).requires_grad_() for _ in range(2))
+    v = rand(g, 1, h, total, dv).float().to(DEVICE).requires_grad_()
+    params = {n_: p.float().to(DEVICE).requires_grad_() for n_, p in params_of(spec, h, g).items()}
+    f = mod.MODULE.feature_width(D)
+    s0 = (0.1 * rand(g, n, h, f, dv)).abs().float().to(DEVICE).requires_grad_()
+    z0 = (0.1 * rand(g, n, h, f)).abs().float().to(DEVICE).requires_grad_() if mod.MODULE.normalised else None
+    o, (st, zt, _) = fn(q, k, v, initial_state=(s0, z0, torch.tensor([0, 9, 2, 300], device=DEVICE)),
+                        return_state=True, cu_seqlens=cu, **params)
+    outs = [o, st, *([zt] if zt is not None else [])]
+    loss = sum((x * rand(g, *x.shape).float().to(DEVICE)).sum() for x in outs)
+    leaves = [q, k, v, *params.values(), s0, *([z0] if z0 is not None else [])]
+    return [x.detach() for x in outs], torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+@pytest.mark.parametrize("key", ["relu_linear", "cottention", "cosformer_M4096", "based"])
+def test_chunk_parallel_scan_matches_fused(key, packed, monkeypatch):
+    """host.SCAN = "parallel" (the fused kernels made to fail) gives the fused scan's outputs, final states and
+    gradients: the same products in the same order, so equal up to the order of the partial sums."""
+    spec, mod, fn, _ = module(key)
+    run = _packed if packed else (lambda *a: _everything(*a[:3], True, a[3], dv=48, t=150))
+    monkeypatch.setattr(mod.host, "SCAN", "fused")
+    fused = run(fn, spec, mod, torch.Generator().manual_seed(12))
+    poisoned(mod, monkeypatch)
+    monkeypatch.setattr(mod.host, "SCAN", "parallel")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a fused scan kernel was launched")
+    for name in ("fwd", "bwd_dq", "bwd_dkv"):  # kernel[grid](...) calls the instance's run
+        monkeypatch.setattr(getattr(mod.MODULE.linear, name), "run", refused)
+    parallel = run(fn, spec, mod, torch.Generator().manual_seed(12))
+    for a, b in zip(fused[0] + list(fused[1]), parallel[0] + list(parallel[1])):
+        assert_close("parallel", b, a, 1e-5)
+
+
+def test_auto_scan_goes_parallel_for_long_sequences_and_few_programs():
+    _, mod, _, _ = module("relu_linear")
+    host = mod.host
+    assert host._parallel(mod.MODULE, 16, 4096, 64) and not host._parallel(mod.MODULE, 16, 128, 64)
+    assert not host._parallel(mod.MODULE, 1024, 4096, 64)  # enough programs: the fused scan
+    _, decay, _, _ = module("retention")
+    assert decay.MODULE.linear.chunked is None and not host._parallel(decay.MODULE, 16, 4096, 64)

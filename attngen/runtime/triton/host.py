@@ -49,6 +49,17 @@ class Decay:
 
 
 @dataclass(frozen=True)
+class Chunked:
+    """The causal linear ordering in parallel over chunks: ``h`` stores the state before every chunk (one
+    sequential pass), ``o`` computes every chunk's output at once; ``dh`` stores the state gradient after every
+    chunk (one reverse pass), ``dqkv`` every chunk's dq, dk, dv at once."""
+    h: object
+    o: object
+    dh: object
+    dqkv: object
+
+
+@dataclass(frozen=True)
 class Linear:
     """The linear ordering's kernels and sizes. The feature width at head dim d is
     width[0] + width[1] * d + width[2] * d**2; ``length_terms``: position terms that use n_q / n_k (a state
@@ -62,6 +73,7 @@ class Linear:
     length_terms: tuple = ()
     max_power_dim: Optional[int] = None
     decay: Optional[Decay] = None
+    chunked: Optional[Chunked] = None
 
 
 @dataclass(frozen=True)
@@ -257,9 +269,15 @@ def _strides(*xs):
     return [s for x in xs for s in x.stride()[:3]]
 
 
+FP32_PRECISION = "ieee"  # tl.dot's input_precision for fp32 inputs: "ieee" (exact products) or "tf32" / "tf32x3"
+
+
 def _precision(x):
-    # fp32 inputs keep fp32 products (ieee); fp16/bf16 ones tolerate tf32 on a GPU
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    """input_precision of every tl.dot: FP32_PRECISION for fp32 inputs (set it to "tf32" for tensor cores at
+    fp32's range and 10 mantissa bits); fp16 / bf16 operands ignore it (their own tensor-core path)."""
+    if FP32_PRECISION not in ("ieee", "tf32", "tf32x3"):
+        raise InputError(f"host.FP32_PRECISION = {FP32_PRECISION!r}: expected 'ieee', 'tf32' or 'tf32x3'")
+    return FP32_PRECISION if x.dtype == torch.float32 else "tf32"
 
 
 def _params_f32(params):
@@ -292,6 +310,48 @@ def _blocks(m: Module, t, dk, dv):
     bv = min(64, fit, max(16, triton.next_power_of_2(dv)))
     values = bt * bk * 2 + bt * rows * 2 + bt * bt + rows * bv + 2 * bt * bv
     return bt, bk, bv, (4 if values <= THREAD_VALUES * 128 else 8)
+
+
+SCAN = "auto"  # the causal linear scan: "fused" (one pass per sequence), "parallel" (over chunks) or "auto"
+PARALLEL_PROGRAMS = 264  # "auto": the chunk-parallel scan when the fused one has fewer programs (2 x 132 SMs)
+PARALLEL_CHUNKS = 4  # ... and the sequences at least this many chunks
+
+
+def _parallel(m: Module, programs: int, t: int, bt: int) -> bool:
+    """Whether the causal linear ordering runs in parallel over chunks: SCAN, or with "auto" when the fused
+    scan would run fewer than PARALLEL_PROGRAMS programs over at least PARALLEL_CHUNKS chunks (long sequences,
+    few sequences and heads). The decode step and modules without chunked kernels (the decay class) are fused."""
+    if m.linear.chunked is None or SCAN == "fused":
+        return False
+    return SCAN == "parallel" or (programs < PARALLEL_PROGRAMS and triton.cdiv(t, bt) >= PARALLEL_CHUNKS)
+
+
+def _chunks(n: int, t: int, cu, bt: int, device):
+    """ci [NC, 2] int32, (sequence, chunk) of every chunk of every sequence, and co [N + 1] int32, the first
+    chunk of each sequence: the global numbering of the chunk-parallel kernels."""
+    lengths = [t] * n if cu is None else (cu[1:] - cu[:-1]).tolist()
+    per = [triton.cdiv(x, bt) for x in lengths]
+    co = [0]
+    for c in per:
+        co.append(co[-1] + c)
+    ci = [(i, c) for i, count in enumerate(per) for c in range(count)]
+    return (torch.tensor(ci, dtype=torch.int32, device=device).reshape(-1, 2),
+            torch.tensor(co, dtype=torch.int32, device=device), co[-1])
+
+
+def _chunk_states(m: Module, kh, vh, params, state, cu, co, n_c, n, store, st, zt, meta, like):
+    """h [NC, H, F, V] and hz [NC, H, F] (fp32; hz empty without row sums): the state before every chunk; the
+    final state into st, zt when ``store``."""
+    H, T, K = kh.shape[1], kh.shape[2], kh.shape[3]
+    V, F = vh.shape[3], m.feature_width(K)
+    h = _empty((n_c, H, F, V), like, torch.float32)
+    hz = _empty((n_c, H, F) if m.normalised else (0,), like, torch.float32)
+    s0, z0, pos = _state_args(m, state, like)
+    m.linear.chunked.h[(triton.cdiv(V, meta["BV"]), n * H)](
+        kh, vh, s0, z0, pos, cu if cu is not None else _dummy(like), co, h, hz, st, zt, *_params_f32(params),
+        *_strides(kh, vh), T, H, F, float(T), float(T), float(K), float(H), **meta,
+        USE_S0=bool(state), STORE_ST=store, VARLEN=cu is not None)
+    return h, hz
 
 
 def _partial(n_v, shape, out, like):
@@ -351,7 +411,19 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
-    m.linear.fwd[(triton.cdiv(V, BV), n * H)](
+    NV = triton.cdiv(V, BV)
+    if _parallel(m, NV * n * H, T, BT):
+        meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+        ci, co, NC = _chunks(n, T, cu, BT, q.device)
+        h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, bool(return_state),
+                              st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
+                              meta, q)
+        m.linear.chunked.o[(NV, NC, H)](
+            qh, kh, vh, oh, den, h, hz, _state_args(m, state, q)[2], cu if cu is not None else _dummy(q), ci,
+            *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
+            **meta, USE_S0=bool(state), VARLEN=cu is not None)
+        return o, den, st, zt
+    m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
@@ -394,12 +466,26 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         cu_arg = cu if cu is not None else _dummy(q)
         lengths = (T, H, F, float(T), float(S), float(K), float(H))
         flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
-        m.linear.bwd_dq[(NV, n * H)](
-            qh, kh, vh, doh, den, delta, dq_to, s0, z0, pos, cu_arg, *pf, *dpar_q,
-            *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths, **meta, **flags)
-        m.linear.bwd_dkv[(NV, n * H)](
-            qh, kh, vh, doh, den, delta, dk_to, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
-            *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn, *lengths, **meta, USE_DST=use_dst, **flags)
+        if _parallel(m, NV * n * H, T, BT):  # the forward's states recomputed, not kept
+            ci, co, NC = _chunks(n, T, cu, BT, q.device)
+            h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, False, _dummy(q), _dummy(q), meta, q)
+            g = _empty((NC, H, F, V), q, torch.float32)
+            gz = _empty((NC, H, F) if m.normalised else (0,), q, torch.float32)
+            m.linear.chunked.dh[(NV, n * H)](
+                qh, doh, den, delta, pos, cu_arg, co, g, gz, dst, dzt, ds0, dz0, *pf, *_strides(qh, doh), *lengths,
+                **meta, USE_DST=use_dst, **flags)
+            dpar_q = [_empty((NV * NC * H,), q, torch.float32) for _ in params]
+            dpar_k = [torch.zeros_like(a) for a in dpar_q]
+            m.linear.chunked.dqkv[(NV, NC, H)](
+                qh, kh, vh, doh, den, delta, dq_to, dk_to, dvh, h, hz, g, gz, pos, cu_arg, ci, *pf, *dpar_q,
+                *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths, **meta, **flags)
+        else:
+            m.linear.bwd_dq[(NV, n * H)](
+                qh, kh, vh, doh, den, delta, dq_to, s0, z0, pos, cu_arg, *pf, *dpar_q,
+                *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths, **meta, **flags)
+            m.linear.bwd_dkv[(NV, n * H)](
+                qh, kh, vh, doh, den, delta, dk_to, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
+                *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn, *lengths, **meta, USE_DST=use_dst, **flags)
         dstate = ([ds0, dz0] if m.normalised else [ds0]) if state else []
     else:
         dpar_q = [_empty((NV * B * H,), q, torch.float32) for _ in params]
