@@ -16,7 +16,8 @@ import attngen
 from attngen import pipeline
 from attngen.errors import AttngenError
 from attngen.runtime.state import check_decodable
-from benchmarks.common import WorkerError, decode, linear_scaling
+from benchmarks import gpu
+from benchmarks.common import WorkerError, decode, linear_scaling, write_result
 from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
 from benchmarks.sparse import sparse
 from benchmarks.toeplitz import toeplitz
@@ -68,6 +69,32 @@ def linear(max_len, out, spec_name):
     SDPA, T = 1k .. --max-len, each case in its own subprocess."""
     pipeline.plan(attngen.load_spec(spec_name, causal=True), force="linear")  # PlanError: no linear ordering
     linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
+
+
+@main.command("gpu", context_settings=CONTEXT)
+@click.option("--spec", "specs", multiple=True, type=click.Choice(gpu.SPECS),
+              help="Specs to run (repeatable) [default: all of them].")
+@click.option("--repeats", type=click.IntRange(3), default=20, show_default=True, help="Timed runs per case.")
+@click.option("--quick", is_flag=True, help="Only the first and the last shape (a short smoke run).")
+@_out
+def gpu_cmd(specs, repeats, quick, out):
+    """Generated Triton kernels vs fla-core and SDPA on a CUDA GPU (bf16, fwd and fwd+bwd, fla's shapes).
+
+    Writes <date>-<gpu>-gpu.md with the medians, the ratios attngen / peer and the memory floor of each
+    row. Needs a CUDA GPU; fla-core is optional (missing peers are rows that say so; scripts/gpu_wheels.sh
+    downloads its wheels for an offline machine)."""
+    import datetime
+    import shlex
+
+    import torch
+    shapes = (gpu.SHAPES[0], gpu.SHAPES[-1]) if quick else gpu.SHAPES
+    rows, bw, machine = gpu.run(specs or gpu.SPECS, shapes, repeats, echo=click.echo)
+    if not any(r.ours_ms for r in rows):
+        raise WorkerError("no attngen measurement succeeded (see the notes of the rows above)")
+    command = "python -m benchmarks gpu " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    date = datetime.date.today().isoformat()
+    name = torch.cuda.get_device_name().lower().replace(" ", "-")
+    write_result(gpu.report(rows, bw, machine, command, date), Path(out), f"{name}-gpu", echo=click.echo)
 
 
 @main.command("decode", context_settings=CONTEXT)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import benchmarks.common
 from benchmarks.cli import main
 
-SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz"]
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,3 +109,23 @@ def test_python_dash_m_benchmarks_runs_from_the_repository_root():
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Usage: python -m benchmarks" in proc.stdout and "conv-basis-error" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
+def test_gpu_needs_cuda_and_writes_nothing(run, tmp_path):
+    result = run("gpu", "--quick", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "needs a CUDA GPU" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_report_has_ratios_and_the_memory_floor():
+    from benchmarks import gpu
+    rows = [gpu.Row("relu_linear", (8, 1024, 8, 64), "fwd", 2.0, "fla chunk_linear_attn", 1.0, 0.5),
+            gpu.Row("softmax", (1, 8192, 8, 64), "fwd+bwd", 3.0, "SDPA flash", 4.0, 1.5),
+            gpu.Row("based", (8, 1024, 8, 64), "fwd", 1.0, "not installed (fla)", None, 0.1)]
+    text = gpu.report(rows, 4000.0, "GPU X", "python -m benchmarks gpu", "2026-11-29")
+    assert ("| relu_linear | B8 T1024 H8 D64 | fwd | 2.000 | fla chunk_linear_attn | 1.000 | 2.00 | 0.500 | 25% |"
+            in text)
+    assert "| softmax | B1 T8192 H8 D64 | fwd+bwd | 3.000 | SDPA flash | 4.000 | 0.75 | 1.500 | 50% |" in text
+    assert "| based | B8 T1024 H8 D64 | fwd | 1.000 | not installed (fla) | - | - |" in text
+    assert "geometric mean of attngen / peer over 2 rows: 1.22" in text and "4000 GB/s" in text
