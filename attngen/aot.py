@@ -304,6 +304,8 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
             lines = [ln for ln in f"{type(e).__name__}: {e}".splitlines() if ln.strip()]
             errors.append(dict(call=label, dtype=tag["dtype"], head_dim=tag["head_dim"], error=" | ".join(lines[:4])))
 
+    if m.linear is not None and m.linear.chunked is not None:
+        mod.host.SCAN = "fused"  # the fused scan here, the chunk-parallel one in the calls marked "parallel"
     for dname in dtypes:
         dtype = getattr(torch, dname)
         for d in head_dims:
@@ -341,7 +343,7 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
                     call("parallel", lambda: backward(attention(*qkv(dk=dk), **params())))
                     call("parallel+state", lambda: stateful(None, 1))
                     call("parallel+varlen+state", lambda: stateful(cu, 2))
-                    mod.host.SCAN = "auto"
+                    mod.host.SCAN = "fused"
                 if step is not None:
                     def decode():
                         s, z, _ = state(2)

@@ -164,22 +164,34 @@ def test_S5_reference_refuses_past_max_length_and_default_M_limits_nothing():
     with pytest.raises(InputError, match="max_length 16"):
         attngen.reference(attngen.load_spec("cosformer", M=16))(*qkv(d=8, t=17))
     spec = attngen.load_spec("cosformer")
-    assert spec.max_length == "M" and spec.length_limit is None
+    assert spec.max_length == "M" and not isinstance(spec.length_limit, int)  # max(n_q, n_k): per call
     assert torch.isfinite(attngen.reference(spec)(*qkv(d=8, t=40))).all()
 
 
 @pytest.mark.parametrize("value, match", [(0, "1 .. 2**62"), (2.5, "1 .. 2**62"), ("d", "unknown"),
-                                          ("n_q", "at least max(n_q, n_k)"), ("c - 10", "1 .. 2**62"),
+                                          ("exp(n_q)", "integer powers, max, min"), ("c - 10", "1 .. 2**62"),
                                           (True, "positive integer"), ("i", "number of positions")])
 def test_S5_max_length_must_be_a_count_of_positions(value, match):
     refused({**BASE, "constants": {"c": 4}, "max_length": value}, match)
+
+
+@pytest.mark.parametrize("runner", ["torch-op", "reference", "triton"])
+def test_S5_a_length_dependent_max_length_is_evaluated_at_each_call(runner):
+    spec = attngen.load_spec({**BASE, "causal": False, "max_length": "2 * n_q"})
+    fn = (attngen.reference(spec) if runner == "reference"
+          else attngen.compile(spec, backend="torch" if runner == "torch-op" else "triton"))
+    q, k, v = qkv(t=9, dtype=torch.float32)
+    assert torch.isfinite(fn(q[:, :, :5], k, v)).all()  # 9 keys <= 2 * 5
+    with pytest.raises(InputError, match="max_length 8"):
+        fn(q[:, :, :4], k, v)  # 9 keys > 2 * 4
 
 
 def test_S5_max_length_forms_and_hash():
     base = attngen.load_spec(BASE)
     assert base.length_limit is None and "max_length" not in base.canonical()  # hashes of other specs unchanged
     assert attngen.load_spec({**BASE, "constants": {"c": 4}, "max_length": "2*c"}).length_limit == 8
-    assert attngen.load_spec({**BASE, "max_length": "max(n_q, n_k)"}).length_limit is None
+    assert attngen.load_spec({**BASE, "max_length": "max(n_q, n_k)"}).length_limit is not None
+    assert attngen.load_spec("cosformer", M="2 * n_q").max_length == "M"  # an override keeps the declared limit
     limited = attngen.load_spec({**BASE, "max_length": 32})
     assert limited.hash != base.hash and attngen.load_spec(limited.to_yaml()) == limited
 

@@ -157,7 +157,7 @@ def test_module_text_is_deterministic_and_has_header():
 # what the causal kernels store besides o / den and the gradients: the recurrent states (final state,
 # initial state's gradient, the decode step's new state), never a feature map
 # recurrent states (F x Dv per sequence, or per chunk in the chunk-parallel scan: h, hz, g, gz), never features
-STATE_STORES = ["ds0", "dz0", "s_out", "st", "z_out", "zt", "h", "hz", "g", "gz"]
+STATE_STORES = ["ds0", "p_dz0", "s_out", "st", "z_out", "zt", "h", "hz", "g", "p_gz"]
 
 
 def test_feature_maps_are_fused_not_stored():

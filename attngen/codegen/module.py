@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import sympy
+
 from attngen.codegen.features import params as param_slots
 from attngen.codegen.linear import check_linear, linear_slots
 from attngen.codegen.quadratic import SPARSE_MAX_BLOCK, describe, tile_slots
@@ -83,7 +85,7 @@ def fill_slots(m: Module) -> Module:
     tag = module_tag(orderings)
     out = {
         "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
-        "max_length": spec.length_limit,
+        "max_length": _max_length_code(spec.length_limit),
         "template_hash": template_hash(), "spec_yaml": spec.to_yaml().rstrip("\n").splitlines(),
         "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention", "causal": spec.causal,
         "op_name": f"{spec.name}_{spec.mode}_{tag}_{spec.hash[:8]}_{template_hash()[:8]}",
@@ -108,3 +110,11 @@ def render_text(m: Module) -> Module:
 
 def _length_code(n: float) -> str:
     return 'float("inf")' if n == float("inf") else repr(float(n))
+
+
+def _max_length_code(limit):
+    """The spec's max_length for the module record: an int, None, or (length-dependent) a lambda of n_q, n_k
+    printed from the validated expression (+ - * /, integer powers, max, min: docs/specs.md)."""
+    if limit is None or isinstance(limit, int):
+        return limit
+    return "lambda n_q, n_k: " + sympy.pycode(limit, fully_qualified_modules=False)

@@ -117,7 +117,8 @@ class Spec:
     reweight_expr: sympy.Expr = field(compare=False)
     approximation: object = field(compare=False, default=None)  # attngen.approx.ConvBasis | TopkSparse | None
     max_length: str = ""  # the source of the max_length key ('' if absent); hashed when set
-    length_limit: int | None = field(compare=False, default=None)  # its value when a number: positions 0 .. limit-1
+    # its value: an int (positions 0 .. limit - 1), an expression in n_q, n_k evaluated per call, or None
+    length_limit: object = field(compare=False, default=None)
 
 
     @property
@@ -485,9 +486,12 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
 MAX_LENGTH_LIMIT = 2**62  # a max_length beyond this is refused (positions are int64)
 
 
+LENGTH_NODES = (sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.Symbol, sympy.Number)
+
+
 def _max_length(raw, names: dict, bounds: _Bounds, where: str) -> tuple:
-    """The max_length key: (its source, its value when a number, else None). A number (or constants) >= 1, or
-    a value in n_q, n_k that is at least max(n_q, n_k): then no call without a state can pass it."""
+    """The max_length key: (its source, its value: an int, or an expression in n_q and n_k made of + - * /,
+    integer powers, max and min, which each call evaluates at its lengths; None when absent)."""
     if raw is None:
         return "", None
     key = "max_length"
@@ -498,18 +502,21 @@ def _max_length(raw, names: dict, bounds: _Bounds, where: str) -> tuple:
                   {"i": "max_length is a number of positions", "j": "max_length is a number of positions"},
                   bounds.numbers)
     value = bounds.check(parse_value(raw, ctx).expr, where, key)
+    source = raw if isinstance(raw, str) else repr(raw)
     if value.is_number:
         number = numeric_value(value)
         if number != int(number) or not 1 <= number <= MAX_LENGTH_LIMIT:
             raise SpecError(f"the value is {brief(value, 40)}", where=where, key=key,
                             expected="an integer in 1 .. 2**62 (the number of positions the spec is valid for)")
-        return (raw if isinstance(raw, str) else repr(raw)), int(number)
+        return source, int(number)
     extra = value.free_symbols - {BUILTIN_SYMBOLS["n_q"], BUILTIN_SYMBOLS["n_k"]}
-    if extra or not (value - sympy.Max(BUILTIN_SYMBOLS["n_q"], BUILTIN_SYMBOLS["n_k"])).is_nonnegative:
+    odd = [e for e in sympy.preorder_traversal(value) if not isinstance(e, LENGTH_NODES)
+           or (isinstance(e, sympy.Pow) and not e.exp.is_Integer)]
+    if extra or odd:
         raise SpecError(f"the value is {brief(value, 60)}", where=where, key=key,
-                        expected="a number, or a value in n_q and n_k of at least max(n_q, n_k) (it then limits "
-                                 "nothing; fix a number to decode past it)")
-    return (raw if isinstance(raw, str) else repr(raw)), None
+                        expected="a number, or an expression in n_q and n_k with + - * /, integer powers, max, min")
+    return source, value
+
 
 
 def _check_plain(value, where: str, key: str) -> None:

@@ -2,10 +2,12 @@
 a spec, the parameters' default values from their ``init`` expressions, packed sequence boundaries."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from attngen.errors import InputError
-from attngen.frontend.expr import HEAD, HEADS, D
+from attngen.frontend.expr import HEAD, HEADS, N_K, N_Q, D
 from attngen.frontend.spec import Spec
 from attngen.runtime import validate
 from attngen.runtime.evaluate import Evaluator
@@ -47,13 +49,28 @@ def check_qkv(spec: Spec, q, k, v, layout: str, limits: validate.Limits = valida
     """Validate q, k, v (attngen.runtime.validate.qkv) and return them as [B, H, T, D] views (no copies); the
     lengths T and S within the spec's max_length."""
     qh, kh, vh = validate.qkv(q, k, v, layout, name=spec.name, causal=spec.causal, limits=limits)
-    check_positions(spec, max(qh.shape[2], kh.shape[2]))
+    check_positions(spec, max(qh.shape[2], kh.shape[2]), lengths=(qh.shape[2], kh.shape[2]))
     return qh, kh, vh
 
 
-def check_positions(spec: Spec, end, what: str | None = None) -> None:
-    """InputError when positions 0 .. end - 1 (``end`` an int or per-sequence tensor) pass spec's max_length."""
-    validate.positions(end, max_length=spec.length_limit, spec=spec.name, what=what or spec.name)
+def length_limit(spec: Spec, n_q: int, n_k: int) -> int | None:
+    """The spec's max_length at lengths n_q, n_k (an int, or its expression in n_q, n_k evaluated and floored;
+    None: no limit)."""
+    limit = spec.length_limit
+    if limit is None or isinstance(limit, int):
+        return limit
+    return math.floor(float(limit.subs({N_Q: n_q, N_K: n_k})))
+
+
+def check_positions(spec: Spec, end, what: str | None = None, lengths: tuple | None = None) -> None:
+    """InputError when positions 0 .. end - 1 (``end`` an int or per-sequence tensor) pass spec's max_length,
+    a length-dependent one evaluated at ``lengths`` (n_q, n_k; default: the longest end for both)."""
+    if spec.length_limit is None:
+        return
+    if lengths is None:
+        last = int(end.max()) if isinstance(end, torch.Tensor) else int(end)
+        lengths = (last, last)
+    validate.positions(end, max_length=length_limit(spec, *lengths), spec=spec.name, what=what or spec.name)
 
 
 def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None) -> dict:

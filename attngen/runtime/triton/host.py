@@ -101,7 +101,11 @@ class Module:
     linear: Optional[Linear] = None
     quadratic: Optional[Quadratic] = None
     crossover: Optional[float] = None
-    max_length: Optional[int] = None  # the spec's fixed max_length: positions 0 .. max_length - 1
+    max_length: object = None  # the spec's max_length (positions 0 .. max_length - 1): an int, f(n_q, n_k) or None
+
+    def limit(self, n_q, n_k):
+        """max_length at lengths n_q, n_k (None: no limit)."""
+        return int(self.max_length(n_q, n_k)) if callable(self.max_length) else self.max_length
 
     @property
     def causal(self) -> bool:
@@ -153,8 +157,8 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
     B, H, T, K = qh.shape
     ps = _params(m, params, H, q)
     if stateless:
-        validate.positions(max(T, validate.bhtd(k, layout).shape[2]), max_length=m.max_length, spec=m.spec,
-                           what=m.spec)
+        S = validate.bhtd(k, layout).shape[2]
+        validate.positions(max(T, S), max_length=m.limit(T, S), spec=m.spec, what=m.spec)
         crossover = m.crossover if crossover is None else crossover
         if m.quadratic is not None and (m.linear is None or validate.bhtd(k, layout).shape[2] < crossover):
             o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
@@ -170,7 +174,9 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
                                                      q.device, "initial_state")
     consumed = cu[1:] - cu[:-1] if cu is not None else torch.full((n,), T, dtype=torch.int64, device=q.device)
     pos = consumed + (state[-1] if state else 0)
-    validate.positions(pos, max_length=m.max_length, spec=m.spec, what=m.spec)
+    if m.max_length is not None:
+        last = int(pos.max())
+        validate.positions(pos, max_length=m.limit(last, last), spec=m.spec, what=m.spec)
     o, _, st, zt = _OPS[m.op_name + "_fwd"](q, k, v, ps, layout, state, cu, bool(return_state))
     if not return_state:
         return o
@@ -187,7 +193,9 @@ def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
                          f"{m.spec}_attention with initial_state= for a chunk of tokens")
     _check_linear(m, K)
     state = _state(m, (S, z, pos), B, H, K, vh.shape[3], q_t.device, "state")
-    validate.positions(state[-1] + 1, max_length=m.max_length, spec=m.spec, what=f"{m.spec}_step")
+    if m.max_length is not None:
+        last = int(state[-1].max()) + 1
+        validate.positions(state[-1] + 1, max_length=m.limit(last, last), spec=m.spec, what=f"{m.spec}_step")
     ps = _params(m, params, H, q_t)
     with torch.no_grad():
         return _step(m, q_t, k_t, v_t, state, [p.detach() for p in ps], layout)
@@ -289,14 +297,14 @@ def _dummy(like):
     return torch.zeros(1, dtype=torch.float32, device=like.device)
 
 
-STATE_BUDGET = 4096  # fp32 state elements [rows, BV] one linear-ordering program keeps in registers
-THREAD_VALUES = 128  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
+STATE_BUDGET = 2048  # fp32 state elements [rows, BV] one linear-ordering program keeps in registers
+THREAD_VALUES = 96  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
 
 
 def _blocks(m: Module, t, dk, dv):
-    """BT, BK, BV and num_warps of the linear kernels: chunks of BT rows (32 at head dims above 64 or wide
-    features: four [BT, BK] fp32 tiles must stay in registers), every feature column of a term in one block
-    (BK; the in-chunk product Q'K'^T needs all of them), and BV value columns per program, the most (up to 64)
+    """BT, BK, BV and num_warps of the linear kernels: chunks of BT rows (32 at head dims above 64, 16 for
+    features of 256 and more: four [BT, BK] fp32 tiles must stay in registers), every feature column of a term in
+    one block (BK; the in-chunk product Q'K'^T needs all of them), and BV value columns per program, the most (up to 64)
     that keep the program's recurrent state [rows, BV] within STATE_BUDGET fp32 values (rows: the feature width
     at BK). Programs split V (grid cdiv(V, BV) x sequences x heads); the backward adds their partial dq, dk.
     num_warps: 8 when the tiles (raw and mapped q, k per feature block, the chunk's [BT, BT] product, the state,
@@ -304,7 +312,9 @@ def _blocks(m: Module, t, dk, dv):
     bk = max(16, triton.next_power_of_2(dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
-    if bk > 64 or rows > 256:
+    if rows >= 256:  # tensor-power features: [BT, BK * BK] tiles
+        bt = 16
+    elif bk > 64:
         bt = min(bt, 32)
     fit = 1 << max(4, (STATE_BUDGET // rows).bit_length() - 1)  # the largest power of two <= budget / rows, >= 16
     bv = min(64, fit, max(16, triton.next_power_of_2(dv)))
@@ -440,16 +450,19 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
-    if m.normalised:
-        delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: sum_e dO_e O_e
-    else:
-        delta = den
     dq, dqh = _like_layout(B, H, T, K, q, layout)
     dk, dkh = _like_layout(B, H, S, K, k, layout)
     dv, dvh = _like_layout(B, H, S, V, v, layout)
     pf = _params_f32(params)
     BT, BK, BV, W = _blocks(m, max(T, S), K, V)
     NV = triton.cdiv(V, BV)
+    if m.normalised:  # D_i = sum_e dO_ie O_ie split by V block: [NV, B, H, T] (each block's kernels take its share)
+        prod = (doh.float() * oh.float()).reshape(B, H, T, V)
+        prod = torch.nn.functional.pad(prod, (0, NV * BV - V))
+        delta = prod.view(B, H, T, NV, BV).sum(-1).permute(3, 0, 1, 2).contiguous()
+        s_dd = B * H * T
+    else:
+        delta, s_dd = den, 0
     meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
@@ -459,7 +472,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         dpar_k = [_empty((NV * n * H,), q, torch.float32) for _ in params]
         s0, z0, pos = _state_args(m, state, q)
         ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
-        dz0 = _empty(state[1].shape, state[1]) if state and m.normalised else _dummy(q)
+        dz0 = _empty((NV, *state[1].shape), state[1]) if state and m.normalised else _dummy(q)  # per V block
         use_dst = dst is not None
         dst = dst.contiguous() if use_dst else _dummy(q)
         dzt = dzt.contiguous() if use_dst and m.normalised else _dummy(q)
@@ -470,32 +483,32 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
             ci, co, NC = _chunks(n, T, cu, BT, q.device)
             h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, False, _dummy(q), _dummy(q), meta, q)
             g = _empty((NC, H, F, V), q, torch.float32)
-            gz = _empty((NC, H, F) if m.normalised else (0,), q, torch.float32)
+            gz = _empty((NV, NC, H, F) if m.normalised else (0,), q, torch.float32)  # per V block
             m.linear.chunked.dh[(NV, n * H)](
-                qh, doh, den, delta, pos, cu_arg, co, g, gz, dst, dzt, ds0, dz0, *pf, *_strides(qh, doh), *lengths,
-                **meta, USE_DST=use_dst, **flags)
+                qh, doh, den, delta, s_dd, pos, cu_arg, co, g, gz, dst, dzt, ds0, dz0, *pf, *_strides(qh, doh),
+                *lengths, **meta, USE_DST=use_dst, **flags)
             dpar_q = [_empty((NV * NC * H,), q, torch.float32) for _ in params]
             dpar_k = [torch.zeros_like(a) for a in dpar_q]
             m.linear.chunked.dqkv[(NV, NC, H)](
-                qh, kh, vh, doh, den, delta, dq_to, dk_to, dvh, h, hz, g, gz, pos, cu_arg, ci, *pf, *dpar_q,
+                qh, kh, vh, doh, den, delta, s_dd, dq_to, dk_to, dvh, h, hz, g, gz, pos, cu_arg, ci, *pf, *dpar_q,
                 *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths, **meta, **flags)
         else:
             m.linear.bwd_dq[(NV, n * H)](
-                qh, kh, vh, doh, den, delta, dq_to, s0, z0, pos, cu_arg, *pf, *dpar_q,
+                qh, kh, vh, doh, den, delta, s_dd, dq_to, s0, z0, pos, cu_arg, *pf, *dpar_q,
                 *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths, **meta, **flags)
             m.linear.bwd_dkv[(NV, n * H)](
-                qh, kh, vh, doh, den, delta, dk_to, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
+                qh, kh, vh, doh, den, delta, s_dd, dk_to, dvh, pos, cu_arg, dst, dzt, ds0, dz0, *pf, *dpar_k,
                 *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn, *lengths, **meta, USE_DST=use_dst, **flags)
-        dstate = ([ds0, dz0] if m.normalised else [ds0]) if state else []
+        dstate = ([ds0, dz0.sum(0)] if m.normalised else [ds0]) if state else []
     else:
         dpar_q = [_empty((NV * B * H,), q, torch.float32) for _ in params]
         dpar_k = [_empty((NV * B * H,), q, torch.float32) for _ in params]
         lengths = (T, S, H, float(T), float(S), float(K), float(H))
         m.linear.bwd_dq[(NV, B * H)](
-            qh, kh, vh, doh, den, delta, dq_to, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths,
+            qh, kh, vh, doh, den, delta, s_dd, dq_to, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths,
             **meta)
         m.linear.bwd_dkv[(NV, B * H)](
-            qh, kh, vh, doh, den, delta, dk_to, dvh, *pf, *dpar_k, *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn,
+            qh, kh, vh, doh, den, delta, s_dd, dk_to, dvh, *pf, *dpar_k, *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn,
             *lengths, **meta)
         dstate = []
     for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
