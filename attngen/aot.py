@@ -243,6 +243,7 @@ def _kernels(record) -> dict:
     out = {}
     for f in dataclasses.fields(record):
         value = getattr(record, f.name)
+        value = getattr(value, "kernel", value)  # host.Tuned: the kernel it launches (with the host's options)
         if isinstance(value, KernelInterface):
             out[value.fn.__name__] = value
         elif dataclasses.is_dataclass(value):

@@ -15,11 +15,14 @@ It imports nothing from attngen but the validator and the errors, relatively, so
 --standalone`` can copy it (as attngen_host/runtime/triton/host.py) beside generated modules that then run
 without attngen installed.
 """
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from ...errors import InputError
 from .. import validate
@@ -127,8 +130,71 @@ class Module:
         return a + b * dk + c * dk * dk
 
 
+# ---------------------------------------------------------------------------------------------
+# launch options tuned on a GPU: num_warps and num_stages per kernel and key, never per sequence length
+# ---------------------------------------------------------------------------------------------
+AUTOTUNE = os.environ.get("ATTNGEN_AUTOTUNE", "1") != "0"  # ATTNGEN_AUTOTUNE=0: the host's choice, untuned
+TUNE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3))  # (num_warps, num_stages) tried besides the host's choice
+
+
+class Tuned:
+    """A generated kernel whose launch options are tuned on a CUDA device: ``kernel[grid](*args, **meta)`` with
+    the host's choice of num_warps / num_stages in ``meta`` (its hint: what `attngen aot` checks fits) runs,
+    the first time a key is seen, every candidate (the hint and TUNE_CONFIGS) with triton.testing.do_bench,
+    and keeps the fastest for that key. The key is the constexprs and flags (head dims, block sizes, USE_S0,
+    VARLEN, ...) and the tensors' dtypes: not the sequence length, the batch or the packed lengths, which are
+    runtime arguments, so a new length or varlen batch never re-tunes. A candidate that does not fit the
+    device (OutOfResources) is skipped. Under the interpreter, on a CPU, or with AUTOTUNE off: the hint."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.fn = kernel.fn
+        self.best = {}  # key -> (num_warps, num_stages)
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    def launch(self, grid, args, meta, bench=None):
+        hint = (meta.pop("num_warps", 4), meta.pop("num_stages", 3))
+        if AUTOTUNE and _on_device(args):
+            key = (tuple(sorted(meta.items())), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+            if key not in self.best:
+                self.best[key] = self._tune(grid, args, meta, hint, bench)
+            hint = self.best[key]
+        return self.kernel[grid](*args, **meta, num_warps=hint[0], num_stages=hint[1])
+
+    def _tune(self, grid, args, meta, hint, bench=None):
+        bench = bench or (lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20))
+        timings = {}
+        for w, s in dict.fromkeys((hint, *TUNE_CONFIGS)):
+            try:
+                timings[(w, s)] = bench(lambda: self.kernel[grid](*args, **meta, num_warps=w, num_stages=s))
+            except OutOfResources:  # more shared memory or registers than the device has: never chosen
+                continue
+        return min(timings, key=timings.get) if timings else hint
+
+
+def _on_device(args) -> bool:
+    """Whether a launch runs natively on a CUDA device (not under the interpreter): where tuning means something."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+
+def _tuned(record):
+    """``record`` (a Module or one of its parts) with every kernel handle wrapped in Tuned."""
+    changes = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, triton.runtime.jit.KernelInterface):
+            changes[f.name] = Tuned(value)
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _tuned(value)
+    return dataclasses.replace(record, **changes)
+
+
 def register(m: Module) -> Module:
-    """Create ``m``'s custom ops (once per process: a second module with the same op name reuses them)."""
+    """``m`` with its kernels tuned on a GPU (Tuned); create its custom ops (once per process: a second module
+    with the same op name reuses them)."""
+    m = _tuned(m)
     if m.linear is not None and m.op_name + "_fwd" not in _OPS:
         _OPS[m.op_name + "_fwd"], _OPS[m.op_name + "_bwd"] = _linear_ops(m)
     if m.quadratic is not None and m.op_name + "_qfwd" not in _OPS:
