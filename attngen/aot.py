@@ -320,9 +320,14 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
             if m.quadratic is not None:
                 order = dict(crossover=math.inf) if both else {}
                 call("quadratic", lambda: backward(attention(*qkv(), **order, **params())))
+            chunked = m.linear is not None and m.linear.chunked is not None
             if m.linear is not None:
                 order = dict(crossover=0.0) if both else {}
                 call("linear", lambda: backward(attention(*qkv(dk=dk), **order, **params())))
+                if chunked:  # the chunk-parallel scan, which the host picks for long sequences
+                    mod.host.SCAN = "parallel"
+                    call("parallel", lambda: backward(attention(*qkv(dk=dk), **order, **params())))
+                    mod.host.SCAN = "fused"
             if m.stateful:
                 width = m.feature_width(dk)
 
@@ -339,9 +344,8 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
                 call("state", lambda: stateful(None, 1))
                 call("varlen", lambda: backward(attention(*qkv(dk=dk), cu_seqlens=cu, **params())))
                 call("varlen+state", lambda: stateful(cu, 2))
-                if m.linear.chunked is not None:  # the chunk-parallel scan, which the host picks for long sequences
+                if chunked:
                     mod.host.SCAN = "parallel"
-                    call("parallel", lambda: backward(attention(*qkv(dk=dk), **params())))
                     call("parallel+state", lambda: stateful(None, 1))
                     call("parallel+varlen+state", lambda: stateful(cu, 2))
                     mod.host.SCAN = "fused"

@@ -17,7 +17,8 @@ from attngen.cli import main
 ARGS = ["aot", "linear_elu", "--mode", "causal", "--arch", "sm_90", "--head-dim", "64", "--dtype", "float16"]
 KERNELS = ["_linear_elu_fwd_kernel", "_linear_elu_bwd_dq_kernel", "_linear_elu_bwd_dkv_kernel",
            "_linear_elu_step_kernel", "_linear_elu_qfwd_kernel", "_linear_elu_qbwd_dq_kernel",
-           "_linear_elu_qbwd_dkv_kernel"]
+           "_linear_elu_qbwd_dkv_kernel", "_linear_elu_chunk_h_kernel", "_linear_elu_chunk_o_kernel",
+           "_linear_elu_chunk_dh_kernel", "_linear_elu_chunk_dqkv_kernel"]
 
 
 @pytest.fixture(scope="module")
