@@ -46,6 +46,30 @@ def test_native_matches_reference(name, causal, t, d, dtype):
         assert err <= TOL[dtype], f"{n}: relative RMS {err:.3g} > {TOL[dtype]:g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scan", ["fused", "parallel"])
+@pytest.mark.parametrize("name", ["relu_linear", "cosformer", "cottention", "based"])
+def test_native_scans_match_reference(name, scan, dtype, monkeypatch):
+    """Both causal scans natively (the host's SCAN forced), bf16 included, 1000 tokens in chunks."""
+    from attngen.runtime.triton import loader as triton_backend
+    spec = load_spec(name, causal=True)
+    mod = triton_backend.load_module(build_plan(spec, force="linear"))
+    monkeypatch.setattr(mod.host, "SCAN", scan)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    dk = 16 if name == "based" else 64
+    q, k = (torch.randn(2, 4, 1000, dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v, do = (torch.randn(2, 4, 1000, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    ours = [x.to("cuda", dtype).requires_grad_() for x in (q, k, v)]
+    gold = [x.cuda().requires_grad_() for x in (q, k, v)]
+    o = getattr(mod, f"{spec.name}_attention")(*ours)
+    ref = reference(spec)(*gold)
+    o.backward(do.to("cuda", dtype))
+    ref.backward(do.cuda())
+    for n, x, y in [("o", o, ref)] + [("d" + c, a.grad, r.grad) for c, a, r in zip("qkv", ours, gold)]:
+        err = rel_rms(x, y)
+        assert err <= TOL[dtype], f"{n}: relative RMS {err:.3g} > {TOL[dtype]:g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # the quadratic ordering (flash-style softmax family, a general similarity, block-sparse), natively
 # ---------------------------------------------------------------------------------------------
