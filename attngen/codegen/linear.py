@@ -56,6 +56,10 @@ def linear_slots(plan: Plan) -> dict:
         "dden_mask": f"b_den > {eps}" if clamp else None,
         "decay": _decay(plan, names, params),
         "max_power_dim": POWER_MAX_HEAD_DIM if any(lt.feature.power == 2 for lt in plan.linear_terms) else None,
+        # a causal module with tensor-power features has no fused forward scan: its [BT, BK * BK] feature tiles
+        # and state do not fit one program's registers (attngen aot: spills on sm_90); the chunk-parallel
+        # forward runs instead, whose passes each hold half of them
+        "fused_forward": not any(lt.feature.power == 2 for lt in plan.linear_terms),
     }
 
 

@@ -396,7 +396,8 @@ PARALLEL_CHUNKS = 4  # ... and the sequences at least this many chunks
 def _parallel(m: Module, programs: int, t: int, bt: int) -> bool:
     """Whether the causal linear ordering runs in parallel over chunks: SCAN, or with "auto" when the fused
     scan would run fewer than PARALLEL_PROGRAMS programs over at least PARALLEL_CHUNKS chunks (long sequences,
-    few sequences and heads). The decode step and modules without chunked kernels (the decay class) are fused."""
+    few sequences and heads). The decode step and modules without chunked kernels (the decay class) are fused;
+    modules without a fused forward (tensor-power features) run the chunk-parallel forward whatever SCAN says."""
     if m.linear.chunked is None or SCAN == "fused":
         return False
     return SCAN == "parallel" or (programs < PARALLEL_PROGRAMS and triton.cdiv(t, bt) >= PARALLEL_CHUNKS)
@@ -488,7 +489,7 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
-    if _parallel(m, NV * n * H, T, BT):
+    if m.linear.fwd is None or _parallel(m, NV * n * H, T, BT):  # no fused forward: tensor-power features
         meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
         ci, co, NC = _chunks(n, T, cu, BT, q.device)
         h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, bool(return_state),
