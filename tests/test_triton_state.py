@@ -472,3 +472,11 @@ def test_auto_scan_goes_parallel_for_long_sequences_and_few_programs():
     assert not host._parallel(mod.MODULE, 1024, 4096, 64)  # enough programs: the fused scan
     _, decay, _, _ = module("retention")
     assert decay.MODULE.linear.chunked is None and not host._parallel(decay.MODULE, 16, 4096, 64)
+
+
+def test_an_unknown_scan_is_an_input_error(monkeypatch):
+    _, mod, fn, _ = module("relu_linear")
+    monkeypatch.setattr(mod.host, "SCAN", "parralel")
+    x = torch.randn(1, 1, 8, D, device=DEVICE)
+    with pytest.raises(InputError, match="SCAN"):
+        fn(x, x, x)

@@ -2,6 +2,7 @@
 a spec, the parameters' default values from their ``init`` expressions, packed sequence boundaries."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -59,6 +60,12 @@ def length_limit(spec: Spec, n_q: int, n_k: int) -> int | None:
     limit = spec.length_limit
     if limit is None or isinstance(limit, int):
         return limit
+    return _limit_at(limit, n_q, n_k)
+
+
+@functools.lru_cache(maxsize=1024)
+def _limit_at(limit, n_q: int, n_k: int) -> int:
+    """A length-dependent max_length at n_q, n_k (memoised: every call of an op with such a spec asks)."""
     return math.floor(float(limit.subs({N_Q: n_q, N_K: n_k})))
 
 

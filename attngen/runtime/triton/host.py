@@ -398,6 +398,8 @@ def _parallel(m: Module, programs: int, t: int, bt: int) -> bool:
     scan would run fewer than PARALLEL_PROGRAMS programs over at least PARALLEL_CHUNKS chunks (long sequences,
     few sequences and heads). The decode step and modules without chunked kernels (the decay class) are fused;
     modules without a fused forward (tensor-power features) run the chunk-parallel forward whatever SCAN says."""
+    if SCAN not in ("auto", "fused", "parallel"):
+        raise InputError(f"host.SCAN = {SCAN!r}: expected 'auto', 'fused' or 'parallel'")
     if m.linear.chunked is None or SCAN == "fused":
         return False
     return SCAN == "parallel" or (programs < PARALLEL_PROGRAMS and triton.cdiv(t, bt) >= PARALLEL_CHUNKS)
