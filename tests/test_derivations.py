@@ -804,3 +804,50 @@ def test_s8_chunk_parallel_forward_and_backward():
     close(s, ref_end)
     for mine, theirs in zip((dq, dk, dv, gr), ref):  # dS_0: the reverse pass past the first chunk
         close(mine, theirs)
+
+
+def test_s8_decay_chunk_parallel_and_dloggamma_identity():
+    """The decay class in parallel over chunks: H_c, G_c (anchored at the chunk's last row) from the two
+    sequential passes, every chunk alone from them, and dL/dlog(gamma) from the identity
+    sum_i i Q'_i.dQ'_i - sum_j j K'_j.dK'_j + <dS_0, S_0> + (T - 1) <dS_T, S_T>, against autograd on the direct
+    definition (T = 37 in chunks of 8, an initial state and a final state gradient)."""
+    g = gen(81)
+    qf, kf, v, do = randn(g, T, F), randn(g, T, F), randn(g, T, DV), randn(g, T, DV)
+    s0, ds_end = randn(g, F, DV), randn(g, F, DV)
+    lg = torch.tensor(math.log(0.87), dtype=DT, requires_grad=True)
+    leaves = [x.clone().requires_grad_() for x in (qf, kf, v, s0)]
+    lq, lk, lv, ls0 = leaves
+    idx = torch.arange(T, dtype=DT)
+    o_ref = (decay_weights(T, lg) * (lq @ lk.T)) @ lv + torch.exp(lg * (idx + 1))[:, None] * (lq @ ls0)
+    s_ref = (torch.exp(lg * (T - 1 - idx))[:, None] * lk).T @ lv + torch.exp(lg * T) * ls0
+    ref = grads((o_ref * do).sum() + (s_ref * ds_end).sum(), lg, *leaves)
+    lg = lg.detach()
+    spans = chunks(T, C)
+    hs, s = [], s0.clone()
+    for a, b in spans:  # H_(c+1) = gamma**n H_c + (gamma**(n-1-l) K'_c)^T V_c
+        n, pos = b - a, torch.arange(b - a, dtype=DT)
+        hs.append(s.clone())
+        s = torch.exp(lg * n) * s + (torch.exp(lg * (n - 1 - pos))[:, None] * kf[a:b]).T @ v[a:b]
+    gs, gr = [None] * len(spans), ds_end.clone()
+    for c in reversed(range(len(spans))):  # G_(c-1) = gamma**n G_c + (gamma**(l+1) Q'_c)^T dO_c
+        a, b = spans[c]
+        pos = torch.arange(b - a, dtype=DT)
+        gs[c] = gr.clone()
+        gr = torch.exp(lg * (b - a)) * gr + (torch.exp(lg * (pos + 1))[:, None] * qf[a:b]).T @ do[a:b]
+    out, dq, dk, dv = (torch.zeros_like(x) for x in (v, qf, kf, v))
+    for c, (a, b) in enumerate(spans):  # every chunk alone
+        n, pos = b - a, torch.arange(b - a, dtype=DT)
+        w = torch.where(pos[:, None] >= pos[None, :], torch.exp(lg * (pos[:, None] - pos[None, :]).clamp_min(0)), 0.0)
+        read, write = torch.exp(lg * (pos + 1))[:, None], torch.exp(lg * (n - 1 - pos))[:, None]
+        qc, kc, vc, dc = qf[a:b], kf[a:b], v[a:b], do[a:b]
+        out[a:b] = read * (qc @ hs[c]) + (w * (qc @ kc.T)) @ vc
+        da = w * (dc @ vc.T)
+        dq[a:b] = read * (dc @ hs[c].T) + da @ kc
+        dk[a:b] = write * (vc @ gs[c].T) + da.T @ qc
+        dv[a:b] = write * (kc @ gs[c]) + (w * (qc @ kc.T)).T @ dc
+    dlg = (idx * (qf * dq).sum(1)).sum() - (idx * (kf * dk).sum(1)).sum() + (gr * s0).sum() \
+        + (T - 1) * (ds_end * s).sum()
+    close(out, o_ref.detach())
+    close(s, s_ref.detach())
+    for mine, theirs in zip((dlg, dq, dk, dv, gr), ref):  # dS_0 = G_(-1): the reverse pass past chunk 0
+        close(mine, theirs)

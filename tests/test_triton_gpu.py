@@ -48,7 +48,7 @@ def test_native_matches_reference(name, causal, t, d, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("scan", ["fused", "parallel"])
-@pytest.mark.parametrize("name", ["relu_linear", "cosformer", "cottention", "based"])
+@pytest.mark.parametrize("name", ["relu_linear", "cosformer", "cottention", "based", "retention"])
 def test_native_scans_match_reference(name, scan, dtype, monkeypatch):
     """Both causal scans natively (the host's SCAN forced), bf16 included, 1000 tokens in chunks."""
     from attngen.runtime.triton import loader as triton_backend

@@ -169,9 +169,13 @@ def test_oracle_continues_the_reference():
 # ---------------------------------------------------------------------------------------------
 # gradients through the initial state (and from the returned state), per-sequence positions
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scan", ["fused", "parallel"])
 @pytest.mark.parametrize("key", sorted(SPECS))
-def test_state_gradients_match_float64(key, monkeypatch):
+def test_state_gradients_match_float64(key, scan, monkeypatch):
+    """Both causal scans (host.SCAN) against the float64 recurrent oracle: outputs, the final state and every
+    gradient (inputs, the initial state, parameters: a learned decay's through dL/dlog(gamma))."""
     spec, mod, fn, _ = module(key)
+    monkeypatch.setattr(mod.host, "SCAN", scan)
     b, h, t = 2, 1, 70  # a full chunk of 64 and a short one
     g = torch.Generator().manual_seed(7)
     q, k, v, pq, pk, pv = (rand(g, b, h, n, D) for n in (t, t, t, 9, 9, 9))
@@ -435,7 +439,7 @@ def _packed(fn, spec, mod, g, lengths=(5, 64, 70, 1)):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
-@pytest.mark.parametrize("key", ["relu_linear", "cottention", "cosformer_M4096", "based"])
+@pytest.mark.parametrize("key", ["relu_linear", "cottention", "cosformer_M4096", "based", "retention_learned"])
 def test_chunk_parallel_scan_matches_fused(key, packed, monkeypatch):
     """host.SCAN = "parallel" (the fused kernels made to fail) gives the fused scan's outputs, final states and
     gradients: the same products in the same order, so equal up to the order of the partial sums."""
@@ -470,8 +474,10 @@ def test_auto_scan_goes_parallel_for_long_sequences_and_few_programs():
     host = mod.host
     assert host._parallel(mod.MODULE, 16, 4096, 64) and not host._parallel(mod.MODULE, 16, 128, 64)
     assert not host._parallel(mod.MODULE, 1024, 4096, 64)  # enough programs: the fused scan
-    _, decay, _, _ = module("retention")
-    assert decay.MODULE.linear.chunked is None and not host._parallel(decay.MODULE, 16, 4096, 64)
+    _, decay, _, _ = module("retention")  # the causal decay class has the chunk-parallel scan too
+    assert decay.MODULE.linear.chunked is not None and host._parallel(decay.MODULE, 16, 4096, 64)
+    two_sided = triton_backend.load_module(build_plan(load_spec("retention", causal=False), force="linear"))
+    assert two_sided.MODULE.linear.chunked is None and not host._parallel(two_sided.MODULE, 16, 4096, 64)
 
 
 def test_an_unknown_scan_is_an_input_error(monkeypatch):

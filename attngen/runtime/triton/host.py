@@ -396,8 +396,9 @@ PARALLEL_CHUNKS = 4  # ... and the sequences at least this many chunks
 def _parallel(m: Module, programs: int, t: int, bt: int) -> bool:
     """Whether the causal linear ordering runs in parallel over chunks: SCAN, or with "auto" when the fused
     scan would run fewer than PARALLEL_PROGRAMS programs over at least PARALLEL_CHUNKS chunks (long sequences,
-    few sequences and heads). The decode step and modules without chunked kernels (the decay class) are fused;
-    modules without a fused forward (tensor-power features) run the chunk-parallel forward whatever SCAN says."""
+    few sequences and heads). The decode step and modules without chunked kernels (the two-sided decay class)
+    are fused; modules without a fused forward (tensor-power features) run the chunk-parallel forward whatever
+    SCAN says."""
     if SCAN not in ("auto", "fused", "parallel"):
         raise InputError(f"host.SCAN = {SCAN!r}: expected 'auto', 'fused' or 'parallel'")
     if m.linear.chunked is None or SCAN == "fused":
@@ -418,16 +419,16 @@ def _chunks(n: int, t: int, cu, bt: int, device):
             torch.tensor(co, dtype=torch.int32, device=device), co[-1])
 
 
-def _chunk_states(m: Module, kh, vh, params, state, cu, co, n_c, n, store, st, zt, meta, like):
+def _chunk_states(m: Module, kh, vh, params, state, cu, co, n_c, n, store, st, zt, meta, like, gam=()):
     """h [NC, H, F, V] and hz [NC, H, F] (fp32; hz empty without row sums): the state before every chunk; the
-    final state into st, zt when ``store``."""
+    final state into st, zt when ``store``. ``gam``: (gamma [H],) for the decay class, else ()."""
     H, T, K = kh.shape[1], kh.shape[2], kh.shape[3]
     V, F = vh.shape[3], m.feature_width(K)
     h = _empty((n_c, H, F, V), like, torch.float32)
     hz = _empty((n_c, H, F) if m.normalised else (0,), like, torch.float32)
     s0, z0, pos = _state_args(m, state, like)
     m.linear.chunked.h[(triton.cdiv(V, meta["BV"]), n * H)](
-        kh, vh, s0, z0, pos, cu if cu is not None else _dummy(like), co, h, hz, st, zt, *_params_f32(params),
+        kh, vh, s0, z0, pos, cu if cu is not None else _dummy(like), co, h, hz, st, zt, *gam, *_params_f32(params),
         *_strides(kh, vh), T, H, F, float(T), float(T), float(K), float(H), **meta,
         USE_S0=bool(state), STORE_ST=store, VARLEN=cu is not None)
     return h, hz
@@ -493,14 +494,7 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     NV = triton.cdiv(V, BV)
     if m.linear.fwd is None or _parallel(m, NV * n * H, T, BT):  # no fused forward: tensor-power features
         meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
-        ci, co, NC = _chunks(n, T, cu, BT, q.device)
-        h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, bool(return_state),
-                              st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
-                              meta, q)
-        m.linear.chunked.o[(NV, NC, H)](
-            qh, kh, vh, oh, den, h, hz, _state_args(m, state, q)[2], cu if cu is not None else _dummy(q), ci,
-            *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-            **meta, USE_S0=bool(state), VARLEN=cu is not None)
+        _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
     m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
@@ -509,6 +503,20 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W,
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
+
+
+def _chunk_fwd(m: Module, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta, gam=()):
+    """The causal forward in parallel over chunks into oh (and den): the states before every chunk, then every
+    chunk's output at once. ``gam``: (gamma [H],) for the decay class, else ()."""
+    H, T, K = qh.shape[1], qh.shape[2], qh.shape[3]
+    ci, co, NC = _chunks(n, T, cu, meta["BT"], qh.device)
+    h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, bool(return_state),
+                          st if return_state else _dummy(qh), zt if return_state and m.normalised else _dummy(qh),
+                          meta, qh, gam)
+    m.linear.chunked.o[(triton.cdiv(meta["V"], meta["BV"]), NC, H)](
+        qh, kh, vh, oh, den, h, hz, _state_args(m, state, qh)[2], cu if cu is not None else _dummy(qh), ci, *gam,
+        *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, m.feature_width(K),
+        float(T), float(kh.shape[2]), float(K), float(H), **meta, USE_S0=bool(state), VARLEN=cu is not None)
 
 
 def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
@@ -647,6 +655,9 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     s0, _, pos = _state_args(m, state, q)
     cu_arg = cu if cu is not None else _dummy(q)
     flags = dict(USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
+    if not two_sided and _parallel(m, grid[0] * grid[1], T, BT):
+        _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gam,))
+        return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
     # the causal scan (into acc when the anti-causal one follows), then the anti-causal scan adding it
     dest = acc if two_sided else oh
     kernel[grid](qh, kh, vh, dest, acc, gam, s0, pos, cu_arg, st if return_state else _dummy(q),
@@ -688,8 +699,13 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
         accv = _empty((B, H, S, V), q, torch.float32)
     else:
         accq, acck, accv = _dummy(q), _dummy(q), _dummy(q)
-    dlg = _empty((len(scans), NV * n * H), q, torch.float32)
-    dpar = [[_empty((NV * n * H,), q, torch.float32) for _ in params] for _ in range(2 * len(scans))]
+    if not decay.two_sided and _parallel(m, NV * n * H, T, BT):
+        scans = ()
+        dlg, dpar = _decay_chunk_bwd(m, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn, params, state, cu, dst,
+                                     ds0, use_dst, gam, n, meta)
+    else:
+        dlg = _empty((len(scans), NV * n * H), q, torch.float32)
+        dpar = [[_empty((NV * n * H,), q, torch.float32) for _ in params] for _ in range(2 * len(scans))]
     for rev in scans:
         last = rev == scans[-1]
         if last:
@@ -716,6 +732,42 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
             total = total + dlg_total * dlg_dpar[decay.params.index(name)]
         dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
     return [dq, dk, dv, *dparams, *([ds0] if state else [])]
+
+
+def _decay_chunk_bwd(m: Module, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn, params, state, cu, dst, ds0,
+                     use_dst, gam, n, meta):
+    """The causal decay backward in parallel over chunks (dq, dk, dv into the given targets, dS_0 into ds0):
+    ``dlg`` [1, NV * NC * H] and ``dpar`` (per parameter, [NV * NC * H]) partial sums as the fused scans give
+    them. dL/dlog(gamma) = sum_i i Q'_i.dQ'_i - sum_j j K'_j.dK'_j from the kernels (positions from each
+    sequence's start), plus the initial state's pairs <dS_0, S_0> and the final state's (T_n - 1) <dS_T, S_T>."""
+    H, T, K = qh.shape[1], qh.shape[2], qh.shape[3]
+    V, F, like = vh.shape[3], m.feature_width(K), qh
+    ci, co, NC = _chunks(n, T, cu, meta["BT"], like.device)
+    NV = triton.cdiv(V, meta["BV"])
+    s_t = _empty((n, H, F, V), like, torch.float32) if use_dst else _dummy(like)
+    h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, use_dst, s_t, _dummy(like), meta, like, (gam,))
+    g = _empty((NC, H, F, V), like, torch.float32)
+    s0, _, pos = _state_args(m, state, like)
+    cu_arg = cu if cu is not None else _dummy(like)
+    lengths = (T, H, F, float(T), float(kh.shape[2]), float(K), float(H))
+    flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
+    none = _dummy(like)
+    m.linear.chunked.dh[(NV, n * H)](
+        qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gam, *_params_f32(params),
+        *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
+    dlg = _empty((1, NV * NC * H), like, torch.float32)
+    dpar = [[_empty((NV * NC * H,), like, torch.float32) for _ in params]]
+    m.linear.chunked.dqkv[(NV, NC, H)](
+        qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gam, dlg,
+        *_params_f32(params), *dpar[0], *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths, **meta, **flags)
+    ends = torch.zeros(H, dtype=torch.float32, device=like.device)
+    if state:  # the initial state sits at position -1: its pairs have the distance i + 1, the kernels count i
+        ends += (ds0.float() * s0.float()).sum((-1, -2)).sum(0)
+    if use_dst:  # the final state reads at the sequence's last row T_n - 1
+        t_n = torch.full((n,), float(T), device=like.device) if cu is None else (cu[1:] - cu[:-1]).float()
+        ends += ((t_n - 1)[:, None] * (dst.float() * s_t).sum((-1, -2))).sum(0)
+    dlg[0, :H] += ends  # any slot: the host sums them per head
+    return dlg, dpar
 
 
 # ---------------------------------------------------------------------------------------------
