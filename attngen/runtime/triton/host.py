@@ -759,7 +759,8 @@ def _decay_chunk_bwd(m: Module, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn
     dpar = [[_empty((NV * NC * H,), like, torch.float32) for _ in params]]
     m.linear.chunked.dqkv[(NV, NC, H)](
         qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gam, dlg,
-        *_params_f32(params), *dpar[0], *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths, **meta, **flags)
+        *_params_f32(params), *dpar[0], *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths,
+        **meta, **flags)
     ends = torch.zeros(H, dtype=torch.float32, device=like.device)
     if state:  # the initial state sits at position -1: its pairs have the distance i + 1, the kernels count i
         ends += (ds0.float() * s0.float()).sum((-1, -2)).sum(0)
