@@ -367,21 +367,23 @@ STATE_BUDGET = 2048  # fp32 state elements [rows, BV] one linear-ordering progra
 THREAD_VALUES = 96  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
 
 
-def _blocks(m: Module, t, dk, dv):
+def _blocks(m: Module, t, dk, dv, dtype=None):
     """BT, BK, BV and num_warps of the linear kernels: chunks of BT rows (32 at head dims above 64, 16 for
     features of 256 and more: four [BT, BK] fp32 tiles must stay in registers), every feature column of a term in
     one block (BK; the in-chunk product Q'K'^T needs all of them), and BV value columns per program, the most (up to 64)
     that keep the program's recurrent state [rows, BV] within STATE_BUDGET fp32 values (rows: the feature width
     at BK). Programs split V (grid cdiv(V, BV) x sequences x heads); the backward adds their partial dq, dk.
     num_warps: 8 when the tiles (raw and mapped q, k per feature block, the chunk's [BT, BT] product, the state,
-    v and o) would pass THREAD_VALUES per thread at 4 warps, else 4."""
+    v and o) would pass THREAD_VALUES per thread at 4 warps, else 4. fp16 inputs keep the state's operand in fp32
+    (SDT, kernel_macros.j2): above head dim 64 their chunks are 16 rows (at 32 the fused forward spilled 20-48 B
+    on sm_90)."""
     bk = max(16, triton.next_power_of_2(dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
     if rows >= 256:  # tensor-power features: [BT, BK * BK] tiles
         bt = 16
     elif bk > 64:
-        bt = min(bt, 32)
+        bt = min(bt, 16 if dtype == torch.float16 else 32)
     fit = 1 << max(4, (STATE_BUDGET // rows).bit_length() - 1)  # the largest power of two <= budget / rows, >= 16
     bv = min(64, fit, max(16, triton.next_power_of_2(dv)))
     values = bt * bk * 2 + bt * rows * 2 + bt * bt + rows * bv + 2 * bt * bv
@@ -482,7 +484,7 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     S, V = kh.shape[2], vh.shape[3]
     o, oh = _like_layout(B, H, T, V, q, layout)
     den = _empty((B, H, T) if m.normalised else (0,), q, torch.float32)
-    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V, q.dtype)
     if not m.causal:
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
@@ -531,7 +533,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
     dk, dkh = _like_layout(B, H, S, K, k, layout)
     dv, dvh = _like_layout(B, H, S, V, v, layout)
     pf = _params_f32(params)
-    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     if m.normalised:  # D_i = sum_e dO_ie O_ie split by V block: [NV, B, H, T] (each block's kernels take its share)
         prod = (doh.float() * oh.float()).reshape(B, H, T, V)
@@ -609,11 +611,11 @@ def _step(m: Module, q, k, v, state, params, layout):
     s_out = _empty(S.shape, S)
     z_out = _empty(z.shape, z) if m.normalised else None
     gam = _gamma(m, params, H, 1, 1, K, q)[0] if m.linear.decay is not None else _dummy(q)
-    _, BK, BV, W = _blocks(m, 1, K, V)
+    _, BK, BV, W = _blocks(m, 1, K, V, q.dtype)
     m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
         *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0, 1.0, float(K), float(H),
-        K=K, V=V, BT=1, BK=BK, BV=BV, num_warps=4)
+        K=K, V=V, BT=1, BK=BK, BV=BV, num_warps=W)
     return o, s_out, z_out, pos + 1
 
 
@@ -644,7 +646,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     S, V = kh.shape[2], vh.shape[3]
     gam, _ = _gamma(m, params, H, T, S, K, q)
     o, oh = _like_layout(B, H, T, V, q, layout)
-    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V, q.dtype)
     n, F = _sequences(B, cu), m.feature_width(K)
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
@@ -681,7 +683,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     dk, dkh = _like_layout(B, H, S, K, k, layout)
     dv, dvh = _like_layout(B, H, S, V, v, layout)
     pf = _params_f32(params)
-    BT, BK, BV, W = _blocks(m, max(T, S), K, V)
+    BT, BK, BV, W = _blocks(m, max(T, S), K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n, F = _sequences(B, cu), m.feature_width(K)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
