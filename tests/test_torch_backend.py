@@ -371,26 +371,11 @@ def test_bad_compile_arguments(kw, error, match):
         attngen.compile("softmax", backend="torch", **kw)
 
 
-@pytest.mark.parametrize("name", ["linear_elu", "cosformer", "based"])
+@pytest.mark.parametrize("name", ["linear_elu", "cosformer", "based", "retention"])
 def test_state_carried_across_chunk_groups(name, monkeypatch):
-    """The undecayed causal scan runs a group of chunks at a time; several groups must give the same result."""
-    from attngen.runtime.torch import linear as torch_linear
-    monkeypatch.setattr(torch_linear, "GROUP_TOKENS", 16)  # chunk 5 -> groups of 3 chunks: 5 groups at T = 63
+    """The causal scan runs a group of chunks at a time; several groups (and a short last chunk) must give the
+    reference's output and gradients."""
+    from attngen.runtime.torch import scan
+    monkeypatch.setattr(scan, "GROUP_TOKENS", 16)  # chunk 5 -> groups of 3 chunks: 5 groups at T = 63
     check(load(name, "causal"), t=63, plan="linear", chunk=5)
     check(load(name, "causal"), torch.float32, t=200, plan="linear", chunk=16)
-
-
-@pytest.mark.parametrize("name,overrides", [("linear_elu", {}), ("retention", {}), ("cottention", {}),
-                                            ("cosformer", {"M": 4096}), ("cosformer", {})],
-                         ids=["linear_elu", "retention", "cottention", "cosformer-M4096", "cosformer-M-from-length"])
-def test_long_causal_sequences_run_in_blocks(name, overrides, monkeypatch):
-    """Past BLOCK_TOKENS the causal linear ordering runs block by block with the state carried over (or, when a
-    factor depends on the length, like cosFormer's default M, in one piece); both equal the reference."""
-    from attngen.runtime.torch import backend as torch_backend
-    monkeypatch.setattr(torch_backend, "BLOCK_TOKENS", 32)  # chunk 16 -> blocks of 32 tokens: 7 blocks at T = 200
-    calls = []
-    real = torch_backend.run_state
-    monkeypatch.setattr(torch_backend, "run_state", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    spec = attngen.load_spec(name, causal=True, **overrides)
-    check(spec, t=200, b=1, plan="linear", chunk=16)
-    assert len(calls) == (0 if name == "cosformer" and not overrides else 7)

@@ -1,7 +1,8 @@
 """Evaluate sympy expressions of the spec algebra on torch tensors, through one mapping table.
 
 Used by the naive reference (which evaluates the spec directly) and by the torch backend (which evaluates
-the planner's feature maps and position factors). No code is generated or executed: the tree is walked.
+the planner's feature maps and position factors). No code is generated or executed: each tree is translated
+once into nested closures (one per node), which later calls run.
 """
 from __future__ import annotations
 
@@ -77,58 +78,101 @@ TABLE = {
 
 
 class Evaluator:
-    """Walks a sympy tree; ``env`` maps symbols to tensors or numbers; ``dot(ev, a, b)`` / ``norm(ev, a)``
+    """Evaluates sympy trees; ``env`` maps symbols to tensors or numbers; ``dot(ev, a, b)`` / ``norm(ev, a)``
     evaluate the reductions, given this evaluator for their arguments (the caller decides how vectors are
-    laid out; passing the evaluator in keeps the functions free of references back to it)."""
+    laid out; passing the evaluator in keeps the functions free of references back to it).
+
+    Each tree is translated once into nested Python closures (``compiled``, cached per expression): a call
+    runs those closures on this evaluator's env and walks no sympy tree."""
 
     def __init__(self, env: dict, dot=None, norm=None, where: str = "<expr>"):
         self.env, self.dot, self.norm, self.where = env, dot, norm, where
 
     def __call__(self, expr):
-        if isinstance(expr, sympy.Symbol):
-            if expr not in self.env:
-                raise PlanError(f"{self.where}: no value for symbol {expr} (known: {sorted(map(str, self.env))})")
-            return self.env[expr]
-        if expr is sympy.pi:
-            return math.pi
-        if expr.is_Number or expr.is_NumberSymbol:
-            return int(expr) if expr.is_Integer else float(expr)
-        if isinstance(expr, Dot):
-            return self.dot(self, *expr.args)
-        if isinstance(expr, Norm):
-            return self.norm(self, expr.args[0])
-        if isinstance(expr, sympy.Add):
-            out = 0
-            for a in expr.args:
-                out = out + self(a)
-            return out
-        if isinstance(expr, sympy.Mul):
-            out = 1
-            for a in expr.args:
-                out = out * self(a)
-            return out
-        if isinstance(expr, sympy.Pow):
-            base, exp = self(expr.args[0]), self(expr.args[1])
-            return _pow(base, exp)
-        if isinstance(expr, sympy.Piecewise):
-            return self._piecewise(expr)
-        fn = TABLE.get(type(expr)) or TABLE.get(expr.func)
-        if fn is None:
-            raise PlanError(f"{self.where}: cannot evaluate {type(expr).__name__} in {expr}")
-        return fn(*[self(a) for a in expr.args])
+        return compiled(expr, self.where)(self)
 
-    def _piecewise(self, expr):
+    def lookup(self, symbol):
+        try:
+            return self.env[symbol]
+        except KeyError:
+            raise PlanError(f"{self.where}: no value for symbol {symbol} (known: {sorted(map(str, self.env))})") \
+                from None
+
+
+COMPILED_LIMIT = 4096  # expressions kept translated (a plan holds a few dozen)
+_COMPILED: dict = {}
+
+
+def compiled(expr, where: str = "<expr>"):
+    """The closure computing ``expr`` from an Evaluator: built on the first request, then reused. Raises
+    PlanError for a node with no torch equivalent (naming ``where``)."""
+    fn = _COMPILED.get(expr)
+    if fn is None:
+        fn = _translate(expr, where)
+        if len(_COMPILED) >= COMPILED_LIMIT:
+            _COMPILED.clear()
+        _COMPILED[expr] = fn
+    return fn
+
+
+def _translate(expr, where: str):
+    if isinstance(expr, sympy.Symbol):
+        return lambda ev: ev.lookup(expr)
+    if expr is sympy.pi:
+        return lambda ev: math.pi
+    if expr.is_Number or expr.is_NumberSymbol:
+        value = int(expr) if expr.is_Integer else float(expr)
+        return lambda ev: value
+    if isinstance(expr, Dot):
+        a, b = expr.args
+        return lambda ev: ev.dot(ev, a, b)
+    if isinstance(expr, Norm):
+        a = expr.args[0]
+        return lambda ev: ev.norm(ev, a)
+    args = [_translate(a, where) for a in expr.args]
+    if isinstance(expr, sympy.Add):
+        return lambda ev: _fold(args, ev, lambda x, y: x + y)
+    if isinstance(expr, sympy.Mul):
+        return lambda ev: _fold(args, ev, lambda x, y: x * y)
+    if isinstance(expr, sympy.Pow):
+        base, exp = args
+        return lambda ev: _pow(base(ev), exp(ev))
+    if isinstance(expr, sympy.Piecewise):
+        return _piecewise(expr, where)
+    fn = TABLE.get(type(expr)) or TABLE.get(expr.func)
+    if fn is None:
+        raise PlanError(f"{where}: cannot evaluate {type(expr).__name__} in {expr}")
+    return lambda ev: fn(*[a(ev) for a in args])
+
+
+def _fold(args, ev, op):
+    out = args[0](ev)
+    for a in args[1:]:
+        out = op(out, a(ev))
+    return out
+
+
+def _piecewise(expr, where: str):
+    branches = []  # (value, condition's lhs or None for the default), last branch first
+    for value, cond in reversed(expr.args):
+        if cond is sympy.true:
+            branches.append((_translate(value, where), None))
+            continue
+        if not isinstance(cond, sympy.core.relational.StrictGreaterThan) or cond.rhs != 0:
+            raise PlanError(f"{where}: cannot evaluate the condition {cond}")
+        branches.append((_translate(value, where), _translate(cond.lhs, where)))
+
+    def run(ev):
         out = None
-        for value, cond in reversed(expr.args):
-            v = self(value)
-            if cond is sympy.true:
+        for value, lhs in branches:
+            v = value(ev)
+            if lhs is None:
                 out = v
                 continue
-            if not isinstance(cond, sympy.core.relational.StrictGreaterThan) or cond.rhs != 0:
-                raise PlanError(f"{self.where}: cannot evaluate the condition {cond}")
-            c = self(cond.lhs) > 0
+            c = lhs(ev) > 0
             out = torch.where(c, v, out) if isinstance(c, torch.Tensor) else (v if c else out)
         return out
+    return run
 
 
 def scalar_env(spec, n_q: int, n_k: int, d: int, heads: int, params: dict, dtype, device) -> dict:

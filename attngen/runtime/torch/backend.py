@@ -32,8 +32,6 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
-    if ordering is Ordering.LINEAR and spec.causal and q.shape[2] > BLOCK_TOKENS and _length_free(plan):
-        return _blockwise(plan, q, k, v, params, chunk)
     in_dtype = q.dtype
     q, k, v, env = prepare(plan, q, k, v, params)
     h = q.shape[1]
@@ -67,30 +65,6 @@ def prepare(plan, q, k, v, params: dict) -> tuple:
     b, h, t, d = q.shape
     env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
     return q, k, with_ones(v, plan.normalize), env
-
-
-BLOCK_TOKENS = 1024  # a long causal sequence runs in blocks of this many tokens, its state carried between
-
-
-def _length_free(plan) -> bool:
-    """True when no feature or position factor depends on the sequence length (so blocks see the same math)."""
-    return plan.spec.causal and bool(plan.linear_terms) and not plan.capabilities.length_terms
-
-
-def _blockwise(plan, q, k, v, params: dict, chunk: int | None) -> torch.Tensor:
-    """The causal linear ordering over blocks of BLOCK_TOKENS tokens, the recurrent state carried from one
-    block to the next: feature maps and temporaries then stay the size of a block (cache-resident) at every
-    length, and the result is the same operator (state passing is exact)."""
-    b, t = q.shape[0], q.shape[2]
-    block = max(chunk or plan.chunk, BLOCK_TOKENS // (chunk or plan.chunk) * (chunk or plan.chunk))
-    start = torch.zeros(b, dtype=torch.int64, device=q.device)
-    outs, state = [], None
-    for t0 in range(0, t, block):
-        t1 = min(t, t0 + block)
-        o, state = run_state(plan, Ordering.LINEAR, q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1], params, chunk,
-                             state, start + t0)
-        outs.append(o)
-    return torch.cat(outs, 2)
 
 
 def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torch.Tensor | None,

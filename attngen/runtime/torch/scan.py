@@ -1,0 +1,201 @@
+"""The causal linear scan on a CPU (or any torch device) with a hand-derived backward: docs/derivations.md
+sections 3, 4 and 8 in batched torch matmuls.
+
+    out, final = causal_scan(qf, kf, v, chunk, lg=None, strict=False, initial=None)
+
+qf, kf [B, H, T, F], v [B, H, T, E], lg = log(gamma) [1, H, 1, 1] (<= 0) or None, initial [B, H, F, E] or None.
+out [B, H, T, E] = sum_{j <= i} gamma**(i-j) (Q'_i . K'_j) V_j (+ gamma**(i+1) Q'_i S_0), final = the state after
+the last token. ``strict`` drops the diagonal (j < i; the anti-causal half of a two-sided decay).
+
+The sequence runs in groups of GROUP_TOKENS tokens (chunks of ``chunk`` rows, all chunks of a group and every
+batch element and head in one batched matmul each), the state carried from group to group: temporaries are
+the size of a group at every length. A short last chunk runs as a group of its own with its own chunk size, so
+every power of gamma has an exponent in [0, GROUP_TOKENS] (never gamma**-j). The backward (torch.autograd
+.Function) recomputes each group from the state before it (kept per group: [groups, B, H, F, E]) and carries
+the state gradient backwards, so autograd never records the chunk loop: time and memory are linear in T.
+dL/dlog(gamma) (a learnable gamma) comes from one more forward sweep with the distance-weighted state of
+derivations section 4.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd.function import once_differentiable
+
+GROUP_TOKENS = 1024  # tokens per group: the chunks of a group run in one batched matmul
+
+
+def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=None):
+    """(out [B, H, T, E], the state after the last token [B, H, F, E]); see the module docstring."""
+    return _Scan.apply(qf, kf, v, lg, initial, chunk, strict)
+
+
+class _Weights:
+    """The powers of gamma of one chunk size c and g chunks per group: in-chunk weights w (the causal mask
+    without a decay), query and key factors qd, kd (None without), and the chunk-to-chunk matrix m
+    [H or 1, g + 1, g] (gamma**(C(i-1-j)) for j < i) with head [H or 1, g + 1, 1] = gamma**(C i): the states
+    before each chunk and after the group are m @ (the chunks' sums) + head * (the state before the group),
+    one small matmul (a cumsum along the chunk dim is several times slower on a CPU)."""
+
+    def __init__(self, lg, c: int, g: int, strict: bool, like: torch.Tensor):
+        dtype, device = like.dtype, like.device
+        pos = torch.arange(c, device=device)
+        diff = pos[:, None] - pos[None, :]
+        allowed = diff > 0 if strict else diff >= 0
+        blocks = torch.arange(g + 1, device=device)
+        lag = blocks[:, None] - 1 - blocks[None, :g]  # i - 1 - j: chunk j's sum reaches the state before chunk i
+        if lg is None:
+            self.w = allowed.to(dtype)  # [C, C]
+            self.qd = self.kd = None
+            self.m = (lag >= 0).to(dtype).unsqueeze(0)  # [1, g + 1, g]
+            self.head = torch.ones(1, g + 1, 1, dtype=dtype, device=device)
+            return
+        lgc = lg.to(dtype).unsqueeze(2)  # [1, H, 1, 1, 1]
+        self.w = torch.where(allowed, torch.exp(lgc * diff.clamp_min(0).to(dtype)), 0.0)  # [1, H, 1, C, C]
+        self.qd = torch.exp(lgc * (pos + 1).to(dtype)[:, None])  # gamma**(a+1) [1, H, 1, C, 1]
+        self.kd = torch.exp(lgc * (c - 1 - pos).to(dtype)[:, None])  # gamma**(C-1-b) [1, H, 1, C, 1]
+        lgh = lg.to(dtype).reshape(-1, 1, 1)  # [H, 1, 1]
+        self.m = torch.where(lag >= 0, torch.exp(lgh * (c * lag.clamp_min(0)).to(dtype)), 0.0)  # [H, g+1, g]
+        self.head = torch.exp(lgh * (c * blocks).to(dtype)[:, None])  # gamma**(C i) [H, g + 1, 1]
+
+
+def _segments(t: int, c: int):
+    """(start, chunk size, chunks) of the groups covering t tokens: groups of full chunks, then the short tail."""
+    group = max(1, GROUP_TOKENS // c) * c
+    full = t // c * c
+    out = [(s, c, (min(full, s + group) - s) // c) for s in range(0, full, group)]
+    if t > full:
+        out.append((full, t - full, 1))
+    return out
+
+
+def _states(kg, vg, state, w: _Weights, g: int):
+    """The states before each of the g chunks of a group [B, H, g, F, E] and after the group, from the state
+    before it."""
+    b, h, _, c, f = kg.shape
+    e = vg.shape[-1]
+    kv = (kg if w.kd is None else kg * w.kd).transpose(-1, -2) @ vg  # [B, H, g, F, E]: each chunk's sum
+    hm = w.head.shape[0]
+    mixed = (w.m @ kv.reshape(b, h, g, f * e)).view(b, h, g + 1, f, e)  # [B, H, g + 1, F, E]
+    mixed += w.head.view(1, hm, g + 1, 1, 1) * state.unsqueeze(2)
+    return mixed[:, :, :g], mixed[:, :, g]
+
+
+def _forward_group(qg, kg, vg, state, w: _Weights, g: int):
+    """One group of g chunks [B, H, g, C, *] from the state before it: (out [B, H, g, C, E], the state after
+    the group)."""
+    b, h, _, c, f = qg.shape
+    e = vg.shape[-1]
+    states, after = _states(kg, vg, state, w, g)
+    scores = (qg @ kg.transpose(-1, -2)).mul_(w.w)  # [B, H, g, C, C]
+    inter = qg @ states
+    if w.qd is not None:
+        inter.mul_(w.qd)
+    return torch.baddbmm(inter.view(-1, c, e), scores.view(-1, c, c), vg.reshape(-1, c, e)).view(b, h, g, c, e), \
+        after
+
+
+def _chunks(x, t0: int, c: int, g: int):
+    b, h, _, d = x.shape
+    return x[:, :, t0:t0 + g * c].reshape(b, h, g, c, d)
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qf, kf, v, lg, initial, chunk: int, strict: bool):
+        b, h, t, f = qf.shape
+        e = v.shape[-1]
+        weights = functools.lru_cache(maxsize=None)(lambda c, g: _Weights(lg, c, g, strict, qf))
+        out = qf.new_empty(b, h, t, e)
+        state = qf.new_zeros(b, h, f, e) if initial is None else initial.to(qf.dtype)
+        starts = []
+        for t0, c, g in _segments(t, chunk):
+            starts.append(state)
+            o, state = _forward_group(_chunks(qf, t0, c, g), _chunks(kf, t0, c, g), _chunks(v, t0, c, g), state,
+                                         weights(c, g), g)
+            out[:, :, t0:t0 + g * c] = o.view(b, h, g * c, e)
+        ctx.save_for_backward(qf, kf, v, lg, initial, *starts)
+        ctx.chunk, ctx.strict = chunk, strict
+        return out, state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal):
+        qf, kf, v, lg, initial, *starts = ctx.saved_tensors
+        b, h, t, f = qf.shape
+        e = v.shape[-1]
+        weights = functools.lru_cache(maxsize=None)(lambda c, g: _Weights(lg, c, g, ctx.strict, qf))
+        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
+        grad = qf.new_zeros(b, h, f, e) if dfinal is None else dfinal.to(qf.dtype).clone()
+        dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
+        for (t0, c, g), s_in in reversed(list(zip(_segments(t, ctx.chunk), starts))):
+            w = weights(c, g)
+            qg, kg, vg, dg = (_chunks(x, t0, c, g) for x in (qf, kf, v, dout))
+            states, _ = _states(kg, vg, s_in, w, g)
+            qdo = (qg if w.qd is None else qg * w.qd).transpose(-1, -2) @ dg  # [B, H, g, F, E]
+            # G_j = gamma**(C(g-1-j)) G_out + sum_{j' > j} gamma**(C(j'-1-j)) qdo_j' (anchored at chunk j's last row)
+            hm = w.head.shape[0]
+            flat = (w.m[:, :g].transpose(-1, -2) @ qdo.reshape(b, h, g, f * e)).view(b, h, g, f, e)
+            grads = flat + w.head[:, :g].flip(1).view(1, hm, g, 1, 1) * grad.unsqueeze(2)
+            head = w.head[:, :g].view(1, hm, g, 1, 1)  # gamma**(C j): chunk j's queries reach the group's start
+            grad = w.head[:, g].view(1, hm, 1, 1) * grad + (head * qdo).sum(2)
+            scores = (qg @ kg.transpose(-1, -2)).mul_(w.w)  # A o W [B, H, g, C, C]
+            da = (dg @ vg.transpose(-1, -2)).mul_(w.w)  # dA o W
+            dqg = dg @ states.transpose(-1, -2)
+            dkg = vg @ grads.transpose(-1, -2)
+            kw = kg if w.kd is None else kg * w.kd
+            dvg = kw @ grads
+            if w.qd is not None:
+                dqg.mul_(w.qd)
+                dkg.mul_(w.kd)
+            dqg = torch.baddbmm(dqg.view(-1, c, f), da.view(-1, c, c), kg.reshape(-1, c, f))
+            dkg = torch.baddbmm(dkg.view(-1, c, f), da.view(-1, c, c).transpose(-1, -2), qg.reshape(-1, c, f))
+            dvg = torch.baddbmm(dvg.view(-1, c, e), scores.view(-1, c, c).transpose(-1, -2), dg.reshape(-1, c, e))
+            dq[:, :, t0:t0 + g * c] = dqg.view(b, h, g * c, f)
+            dk[:, :, t0:t0 + g * c] = dkg.view(b, h, g * c, f)
+            dv[:, :, t0:t0 + g * c] = dvg.view(b, h, g * c, e)
+        dlg = None
+        if lg is not None and ctx.needs_input_grad[3]:
+            dlg = _dloggamma(qf, kf, v, dout, lg, initial, dfinal, ctx.chunk, weights)
+        dinit = grad.to(initial.dtype) if initial is not None and ctx.needs_input_grad[4] else None
+        return dq, dk, dv, dlg, dinit, None, None
+
+
+def _dloggamma(qf, kf, v, dout, lg, initial, dfinal, chunk: int, weights):
+    """dL/dlog(gamma) [lg's shape] = sum over pairs of (i - j) P(i, j), P = W(i, j) (Q'_i.K'_j)(dO_i.V_j), in one
+    forward sweep carrying next to S the distance-weighted state S' = dS/dlog(gamma) (docs/derivations.md
+    section 4): the pairs inside a chunk from the [C, C] tiles, the pairs through the state from
+    (a + 1) S_c + S'_c, the final state's gradient from <dS_T, S'_T>. Every term is a sum of non-negative
+    distances times products: no cancellation between large sums (the pair identity of section 8 loses
+    digits in fp32 when gamma is small)."""
+    b, h, t, f = qf.shape
+    e = v.shape[-1]
+    state = qf.new_zeros(b, h, f, e) if initial is None else initial.to(qf.dtype)
+    dstate = torch.zeros_like(state)  # S'
+    total = qf.new_zeros(h)
+    for t0, c, g in _segments(t, chunk):
+        w = weights(c, g)
+        qg, kg, vg, dg = (_chunks(x, t0, c, g) for x in (qf, kf, v, dout))
+        pos = torch.arange(c, device=qf.device, dtype=qf.dtype)
+        dist = (pos[:, None] - pos[None, :]).clamp_min(0)  # a - b on the allowed pairs (W is 0 elsewhere)
+        pairs = (qg @ kg.transpose(-1, -2)) * w.w * (dg @ vg.transpose(-1, -2))  # P inside each chunk
+        total += (pairs * dist).sum((0, 2, 3, 4))
+        hm = w.head.shape[0]
+        blocks = torch.arange(g + 1, device=qf.device, dtype=qf.dtype)
+        kv = (kg * w.kd).transpose(-1, -2) @ vg
+        kvd = (kg * w.kd * (c - 1 - pos)[:, None]).transpose(-1, -2) @ vg  # distance-weighted chunk sums
+        lag = (blocks[:, None] - 1 - blocks[None, :g]).clamp_min(0)
+        mixed = (w.m @ kv.reshape(b, h, g, f * e)).view(b, h, g + 1, f, e)
+        mixed += w.head.view(1, hm, g + 1, 1, 1) * state.unsqueeze(2)
+        mixed_d = ((w.m * (c * lag)) @ kv.reshape(b, h, g, f * e) + w.m @ kvd.reshape(b, h, g, f * e)).view(
+            b, h, g + 1, f, e)
+        mixed_d += w.head.view(1, hm, g + 1, 1, 1) * (dstate.unsqueeze(2)
+                                                     + (c * blocks).view(1, 1, g + 1, 1, 1) * state.unsqueeze(2))
+        states, states_d = mixed[:, :, :g], mixed_d[:, :, :g]
+        reach = (qg @ states) * (pos + 1)[:, None] + qg @ states_d  # [B, H, g, C, E]
+        total += (reach * w.qd * dg).sum((0, 2, 3, 4))
+        state, dstate = mixed[:, :, g], mixed_d[:, :, g]
+    if dfinal is not None:
+        total += (dfinal.to(qf.dtype) * dstate).sum((0, 2, 3))
+    return total.view(lg.shape).to(lg.dtype)
