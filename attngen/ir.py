@@ -139,6 +139,22 @@ class Reweight:
     log_weight: sympy.Expr | None = None  # log W when W is an exponential (folded into a softmax score)
 
 
+SDPA_BIAS_LIMIT = 1 << 25  # the largest H * T * S float bias the torch target hands to SDPA (128 MB in fp32)
+
+
+@dataclass(frozen=True)
+class Sdpa:
+    """The torch target's quadratic ordering is exactly torch's scaled_dot_product_attention: softmax of
+    scale * <q, k> + bias, with scale free of q, k, i, j (a number, or per head) and bias = log W (None: W = 1)
+    free of q, k."""
+    scale: sympy.Expr
+    bias: sympy.Expr | None = None
+
+    def describe(self) -> str:
+        bias = "" if self.bias is None else f", float bias {sympy.sstr(self.bias)}"
+        return f"scale {sympy.sstr(self.scale)}{bias}"
+
+
 def is_softmax(similarity: Similarity, normalize) -> bool:
     """Softmax attention: an exp(score) similarity with a row-sum normaliser and no eps."""
     return similarity.kind is SimilarityClass.EXP and normalize.kind == "rowsum" and normalize.eps == 0
@@ -263,6 +279,7 @@ class Plan:
     capabilities: Capabilities = Capabilities()
     estimator: "Plan | None" = field(compare=False, repr=False, default=None)  # topk_sparse: the estimator's plan
     target: str = "torch"  # the backend whose orderings the choice was restricted to
+    sdpa: Sdpa | None = None  # torch target: the quadratic ordering delegated to SDPA (attngen.runtime.torch.sdpa)
     trace: tuple = field(compare=False, repr=False, default=())  # (stage, pass, what it did) per pass
 
     def candidate(self, ordering: Ordering) -> Candidate:

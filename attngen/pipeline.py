@@ -16,10 +16,19 @@ from attngen.ir import DEFAULT_CHUNK, Plan
 from attngen.passes.capabilities import capabilities
 from attngen.passes.draft import Draft
 from attngen.passes.frontend import check_names, read_spec, softmax_as_exp, substitute_constants
-from attngen.passes.planning import approximate, choose_ordering, classify, costs, linear_terms, ordering, separate
+from attngen.passes.planning import (
+    approximate,
+    choose_ordering,
+    classify,
+    costs,
+    delegate,
+    linear_terms,
+    ordering,
+    separate,
+)
 
 FRONTEND = (check_names, read_spec, substitute_constants, softmax_as_exp)
-PLANNING = (separate, classify, linear_terms, approximate, costs, choose_ordering, capabilities)
+PLANNING = (separate, classify, linear_terms, approximate, costs, choose_ordering, delegate, capabilities)
 LOWERING = (select_kernels, fill_slots, render_text)
 
 GENERATORS = {TRITON.name: TRITON}
@@ -46,6 +55,7 @@ def plan(spec, *, target: str = "torch", head_dim: int = 64, chunk: int = DEFAUL
     return Plan(spec=spec, similarity=x.similarity, reweight=x.reweight, normalize=x.normalize,
                 linear_terms=x.linear_terms, candidates=x.candidates, choice=x.choice, derivation=x.steps,
                 head_dim=head_dim, chunk=chunk, capabilities=x.capabilities, estimator=x.estimator, target=target,
+                sdpa=x.sdpa,
                 trace=tuple(rows))
 
 

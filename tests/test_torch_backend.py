@@ -379,3 +379,29 @@ def test_state_carried_across_chunk_groups(name, monkeypatch):
     monkeypatch.setattr(scan, "GROUP_TOKENS", 16)  # chunk 5 -> groups of 3 chunks: 5 groups at T = 63
     check(load(name, "causal"), t=63, plan="linear", chunk=5)
     check(load(name, "causal"), torch.float32, t=200, plan="linear", chunk=16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sdpa_runs_exactly_sdpas_operator(mode, monkeypatch):
+    """softmax and a frozen ALiBi run torch's SDPA (counted), equal to the float64 reference; a learnable slope
+    under autograd and a non-softmax spec run the tiles; the plan's derivation says which."""
+    from attngen.runtime.torch import sdpa
+    calls = []
+    real = sdpa.F.scaled_dot_product_attention
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    spec = load("softmax", mode)
+    op = check(spec, torch.float32, t=70, plan="quadratic")
+    assert calls and "scaled_dot_product_attention" in op.plan.explain()
+    calls.clear()
+    alibi = load("alibi", mode)
+    check(alibi, t=40, plan="quadratic")  # the slope is a leaf with a gradient: tiled
+    assert not calls
+    q, k, v = (torch.randn(2, H, 50, 16, dtype=torch.float64) for _ in range(3))
+    slope = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    with torch.no_grad():
+        out = attngen.compile(alibi, backend="torch", plan="quadratic")(q, k, v, slope=slope)
+    assert calls
+    torch.testing.assert_close(out, attngen.reference(alibi)(q, k, v, slope=slope), rtol=1e-10, atol=1e-10)
+    calls.clear()
+    check(load("cosformer", mode), t=40, plan="quadratic")
+    assert not calls

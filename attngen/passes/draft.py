@@ -29,6 +29,7 @@ class Draft:
     choice: Choice | None = None
     estimator: object = None  # topk_sparse: the estimator's Plan
     capabilities: Capabilities | None = None
+    sdpa: object = None  # attngen.ir.Sdpa when the torch target's quadratic ordering is SDPA's operator
 
     def step(self, name: str, detail: str, **changes) -> "Draft":
         return replace(self, steps=self.steps + (Step(name, detail),), **changes)

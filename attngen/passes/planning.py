@@ -7,8 +7,18 @@ from dataclasses import replace
 import sympy
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import D
-from attngen.ir import Choice, LinearTerm, Ordering, ReweightClass, SimilarityClass, is_softmax, is_softmax_family
+from attngen.frontend.expr import KE, QE, D, Dot, I, J
+from attngen.ir import (
+    SDPA_BIAS_LIMIT,
+    Choice,
+    LinearTerm,
+    Ordering,
+    ReweightClass,
+    Sdpa,
+    SimilarityClass,
+    is_softmax,
+    is_softmax_family,
+)
 from attngen.passes import cost
 from attngen.passes.draft import Draft, with_steps
 from attngen.passes.rewrite import classify_reweight, classify_similarity
@@ -117,6 +127,43 @@ def choose_ordering(x: Draft) -> Draft:
         note = " [backend implements: " + ", ".join(sorted(o.value for o in x.available)) + "]"
     choice, why = cost.choose(cands, x.head_dim, x.chunk)
     return x.step("choose", why + note, choice=choice)
+
+
+def delegate(x: Draft) -> Draft:
+    """torch target: when the quadratic ordering is exactly SDPA's operator (softmax of c * <q, k> + log W, c free
+    of q, k, i, j, log W free of q, k, row sums without eps), it runs torch.nn.functional
+    .scaled_dot_product_attention (a float bias of H x T x S elements up to SDPA_BIAS_LIMIT; the tiled ordering
+    past it); everything SDPA cannot express stays tiled."""
+    if x.target != "torch" or Ordering.QUADRATIC not in (x.choice.below, x.choice.above):
+        return x
+    why = _not_sdpa(x)
+    if why:
+        return x.step("delegate", f"the quadratic ordering runs attngen's tiles: {why}")
+    score = x.similarity.score
+    scale = score / Dot(QE, KE)  # a Mul with the Dot factor cancels it; anything else keeps a Dot
+    bias = None if x.reweight.kind is ReweightClass.NONE else x.reweight.log_weight
+    sdpa = Sdpa(scale, bias)
+    limit = (f"; tiled above {SDPA_BIAS_LIMIT} bias elements (H x T x S) and when the bias needs a gradient"
+             if bias is not None else "")
+    return x.step("delegate", f"the quadratic ordering runs torch's scaled_dot_product_attention ({sdpa.describe()})"
+                              f"{limit}", sdpa=sdpa)
+
+
+def _not_sdpa(x: Draft) -> str:
+    """Why the quadratic ordering is not SDPA's operator ('' when it is)."""
+    if x.similarity.kind is not SimilarityClass.EXP:
+        return "the similarity is not an exponential (not a softmax)"
+    if x.normalize.kind != "rowsum" or x.normalize.eps != 0:
+        return "the normalisation is not a plain row sum (SDPA has no eps)"
+    score = x.similarity.score
+    scale = score / Dot(QE, KE)  # a Mul with the Dot factor cancels it; anything else keeps a Dot
+    if scale.has(QE, KE, I, J) or scale.atoms(Dot) or any(a.has(QE, KE) for a in scale.atoms(sympy.Function)):
+        return f"the score {sympy.sstr(score)} is not a constant times dot(q, k)"
+    if x.reweight.kind is not ReweightClass.NONE:
+        lw = x.reweight.log_weight
+        if lw is None or lw.has(QE, KE):
+            return "the reweighting is not exp(a bias of positions)"
+    return ""
 
 
 def _check_available(x: Draft, orderings, any_of=False):

@@ -18,6 +18,7 @@ from attngen.ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
 from attngen.runtime.torch import fft as torch_fft
 from attngen.runtime.torch import linear as torch_linear
 from attngen.runtime.torch import quadratic as torch_quadratic
+from attngen.runtime.torch import sdpa as torch_sdpa
 from attngen.runtime.torch.common import compute_dtype, feature_maps, finish, log_decay, symbol_env, with_ones
 
 _ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
@@ -33,6 +34,8 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     _check_ordering(plan, ordering)
     spec = plan.spec
     in_dtype = q.dtype
+    if ordering is Ordering.QUADRATIC and torch_sdpa.fits(plan, q, k, params):
+        return torch_sdpa.attention(plan, q, k, v, params).to(in_dtype)
     q, k, v, env = prepare(plan, q, k, v, params)
     h = q.shape[1]
     if ordering is Ordering.QUADRATIC:

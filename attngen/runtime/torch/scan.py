@@ -33,10 +33,9 @@ def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=No
 
 class _Weights:
     """The powers of gamma of one chunk size c and g chunks per group: in-chunk weights w (the causal mask
-    without a decay), query and key factors qd, kd (None without), and the chunk-to-chunk matrix m
-    [H or 1, g + 1, g] (gamma**(C(i-1-j)) for j < i) with head [H or 1, g + 1, 1] = gamma**(C i): the states
-    before each chunk and after the group are m @ (the chunks' sums) + head * (the state before the group),
-    one small matmul (a cumsum along the chunk dim is several times slower on a CPU)."""
+    without a decay), query and key factors qd, kd and the state's decay over a chunk gc (None without), and
+    for the distance-weighted sweep the chunk-to-chunk matrix m [H or 1, g + 1, g] (gamma**(C(i-1-j)) for
+    j < i) with head [H or 1, g + 1, 1] = gamma**(C i)."""
 
     def __init__(self, lg, c: int, g: int, strict: bool, like: torch.Tensor):
         dtype, device = like.dtype, like.device
@@ -47,7 +46,7 @@ class _Weights:
         lag = blocks[:, None] - 1 - blocks[None, :g]  # i - 1 - j: chunk j's sum reaches the state before chunk i
         if lg is None:
             self.w = allowed.to(dtype)  # [C, C]
-            self.qd = self.kd = None
+            self.qd = self.kd = self.gc = None
             self.m = (lag >= 0).to(dtype).unsqueeze(0)  # [1, g + 1, g]
             self.head = torch.ones(1, g + 1, 1, dtype=dtype, device=device)
             return
@@ -55,6 +54,7 @@ class _Weights:
         self.w = torch.where(allowed, torch.exp(lgc * diff.clamp_min(0).to(dtype)), 0.0)  # [1, H, 1, C, C]
         self.qd = torch.exp(lgc * (pos + 1).to(dtype)[:, None])  # gamma**(a+1) [1, H, 1, C, 1]
         self.kd = torch.exp(lgc * (c - 1 - pos).to(dtype)[:, None])  # gamma**(C-1-b) [1, H, 1, C, 1]
+        self.gc = torch.exp(lg.to(dtype) * c)  # gamma**C [1, H, 1, 1]: the state's decay over a chunk
         lgh = lg.to(dtype).reshape(-1, 1, 1)  # [H, 1, 1]
         self.m = torch.where(lag >= 0, torch.exp(lgh * (c * lag.clamp_min(0)).to(dtype)), 0.0)  # [H, g+1, g]
         self.head = torch.exp(lgh * (c * blocks).to(dtype)[:, None])  # gamma**(C i) [H, g + 1, 1]
@@ -72,14 +72,14 @@ def _segments(t: int, c: int):
 
 def _states(kg, vg, state, w: _Weights, g: int):
     """The states before each of the g chunks of a group [B, H, g, F, E] and after the group, from the state
-    before it."""
-    b, h, _, c, f = kg.shape
-    e = vg.shape[-1]
+    before it: S_(c+1) = gamma**C S_c + (gamma**(C-1-b) K'_c)^T V_c, one chunk at a time (g small adds; a cumsum
+    along the chunk dim is several times slower on a CPU, a mixing matmul twice as slow)."""
     kv = (kg if w.kd is None else kg * w.kd).transpose(-1, -2) @ vg  # [B, H, g, F, E]: each chunk's sum
-    hm = w.head.shape[0]
-    mixed = (w.m @ kv.reshape(b, h, g, f * e)).view(b, h, g + 1, f, e)  # [B, H, g + 1, F, E]
-    mixed += w.head.view(1, hm, g + 1, 1, 1) * state.unsqueeze(2)
-    return mixed[:, :, :g], mixed[:, :, g]
+    states = torch.empty_like(kv)
+    for i in range(g):
+        states[:, :, i] = state
+        state = state + kv[:, :, i] if w.gc is None else torch.addcmul(kv[:, :, i], state, w.gc)
+    return states, state
 
 
 def _forward_group(qg, kg, vg, state, w: _Weights, g: int):
@@ -134,12 +134,11 @@ class _Scan(torch.autograd.Function):
             qg, kg, vg, dg = (_chunks(x, t0, c, g) for x in (qf, kf, v, dout))
             states, _ = _states(kg, vg, s_in, w, g)
             qdo = (qg if w.qd is None else qg * w.qd).transpose(-1, -2) @ dg  # [B, H, g, F, E]
-            # G_j = gamma**(C(g-1-j)) G_out + sum_{j' > j} gamma**(C(j'-1-j)) qdo_j' (anchored at chunk j's last row)
-            hm = w.head.shape[0]
-            flat = (w.m[:, :g].transpose(-1, -2) @ qdo.reshape(b, h, g, f * e)).view(b, h, g, f, e)
-            grads = flat + w.head[:, :g].flip(1).view(1, hm, g, 1, 1) * grad.unsqueeze(2)
-            head = w.head[:, :g].view(1, hm, g, 1, 1)  # gamma**(C j): chunk j's queries reach the group's start
-            grad = w.head[:, g].view(1, hm, 1, 1) * grad + (head * qdo).sum(2)
+            # G_j (anchored at chunk j's last row) = G_out and the chunks after j: G_(j-1) = gamma**C G_j + qdo_j
+            grads = torch.empty_like(qdo)
+            for j in reversed(range(g)):
+                grads[:, :, j] = grad
+                grad = grad + qdo[:, :, j] if w.gc is None else torch.addcmul(qdo[:, :, j], grad, w.gc)
             scores = (qg @ kg.transpose(-1, -2)).mul_(w.w)  # A o W [B, H, g, C, C]
             da = (dg @ vg.transpose(-1, -2)).mul_(w.w)  # dA o W
             dqg = dg @ states.transpose(-1, -2)
