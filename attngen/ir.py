@@ -281,6 +281,7 @@ class Plan:
     target: str = "torch"  # the backend whose orderings the choice was restricted to
     sdpa: Sdpa | None = None  # torch target: the quadratic ordering delegated to SDPA (attngen.runtime.torch.sdpa)
     trace: tuple = field(compare=False, repr=False, default=())  # (stage, pass, what it did) per pass
+    _widths: dict = field(compare=False, repr=False, default_factory=dict)  # feature_width's per head dim
 
     def candidate(self, ordering: Ordering) -> Candidate:
         return next(c for c in self.candidates if c.ordering == ordering)
@@ -289,9 +290,14 @@ class Plan:
         return self.candidate(ordering).legal
 
     def feature_width(self, d=None):
-        """Total feature width F of the linear plan (sympy in d, or a number for a given d)."""
+        """Total feature width F of the linear plan (sympy in d, or a number for a given d; remembered per d)."""
+        if d is not None and d in self._widths:
+            return self._widths[d]
         total = sum((t.width(D) for t in self.linear_terms), sympy.Integer(0))
-        return total if d is None else int(total.subs(D, d))
+        if d is None:
+            return total
+        self._widths[d] = int(total.subs(D, d))
+        return self._widths[d]
 
     def cost_table(self, n: int, head_dim: int | None = None) -> list:
         """Rows (ordering, legal, flops, bytes, cost, reason) at length n."""

@@ -13,6 +13,7 @@ Any expression key may hold ``{causal: ..., bidirectional: ...}``; the mode pick
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -140,8 +141,8 @@ class Spec:
             "approx": self.approx,
         } | ({"max_length": self.max_length} if self.max_length else {})
 
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # computed once (the spec is frozen): states are checked against it per decode step
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -14,7 +14,7 @@ state; ``check_decodable`` says why any other plan has none.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class State:
     z: torch.Tensor | None  # [B, H, F] fp32 for row-sum specs, else None
     pos: torch.Tensor  # [B] int64
     spec_hash: str  # the spec this state belongs to
+    checked: tuple | None = field(default=None, compare=False, repr=False)  # set by op.step (see AttentionOp)
 
     @property
     def batch(self) -> int:

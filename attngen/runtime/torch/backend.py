@@ -19,7 +19,7 @@ from attngen.runtime.torch import fft as torch_fft
 from attngen.runtime.torch import linear as torch_linear
 from attngen.runtime.torch import quadratic as torch_quadratic
 from attngen.runtime.torch import sdpa as torch_sdpa
-from attngen.runtime.torch.common import compute_dtype, feature_maps, finish, log_decay, symbol_env, with_ones
+from attngen.runtime.torch.common import compute_dtype, divide, feature_maps, finish, log_decay, symbol_env, with_ones
 
 _ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
 
@@ -93,14 +93,29 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
     return finish(acc, plan.normalize).to(in_dtype), s
 
 
-def step(plan, q, k, v, params: dict, s0: torch.Tensor, start: torch.Tensor) -> tuple:
+def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, start: torch.Tensor) -> tuple:
     """One decode step: q, k [B, H, 1, Dk], v [B, H, 1, Dv] at positions ``start`` [B] (each sequence its
-    own), state ``s0`` [B, H, F, E] -> (o [B, H, 1, Dv], the state after this token)."""
+    own), the state S [B, H, F, Dv] and z [B, H, F] (row-sum specs; else None) -> (o [B, H, 1, Dv], S, z after
+    this token). S' = gamma S + K'^T v and z' = gamma z + K' in one fused op each, o = Q' S' / den(Q' . z')."""
     in_dtype = q.dtype
-    qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
-    gamma = None if lg is None else torch.exp(lg)
-    o, s = torch_linear.recurrent_step(s0.to(qf.dtype), qf[:, :, 0], kf[:, :, 0], v[:, :, 0], gamma)
-    return finish(o.unsqueeze(2), plan.normalize).to(in_dtype), s
+    dtype = compute_dtype(q.dtype)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    env = symbol_env(plan, 1, 1, q.shape[1], q.shape[3], params, dtype, q.device)
+    blocks = [(term.feature, term.position) for term in plan.linear_terms]
+    qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)  # [B, H, 1, F]
+    kt = kf.transpose(-1, -2)  # [B, H, F, 1]
+    if plan.reweight.decay is not None:
+        gamma = torch.exp(log_decay(plan, env, q.shape[1], q))  # [1, H, 1, 1]
+        s = torch.addcmul(kt * v, s.to(dtype), gamma)
+        z = None if z is None else torch.addcmul(kf[:, :, 0], z.to(dtype), gamma[..., 0])
+    else:
+        s = torch.addcmul(s.to(dtype), kt, v)
+        z = None if z is None else z.to(dtype) + kf[:, :, 0]
+    num = qf @ s  # [B, H, 1, Dv]
+    if z is None:
+        return finish(num, plan.normalize).to(in_dtype), s, None
+    den = (qf * z.unsqueeze(2)).sum(-1, keepdim=True)
+    return divide(num, den, plan.normalize).to(in_dtype), s, z
 
 
 def _linear_inputs(plan, q, k, v, params, start):

@@ -7,6 +7,8 @@ Per-head values (the head index h, per-head parameters) are [1, H, 1, 1].
 """
 from __future__ import annotations
 
+import functools
+
 import sympy
 import torch
 
@@ -68,32 +70,49 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
 
     ``start`` [B] (int64) shifts the positions of each sequence: i = start + arange(T), likewise j (a
     continuation from a recurrent state); the position factors are then [B, 1, T, 1]."""
-    b, h, t, _ = q.shape
-    s = k.shape[2]
-    i = torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1)
-    j = torch.arange(s, dtype=k.dtype, device=k.device).view(1, 1, s, 1)
-    if start is not None:
-        offset = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
-        i, j = i + offset, j + offset
+    sides, positional = _sides(tuple(blocks))
+    i = j = None
+    if positional:
+        t, s = q.shape[2], k.shape[2]
+        i = torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1)
+        j = torch.arange(s, dtype=k.dtype, device=k.device).view(1, 1, s, 1)
+        if start is not None:
+            offset = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+            i, j = i + offset, j + offset
     qev = row_evaluator(env, QE, q, I, i, where)
     kev = row_evaluator(env, KE, k, J, j, where)
-    q_blocks, k_blocks = [], []
-    for feature, position in blocks:
-        q_scale = (position.coeff, position.f_i, feature.coeff, feature.q_scale)
-        q_blocks.append(_side(qev, q_scale, feature.q_factors, q))
-        k_blocks.append(_side(kev, (position.g_j, feature.k_scale), feature.k_factors, k))
+    q_blocks = [_side(qev, scales, factors, q) for (scales, factors), _ in sides]
+    k_blocks = [_side(kev, scales, factors, k) for _, (scales, factors) in sides]
+    if len(sides) == 1:
+        return q_blocks[0], k_blocks[0]
     return torch.cat(q_blocks, -1), torch.cat(k_blocks, -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _sides(blocks: tuple):
+    """Per block ((q scales, q factors), (k scales, k factors)) with the scales that are 1 left out, and whether
+    any formula uses the positions i, j: worked out once per plan, not per call."""
+    sides = []
+    for feature, position in blocks:
+        q_scales = tuple(x for x in (position.coeff, position.f_i, feature.coeff, feature.q_scale) if x != 1)
+        k_scales = tuple(x for x in (position.g_j, feature.k_scale) if x != 1)
+        sides.append(((q_scales, tuple(feature.q_factors)), (k_scales, tuple(feature.k_factors))))
+    exprs = [e for (qs, qf), (ks, kf) in sides for e in (*qs, *qf, *ks, *kf)]
+    return tuple(sides), any(sympy.sympify(e).has(I, J) for e in exprs)
 
 
 def _side(ev: Evaluator, scales, factors, x: torch.Tensor) -> torch.Tensor:
     # factors evaluated separately and multiplied in torch: no sympy re-simplification of the product
     prefix = tuple(x.shape[:-1])
-    feats = [torch.broadcast_to(as_tensor(ev(f), x), x.shape) for f in factors]
+    feats = [_full(as_tensor(ev(f), x), x.shape) for f in factors]
     out = tensor_product(feats, prefix, x)
     for scale in scales:
-        if scale != 1:
-            out = out * as_tensor(ev(scale), x)
-    return torch.broadcast_to(out, prefix + out.shape[-1:])
+        out = out * as_tensor(ev(scale), x)
+    return _full(out, prefix + out.shape[-1:])
+
+
+def _full(x: torch.Tensor, shape) -> torch.Tensor:
+    return x if x.shape == shape else torch.broadcast_to(x, shape)
 
 
 def log_decay(plan, env: dict, heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -102,7 +121,7 @@ def log_decay(plan, env: dict, heads: int, like: torch.Tensor) -> torch.Tensor:
     The log is taken symbolically first, so gamma = exp(-slope) gives -slope exactly (no underflow)."""
     gamma = plan.reweight.decay.gamma
     ev = Evaluator(env, where=f"{plan.spec.where}: decay rate")
-    log_expr = sympy.expand_log(sympy.log(gamma), force=True)
+    log_expr = _log_of(gamma)
     lg = None
     if not log_expr.has(sympy.I):
         lg = torch.broadcast_to(as_tensor(ev(log_expr), like), (1, heads, 1, 1))
@@ -113,6 +132,12 @@ def log_decay(plan, env: dict, heads: int, like: torch.Tensor) -> torch.Tensor:
     raise InputError(f"{plan.spec.name}: the decay rate gamma = {sympy.sstr(gamma)} must lie in (0, 1] for every "
                      f"head; found {[round(g, 6) for g in values]}. gamma > 1 grows without bound and gamma <= 0 "
                      "has no stable scan: keep a learnable gamma in range (e.g. gamma = sigmoid(x))")
+
+
+@functools.lru_cache(maxsize=256)
+def _log_of(gamma):
+    """log(gamma) expanded symbolically (gamma = exp(-slope) gives -slope), once per decay expression."""
+    return sympy.expand_log(sympy.log(gamma), force=True)
 
 
 def with_ones(v: torch.Tensor, normalize) -> torch.Tensor:
@@ -127,7 +152,11 @@ def finish(acc: torch.Tensor, normalize, log_scale: torch.Tensor | None = None) 
     result is acc * exp(log_scale), so eps is rescaled by exp(-log_scale) to stay exact."""
     if normalize.kind != "rowsum":
         return acc if log_scale is None else acc * torch.exp(log_scale)
-    num, den = acc[..., :-1], acc[..., -1:]
+    return divide(acc[..., :-1], acc[..., -1:], normalize, log_scale)
+
+
+def divide(num: torch.Tensor, den: torch.Tensor, normalize, log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """num / den'(den) of a row-sum normalisation (eps added or clamped; see finish for ``log_scale``)."""
     eps = normalize.eps
     if log_scale is not None and eps != 0:
         eps = eps * torch.exp(-log_scale)
