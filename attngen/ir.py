@@ -281,7 +281,7 @@ class Plan:
     target: str = "torch"  # the backend whose orderings the choice was restricted to
     sdpa: Sdpa | None = None  # torch target: the quadratic ordering delegated to SDPA (attngen.runtime.torch.sdpa)
     trace: tuple = field(compare=False, repr=False, default=())  # (stage, pass, what it did) per pass
-    _widths: dict = field(compare=False, repr=False, default_factory=dict)  # feature_width's per head dim
+    memo: dict = field(compare=False, repr=False, default_factory=dict)  # per-call values worked out once
 
     def candidate(self, ordering: Ordering) -> Candidate:
         return next(c for c in self.candidates if c.ordering == ordering)
@@ -291,13 +291,13 @@ class Plan:
 
     def feature_width(self, d=None):
         """Total feature width F of the linear plan (sympy in d, or a number for a given d; remembered per d)."""
-        if d is not None and d in self._widths:
-            return self._widths[d]
+        if d is not None and ("width", d) in self.memo:
+            return self.memo["width", d]
         total = sum((t.width(D) for t in self.linear_terms), sympy.Integer(0))
         if d is None:
             return total
-        self._widths[d] = int(total.subs(D, d))
-        return self._widths[d]
+        self.memo["width", d] = int(total.subs(D, d))
+        return self.memo["width", d]
 
     def cost_table(self, n: int, head_dim: int | None = None) -> list:
         """Rows (ordering, legal, flops, bytes, cost, reason) at length n."""

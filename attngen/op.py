@@ -69,6 +69,7 @@ class AttentionOp:
         self.last_basis = None  # conv_basis: the basis recovered on the last call (starts, columns)
         self.last_selection = None  # topk_sparse: the key blocks kept on the last call
         self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
+        self._hot = None  # op.step's hot path: (input signature, the returned state's fingerprint, plan, params)
         # validates a forced ordering (and, for triton, that the kernels can be generated) now
         self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
 
@@ -164,7 +165,16 @@ class AttentionOp:
         """One decode step: q_t, k_t [B, H, 1, Dk] and v_t [B, H, 1, Dv] (layout "bhtd"; [B, 1, H, D] for
         "bthd"), ``state`` the State after each sequence's previous tokens (from init_state, step or
         return_state=True). Returns (o_t [B, H, 1, Dv] in the layout, the state after this token).
-        Each sequence is at its own position state.pos; memory is constant in the tokens consumed."""
+        Each sequence is at its own position state.pos; memory is constant in the tokens consumed.
+
+        Hot path: a call with no parameters, tensors of the same shapes, dtypes and devices as the previous call,
+        and the State that call returned (its tensors untouched) skips the checks that call already made."""
+        hot = self._hot
+        if hot is not None and not params and state is not None and state.checked is not None \
+                and state.checked is hot[1] and hot[0] == _signature(q_t, k_t, v_t) \
+                and hot[1][1:4] == (id(state.S), id(state.z), id(state.pos)) \
+                and (self.spec.length_limit is None or not torch.is_tensor(state.pos)):
+            return self._step_torch(hot[2], q_t, k_t, v_t, state, hot[3], hot[1][0])
         qh, kh, vh = check_qkv(self.spec, q_t, k_t, v_t, self.layout)
         if qh.shape[2] != 1:
             raise InputError(f"step: expected one token per sequence (T = 1 in layout {self.layout}), found "
@@ -177,7 +187,8 @@ class AttentionOp:
         if state is None:
             raise InputError("step: state is None; expected a State (op.init_state(batch, heads, dk, dv) before "
                              "the first token, then the state each step returns)")
-        state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state")
+        key = self._state_key(plan, qh, vh, qh.shape[0])
+        state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key)
         check_positions(self.spec, state.pos + 1, "step")
         if backend == "triton":
             if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -189,16 +200,24 @@ class AttentionOp:
             o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values, layout="bhtd")
             new = State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
         else:
-            o, S, z = torch_backend.step(plan, qh, kh, vh, values, state.S, state.z, state.pos)
-            new = State(S, z, state.pos + 1, self.spec.hash)
-        new.checked = _fingerprint(new, self._state_key(plan, qh, vh, qh.shape[0]))  # the next step skips its check
+            return self._step_torch(plan, q_t, k_t, v_t, state, values, key, hot=not params)
+        new.checked = _fingerprint(new, key)  # the next step skips its check
+        return (o.transpose(1, 2) if self.layout == "bthd" else o), new
+
+    def _step_torch(self, plan, q_t, k_t, v_t, state, values, key, hot=True):
+        """``hot``: ``values`` are the parameters' defaults (no parameter passed), the same at every call."""
+        qh, kh, vh = (x.transpose(1, 2) for x in (q_t, k_t, v_t)) if self.layout == "bthd" else (q_t, k_t, v_t)
+        o, S, z = torch_backend.step(plan, qh, kh, vh, values, state.S, state.z, state.pos, constant=hot)
+        new = State(S, z, state.pos + 1, self.spec.hash)
+        new.checked = _fingerprint(new, key)  # the next step skips its check
+        self._hot = (_signature(q_t, k_t, v_t), new.checked, plan, values) if hot else None
         return (o.transpose(1, 2) if self.layout == "bthd" else o), new
 
     def _state_key(self, plan, qh, vh, batch) -> tuple:
         return (self.spec.hash, batch, qh.shape[1], plan.feature_width(qh.shape[-1]), vh.shape[-1], qh.device,
                 compute_dtype(qh.dtype))
 
-    def _checked_state(self, state, plan, qh, vh, batch, what="initial_state"):
+    def _checked_state(self, state, plan, qh, vh, batch, what="initial_state", key=None):
         """``state`` validated against the inputs (None: a zero state). A State that op.step returned for the
         same sizes, whose tensors are still the ones it returned, is not checked again (the decode hot path)."""
         width, dv = plan.feature_width(qh.shape[-1]), vh.shape[-1]
@@ -207,7 +226,7 @@ class AttentionOp:
             return state_lib.zeros(self.spec.hash, batch, qh.shape[1], width, dv, plan.normalize.kind != "none",
                                    dtype=dtype, device=qh.device)
         if isinstance(state, State) and state.checked is not None \
-                and state.checked == _fingerprint(state, self._state_key(plan, qh, vh, batch)):
+                and state.checked == _fingerprint(state, key or self._state_key(plan, qh, vh, batch)):
             return state
         state_lib.check(state, self.spec, batch=batch, heads=qh.shape[1], width=width, dv=dv, device=qh.device,
                         dtype=dtype, what=what)
@@ -269,6 +288,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _signature(*xs) -> tuple:
+    """Shapes, dtypes and devices of the step's inputs (non-tensors give a signature no call repeats)."""
+    return tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else object() for x in xs)
 
 
 def _fingerprint(state: State, key: tuple) -> tuple:

@@ -16,7 +16,7 @@ import attngen
 from attngen import pipeline
 from attngen.errors import AttngenError
 from attngen.runtime.state import check_decodable
-from benchmarks import gpu
+from benchmarks import cpu, gpu
 from benchmarks.common import WorkerError, decode, linear_scaling, write_result
 from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
 from benchmarks.sparse import sparse
@@ -95,6 +95,39 @@ def gpu_cmd(specs, repeats, quick, out):
     date = datetime.date.today().isoformat()
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
     write_result(gpu.report(rows, bw, machine, command, date), Path(out), f"{name}-gpu", echo=click.echo)
+
+
+@main.command("cpu", context_settings=CONTEXT)
+@_max_len
+@_out
+@click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per case.")
+@click.option("--tokens", type=click.IntRange(1), default=200, show_default=True,
+              help="Decode steps timed per case.")
+def cpu_cmd(max_len, out, threads, repeats, tokens):
+    """The torch backend vs its CPU peers, ratios in one run.
+
+    Causal linear attention against a 20-line chunked loop and fla-core's naive functions (fwd, fwd+bwd, share
+    of the matmul rate), retention against naive_chunk_simple_gla, softmax against SDPA, op.step against
+    hand-written recurrent steps after contexts of 1k and 16k; at each --threads count. Writes
+    <date>-cpu-torch-backend.md and .json."""
+    import datetime
+    import shlex
+
+    from benchmarks.common import _machine
+    try:
+        counts = tuple(int(x) for x in threads.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{threads!r}: expected positive integers separated by commas", param_hint="--threads")
+    results = cpu.run(max_len, counts, repeats, tokens, echo=click.echo)
+    command = "python -m benchmarks cpu " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    date = datetime.date.today().isoformat()
+    path = write_result(cpu.report(results, _machine(), command, date), Path(out), "cpu-torch-backend",
+                        echo=click.echo)
+    path.with_suffix(".json").write_text(cpu.to_json(results | {"machine": _machine(), "command": command,
+                                                                "date": date}))
 
 
 @main.command("decode", context_settings=CONTEXT)

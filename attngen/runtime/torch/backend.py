@@ -93,29 +93,39 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
     return finish(acc, plan.normalize).to(in_dtype), s
 
 
-def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, start: torch.Tensor) -> tuple:
+def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, start: torch.Tensor,
+         constant: bool = False) -> tuple:
     """One decode step: q, k [B, H, 1, Dk], v [B, H, 1, Dv] at positions ``start`` [B] (each sequence its
     own), the state S [B, H, F, Dv] and z [B, H, F] (row-sum specs; else None) -> (o [B, H, 1, Dv], S, z after
-    this token). S' = gamma S + K'^T v and z' = gamma z + K' in one fused op each, o = Q' S' / den(Q' . z')."""
+    this token). S' = gamma S + K'^T v and z' = gamma z + K' in one fused op each, o = Q' S' / den(Q' . z').
+    ``constant``: ``params`` are the same at every call (the defaults): the symbol values and gamma are kept
+    in plan.memo instead of evaluated per token."""
     in_dtype = q.dtype
     dtype = compute_dtype(q.dtype)
-    q, k, v = (x.to(dtype) for x in (q, k, v))
-    env = symbol_env(plan, 1, 1, q.shape[1], q.shape[3], params, dtype, q.device)
-    blocks = [(term.feature, term.position) for term in plan.linear_terms]
+    if in_dtype != dtype:
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+    h, d = q.shape[1], q.shape[3]
+    key = ("step", h, d, dtype, q.device)
+    if constant and key in plan.memo:
+        env, blocks, gamma = plan.memo[key]
+    else:
+        env = symbol_env(plan, 1, 1, h, d, params, dtype, q.device)
+        blocks = tuple((term.feature, term.position) for term in plan.linear_terms)
+        gamma = None if plan.reweight.decay is None else torch.exp(log_decay(plan, env, h, q))  # [1, H, 1, 1]
+        if constant:
+            plan.memo[key] = env, blocks, gamma
     qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)  # [B, H, 1, F]
     kt = kf.transpose(-1, -2)  # [B, H, F, 1]
-    if plan.reweight.decay is not None:
-        gamma = torch.exp(log_decay(plan, env, q.shape[1], q))  # [1, H, 1, 1]
-        s = torch.addcmul(kt * v, s.to(dtype), gamma)
-        z = None if z is None else torch.addcmul(kf[:, :, 0], z.to(dtype), gamma[..., 0])
+    if gamma is not None:
+        s = torch.addcmul(kt * v, s, gamma)
+        z = None if z is None else torch.addcmul(kf.squeeze(2), z, gamma.squeeze(-1))
     else:
-        s = torch.addcmul(s.to(dtype), kt, v)
-        z = None if z is None else z.to(dtype) + kf[:, :, 0]
+        s = torch.addcmul(s, kt, v)
+        z = None if z is None else z + kf.squeeze(2)
     num = qf @ s  # [B, H, 1, Dv]
     if z is None:
         return finish(num, plan.normalize).to(in_dtype), s, None
-    den = (qf * z.unsqueeze(2)).sum(-1, keepdim=True)
-    return divide(num, den, plan.normalize).to(in_dtype), s, z
+    return divide(num, qf @ z.unsqueeze(-1), plan.normalize).to(in_dtype), s, z
 
 
 def _linear_inputs(plan, q, k, v, params, start):

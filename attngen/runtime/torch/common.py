@@ -107,7 +107,7 @@ def _side(ev: Evaluator, scales, factors, x: torch.Tensor) -> torch.Tensor:
     feats = [_full(as_tensor(ev(f), x), x.shape) for f in factors]
     out = tensor_product(feats, prefix, x)
     for scale in scales:
-        out = out * as_tensor(ev(scale), x)
+        out = out * ev(scale)  # a number or a tensor: torch takes both
     return _full(out, prefix + out.shape[-1:])
 
 
@@ -162,6 +162,6 @@ def divide(num: torch.Tensor, den: torch.Tensor, normalize, log_scale: torch.Ten
         eps = eps * torch.exp(-log_scale)
     if normalize.eps_mode == "clamp":
         den = torch.maximum(den, eps) if isinstance(eps, torch.Tensor) else den.clamp_min(eps)
-    else:
+    elif isinstance(eps, torch.Tensor) or eps != 0:
         den = den + eps
     return num / den
