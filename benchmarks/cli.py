@@ -98,7 +98,8 @@ def gpu_cmd(specs, repeats, quick, out):
 
 
 @main.command("cpu", context_settings=CONTEXT)
-@_max_len
+@click.option("--max-len", type=click.IntRange(64), default=32768, show_default=True,
+              help="The longest T of the forward rows (4k, 16k, 32k up to it) and decode contexts (1k, 16k).")
 @_out
 @click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per case.")

@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 import benchmarks.common
+import benchmarks.cpu
 from benchmarks.cli import main
 
-SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu"]
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -129,3 +130,25 @@ def test_gpu_report_has_ratios_and_the_memory_floor():
     assert "| softmax | B1 T8192 H8 D64 | fwd+bwd | 3.000 | SDPA flash | 4.000 | 0.75 | 1.500 | 50% |" in text
     assert "| based | B8 T1024 H8 D64 | fwd | 1.000 | not installed (fla) | - | - |" in text
     assert "geometric mean of attngen / peer over 2 rows: 1.22" in text and "4000 GB/s" in text
+
+
+def test_cpu_writes_markdown_and_json_with_every_peer_agreeing(run, tmp_path):
+    """A tiny run of the CPU comparison: every section present, every peer's output equal to attngen's (the
+    error columns), the JSON beside the table."""
+    import json
+    result = run("cpu", "--max-len", "128", "--threads", "1", "--repeats", "1", "--tokens", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (md,) = tmp_path.glob("*-cpu-torch-backend.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    part = data["threads"]["1"]
+    assert {r["spec"] for r in part["decode"]} == set(benchmarks.cpu.DECODE_SPECS)
+    assert all(r["relative_error_vs_hand"] < 1e-4 for r in part["decode"])
+    assert all(r["error_vs_sdpa"] < 1e-4 for r in part["softmax"]) and len(part["softmax"]) == 2
+    assert all(r["error_vs_loop"] < 1e-3 for r in part["linear"])
+    assert all(r["error_vs_fla"] < 1e-3 for r in part["retention"])
+    assert "Decode" in md.read_text() and "SDPA" in md.read_text()
+
+
+def test_cpu_refuses_bad_thread_counts(run, tmp_path):
+    result = run("cpu", "--threads", "0,x", "--out", str(tmp_path))
+    assert result.exit_code == 2 and not list(tmp_path.iterdir())

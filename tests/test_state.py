@@ -429,3 +429,42 @@ def test_default_parameters_and_state_dtype_follow_the_inputs():
     o, s = op(*x, return_state=True, m=m)
     assert s.S.dtype == torch.float64 and s.z is None
     assert rel_rms(o, op(*x)) <= 1e-12  # m defaults to its init (the whole-sequence call runs quadratic)
+
+
+def test_step_hot_path_rechecks_what_changed(monkeypatch):
+    """op.step skips the state check for the State it returned (same input signature), and checks again when the
+    state's tensors were replaced, parameters are passed, or the inputs change shape; results stay exact."""
+    from attngen.runtime import state as state_lib
+    op = attngen.compile("linear_elu", backend="torch")
+    checks = []
+    real = state_lib.check
+    monkeypatch.setattr(state_lib, "check", lambda *a, **kw: checks.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    _, st = op(q[:, :, :4], k[:, :, :4], v[:, :, :4], return_state=True)
+    outs = []
+    for t in range(4, 12):
+        o, st = op.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st)
+        outs.append(o)
+    assert len(checks) == 1  # the state from return_state=True only
+    gold = attngen.reference("linear_elu")(q, k, v)[:, :, 4:]
+    torch.testing.assert_close(torch.cat(outs, 2), gold, rtol=1e-10, atol=1e-10)
+    st.S = st.S.clone()  # a replaced tensor: checked again
+    op.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], st)
+    assert len(checks) == 2
+    bad = State(st.S[:, :1], st.z, st.pos, st.spec_hash)  # a malformed state never takes the hot path
+    bad.checked = st.checked
+    with pytest.raises(InputError):
+        op.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], bad)
+    with pytest.raises(InputError):  # a new input shape is checked in full
+        op.step(q[:, :1, :1], k[:, :1, :1], v[:, :1, :1], st)
+
+
+def test_step_hot_path_checks_positions_past_max_length():
+    op = attngen.compile(attngen.load_spec("cosformer", M=6), backend="torch")
+    st = op.init_state(1, 2, 8, 8)
+    x = torch.randn(1, 2, 1, 8)
+    for _ in range(6):
+        _, st = op.step(x, x, x, st)
+    with pytest.raises(InputError, match="max_length|M"):
+        op.step(x, x, x, st)

@@ -87,9 +87,17 @@ class Evaluator:
 
     def __init__(self, env: dict, dot=None, norm=None, where: str = "<expr>"):
         self.env, self.dot, self.norm, self.where = env, dot, norm, where
+        self.memo = {}  # closure -> value: a formula asked for twice (a factor shared by terms) runs once
 
     def __call__(self, expr):
-        return compiled(expr, self.where)(self)
+        return self.run(compiled(expr, self.where))
+
+    def run(self, fn):
+        """The value of a closure from ``compiled`` (equal expressions share one: computed once per evaluator)."""
+        if fn in self.memo:
+            return self.memo[fn]
+        value = self.memo[fn] = fn(self)
+        return value
 
     def lookup(self, symbol):
         try:

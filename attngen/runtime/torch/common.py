@@ -14,7 +14,7 @@ import torch
 
 from attngen.errors import InputError
 from attngen.frontend.expr import KE, QE, I, J
-from attngen.runtime.evaluate import Evaluator, scalar_env
+from attngen.runtime.evaluate import Evaluator, compiled, scalar_env
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,11 +74,14 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
     i = j = None
     if positional:
         t, s = q.shape[2], k.shape[2]
-        i = torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1)
-        j = torch.arange(s, dtype=k.dtype, device=k.device).view(1, 1, s, 1)
-        if start is not None:
-            offset = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
-            i, j = i + offset, j + offset
+        if start is not None and t == s == 1:  # a decode step: the positions are the start
+            i = j = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)
+        else:
+            i = torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1)
+            j = torch.arange(s, dtype=k.dtype, device=k.device).view(1, 1, s, 1)
+            if start is not None:
+                offset = start.to(device=q.device, dtype=q.dtype).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+                i, j = i + offset, j + offset
     qev = row_evaluator(env, QE, q, I, i, where)
     kev = row_evaluator(env, KE, k, J, j, where)
     q_blocks = [_side(qev, scales, factors, q) for (scales, factors), _ in sides]
@@ -92,22 +95,23 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
 def _sides(blocks: tuple):
     """Per block ((q scales, q factors), (k scales, k factors)) with the scales that are 1 left out, and whether
     any formula uses the positions i, j: worked out once per plan, not per call."""
-    sides = []
+    sides, exprs = [], []
     for feature, position in blocks:
         q_scales = tuple(x for x in (position.coeff, position.f_i, feature.coeff, feature.q_scale) if x != 1)
         k_scales = tuple(x for x in (position.g_j, feature.k_scale) if x != 1)
-        sides.append(((q_scales, tuple(feature.q_factors)), (k_scales, tuple(feature.k_factors))))
-    exprs = [e for (qs, qf), (ks, kf) in sides for e in (*qs, *qf, *ks, *kf)]
+        parts = (q_scales, tuple(feature.q_factors)), (k_scales, tuple(feature.k_factors))
+        exprs += [e for side in parts for group in side for e in group]
+        sides.append(tuple((tuple(map(compiled, scales)), tuple(map(compiled, factors))) for scales, factors in parts))
     return tuple(sides), any(sympy.sympify(e).has(I, J) for e in exprs)
 
 
 def _side(ev: Evaluator, scales, factors, x: torch.Tensor) -> torch.Tensor:
     # factors evaluated separately and multiplied in torch: no sympy re-simplification of the product
     prefix = tuple(x.shape[:-1])
-    feats = [_full(as_tensor(ev(f), x), x.shape) for f in factors]
+    feats = [_full(as_tensor(ev.run(f), x), x.shape) for f in factors]
     out = tensor_product(feats, prefix, x)
     for scale in scales:
-        out = out * ev(scale)  # a number or a tensor: torch takes both
+        out = out * ev.run(scale)  # a number or a tensor: torch takes both
     return _full(out, prefix + out.shape[-1:])
 
 
