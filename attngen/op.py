@@ -28,6 +28,7 @@ from attngen.runtime import state as state_lib
 from attngen.runtime.inputs import check_cu_seqlens, check_params, check_positions, check_qkv
 from attngen.runtime.state import State, check_decodable
 from attngen.runtime.torch import backend as torch_backend
+from attngen.runtime.torch import packed
 from attngen.runtime.torch.common import compute_dtype
 from attngen.runtime.triton import loader as triton_loader
 
@@ -119,6 +120,9 @@ class AttentionOp:
             o, state = out if return_state else (out, None)
         elif stateful:
             o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds)
+        elif bounds is not None and packed.batchable(plan, _lengths(bounds), False, plan.choice.ordering_for):
+            (qb, valid), (kb, _), (vb, _) = (packed.pad(x, bounds) for x in (qh, kh, vh))
+            o = packed.unpad(self._run_torch(plan, qb, kb, vb, values, {}), valid)  # one padded batch
         elif bounds is not None:  # each packed sequence alone, by the ordering the planner picks for its length
             o = torch.cat([self._run_torch(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values, {})
                            for a, b in zip(bounds[:-1], bounds[1:])], 2)
@@ -239,13 +243,17 @@ class AttentionOp:
         if bounds is None:
             o, s = torch_backend.run_state(plan, ordering, qh, kh, vh, values, self.chunk, s0, state.pos)
             return o, _from_augmented(s, state.pos + qh.shape[2], plan, self.spec.hash)
+        lengths = torch.tensor(_lengths(bounds), device=state.pos.device)
+        if packed.batchable(plan, _lengths(bounds), True, lambda n: ordering):  # one padded batch
+            (qb, valid), (kb, _), (vb, _) = (packed.pad(x, bounds) for x in (qh, kh, vh))
+            o, s = torch_backend.run_state(plan, ordering, qb, kb, vb, values, self.chunk, s0, state.pos, valid=valid)
+            return packed.unpad(o, valid), _from_augmented(s, state.pos + lengths, plan, self.spec.hash)
         outs, finals = [], []
         for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             o, s = torch_backend.run_state(plan, ordering, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
                                            self.chunk, s0[n:n + 1], state.pos[n:n + 1])
             outs.append(o)
             finals.append(s)
-        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
         return torch.cat(outs, 2), _from_augmented(torch.cat(finals), state.pos + lengths, plan, self.spec.hash)
 
     def _run_triton_sparse(self, plan, qh, kh, vh, values, bounds):
@@ -288,6 +296,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _lengths(bounds: list) -> list:
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _signature(*xs) -> tuple:

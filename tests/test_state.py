@@ -178,12 +178,20 @@ def test_gradcheck_step():
 LENGTHS = (1, 5, 64, 70)  # chunk 64: lengths below, at and above it, and a single token
 
 
+@pytest.mark.parametrize("lengths", [(1, 5, 64, 150), LENGTHS], ids=["loop", "padded-batch"])
 @pytest.mark.parametrize("with_state", [True, False], ids=["initial-state", "fresh"])
 @pytest.mark.parametrize("name", ["linear_elu", "retention", "cottention", "cosformer"])
-def test_varlen_equals_each_sequence_alone(name, with_state):
+def test_varlen_equals_each_sequence_alone(name, with_state, lengths, monkeypatch):
+    """Packed sequences equal each sequence alone; lengths of similar size run as one right-padded batch (no
+    loop over sequences) unless the spec needs each sequence apart (a decay's state; cosFormer runs here with a
+    fixed M)."""
+    from attngen.runtime.torch import packed as packed_lib
+    pads = []
+    real_pad = packed_lib.pad
+    monkeypatch.setattr(packed_lib, "pad", lambda *a: pads.append(1) or real_pad(*a))
     op = op_of(name)
-    n = len(LENGTHS)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    n = len(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     packed = qkv(1, int(cu[-1]), torch.float64, requires_grad=True)
     start = random_state(op, n, pos=[0, 9, 1, 100], requires_grad=True) if with_state else None
     upstream = torch.randn(1, H, int(cu[-1]), D, dtype=torch.float64)
@@ -208,7 +216,9 @@ def test_varlen_equals_each_sequence_alone(name, with_state):
     assert rel_rms(o, o_ref) <= 1e-12
     assert rel_rms(final.S, final_ref.S) <= 1e-12
     assert final.pos.tolist() == final_ref.pos.tolist() == [p + n for p, n in zip(
-        start.pos.tolist() if with_state else [0] * n, LENGTHS)]
+        start.pos.tolist() if with_state else [0] * n, lengths)]
+    batched = lengths == LENGTHS and name != "retention"  # return_state: a decay's state loops
+    assert bool(pads) == batched
     for g, g_ref, leaf in zip(grads, grads_ref, ["q", "k", "v", "S", "z"]):
         assert rel_rms(g, g_ref) <= 1e-12, f"d{leaf}"
     # and each sequence alone is right: against the reference from position 0 (fresh states only)
@@ -216,6 +226,31 @@ def test_varlen_equals_each_sequence_alone(name, with_state):
         ref = attngen.reference(op.spec)
         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
             assert rel_rms(o[:, :, a:b], ref(*sl([x.detach() for x in packed], a, b))) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["softmax", "retention", "based", "cosformer"])
+def test_varlen_without_state_runs_one_padded_batch(name, monkeypatch):
+    """Without a state, similar lengths run as one right-padded batch (causal: the padding is never read), by
+    the ordering the planner picks at the longest length; each sequence equals the reference alone. cosFormer's
+    default M = max(n_q, n_k) differs per sequence: it loops."""
+    from attngen.runtime.torch import packed as packed_lib
+    pads = []
+    real_pad = packed_lib.pad
+    monkeypatch.setattr(packed_lib, "pad", lambda *a: pads.append(1) or real_pad(*a))
+    op = attngen.compile(name, backend="torch")
+    cu = torch.tensor([0, 30, 71, 96])
+    x = qkv(1, 96, torch.float64, requires_grad=True)
+    o = op(*x, cu_seqlens=cu)
+    assert bool(pads) == (name != "cosformer")
+    ref = attngen.reference(op.spec)
+    up = torch.randn(o.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((o * up).sum(), x)
+    for a, b in ((0, 30), (30, 71), (71, 96)):
+        alone = [y[:, :, a:b].detach().clone().requires_grad_() for y in x]
+        r = ref(*alone)
+        assert rel_rms(o[:, :, a:b], r) <= 1e-10
+        for g, gr in zip(grads, torch.autograd.grad((r * up[:, :, a:b]).sum(), alone)):
+            assert rel_rms(g[:, :, a:b], gr) <= 1e-10
 
 
 def test_varlen_without_state_any_spec():

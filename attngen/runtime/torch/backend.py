@@ -71,13 +71,14 @@ def prepare(plan, q, k, v, params: dict) -> tuple:
 
 
 def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torch.Tensor | None,
-              start: torch.Tensor) -> tuple:
+              start: torch.Tensor, valid: torch.Tensor | None = None) -> tuple:
     """(o [B, H, T, Dv], s [B, H, F, E]) of a causal separable plan continuing from a recurrent state.
 
     ``s0`` [B, H, F, E] is the state after the tokens before this call (E = Dv + 1 for a row-sum spec: the
     normaliser z is its last column), or None for a fresh start; ``start`` [B] int64 the number of those
     tokens per sequence (the positions continue from it). ``ordering`` is linear (chunked) or recurrent;
-    gradients reach ``s0``. The caller checks that the plan is decodable (state.check_decodable)."""
+    gradients reach ``s0``. The caller checks that the plan is decodable (state.check_decodable). ``valid``
+    [B, T] bool (right-padded packed sequences, no decay): the rows where it is False add nothing to the state."""
     ordering = Ordering(ordering)
     if ordering not in (Ordering.LINEAR, Ordering.RECURRENT) or not plan.spec.causal:
         raise PlanError(f"{plan.spec.where}: a recurrent state needs the causal linear or recurrent ordering, "
@@ -85,6 +86,9 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
     _check_ordering(plan, ordering)
     in_dtype = q.dtype
     qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
+    if valid is not None:
+        keep = valid[:, None, :, None].to(kf.dtype)
+        kf, v = kf * keep, v * keep
     s0 = None if s0 is None else s0.to(qf.dtype)
     if ordering is Ordering.RECURRENT:
         acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
