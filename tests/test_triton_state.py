@@ -486,3 +486,21 @@ def test_an_unknown_scan_is_an_input_error(monkeypatch):
     x = torch.randn(1, 1, 8, D, device=DEVICE)
     with pytest.raises(InputError, match="SCAN"):
         fn(x, x, x)
+
+
+def test_fp16_wide_features_take_the_chunk_parallel_forward(monkeypatch):
+    """fp16 with feature maps of 256+ columns above head dim 64 (cosFormer at 128) spilled in the fused forward on
+    sm_90: the host runs the chunk-parallel forward instead (at any length), still equal to the reference."""
+    spec, mod, fn, _ = module("cosformer_M4096")
+    host = mod.host
+    assert not host._fused_forward_fits(mod.MODULE, 128, torch.float16)
+    assert host._fused_forward_fits(mod.MODULE, 128, torch.bfloat16) and host._fused_forward_fits(
+        mod.MODULE, 64, torch.float16)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the fused forward was launched")
+    monkeypatch.setattr(mod.MODULE.linear.fwd.kernel, "run", refused)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 20, 128, generator=g, dtype=torch.float64) for _ in range(3))
+    o = fn(*(x.to(DEVICE, torch.float16) for x in (q, k, v)))
+    assert_close("o", o.double().cpu(), reference(spec)(q, k, v), 2e-3)

@@ -408,6 +408,15 @@ def _parallel(m: Module, programs: int, t: int, bt: int) -> bool:
     return SCAN == "parallel" or (programs < PARALLEL_PROGRAMS and triton.cdiv(t, bt) >= PARALLEL_CHUNKS)
 
 
+def _fused_forward_fits(m: Module, bk: int, dtype) -> bool:
+    """Whether the fused causal forward runs without register spills (attngen aot, sm_90): not for fp16 inputs
+    (the state's operand stays fp32) with feature maps of 256 columns or more above head dim 64 (cosFormer's
+    two terms at head dim 128 spilled 20 B at every num_warps / num_stages); those take the chunk-parallel
+    forward, whose two passes each hold part of the tiles. Modules without a fused forward (tensor powers)
+    never reach here."""
+    return not (dtype == torch.float16 and bk > 64 and m.feature_width(bk) >= 256)
+
+
 def _chunks(n: int, t: int, cu, bt: int, device):
     """ci [NC, 2] int32, (sequence, chunk) of every chunk of every sequence, and co [N + 1] int32, the first
     chunk of each sequence: the global numbering of the chunk-parallel kernels."""
@@ -494,7 +503,7 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
-    if m.linear.fwd is None or _parallel(m, NV * n * H, T, BT):  # no fused forward: tensor-power features
+    if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT):
         meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
