@@ -43,7 +43,7 @@ _TRITON_CPU = ("backend='triton' got {device} tensors: the generated kernels nee
                "verification, it is slow), otherwise use backend='torch'")
 
 
-def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk: int = DEFAULT_CHUNK) -> "AttentionOp":
+def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk: int | None = None) -> "AttentionOp":
     """Compile ``spec`` (a Spec, a built-in name, a YAML path or string, or a dict) into an AttentionOp.
 
     Raises PlanError for an unknown backend, a spec the triton backend cannot generate, or an illegal forced ``plan``,
@@ -53,8 +53,9 @@ def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk:
         raise PlanError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
     if layout not in LAYOUTS:
         raise InputError(f"layout={layout!r}: expected 'bhtd' ([B, H, T, D], SDPA's) or 'bthd' ([B, T, H, D], fla's)")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise InputError(f"chunk={chunk!r}: expected a positive integer (the causal linear plan's chunk size)")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InputError(f"chunk={chunk!r}: expected a positive integer (the causal linear plan's chunk size) "
+                         "or None (each backend's own: the plan's 64, the torch scan's CPU-sized chunks)")
     return AttentionOp(spec, backend, plan, layout, chunk)
 
 
@@ -286,7 +287,8 @@ class AttentionOp:
     def _plan_for(self, backend: str, head_dim: int):
         key = (backend, head_dim)
         if key not in self._plans:
-            self._plans[key] = pipeline.plan(self.spec, target=backend, head_dim=head_dim, chunk=self.chunk,
+            self._plans[key] = pipeline.plan(self.spec, target=backend, head_dim=head_dim,
+                                             chunk=self.chunk or DEFAULT_CHUNK,
                                              force=self._force)
         return self._plans[key]
 

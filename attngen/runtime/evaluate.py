@@ -93,7 +93,10 @@ class Evaluator:
         return self.run(compiled(expr, self.where))
 
     def run(self, fn):
-        """The value of a closure from ``compiled`` (equal expressions share one: computed once per evaluator)."""
+        """The value of a closure from ``compiled`` (equal expressions share one: computed once per evaluator),
+        or of an expression."""
+        if isinstance(fn, sympy.Basic):
+            fn = compiled(fn, self.where)
         if fn in self.memo:
             return self.memo[fn]
         value = self.memo[fn] = fn(self)
@@ -137,6 +140,8 @@ def _translate(expr, where: str):
     if isinstance(expr, Norm):
         a = expr.args[0]
         return lambda ev: ev.norm(ev, a)
+    if isinstance(expr, sympy.Piecewise):
+        return _piecewise(expr, where)
     args = [_translate(a, where) for a in expr.args]
     if isinstance(expr, sympy.Add):
         return lambda ev: _fold(args, ev, lambda x, y: x + y)
@@ -145,8 +150,6 @@ def _translate(expr, where: str):
     if isinstance(expr, sympy.Pow):
         base, exp = args
         return lambda ev: _pow(base(ev), exp(ev))
-    if isinstance(expr, sympy.Piecewise):
-        return _piecewise(expr, where)
     fn = TABLE.get(type(expr)) or TABLE.get(expr.func)
     if fn is None:
         raise PlanError(f"{where}: cannot evaluate {type(expr).__name__} in {expr}")

@@ -22,6 +22,7 @@ from attngen.runtime.torch import sdpa as torch_sdpa
 from attngen.runtime.torch.common import compute_dtype, divide, feature_maps, finish, log_decay, symbol_env, with_ones
 
 _ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
+CHUNK = 32  # the causal scan's chunk when the op names none: measured fastest on a CPU (benchmarks cpu)
 
 
 def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
@@ -29,7 +30,7 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv].
 
     ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
-    plan's chunk size (default plan.chunk). Computes in fp32 (fp64 for fp64 inputs)."""
+    plan's chunk size (default CHUNK, sized for a CPU). Computes in fp32 (fp64 for fp64 inputs)."""
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
@@ -52,11 +53,11 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         if ordering is Ordering.RECURRENT:
             acc, _ = torch_linear.recurrent(qf, kf, v, lg)
         elif spec.causal:
-            acc = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg)
+            acc = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg)
         elif lg is None:
             acc = torch_linear.bidirectional(qf, kf, v)
         else:
-            acc = torch_linear.two_sided(qf, kf, v, chunk or plan.chunk, lg)
+            acc = torch_linear.two_sided(qf, kf, v, chunk or CHUNK, lg)
     return finish(acc, plan.normalize).to(in_dtype)
 
 
@@ -93,7 +94,7 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
     if ordering is Ordering.RECURRENT:
         acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
     else:
-        acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or plan.chunk, lg, initial=s0, return_final=True)
+        acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg, initial=s0, return_final=True)
     return finish(acc, plan.normalize).to(in_dtype), s
 
 

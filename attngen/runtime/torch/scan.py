@@ -23,7 +23,8 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-GROUP_TOKENS = 1024  # tokens per group: the chunks of a group run in one batched matmul
+GROUP_TOKENS = 256  # tokens per group: the chunks of a group run in one batched matmul; a group's tiles stay
+# in a core's L2 cache (1024 ran 10-30% slower forward and backward at T = 4k and 16k on this project's CPU)
 
 
 def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=None):
@@ -97,8 +98,10 @@ def _forward_group(qg, kg, vg, state, w: _Weights, g: int):
 
 
 def _chunks(x, t0: int, c: int, g: int):
+    """Rows t0 .. t0 + g c of x [B, H, T, D] as g chunks [B, H, g, C, D], contiguous: batched matmuls over a
+    slice whose heads are T rows apart run a third slower than over a copy."""
     b, h, _, d = x.shape
-    return x[:, :, t0:t0 + g * c].reshape(b, h, g, c, d)
+    return x[:, :, t0:t0 + g * c].contiguous().view(b, h, g, c, d)
 
 
 class _Scan(torch.autograd.Function):
