@@ -70,7 +70,7 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
 
     ``start`` [B] (int64) shifts the positions of each sequence: i = start + arange(T), likewise j (a
     continuation from a recurrent state); the position factors are then [B, 1, T, 1]."""
-    sides, positional = _sides(tuple(blocks))
+    sides, shared, positional = _sides(tuple(blocks))
     i = j = None
     if positional:
         t, s = q.shape[2], k.shape[2]
@@ -84,6 +84,8 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
                 i, j = i + offset, j + offset
     qev = row_evaluator(env, QE, q, I, i, where)
     kev = row_evaluator(env, KE, k, J, j, where)
+    if positional and i is j:  # one position (decode): the key side's position factors are the query side's
+        kev.env[I], kev.memo, sides = i, qev.memo, shared
     q_blocks = [_side(qev, scales, factors, q) for (scales, factors), _ in sides]
     k_blocks = [_side(kev, scales, factors, k) for _, (scales, factors) in sides]
     if len(sides) == 1:
@@ -93,16 +95,19 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
 
 @functools.lru_cache(maxsize=256)
 def _sides(blocks: tuple):
-    """Per block ((q scales, q factors), (k scales, k factors)) with the scales that are 1 left out, and whether
-    any formula uses the positions i, j: worked out once per plan, not per call."""
-    sides, exprs = [], []
+    """Per block ((q scales, q factors), (k scales, k factors)) as closures, with the scales that are 1 left out;
+    the same with j written as i on the key side (a decode step, where i = j: cos(c i) and cos(c j) are then one
+    closure and computed once); whether any formula uses the positions i, j. Worked out once per plan."""
+    sides, shared, exprs = [], [], []
     for feature, position in blocks:
         q_scales = tuple(x for x in (position.coeff, position.f_i, feature.coeff, feature.q_scale) if x != 1)
         k_scales = tuple(x for x in (position.g_j, feature.k_scale) if x != 1)
         parts = (q_scales, tuple(feature.q_factors)), (k_scales, tuple(feature.k_factors))
         exprs += [e for side in parts for group in side for e in group]
         sides.append(tuple((tuple(map(compiled, scales)), tuple(map(compiled, factors))) for scales, factors in parts))
-    return tuple(sides), any(sympy.sympify(e).has(I, J) for e in exprs)
+        at_i = [tuple(compiled(sympy.sympify(e).xreplace({J: I})) for e in group) for group in parts[1]]
+        shared.append((sides[-1][0], tuple(at_i)))
+    return tuple(sides), tuple(shared), any(sympy.sympify(e).has(I, J) for e in exprs)
 
 
 def _side(ev: Evaluator, scales, factors, x: torch.Tensor) -> torch.Tensor:
