@@ -129,7 +129,7 @@ class _Scan(torch.autograd.Function):
         b, h, t, f = qf.shape
         e = v.shape[-1]
         weights = functools.lru_cache(maxsize=None)(lambda c, g: _Weights(lg, c, g, ctx.strict, qf))
-        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(v) if dout is None else dout  # groups are made contiguous one at a time
         grad = qf.new_zeros(b, h, f, e) if dfinal is None else dfinal.to(qf.dtype).clone()
         dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
         for (t0, c, g), s_in in reversed(list(zip(_segments(t, ctx.chunk), starts))):
