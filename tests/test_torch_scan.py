@@ -32,7 +32,9 @@ def direct(qf, kf, v, lg, s0, strict):
 @pytest.mark.parametrize("decay", [None, 0.87, "per-head"])
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_scan_matches_definition(t, chunk, group, decay, strict, with_state, monkeypatch):
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_scan_matches_definition(t, chunk, group, decay, strict, with_state, scale, monkeypatch):
+    """``scale`` multiplies the query features inside the scan: the definition sees scale * q'."""
     monkeypatch.setattr(scan, "GROUP_TOKENS", group)
     g = torch.Generator().manual_seed(t + chunk)
     b, h, f, e = 2, 3, 5, 4
@@ -48,11 +50,11 @@ def test_scan_matches_definition(t, chunk, group, decay, strict, with_state, mon
     leaves = [x.clone().requires_grad_() for x in (qf, kf, v)]
     lgl = None if lg is None else lg.clone().requires_grad_()
     s0l = None if s0 is None else s0.clone().requires_grad_()
-    out, final = scan.causal_scan(*leaves, chunk, lgl, strict, s0l)
+    out, final = scan.causal_scan(*leaves, chunk, lgl, strict, s0l, scale=scale)
     gold_leaves = [x.clone().requires_grad_() for x in (qf, kf, v)]
     glg = None if lg is None else lg.clone().requires_grad_()
     gs0 = None if s0 is None else s0.clone().requires_grad_()
-    gout, gfinal = direct(*gold_leaves, glg, gs0, strict)
+    gout, gfinal = direct(gold_leaves[0] * scale, *gold_leaves[1:], glg, gs0, strict)
     torch.testing.assert_close(out, gout, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, gfinal, rtol=1e-10, atol=1e-10)
     do, dfin = torch.randn(out.shape, generator=g, dtype=DT), torch.randn(final.shape, generator=g, dtype=DT)

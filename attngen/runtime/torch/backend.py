@@ -10,11 +10,15 @@ column, decay rate) and divides by the row sum at the end.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import sympy
 import torch
 
 from attngen.errors import PlanError
+from attngen.frontend.expr import QE
 from attngen.ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
+from attngen.runtime.evaluate import Evaluator
 from attngen.runtime.torch import fft as torch_fft
 from attngen.runtime.torch import linear as torch_linear
 from attngen.runtime.torch import quadratic as torch_quadratic
@@ -47,13 +51,15 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         acc = torch_fft.toeplitz(qf, kf, v, plan.reweight.kernel, env, spec.causal, spec.where)
     else:
         blocks = [(term.feature, term.position) for term in plan.linear_terms]
+        causal = spec.causal and ordering is not Ordering.RECURRENT
+        blocks, scale = _query_scale(blocks, env) if causal else (blocks, 1.0)
         qf, kf = feature_maps(blocks, env, q, k, spec.where)
         # the scans need gamma in (0, 1]; the quadratic ordering evaluates W directly and needs no check
         lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
         if ordering is Ordering.RECURRENT:
             acc, _ = torch_linear.recurrent(qf, kf, v, lg)
         elif spec.causal:
-            acc = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg)
+            acc = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg, scale=scale)
         elif lg is None:
             acc = torch_linear.bidirectional(qf, kf, v)
         else:
@@ -86,7 +92,8 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
                         f"not {ordering.value} ({plan.spec.mode})")
     _check_ordering(plan, ordering)
     in_dtype = q.dtype
-    qf, kf, v, lg = _linear_inputs(plan, q, k, v, params, start)
+    scaled = ordering is Ordering.LINEAR
+    qf, kf, v, lg, scale = _linear_inputs(plan, q, k, v, params, start, scaled)
     if valid is not None:
         keep = valid[:, None, :, None].to(kf.dtype)
         kf, v = kf * keep, v * keep
@@ -94,7 +101,8 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
     if ordering is Ordering.RECURRENT:
         acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
     else:
-        acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg, initial=s0, return_final=True)
+        acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg, initial=s0, return_final=True,
+                                             scale=scale)
     return finish(acc, plan.normalize).to(in_dtype), s
 
 
@@ -133,16 +141,34 @@ def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, s
     return divide(num, qf @ z.unsqueeze(-1), plan.normalize).to(in_dtype), s, z
 
 
-def _linear_inputs(plan, q, k, v, params, start):
-    """Q', K' (positions from ``start``), [V | 1] and log(gamma) in the compute dtype."""
+def _linear_inputs(plan, q, k, v, params, start, scaled: bool = False):
+    """Q', K' (positions from ``start``), [V | 1], log(gamma) in the compute dtype and the number the scan
+    multiplies Q' by (``scaled``: taken out of Q' when it is a number times q; else 1)."""
     dtype = compute_dtype(q.dtype)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     b, h, t, d = q.shape
     env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
     blocks = [(term.feature, term.position) for term in plan.linear_terms]
+    blocks, scale = _query_scale(blocks, env) if scaled else (blocks, 1.0)
     qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)
     lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
-    return qf, kf, with_ones(v, plan.normalize), lg
+    return qf, kf, with_ones(v, plan.normalize), lg, scale
+
+
+def _query_scale(blocks, env: dict) -> tuple:
+    """(blocks, 1.0), or, when the one block's query features are a number c times q itself (dot(q, k)/sqrt(d),
+    retention), (the block without c, c): the scan applies c inside its products instead of a pass over q."""
+    if len(blocks) != 1:
+        return blocks, 1.0
+    feature, position = blocks[0]
+    if tuple(feature.q_factors) != (QE,) or feature.q_scale != 1 or position.f_i != 1:
+        return blocks, 1.0
+    ev = Evaluator(env, where="query scale")
+    c = ev(position.coeff) * ev(feature.coeff)
+    if isinstance(c, torch.Tensor):  # per head (a parameter): stays in Q'
+        return blocks, 1.0
+    one = sympy.Integer(1)
+    return [(dataclasses.replace(feature, coeff=one), dataclasses.replace(position, coeff=one))], float(c)
 
 
 def _check_ordering(plan, ordering: Ordering) -> None:

@@ -18,7 +18,7 @@ def bidirectional(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def causal_chunked(qf, kf, v, chunk: int, lg: torch.Tensor | None = None, strict: bool = False,
-                   initial: torch.Tensor | None = None, return_final: bool = False):
+                   initial: torch.Tensor | None = None, return_final: bool = False, scale: float = 1.0):
     """Causal linear attention, chunk by chunk: O_c = Q'_c S_c + tril(Q'_c K'_c^T) V_c (T = S).
 
     With ``lg`` the decay gamma**(i-j) in the chunk-local form (all exponents >= 0, never gamma**-j);
@@ -26,9 +26,9 @@ def causal_chunked(qf, kf, v, chunk: int, lg: torch.Tensor | None = None, strict
     ``initial`` [B, H, F, E] is the state after the tokens before this call (the recurrent convention of
     docs/derivations.md section 4): it enters exactly like a previous chunk's state. With ``return_final``
     the result is (out, the state after the last token [B, H, F, E]). Runs attngen.runtime.torch.scan (groups
-    of chunks in batched matmuls, a hand-derived chunked backward).
+    of chunks in batched matmuls, a hand-derived chunked backward); ``scale`` multiplies Q' inside it.
     """
-    out, final = causal_scan(qf, kf, v, min(chunk, max(1, qf.shape[2])), lg, strict, initial)
+    out, final = causal_scan(qf, kf, v, min(chunk, max(1, qf.shape[2])), lg, strict, initial, scale)
     return (out, final) if return_final else out
 
 

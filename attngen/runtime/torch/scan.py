@@ -27,9 +27,11 @@ GROUP_TOKENS = 256  # tokens per group: the chunks of a group run in one batched
 # in a core's L2 cache (1024 ran 10-30% slower forward and backward at T = 4k and 16k on this project's CPU)
 
 
-def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=None):
-    """(out [B, H, T, E], the state after the last token [B, H, F, E]); see the module docstring."""
-    return _Scan.apply(qf, kf, v, lg, initial, chunk, strict)
+def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=None, scale: float = 1.0):
+    """(out [B, H, T, E], the state after the last token [B, H, F, E]); see the module docstring. ``scale``: a
+    number the query features are multiplied by (dot(q, k)/sqrt(d) passes q as it is and 1/sqrt(d) here): applied
+    inside each group's products, so no pass over the whole of q, forward or backward."""
+    return _Scan.apply(qf, kf, v, lg, initial, chunk, strict, float(scale))
 
 
 class _Weights:
@@ -83,9 +85,9 @@ def _states(kg, vg, state, w: _Weights, g: int):
     return states, state
 
 
-def _forward_group(qg, kg, vg, state, w: _Weights, g: int):
+def _forward_group(qg, kg, vg, state, w: _Weights, g: int, scale: float):
     """One group of g chunks [B, H, g, C, *] from the state before it: (out [B, H, g, C, E], the state after
-    the group)."""
+    the group); the query features are ``scale`` * qg."""
     b, h, _, c, f = qg.shape
     e = vg.shape[-1]
     states, after = _states(kg, vg, state, w, g)
@@ -93,8 +95,8 @@ def _forward_group(qg, kg, vg, state, w: _Weights, g: int):
     inter = qg @ states
     if w.qd is not None:
         inter.mul_(w.qd)
-    return torch.baddbmm(inter.view(-1, c, e), scores.view(-1, c, c), vg.reshape(-1, c, e)).view(b, h, g, c, e), \
-        after
+    out = torch.baddbmm(inter.view(-1, c, e), scores.view(-1, c, c), vg.reshape(-1, c, e), beta=scale, alpha=scale)
+    return out.view(b, h, g, c, e), after
 
 
 def _chunks(x, t0: int, c: int, g: int):
@@ -106,7 +108,7 @@ def _chunks(x, t0: int, c: int, g: int):
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qf, kf, v, lg, initial, chunk: int, strict: bool):
+    def forward(ctx, qf, kf, v, lg, initial, chunk: int, strict: bool, scale: float):
         b, h, t, f = qf.shape
         e = v.shape[-1]
         weights = functools.lru_cache(maxsize=None)(lambda c, g: _Weights(lg, c, g, strict, qf))
@@ -116,10 +118,10 @@ class _Scan(torch.autograd.Function):
         for t0, c, g in _segments(t, chunk):
             starts.append(state)
             o, state = _forward_group(_chunks(qf, t0, c, g), _chunks(kf, t0, c, g), _chunks(v, t0, c, g), state,
-                                         weights(c, g), g)
+                                      weights(c, g), g, scale)
             out[:, :, t0:t0 + g * c] = o.view(b, h, g * c, e)
         ctx.save_for_backward(qf, kf, v, lg, initial, *starts)
-        ctx.chunk, ctx.strict = chunk, strict
+        ctx.chunk, ctx.strict, ctx.scale = chunk, strict, scale
         return out, state
 
     @staticmethod
@@ -137,12 +139,14 @@ class _Scan(torch.autograd.Function):
             qg, kg, vg, dg = (_chunks(x, t0, c, g) for x in (qf, kf, v, dout))
             states, _ = _states(kg, vg, s_in, w, g)
             qdo = (qg if w.qd is None else qg * w.qd).transpose(-1, -2) @ dg  # [B, H, g, F, E]
+            if ctx.scale != 1:
+                qdo.mul_(ctx.scale)
             # G_j (anchored at chunk j's last row) = G_out and the chunks after j: G_(j-1) = gamma**C G_j + qdo_j
             grads = torch.empty_like(qdo)
             for j in reversed(range(g)):
                 grads[:, :, j] = grad
                 grad = grad + qdo[:, :, j] if w.gc is None else torch.addcmul(qdo[:, :, j], grad, w.gc)
-            scores = (qg @ kg.transpose(-1, -2)).mul_(w.w)  # A o W [B, H, g, C, C]
+            scores = (qg @ kg.transpose(-1, -2)).mul_(w.w if ctx.scale == 1 else w.w * ctx.scale)  # A o W
             da = (dg @ vg.transpose(-1, -2)).mul_(w.w)  # dA o W
             dqg = dg @ states.transpose(-1, -2)
             dkg = vg @ grads.transpose(-1, -2)
@@ -151,17 +155,21 @@ class _Scan(torch.autograd.Function):
             if w.qd is not None:
                 dqg.mul_(w.qd)
                 dkg.mul_(w.kd)
-            dqg = torch.baddbmm(dqg.view(-1, c, f), da.view(-1, c, c), kg.reshape(-1, c, f))
-            dkg = torch.baddbmm(dkg.view(-1, c, f), da.view(-1, c, c).transpose(-1, -2), qg.reshape(-1, c, f))
+            # the raw query's gradient is scale x the features'; the keys meet scale x q
+            dqg = torch.baddbmm(dqg.view(-1, c, f), da.view(-1, c, c), kg.reshape(-1, c, f), beta=ctx.scale,
+                                alpha=ctx.scale)
+            dkg = torch.baddbmm(dkg.view(-1, c, f), da.view(-1, c, c).transpose(-1, -2), qg.reshape(-1, c, f),
+                                alpha=ctx.scale)
             dvg = torch.baddbmm(dvg.view(-1, c, e), scores.view(-1, c, c).transpose(-1, -2), dg.reshape(-1, c, e))
             dq[:, :, t0:t0 + g * c] = dqg.view(b, h, g * c, f)
             dk[:, :, t0:t0 + g * c] = dkg.view(b, h, g * c, f)
             dv[:, :, t0:t0 + g * c] = dvg.view(b, h, g * c, e)
         dlg = None
         if lg is not None and ctx.needs_input_grad[3]:
-            dlg = _dloggamma(qf, kf, v, dout, lg, initial, dfinal, ctx.chunk, weights)
+            dlg = _dloggamma(qf if ctx.scale == 1 else qf * ctx.scale, kf, v, dout, lg, initial, dfinal, ctx.chunk,
+                             weights)
         dinit = grad.to(initial.dtype) if initial is not None and ctx.needs_input_grad[4] else None
-        return dq, dk, dv, dlg, dinit, None, None
+        return dq, dk, dv, dlg, dinit, None, None, None
 
 
 def _dloggamma(qf, kf, v, dout, lg, initial, dfinal, chunk: int, weights):
