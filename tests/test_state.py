@@ -493,6 +493,8 @@ def test_step_hot_path_rechecks_what_changed(monkeypatch):
         op.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], bad)
     with pytest.raises(InputError):  # a new input shape is checked in full
         op.step(q[:, :1, :1], k[:, :1, :1], v[:, :1, :1], st)
+    with pytest.raises(InputError, match="State"):  # not a State at all, after a hot step: an error, no traceback
+        op.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], (st.S, st.z, st.pos))
 
 
 def test_step_hot_path_checks_positions_past_max_length():

@@ -37,22 +37,20 @@ def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=No
 class _Weights:
     """The powers of gamma of one chunk size c and g chunks per group: in-chunk weights w (the causal mask
     without a decay), query and key factors qd, kd and the state's decay over a chunk gc (None without), and
-    for the distance-weighted sweep the chunk-to-chunk matrix m [H or 1, g + 1, g] (gamma**(C(i-1-j)) for
-    j < i) with head [H or 1, g + 1, 1] = gamma**(C i)."""
+    for the distance-weighted sweep the chunk-to-chunk matrix m [H, g + 1, g] (gamma**(C(i-1-j)) for j < i)
+    with head [H, g + 1, 1] = gamma**(C i) (None without a decay)."""
 
     def __init__(self, lg, c: int, g: int, strict: bool, like: torch.Tensor):
         dtype, device = like.dtype, like.device
         pos = torch.arange(c, device=device)
         diff = pos[:, None] - pos[None, :]
         allowed = diff > 0 if strict else diff >= 0
-        blocks = torch.arange(g + 1, device=device)
-        lag = blocks[:, None] - 1 - blocks[None, :g]  # i - 1 - j: chunk j's sum reaches the state before chunk i
         if lg is None:
             self.w = allowed.to(dtype)  # [C, C]
-            self.qd = self.kd = self.gc = None
-            self.m = (lag >= 0).to(dtype).unsqueeze(0)  # [1, g + 1, g]
-            self.head = torch.ones(1, g + 1, 1, dtype=dtype, device=device)
+            self.qd = self.kd = self.gc = self.m = self.head = None
             return
+        blocks = torch.arange(g + 1, device=device)
+        lag = blocks[:, None] - 1 - blocks[None, :g]  # i - 1 - j: chunk j's sum reaches the state before chunk i
         lgc = lg.to(dtype).unsqueeze(2)  # [1, H, 1, 1, 1]
         self.w = torch.where(allowed, torch.exp(lgc * diff.clamp_min(0).to(dtype)), 0.0)  # [1, H, 1, C, C]
         self.qd = torch.exp(lgc * (pos + 1).to(dtype)[:, None])  # gamma**(a+1) [1, H, 1, C, 1]
