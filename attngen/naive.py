@@ -13,7 +13,7 @@ from attngen.errors import InputError, PlanError
 from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, I, J
 from attngen.frontend.spec import Spec, load_spec
 from attngen.runtime.evaluate import Evaluator
-from attngen.runtime.inputs import check_params, check_qkv
+from attngen.runtime.inputs import check_gates, check_params, check_qkv
 
 
 def reference(spec, layout: str = "bhtd"):
@@ -24,28 +24,52 @@ def reference(spec, layout: str = "bhtd"):
         if initial_state is not None or return_state:
             raise InputError("the naive reference has no recurrent state; call it on the whole sequence")
         qh, kh, vh = check_qkv(spec, q, k, v, layout)
+        gates = check_gates(spec, {n: params.pop(n) for n in spec.gate_names if n in params}, layout, qh)
         values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
-        out = attention_matrix_apply(spec, qh, kh, vh, values)
+        groups = qh.shape[1] // kh.shape[1]  # grouped KV heads: query head h reads kv head h // groups
+        if groups > 1:
+            kh, vh = (x.repeat_interleave(groups, dim=1) for x in (kh, vh))
+        if spec.rotary is not None:
+            qh, kh = (_rotated(x, spec.rotary.theta) for x in (qh, kh))
+        out = attention_matrix_apply(spec, qh, kh, vh, values, gates=gates)
         return out.transpose(1, 2) if layout == "bthd" else out
 
     run.spec = spec
     return run
 
 
-def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
+def _rotated(x, theta: float):
+    """RoPE by its definition: the pair (x_m, x_(m + d/2)) of the row at position p, as the complex number
+    x_m + i x_(m + d/2), multiplied by exp(i p theta**(-2m/d)) (positions 0 .. T - 1)."""
+    t, d = x.shape[2], x.shape[3]
+    half = d // 2
+    freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / d)
+    angle = torch.arange(t, dtype=torch.float64)[:, None] * freq[None, :]  # [T, d/2]
+    turn = torch.polar(torch.ones_like(angle), angle).to(device=x.device)
+    z = torch.complex(x[..., :half].to(torch.float64), x[..., half:2 * half].to(torch.float64)) * turn
+    return torch.cat([z.real, z.imag, x[..., 2 * half:].to(torch.float64)], -1).to(x.dtype)
+
+
+def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None, gates=None):
     """A(i, j) = mask * W(i, j) * s(q_i, k_j) as a [B, H, T, S] tensor (softmax scores stabilised by the
     row max, which cancels in the normalisation).
 
     For the references of approximations (attngen.verify): ``modify`` maps the score [B, H, T, S] of a
     softmax-family spec (s = exp(score), or normalize: softmax) to the score the approximation uses;
-    ``keep`` [B, H, T, S] bool restricts the attended pairs further (block-sparse attention)."""
+    ``keep`` [B, H, T, S] bool restricts the attended pairs further (block-sparse attention). ``gates``: the
+    spec's gate tensors by name ([B, H, T] or [B, H, T, D]), applied as the spec's gates key defines."""
     b, h, t, d = q.shape
     s_len = k.shape[2]
     consts = spec.constant_values()
     qv, kv = q[:, :, :, None, :], k[:, :, None, :, :]  # [B,H,T,1,D], [B,H,1,S,D]
+    gate = _gate_differences(spec, gates or {}, q)  # G_i - G_j: [B, H, T, S] per head, [B, H, T, S, D] per dim
 
     def dot(ev, a, bb):
         ea, eb = ev(a), ev(bb)
+        if gate is not None and gate.dim() == 5 and _only(a, QE) and _only(bb, KE):  # GLA: per dimension
+            return (ea * eb * torch.exp(gate)).sum(-1, keepdim=True)
+        if gate is not None and gate.dim() == 5 and _only(a, KE) and _only(bb, QE):
+            return dot(ev, bb, a)
         if _only(a, QE) and _only(bb, KE):  # an outer product: a matmul, not a [T,S,D] tensor
             return (ea[:, :, :, 0, :] @ eb[:, :, 0, :, :].transpose(-1, -2)).unsqueeze(-1) \
                 if ea.dim() == 5 and eb.dim() == 5 else (ea * eb).sum(-1, keepdim=True)
@@ -77,6 +101,11 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
         sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device) + ev(weight_expr.args[0])
         weight_expr = sympy.Integer(1)
     weight = ev(weight_expr)
+    if gate is not None and gate.dim() == 4:  # per head: the score gains G_i - G_j, or W gains exp(G_i - G_j)
+        if softmax:
+            sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device) + gate[..., None]
+        else:
+            weight = torch.as_tensor(weight, dtype=q.dtype, device=q.device) * torch.exp(gate)[..., None]
     if softmax:  # A = W * exp(s); the row max cancels
         sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device).expand(b, h, t, s_len, 1)
         if spec.causal:
@@ -89,6 +118,21 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None):
     if keep is not None:
         a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
     return a
+
+
+def _gate_differences(spec: Spec, gates: dict, q):
+    """G_i - G_j of the spec's gate (G the inclusive cumulative sum of g along T) on the causal pairs j <= i,
+    0 elsewhere (masked later): [B, H, T, S] per head, [B, H, T, S, D] per key dimension; None without a gate."""
+    if spec.gate is None:
+        return None
+    g = gates[spec.gate.name].to(q.dtype)
+    big = g.cumsum(2)
+    allowed = _causal(q.shape[2], q.shape[2], q.device)
+    if spec.gate.per == "head":
+        diff = big[:, :, :, None] - big[:, :, None, :]
+        return torch.where(allowed, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    diff = big[:, :, :, None, :] - big[:, :, None, :, :]
+    return torch.where(allowed[..., None], diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
 
 
 def _modified(spec: Spec, sim_expr, ev, modify, shape, like):
@@ -105,10 +149,10 @@ def _modified(spec: Spec, sim_expr, ev, modify, shape, like):
     return value if spec.normalize.kind == "softmax" else torch.exp(value)
 
 
-def attention_matrix_apply(spec: Spec, q, k, v, params: dict, *, modify=None, keep=None):
-    """O = normalise(A) V for [B, H, T, D] inputs (``modify``, ``keep``: see attention_matrix; with ``keep``
-    a row that attends to nothing gives 0)."""
-    a = attention_matrix(spec, q, k, params, modify=modify, keep=keep)
+def attention_matrix_apply(spec: Spec, q, k, v, params: dict, *, modify=None, keep=None, gates=None):
+    """O = normalise(A) V for [B, H, T, D] inputs (``modify``, ``keep``, ``gates``: see attention_matrix; with
+    ``keep`` a row that attends to nothing gives 0)."""
+    a = attention_matrix(spec, q, k, params, modify=modify, keep=keep, gates=gates)
     out = a @ v
     norm = spec.normalize
     if norm.kind in ("rowsum", "softmax"):

@@ -25,11 +25,11 @@ from attngen.errors import InputError, PlanError
 from attngen.frontend.spec import Spec, load_spec
 from attngen.ir import DEFAULT_CHUNK, Ordering
 from attngen.runtime import state as state_lib
-from attngen.runtime.inputs import check_cu_seqlens, check_params, check_positions, check_qkv
+from attngen.runtime.inputs import check_cu_seqlens, check_gates, check_params, check_positions, check_qkv
 from attngen.runtime.state import State, check_decodable
 from attngen.runtime.torch import backend as torch_backend
 from attngen.runtime.torch import packed
-from attngen.runtime.torch.common import compute_dtype
+from attngen.runtime.torch.common import compute_dtype, grouped, rotate
 from attngen.runtime.triton import loader as triton_loader
 
 BACKENDS = ("auto", "torch", "triton")
@@ -96,6 +96,9 @@ class AttentionOp:
         each sequence's positions start at 0 (or its initial state's pos)."""
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
         backend = resolve_backend(self.backend, qh.device)
+        gates = check_gates(self.spec, {n: params.pop(n) for n in self.spec.gate_names if n in params}, self.layout,
+                            qh)
+        gate = gates.get(self.spec.gate.name) if self.spec.gate is not None else None
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         plan = self._plan_for(backend, qh.shape[-1])
         self.plan = plan
@@ -114,33 +117,58 @@ class AttentionOp:
             lengths = qh.shape[2] if bounds is None else torch.tensor(
                 [b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
             check_positions(self.spec, state.pos + lengths)
+        if backend == "triton" and kh.shape[1] != qh.shape[1]:
+            raise InputError(f"{self.spec.name}: grouped KV heads (q {qh.shape[1]} heads, k and v {kh.shape[1]}) are "
+                             "not read by the generated Triton modules yet; use backend='torch' (SDPA reads the "
+                             "groups in place, the other orderings per query head)")
+        if backend == "torch" and self.spec.rotary is not None:  # the generated kernels would rotate in place
+            qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton":
             out = self._run_triton(plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens)
             o, state = out if return_state else (out, None)
         elif stateful:
-            o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds)
+            o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds, gate)
         elif bounds is not None and packed.batchable(plan, _lengths(bounds), False, plan.choice.ordering_for):
             (qb, valid), (kb, _), (vb, _) = (packed.pad(x, bounds) for x in (qh, kh, vh))
-            o = packed.unpad(self._run_torch(plan, qb, kb, vb, values, {}), valid)  # one padded batch
+            o = packed.unpad(self._run_torch(plan, qb, kb, vb, values, {}, _padded_gate(gate, bounds)), valid)
         elif bounds is not None:  # each packed sequence alone, by the ordering the planner picks for its length
-            o = torch.cat([self._run_torch(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values, {})
+            o = torch.cat([self._run_torch(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values, {},
+                                           None if gate is None else gate[:, :, a:b])
                            for a, b in zip(bounds[:-1], bounds[1:])], 2)
         else:
             info = {}
-            o = self._run_torch(plan, qh, kh, vh, values, info)
+            o = self._run_torch(plan, qh, kh, vh, values, info, gate)
             self._record(info)
         o = o.transpose(1, 2) if self.layout == "bthd" else o
         return (o, state) if return_state else o
 
-    def _run_torch(self, plan, qh, kh, vh, values, info: dict):
+    def _run_torch(self, plan, qh, kh, vh, values, info: dict, gate=None):
         """The ordering the planner picks for this key length: an approximation's execution, or the exact
         torch backend's."""
         ordering = plan.choice.ordering_for(kh.shape[2])
         if ordering in APPROXIMATIONS:
+            kh, vh = grouped(kh, vh, qh.shape[1])
             return APPROXIMATIONS[ordering](plan, qh, kh, vh, values, info)
-        return torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk)
+        return torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk, gate=gate)
+
+    def _rotated(self, qh, kh, bounds, start):
+        """q and k rotated by their positions (RoPE): 0 .. T - 1, from each sequence's start under cu_seqlens, and
+        continuing from ``start`` [B] (a state's pos: per sequence, packed or not)."""
+        theta = self.spec.rotary.theta
+        t, s = qh.shape[2], kh.shape[2]
+        if bounds is None and start is None:
+            pos_q, pos_k = torch.arange(t, device=qh.device), torch.arange(s, device=qh.device)
+        elif bounds is None:
+            pos_q = pos_k = start.to(qh.device)[:, None] + torch.arange(t, device=qh.device)  # [B, T]
+        else:
+            local = torch.cat([torch.arange(b - a, device=qh.device) for a, b in zip(bounds[:-1], bounds[1:])])
+            if start is not None:
+                local = local + torch.repeat_interleave(start.to(qh.device),
+                                                        torch.tensor(_lengths(bounds), device=qh.device))
+            pos_q = pos_k = local
+        return rotate(qh, pos_q, theta), rotate(kh, pos_k, theta)
 
     def _record(self, info: dict) -> None:
         """Keep what an approximation decided on the last call (see last_basis, last_selection)."""
@@ -185,6 +213,9 @@ class AttentionOp:
                              f"T = {qh.shape[2]}. Fix: call the op with initial_state=state, return_state=True "
                              "for several tokens (prefill)")
         backend = resolve_backend(self.backend, qh.device)
+        gates = check_gates(self.spec, {n: params.pop(n) for n in self.spec.gate_names if n in params}, self.layout,
+                            qh)
+        gate = gates.get(self.spec.gate.name) if self.spec.gate is not None else None
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         plan = self._plan_for(backend, qh.shape[-1])
         check_decodable(plan, "step")
@@ -204,14 +235,17 @@ class AttentionOp:
             o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values, layout="bhtd")
             new = State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
         else:
-            return self._step_torch(plan, q_t, k_t, v_t, state, values, key, hot=not params)
+            return self._step_torch(plan, q_t, k_t, v_t, state, values, key, hot=not params, gate=gate)
         new.checked = _fingerprint(new, key)  # the next step skips its check
         return (o.transpose(1, 2) if self.layout == "bthd" else o), new
 
-    def _step_torch(self, plan, q_t, k_t, v_t, state, values, key, hot=True):
+    def _step_torch(self, plan, q_t, k_t, v_t, state, values, key, hot=True, gate=None):
         """``hot``: ``values`` are the parameters' defaults (no parameter passed), the same at every call."""
         qh, kh, vh = (x.transpose(1, 2) for x in (q_t, k_t, v_t)) if self.layout == "bthd" else (q_t, k_t, v_t)
-        o, S, z = torch_backend.step(plan, qh, kh, vh, values, state.S, state.z, state.pos, constant=hot)
+        if self.spec.rotary is not None:
+            pos = state.pos.to(qh.device)[:, None]  # [B, 1]: each sequence at its own position
+            qh, kh = rotate(qh, pos, self.spec.rotary.theta), rotate(kh, pos, self.spec.rotary.theta)
+        o, S, z = torch_backend.step(plan, qh, kh, vh, values, state.S, state.z, state.pos, constant=hot, gate=gate)
         new = State(S, z, state.pos + 1, self.spec.hash)
         new.checked = _fingerprint(new, key)  # the next step skips its check
         self._hot = (_signature(q_t, k_t, v_t), new.checked, plan, values) if hot else None
@@ -236,22 +270,24 @@ class AttentionOp:
                         dtype=dtype, what=what)
         return state
 
-    def _run_torch_state(self, plan, qh, kh, vh, values, state, bounds):
+    def _run_torch_state(self, plan, qh, kh, vh, values, state, bounds, gate=None):
         ordering = Ordering.RECURRENT if plan.choice.forced and plan.choice.below is Ordering.RECURRENT \
             else Ordering.LINEAR
         s0 = _augmented(state)
         if bounds is None:
-            o, s = torch_backend.run_state(plan, ordering, qh, kh, vh, values, self.chunk, s0, state.pos)
+            o, s = torch_backend.run_state(plan, ordering, qh, kh, vh, values, self.chunk, s0, state.pos, gate=gate)
             return o, _from_augmented(s, state.pos + qh.shape[2], plan, self.spec.hash)
         lengths = torch.tensor(_lengths(bounds), device=state.pos.device)
         if packed.batchable(plan, _lengths(bounds), True, lambda n: ordering):  # one padded batch
             (qb, valid), (kb, _), (vb, _) = (packed.pad(x, bounds) for x in (qh, kh, vh))
-            o, s = torch_backend.run_state(plan, ordering, qb, kb, vb, values, self.chunk, s0, state.pos, valid=valid)
+            o, s = torch_backend.run_state(plan, ordering, qb, kb, vb, values, self.chunk, s0, state.pos, valid=valid,
+                                           gate=_padded_gate(gate, bounds))
             return packed.unpad(o, valid), _from_augmented(s, state.pos + lengths, plan, self.spec.hash)
         outs, finals = [], []
         for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             o, s = torch_backend.run_state(plan, ordering, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
-                                           self.chunk, s0[n:n + 1], state.pos[n:n + 1])
+                                           self.chunk, s0[n:n + 1], state.pos[n:n + 1],
+                                           gate=None if gate is None else gate[:, :, a:b])
             outs.append(o)
             finals.append(s)
         return torch.cat(outs, 2), _from_augmented(torch.cat(finals), state.pos + lengths, plan, self.spec.hash)
@@ -297,6 +333,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _padded_gate(gate, bounds: list):
+    """A packed gate [1, H, T(, Dk)] as the padded batch's [N, H, T_max(, Dk)]: padded rows hold 0 (no decay)."""
+    if gate is None:
+        return None
+    if gate.dim() == 3:
+        return packed.pad(gate[..., None], bounds)[0][..., 0]
+    return packed.pad(gate, bounds)[0]
 
 
 def _lengths(bounds: list) -> list:

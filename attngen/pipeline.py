@@ -25,10 +25,12 @@ from attngen.passes.planning import (
     linear_terms,
     ordering,
     separate,
+    token_inputs,
 )
 
 FRONTEND = (check_names, read_spec, substitute_constants, softmax_as_exp)
-PLANNING = (separate, classify, linear_terms, approximate, costs, choose_ordering, delegate, capabilities)
+PLANNING = (separate, classify, linear_terms, approximate, costs, token_inputs, choose_ordering, delegate,
+            capabilities)
 LOWERING = (select_kernels, fill_slots, render_text)
 
 GENERATORS = {TRITON.name: TRITON}

@@ -28,6 +28,11 @@ TEMPLATES = {Ordering.LINEAR: "linear.py.j2", Ordering.QUADRATIC: "quadratic.py.
 
 def check_kernel(plan, ordering: Ordering) -> None:
     """PlanError (saying why) unless the templates express ``ordering`` for ``plan`` (a Plan or a Draft)."""
+    spec = plan.spec
+    missing = [what for what, has in (("gates", spec.gates), ("rotary positions", spec.rotary is not None)) if has]
+    if missing:
+        raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): the Triton templates do not generate "
+                        f"{' or '.join(missing)} yet; use backend='torch' (it runs every ordering of this plan)")
     if ordering is Ordering.LINEAR:
         check_linear(plan)
         return

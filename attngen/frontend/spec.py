@@ -54,7 +54,12 @@ from attngen.frontend.expr import (
 )
 
 KEYS = ("name", "description", "causal", "similarity", "reweight", "normalize", "constants",
-        "parameters", "approx", "max_length")
+        "parameters", "gates", "rotary", "approx", "max_length")
+GATE_KINDS = ("head", "key_dim")  # a gate per head [B, H, T], or per head and key dimension [B, H, T, Dk]
+SCALE = "scale"  # the per-call score scale: op(q, k, v, scale=...), default 1/sqrt(d)
+DEFAULT_SCALE = "1/sqrt(d)"
+MAX_GATES = 1
+DEFAULT_THETA = 10000.0
 NORMALIZE_KINDS = ("none", "rowsum", "softmax")
 EPS_MODES = ("add", "clamp")
 MODES = ("causal", "bidirectional")
@@ -90,6 +95,27 @@ class Parameter:
     init: str
     init_expr: sympy.Expr = field(compare=False)
     symbol: sympy.Symbol = field(compare=False)
+    learnable: bool = True  # False: the per-call scale (a number each call may set; it has a gradient if asked)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A per-token gate: an input tensor of log-space values g <= 0, passed to the op as a keyword named ``name``.
+
+    per "head": [B, H, T] ("bhtd") or [B, T, H] ("bthd"); the reweighting gains exp(G_i - G_j), G the inclusive
+    cumulative sum of g along the sequence (a softmax-family spec: the score gains G_i - G_j).
+    per "key_dim": [B, H, T, Dk] / [B, T, H, Dk]; it enters each dimension d of the similarity's dot product:
+    sum_d a_d(q_i) b_d(k_j) exp(G_id - G_jd) (GLA)."""
+    name: str
+    per: str
+    symbol: sympy.Symbol = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary positions (RoPE): q and k rotated by their positions before the similarity, dimension i paired with
+    i + d/2 (the rotate-half convention of Llama and transformers), frequencies theta**(-2i/d)."""
+    theta: float = DEFAULT_THETA
 
 
 @dataclass(frozen=True)
@@ -120,7 +146,16 @@ class Spec:
     max_length: str = ""  # the source of the max_length key ('' if absent); hashed when set
     # its value: an int (positions 0 .. limit - 1), an expression in n_q, n_k evaluated per call, or None
     length_limit: object = field(compare=False, default=None)
+    gates: tuple = ()  # of Gate (at most MAX_GATES)
+    rotary: Rotary | None = None
 
+    @property
+    def gate(self) -> Gate | None:
+        return self.gates[0] if self.gates else None
+
+    @property
+    def gate_names(self) -> tuple:
+        return tuple(g.name for g in self.gates)
 
     @property
     def mode(self) -> str:
@@ -137,9 +172,12 @@ class Spec:
             "reweight": self.reweight,
             "normalize": [self.normalize.kind, self.normalize.eps, self.normalize.eps_mode],
             "constants": [[c.name, c.source] for c in self.constants],
-            "parameters": [[p.name, list(p.shape), p.init] for p in self.parameters],
+            "parameters": [[p.name, list(p.shape), p.init] + ([] if p.learnable else ["fixed"])
+                           for p in self.parameters],
             "approx": self.approx,
-        } | ({"max_length": self.max_length} if self.max_length else {})
+        } | ({"max_length": self.max_length} if self.max_length else {}) \
+          | ({"gates": [[g.name, g.per] for g in self.gates]} if self.gates else {}) \
+          | ({"rotary": self.rotary.theta} if self.rotary is not None else {})
 
     @functools.cached_property
     def hash(self) -> str:  # computed once (the spec is frozen): states are checked against it per decode step
@@ -160,10 +198,17 @@ class Spec:
                 "normalize": self.normalize.kind}
         if self.normalize.kind == "rowsum":  # eps is refused for the other kinds, so it is written only here
             data["normalize"] = {"kind": "rowsum", "eps": self.normalize.eps, "eps_mode": self.normalize.eps_mode}
-        if self.constants:
-            data["constants"] = {c.name: c.source for c in self.constants}
-        if self.parameters:
-            data["parameters"] = {p.name: {"shape": list(p.shape), "init": p.init} for p in self.parameters}
+        constants = {c.name: c.source for c in self.constants}
+        constants |= {p.name: p.init for p in self.parameters if not p.learnable}  # the per-call scale
+        if constants:
+            data["constants"] = constants
+        if any(p.learnable for p in self.parameters):
+            data["parameters"] = {p.name: {"shape": list(p.shape), "init": p.init} for p in self.parameters
+                                  if p.learnable}
+        if self.gates:
+            data["gates"] = {g.name: g.per for g in self.gates}
+        if self.rotary is not None:
+            data["rotary"] = {"theta": self.rotary.theta}
         if self.approx != "null":
             data["approx"] = json.loads(self.approx)
         if self.max_length:
@@ -445,8 +490,14 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
                         expected=f"at most {MAX_SPEC_BYTES}")
 
     constants, bounds = _constants(data.get("constants") or {}, overrides, causal, where)
-    parameters = _parameters(data.get("parameters") or {}, causal, where, {c.name for c in constants})
+    constants, fixed = _scale_constant(constants, where)
+    parameters = _parameters(data.get("parameters") or {}, causal, where, {c.name for c in constants}) + fixed
     names = {c.name: c.symbol for c in constants} | {p.name: p.symbol for p in parameters}
+    gates = _gates(_pick_mode(data.get("gates"), causal, where, "gates"), causal, where, set(names))
+    rotary = _rotary(_pick_mode(data.get("rotary"), causal, where, "rotary"), where)
+    implicit = SCALE not in names  # the per-call scale, declared by using it
+    if implicit:
+        names[SCALE] = sympy.Symbol(SCALE, real=True)
 
     scalar_names = {k: v for k, v in BUILTIN_SYMBOLS.items() if k not in ("i", "j")} | names
     if "similarity" not in data:
@@ -467,6 +518,11 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     rw_expr = parse_expression(reweight, rw_ctx)
     bounds.check(rw_expr, where, "reweight")
 
+    if implicit:
+        scale = names.pop(SCALE)
+        if sim_expr.has(scale) or rw_expr.has(scale):
+            init = parse_expression(DEFAULT_SCALE, Context(where, "scale", {"d": BUILTIN_SYMBOLS["d"]}, False, {}))
+            parameters.append(Parameter(SCALE, (), DEFAULT_SCALE, init, scale, learnable=False))
     normalize = _normalize(_pick_mode(data.get("normalize", "none"), causal, where, "normalize"), where)
     approx = _pick_mode(data.get("approx"), causal, where, "approx")
     approximation = parse_approx(approx, causal, where, load_spec, builtin_names)
@@ -481,7 +537,82 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
                 reweight=str(reweight), normalize=normalize, constants=tuple(constants),
                 parameters=tuple(parameters), approx=approx_json, where=where,
                 similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation,
-                max_length=max_length, length_limit=limit)
+                max_length=max_length, length_limit=limit, gates=gates, rotary=rotary)
+
+
+def _scale_constant(constants: list, where: str) -> tuple:
+    """The constant named ``scale`` (if any) becomes the per-call scale: a fixed scalar parameter whose init is
+    the constant's value (a number or an expression in d), which each call may replace with ``scale=``."""
+    found = [c for c in constants if c.name == SCALE]
+    if not found:
+        return constants, []
+    c = found[0]
+    key = f"constants.{SCALE}"
+    extra = {str(s) for s in c.expr.free_symbols} - {"d"}
+    if extra:
+        raise SpecError(f"the scale uses {_listing(extra)}", where=where, key=key,
+                        expected="a number or an expression in d (the per-call scale's default, e.g. 1/sqrt(d))",
+                        fix="write the scale with d only; each call may pass scale= for anything else")
+    users = [o.name for o in constants if o is not c and o.expr.has(c.symbol)]
+    if users:
+        raise SpecError(f"the constant(s) {_listing(users)} use the scale", where=where, key=key,
+                        expected="the per-call scale used in expressions only, not in other constants",
+                        fix="write the scale into the similarity, e.g. dot(q, k) * scale")
+    fixed = Parameter(SCALE, (), c.source, c.expr, c.symbol, learnable=False)
+    return [o for o in constants if o is not c], [fixed]
+
+
+def _gates(raw, causal: bool, where: str, taken: set) -> tuple:
+    """The gates key: a mapping name -> head | key_dim (or {per: ...}); causal specs only."""
+    if raw is None or raw == {}:
+        return ()
+    if not isinstance(raw, dict):
+        raise SpecError(f"found {brief(raw, 40)}", where=where, key="gates",
+                        expected="a mapping name -> head or key_dim, e.g. {g: head}")
+    if len(raw) > MAX_GATES:
+        raise SpecError(f"{len(raw)} gates", where=where, key="gates", expected=f"at most {MAX_GATES}",
+                        fix="sum the log gates into one (exp(G_i - G_j) multiplies)")
+    if not causal:
+        raise SpecError("a gate on a bidirectional spec", where=where, key="gates",
+                        expected="causal: true (a gate decays the past: exp(G_i - G_j) for j <= i)",
+                        fix="use the causal mode; for both directions run two causal ops (the second on the reversed "
+                            "sequence) or write a two-sided decay in 'reweight'")
+    out = []
+    for name, body in raw.items():
+        key = f"gates.{_key(name)}"
+        _check_name(name, where, key)
+        if name in taken or name == SCALE:
+            raise SpecError(f"{name!r} is both a gate and a constant or parameter", where=where, key=key,
+                            fix="give the gate its own name")
+        if isinstance(body, dict):
+            extra = set(map(_key, body)) - {"per"}
+            if extra:
+                raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key=key, expected="per")
+            body = body.get("per", "head")
+        if body not in GATE_KINDS:
+            raise SpecError(f"found {brief(body, 40)}", where=where, key=key,
+                            expected="head (a gate [B, H, T] per head) or key_dim ([B, H, T, Dk], GLA)")
+        out.append(Gate(name, body, sympy.Symbol(name, real=True)))
+    return tuple(out)
+
+
+def _rotary(raw, where: str) -> Rotary | None:
+    """The rotary key: true, false / null, or {theta: number > 1}."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return Rotary()
+    if not isinstance(raw, dict):
+        raise SpecError(f"found {brief(raw, 40)}", where=where, key="rotary",
+                        expected="true or {theta: 10000} (RoPE with the rotate-half pairing)")
+    extra = set(map(_key, raw)) - {"theta"}
+    if extra:
+        raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key="rotary", expected="theta")
+    theta = raw.get("theta", DEFAULT_THETA)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (1 < theta < 1e12):
+        raise SpecError(f"theta {brief(theta, 40)}", where=where, key="rotary.theta",
+                        expected="a number in (1, 1e12), e.g. 10000 (Llama 2) or 500000 (Llama 3)")
+    return Rotary(float(theta))
 
 
 MAX_LENGTH_LIMIT = 2**62  # a max_length beyond this is refused (positions are int64)

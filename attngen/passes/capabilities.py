@@ -112,6 +112,8 @@ def _module_orderings(x: Draft) -> tuple:
     for o in x.generator.orderings:
         if o is Ordering.LINEAR and not x.linear_terms:
             continue
+        if not all(c.legal for c in x.candidates if c.ordering is o):  # a gate rules out the quadratic one
+            continue
         if o not in chosen:
             try:
                 x.generator.check(x, o)

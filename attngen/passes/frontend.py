@@ -24,6 +24,12 @@ CALL_NAMES = frozenset({
 
 def check_names(x: Draft) -> Draft:
     """SpecError for a parameter name that would clash in generated code or a call signature."""
+    for g in x.spec.gates:
+        if g.name in CALL_NAMES or keyword.iskeyword(g.name) or g.name.startswith("_"):
+            raise SpecError(f"the gate name {g.name!r} clashes with a name of the op's call or of the generated "
+                            "module", where=x.spec.where, key=f"gates.{g.name}",
+                            expected="a name that is not a Python keyword, does not start with '_' and is not one of "
+                                     + ", ".join(sorted(CALL_NAMES)), fix="rename it, e.g. g")
     for p in x.spec.parameters:
         clash = p.name in CALL_NAMES or keyword.iskeyword(p.name) or p.name.startswith("_") or \
             p.name.upper() == p.name and p.name in ("SPEC_NAME", "SPEC_HASH", "TEMPLATE_HASH", "ATTNGEN_VERSION")

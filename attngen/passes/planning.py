@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import sympy
 
-from attngen.errors import PlanError
+from attngen.errors import PlanError, SpecError
 from attngen.frontend.expr import KE, QE, D, Dot, I, J
 from attngen.ir import (
     SDPA_BIAS_LIMIT,
@@ -103,6 +103,50 @@ def costs(x: Draft) -> Draft:
     return replace(x, candidates=cands)
 
 
+def token_inputs(x: Draft) -> Draft:
+    """Rotary positions and gates: where they enter, and the orderings a gate rules out (the cost table's reasons).
+
+    Rotary rotates q and k before the similarity, so every ordering sees rotated rows (a linear plan's features
+    are then functions of position too). A gate per head multiplies W by exp(G_i - G_j): the causal scan decays
+    its state by exp(g_t) per token, the quadratic ordering adds G_i - G_j to a softmax score or multiplies W.
+    A gate per key dimension enters each dimension of the dot product: the linear ordering only, and only for
+    a similarity whose every separable term is one dot product of width d (degree 1)."""
+    spec = x.spec
+    if spec.rotary is not None:
+        x = x.step("rotary", f"q and k rotated by their positions before the similarity (RoPE, dimension m paired "
+                             f"with m + d/2, angle p * {spec.rotary.theta:g}**(-2m/d)); every ordering sees the "
+                             "rotated rows, the linear ordering's features are functions of position too; a state "
+                             "continues the positions")
+    gate = spec.gate
+    if gate is None:
+        return x
+    where = f"{spec.where}: gates.{gate.name}"
+    why = {}
+    if gate.per == "key_dim":
+        if x.similarity.kind is not SimilarityClass.SEPARABLE or any(t.feature.power != 1 for t in x.linear_terms) \
+                or not x.linear_terms:
+            raise SpecError(f"a per-key-dimension gate needs a separable similarity whose every term is one dot "
+                            f"product of q-side and k-side features of width d; {spec.name} has "
+                            f"{sympy.sstr(x.similarity.expr)} ({x.similarity.kind.value})", where=where,
+                            expected="e.g. similarity: dot(q, k) * scale, or dot(elu(q) + 1, elu(k) + 1)",
+                            fix="use a per-head gate (gates: {g: head}), or a degree-1 similarity")
+        why[Ordering.QUADRATIC] = "a per-key-dimension gate weights each dimension of the dot product by its own " \
+                                  "exp(G_id - G_jd): there is no T x S score matrix to tile"
+        detail = (f"{gate.name} [B, H, T, Dk] per key dimension: the linear ordering decays the state row by row, "
+                  f"S_t = diag(exp({gate.name}_t)) S_(t-1) + K'_t^T V_t; chunks use chunk-local cumulative sums "
+                  "(every exponent <= 0)")
+    else:
+        where_in = ("the softmax score gains G_i - G_j" if x.similarity.kind is SimilarityClass.EXP
+                    else "the quadratic ordering multiplies W by exp(G_i - G_j)")
+        detail = (f"{gate.name} [B, H, T] per head, G its cumulative sum: {where_in}"
+                  + ("; the linear ordering decays the state by exp(g_t) per token, chunks use chunk-local "
+                     "cumulative sums (every exponent <= 0)" if x.linear_terms else ""))
+    why[Ordering.FFT] = "a gate breaks the Toeplitz structure (exp(G_i - G_j) is not a function of i - j)"
+    cands = tuple(replace(c, legal=False, reason=why[c.ordering]) if c.ordering in why and c.legal else c
+                  for c in x.candidates)
+    return x.step("gates", detail, candidates=cands)
+
+
 def choose_ordering(x: Draft) -> Draft:
     if x.force is not None:
         cand = next(c for c in x.candidates if c.ordering == x.force)
@@ -136,7 +180,8 @@ def delegate(x: Draft) -> Draft:
     past it); everything SDPA cannot express stays tiled."""
     if x.target != "torch" or Ordering.QUADRATIC not in (x.choice.below, x.choice.above):
         return x
-    why = _not_sdpa(x)
+    why = _not_sdpa(x) or ("the gate adds G_i - G_j (a bias with a gradient) to the score"
+                           if x.spec.gate is not None else "")
     if why:
         return x.step("delegate", f"the quadratic ordering runs attngen's tiles: {why}")
     score = x.similarity.score

@@ -101,6 +101,21 @@ def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_
     return out
 
 
+def check_gates(spec: Spec, gates: dict, layout: str, qh: torch.Tensor) -> dict:
+    """The spec's gate tensors (every one is required: a gate is an input like q) as [B, H, T] / [B, H, T, Dk]
+    views of q's batch, heads and length; InputError names a missing, misshapen or positive gate."""
+    out = {}
+    for g in spec.gates:
+        if g.name not in gates:
+            shape = "[B, H, T" if layout == "bhtd" else "[B, T, H"
+            shape += ", Dk]" if g.per == "key_dim" else "]"
+            raise InputError(f"{spec.name}: missing the gate {g.name}= (a tensor {shape} of log gates <= 0, e.g. "
+                             "torch.nn.functional.logsigmoid of a projection of x)")
+        out[g.name] = validate.gate(g.name, gates[g.name], per_dim=g.per == "key_dim", shape=tuple(qh.shape),
+                                    layout=layout, like=qh, spec=spec.name)
+    return out
+
+
 def check_cu_seqlens(cu_seqlens, batch: int, length: int, device) -> list:
     """Validate packed sequence boundaries (B = 1, sequences packed along T) and return them as ints:
     sequence n holds tokens [cu[n], cu[n + 1])."""

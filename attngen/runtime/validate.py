@@ -57,9 +57,13 @@ def qkv(q, k, v, layout: str, *, name: str, causal: bool, limits: Limits = TORCH
         raise InputError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     qh, kh, vh = (bhtd(t, layout) for t in (q, k, v))
     (b, h, t, dk), (bk, hk, s, dk2), (bv, hv, sv, dv) = qh.shape, kh.shape, vh.shape
-    if (b, h) != (bk, hk) or (b, h) != (bv, hv):
-        raise InputError(f"batch/heads differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+    if not b == bk == bv:
+        raise InputError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          f"(layout {layout})")
+    if hk != hv or hk < 1 or h % hk:
+        raise InputError(f"heads: q has H = {h}, k {hk}, v {hv} (layout {layout}); expected k and v with the same "
+                         f"number of heads H_kv dividing H (grouped-query attention: query head h reads kv head "
+                         f"h // (H / H_kv)); found q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if dk != dk2:
         raise InputError(f"q and k head dims differ: {dk} vs {dk2}")
     if s != sv:
@@ -77,6 +81,33 @@ def qkv(q, k, v, layout: str, *, name: str, causal: bool, limits: Limits = TORCH
         raise InputError(f"{name} is causal, so the query length must equal the key length (found {t} and {s}); "
                          "load it with causal=False for cross attention")
     return qh, kh, vh
+
+
+def gate(name: str, value, *, per_dim: bool, shape: tuple, layout: str, like: torch.Tensor, spec: str) -> torch.Tensor:
+    """A gate tensor (log-space values, g <= 0) as a [B, H, T] or [B, H, T, Dk] view of the one stored in ``layout``
+    ([B, T, H] / [B, T, H, Dk] for "bthd"); ``shape`` is (B, H, T, Dk) of q in [B, H, T, D]."""
+    b, h, t, dk = shape
+    want = (b, h, t) if layout == "bhtd" else (b, t, h)
+    want += (dk,) if per_dim else ()
+    what = ("[B, H, T, Dk]" if layout == "bhtd" else "[B, T, H, Dk]") if per_dim else \
+        ("[B, H, T]" if layout == "bhtd" else "[B, T, H]")
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{spec}: gate {name!r}: expected a tensor {what} = {list(want)}, found "
+                         f"{type(value).__name__}")
+    if tuple(value.shape) != want:
+        raise InputError(f"{spec}: gate {name!r}: expected shape {what} = {list(want)} (layout {layout}), found "
+                         f"{list(value.shape)}")
+    if not value.is_floating_point():
+        raise InputError(f"{spec}: gate {name!r}: expected floating-point log gates, found {value.dtype}")
+    if value.device != like.device:
+        raise InputError(f"{spec}: gate {name!r} is on {value.device}, the inputs on {like.device}. Fix: move it "
+                         f"with .to({str(like.device)!r})")
+    bad = value.detach()
+    if bool(((bad > 0) | ~torch.isfinite(bad)).any()):
+        raise InputError(f"{spec}: gate {name!r} holds values > 0 or not finite (largest {float(bad.max()):.4g}); "
+                         "expected log-space gates g <= 0 (a decay factor exp(g) in (0, 1]), e.g. "
+                         "torch.nn.functional.logsigmoid(x)")
+    return value.transpose(1, 2) if layout == "bthd" else value
 
 
 def parameter(name: str, value, *, per_head: bool, heads: int, like: torch.Tensor, spec: str) -> torch.Tensor:

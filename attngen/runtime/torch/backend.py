@@ -11,6 +11,7 @@ column, decay rate) and divides by the row sum at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import sympy
 import torch
@@ -23,28 +24,43 @@ from attngen.runtime.torch import fft as torch_fft
 from attngen.runtime.torch import linear as torch_linear
 from attngen.runtime.torch import quadratic as torch_quadratic
 from attngen.runtime.torch import sdpa as torch_sdpa
-from attngen.runtime.torch.common import compute_dtype, divide, feature_maps, finish, log_decay, symbol_env, with_ones
+from attngen.runtime.torch.common import (
+    compute_dtype,
+    divide,
+    feature_maps,
+    finish,
+    grouped,
+    log_decay,
+    symbol_env,
+    token_decay,
+    with_ones,
+)
+from attngen.runtime.torch.gated import decay_factor, gated_recurrent, gated_scan
 
 _ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
 CHUNK = 32  # the causal scan's chunk when the op names none: measured fastest on a CPU (benchmarks cpu)
 
 
 def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
-        chunk: int | None = None) -> torch.Tensor:
-    """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, Dv].
+        chunk: int | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H_kv, S, Dk], v [B, H_kv, S, Dv]
+    (H_kv divides H; rotary positions already applied by the caller).
 
     ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
-    plan's chunk size (default CHUNK, sized for a CPU). Computes in fp32 (fp64 for fp64 inputs)."""
+    plan's chunk size (default CHUNK, sized for a CPU); ``gate`` the spec's gate [B, H, T] or [B, H, T, Dk] (log
+    space). Computes in fp32 (fp64 for fp64 inputs)."""
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
     in_dtype = q.dtype
-    if ordering is Ordering.QUADRATIC and torch_sdpa.fits(plan, q, k, params):
+    if ordering is Ordering.QUADRATIC and gate is None and torch_sdpa.fits(plan, q, k, params):
         return torch_sdpa.attention(plan, q, k, v, params).to(in_dtype)
+    k, v = grouped(k, v, q.shape[1])
     q, k, v, env = prepare(plan, q, k, v, params)
     h = q.shape[1]
     if ordering is Ordering.QUADRATIC:
-        return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal).to(in_dtype)
+        big = None if gate is None else gate.to(q.dtype).cumsum(2)
+        return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big).to(in_dtype)
     if ordering is Ordering.FFT:
         blocks = [(term, _ONE) for term in plan.similarity.terms]
         qf, kf = feature_maps(blocks, env, q, k, spec.where)
@@ -52,11 +68,16 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     else:
         blocks = [(term.feature, term.position) for term in plan.linear_terms]
         causal = spec.causal and ordering is not Ordering.RECURRENT
-        blocks, scale = _query_scale(blocks, env) if causal else (blocks, 1.0)
+        blocks, scale = _query_scale(blocks, env) if causal and gate is None else (blocks, 1.0)
         qf, kf = feature_maps(blocks, env, q, k, spec.where)
         # the scans need gamma in (0, 1]; the quadratic ordering evaluates W directly and needs no check
         lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
-        if ordering is Ordering.RECURRENT:
+        tokens = token_decay(plan, gate, lg, q)
+        if tokens is not None:  # gated: causal (the spec refuses a bidirectional gate)
+            run_scan = gated_recurrent if ordering is Ordering.RECURRENT else \
+                functools.partial(gated_scan, chunk=chunk or CHUNK)
+            acc, _ = run_scan(qf, kf, v, tokens)
+        elif ordering is Ordering.RECURRENT:
             acc, _ = torch_linear.recurrent(qf, kf, v, lg)
         elif spec.causal:
             acc = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg, scale=scale)
@@ -78,7 +99,7 @@ def prepare(plan, q, k, v, params: dict) -> tuple:
 
 
 def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torch.Tensor | None,
-              start: torch.Tensor, valid: torch.Tensor | None = None) -> tuple:
+              start: torch.Tensor, valid: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> tuple:
     """(o [B, H, T, Dv], s [B, H, F, E]) of a causal separable plan continuing from a recurrent state.
 
     ``s0`` [B, H, F, E] is the state after the tokens before this call (E = Dv + 1 for a row-sum spec: the
@@ -92,13 +113,18 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
                         f"not {ordering.value} ({plan.spec.mode})")
     _check_ordering(plan, ordering)
     in_dtype = q.dtype
-    scaled = ordering is Ordering.LINEAR
+    scaled = ordering is Ordering.LINEAR and gate is None
+    k, v = grouped(k, v, q.shape[1])
     qf, kf, v, lg, scale = _linear_inputs(plan, q, k, v, params, start, scaled)
     if valid is not None:
         keep = valid[:, None, :, None].to(kf.dtype)
         kf, v = kf * keep, v * keep
     s0 = None if s0 is None else s0.to(qf.dtype)
-    if ordering is Ordering.RECURRENT:
+    tokens = token_decay(plan, gate, lg, qf)
+    if tokens is not None:  # padded rows (valid) carry a zero gate: they do not decay the state
+        acc, s = gated_recurrent(qf, kf, v, tokens, initial=s0) if ordering is Ordering.RECURRENT else \
+            gated_scan(qf, kf, v, tokens, chunk or CHUNK, initial=s0)
+    elif ordering is Ordering.RECURRENT:
         acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
     else:
         acc, s = torch_linear.causal_chunked(qf, kf, v, chunk or CHUNK, lg, initial=s0, return_final=True,
@@ -107,7 +133,7 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
 
 
 def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, start: torch.Tensor,
-         constant: bool = False) -> tuple:
+         constant: bool = False, gate: torch.Tensor | None = None) -> tuple:
     """One decode step: q, k [B, H, 1, Dk], v [B, H, 1, Dv] at positions ``start`` [B] (each sequence its
     own), the state S [B, H, F, Dv] and z [B, H, F] (row-sum specs; else None) -> (o [B, H, 1, Dv], S, z after
     this token). S' = gamma S + K'^T v and z' = gamma z + K' in one fused op each, o = Q' S' / den(Q' . z').
@@ -127,8 +153,12 @@ def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, s
         gamma = None if plan.reweight.decay is None else torch.exp(log_decay(plan, env, h, q))  # [1, H, 1, 1]
         if constant:
             plan.memo[key] = env, blocks, gamma
+    k, v = grouped(k, v, h)
     qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)  # [B, H, 1, F]
     kt = kf.transpose(-1, -2)  # [B, H, F, 1]
+    if gate is not None:  # this token's decay: exp(g_t) (times gamma), [B, H, 1, 1] or [B, H, F, 1] per row
+        lg = None if gamma is None else torch.log(gamma)
+        gamma = decay_factor(token_decay(plan, gate, lg, qf)[:, :, 0])
     if gamma is not None:
         s = torch.addcmul(kt * v, s, gamma)
         z = None if z is None else torch.addcmul(kf.squeeze(2), z, gamma.squeeze(-1))

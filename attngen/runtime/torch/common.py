@@ -174,3 +174,45 @@ def divide(num: torch.Tensor, den: torch.Tensor, normalize, log_scale: torch.Ten
     elif isinstance(eps, torch.Tensor) or eps != 0:
         den = den + eps
     return num / den
+
+
+def rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE with the rotate-half pairing (dimension m with m + d/2, angle p * theta**(-2m/d)) of the rows of x
+    [B, H, T, D] at positions ``pos`` [T] or [B, T] (each sequence its own). The angles are formed in float64 (a
+    position of 10**6 times a frequency keeps its digits), cos and sin applied in x's dtype."""
+    d = x.shape[-1]
+    if d % 2:
+        raise InputError(f"rotary positions pair dimension m with m + d/2: the head dim of q and k must be even, "
+                         f"found {d}")
+    half = d // 2
+    freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64, device=x.device) / d)
+    angle = pos.to(device=x.device, dtype=torch.float64)[..., None] * freq  # [(B,) T, d/2]
+    if angle.dim() == 3:
+        angle = angle[:, None]  # [B, 1, T, d/2]
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def grouped(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple:
+    """k, v of H_kv heads as H = heads (query head h reads kv head h // (H / H_kv)): a repeat along the head dim
+    that autograd sums back over each group. The orderings of this backend run per query head; SDPA reads the
+    groups in place (enable_gqa) and the generated kernels index them."""
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def token_decay(plan, gate: torch.Tensor | None, lg: torch.Tensor | None, like: torch.Tensor):
+    """The log decay of each token for the gated scans (attngen.runtime.torch.gated): the gate (+ log(gamma) of a
+    constant decay), [B, H, T] per head or [B, H, T, F] per feature column (a per-key-dimension gate repeated over
+    the feature blocks, each of width d); None without a gate."""
+    if gate is None:
+        return None
+    g = gate.to(like.dtype)
+    if plan.spec.gate.per == "key_dim":
+        blocks = len(plan.linear_terms)
+        g = g.repeat(1, 1, 1, blocks) if blocks > 1 else g
+        return g if lg is None else g + lg
+    return g if lg is None else g + lg[..., 0]

@@ -27,26 +27,35 @@ BLOCK_K = 64  # key columns per tile
 WIDE_COLUMNS = 512  # RowNormalize's backward works in float64 on this many key columns at a time
 
 
-def quadratic(plan, q, k, v, env: dict, causal: bool) -> torch.Tensor:
-    """O [B, H, T, Dv] (normalised) for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, E]."""
-    track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env)))
+def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None = None) -> torch.Tensor:
+    """O [B, H, T, Dv] (normalised) for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, E]; ``big`` [B, H, T] the
+    cumulative sum G of a per-head gate (causal): W gains exp(G_i - G_j), a softmax score G_i - G_j."""
+    track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env), big)
+                                            if x is not None)
     body = _normalized_tile if track and plan.normalize.kind == "rowsum" else _query_tile
     tile = functools.partial(body, plan, env, with_rank5(env), causal)
     outs = []
     for i0 in range(0, q.shape[2], BLOCK_Q):
         q_tile = q[:, :, i0:i0 + BLOCK_Q]
         if track:  # recompute the tile's scores in backward instead of keeping them
-            outs.append(checkpoint(tile, i0, q_tile, k, v, use_reentrant=False))
+            outs.append(checkpoint(tile, i0, q_tile, k, v, big, use_reentrant=False))
         else:
-            outs.append(tile(i0, q_tile, k, v))
+            outs.append(tile(i0, q_tile, k, v, big))
     return torch.cat(outs, 2)
+
+
+def _gate_bias(big, i0: int, tq: int, j0: int, j1: int, allowed):
+    """G_i - G_j for the tile's rows and columns ([B, H, Tq, Tk]; 0 on masked pairs, so it stays <= 0 and finite)."""
+    diff = big[:, :, i0:i0 + tq, None] - big[:, :, None, j0:j1]
+    return diff if allowed is None else torch.where(allowed, diff, torch.zeros((), dtype=diff.dtype,
+                                                                                device=diff.device))
 
 
 def _tensors(env: dict):
     return [x for x in env.values() if isinstance(x, torch.Tensor)]
 
 
-def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v):
+def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v, big=None):
     """Rows i0 .. i0 + Tq of O: loop over key tiles, skipping those entirely above the diagonal."""
     b, h, tq, _ = q_tile.shape
     s_len = k.shape[2]
@@ -72,7 +81,12 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
             j = torch.minimum(j, i)
         scores = pair_values(sim_expr, env5, q_tile, k[:, :, j0:j1], plan.spec.where)  # [B, H, Tq, Tk]
         wev = Evaluator({**env4, I: i, J: j}, where=f"{plan.spec.where}: reweight")
+        gate = None if big is None else _gate_bias(big, i0, tq, j0, j1, allowed)
+        if gate is not None and not exp_class:
+            scores = scores * torch.exp(gate)
         if exp_class:
+            if gate is not None:
+                scores = scores + gate
             if fold and log_weight is not None:
                 scores = scores + as_tensor(wev(log_weight), scores)
             if allowed is not None:
@@ -92,7 +106,7 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
     return finish(acc, plan.normalize, row_max)
 
 
-def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v):
+def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v, big=None):
     """Rows i0 .. i0 + Tq of a row-sum-normalised O with autograd: the tile's A [B, H, Tq, S'] over the keys
     up to the diagonal (scores computed key tile by key tile), one row max, then RowNormalize.
 
@@ -115,6 +129,9 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile
         j = torch.minimum(j, i)
     scores = torch.cat([pair_values(sim_expr, env5, q_tile, k[:, :, j0:min(stop, j0 + BLOCK_K)], plan.spec.where)
                         for j0 in range(0, stop, BLOCK_K)], -1)  # [B, H, Tq, S']
+    if big is not None:
+        gate = _gate_bias(big, i0, tq, 0, stop, allowed)
+        scores = scores + gate if exp_class else scores * torch.exp(gate)
     # W (or log W) in float64: a parameter's gradient then sums dS_ij dW_ij/dtheta over (i, j) in float64
     wide = {s: x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for s, x in env4.items()}

@@ -38,8 +38,9 @@ def attention(plan, q, k, v, params: dict) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):  # per head (a parameter): into q, so its gradient flows
         q, scale = q * scale, 1.0
     causal = plan.spec.causal
+    gqa = k.shape[1] != h  # grouped KV heads: SDPA reads each group's k, v in place
     if plan.sdpa.bias is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=float(scale))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=float(scale), enable_gqa=gqa)
     i = torch.arange(t, dtype=dtype, device=q.device).view(1, 1, t, 1)
     j = torch.arange(s, dtype=dtype, device=q.device).view(1, 1, 1, s)
     if causal:
@@ -49,4 +50,4 @@ def attention(plan, q, k, v, params: dict) -> torch.Tensor:
     if causal:
         allowed = torch.arange(s, device=q.device).view(1, s) <= torch.arange(t, device=q.device).view(t, 1)
         bias = bias.masked_fill(~allowed, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale), enable_gqa=gqa)
