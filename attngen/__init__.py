@@ -6,11 +6,12 @@ The compiler stages (frontend, passes, codegen, pipeline, build) import without 
 import importlib
 
 from attngen.errors import AttngenError, InputError, PlanError, SpecError, VerificationError
-from attngen.frontend.spec import Spec, builtin_names, load_spec
+from attngen.frontend.spec import Spec, builtin_names, builtin_specs, load_spec, spec_modes
 from attngen.version import __version__
 
 __all__ = ["AttngenError", "InputError", "PlanError", "SpecError", "VerificationError", "Spec",
-           "builtin_names", "load_spec", "__version__", "compile", "AttentionOp", "reference"]
+           "builtin_names", "builtin_specs", "spec_modes", "load_spec", "__version__", "compile", "AttentionOp",
+           "reference"]
 
 _LAZY = {"compile": "attngen.op", "AttentionOp": "attngen.op", "reference": "attngen.naive"}
 

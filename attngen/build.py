@@ -13,7 +13,7 @@ from pathlib import Path
 
 from attngen import pipeline
 from attngen.errors import InputError, PlanError
-from attngen.frontend.spec import Spec, builtin_names, load_spec
+from attngen.frontend.spec import Spec, builtin_specs, load_spec
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ def generate(spec: Spec) -> Module:
 
 
 def builtin_modules() -> list:
-    """Every built-in spec in both modes, rendered (or with the reason it is not)."""
-    return [generate(load_spec(name, causal=causal)) for name in builtin_names() for causal in (True, False)]
+    """Every built-in spec in both modes (the causal one only for a gated spec), rendered (or with the reason it is
+    not)."""
+    return [generate(spec) for spec in builtin_specs()]
 
 
 def write(module: Module, folder: Path) -> Path:

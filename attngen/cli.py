@@ -162,11 +162,18 @@ def _verify_options(f):
 
 
 def _specs(names, all_specs, mode, sets) -> list:
-    from attngen.frontend.spec import builtin_names, load_spec
+    from attngen.frontend.spec import builtin_names, load_spec, spec_modes
     names = list(names) + (builtin_names() if all_specs else [])
     if not names:
         raise click.UsageError("name at least one SPEC (a YAML file or built-in name), or pass --all")
-    return [load_spec(n, causal=c, **_overrides(sets)) for n in names for c in _modes(mode)]
+    out = []
+    for n in names:
+        for c in _modes(mode):
+            if not c and len(_modes(mode)) > 1 and spec_modes(n) == (True,):
+                click.echo(f"{n}: causal only (a gate decays the past), bidirectional mode skipped", err=True)
+                continue
+            out.append(load_spec(n, causal=c, **_overrides(sets)))
+    return out
 
 
 def _verify(cases) -> list:

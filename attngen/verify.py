@@ -90,6 +90,9 @@ def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
     do = torch.randn(b, h, t, dv, generator=g, dtype=torch.float64)
     params = default_parameters(spec, h, torch.float64, head_dim=dk)
     params = {n: p + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+    for gate in spec.gates:  # log gates <= 0 around log(0.9): a decay that is felt over a few dozen tokens
+        shape = (b, h, t) + ((dk,) if gate.per == "key_dim" else ())
+        params[gate.name] = torch.nn.functional.logsigmoid(2.2 + torch.randn(shape, generator=g, dtype=torch.float64))
     return q, k, v, do, params
 
 
@@ -284,14 +287,16 @@ def verify_step(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, dk=16, dv=N
         n0 = max(0, q.shape[2] - STEP_TOKENS)
         outs = []
         with torch.no_grad():
-            if n0:
-                o, state = op(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], return_state=True, **p)
+            if n0:  # the gates are sliced with the tokens
+                o, state = op(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], return_state=True,
+                              **(p | {n: p[n][:, :, :n0] for n in spec.gate_names}))
                 outs.append(o)
             else:
                 state = op.init_state(q.shape[0], q.shape[1], q.shape[3], v.shape[3], dtype=state_dtype,
                                       device=q.device)
             for j in range(n0, q.shape[2]):
-                o, state = op.step(q[:, :, j:j + 1], k[:, :, j:j + 1], v[:, :, j:j + 1], state, **p)
+                o, state = op.step(q[:, :, j:j + 1], k[:, :, j:j + 1], v[:, :, j:j + 1], state,
+                                   **(p | {n: p[n][:, :, j:j + 1] for n in spec.gate_names}))
                 outs.append(o)
         return torch.cat(outs, 2)
 

@@ -851,3 +851,76 @@ def test_s8_decay_chunk_parallel_and_dloggamma_identity():
     close(s, s_ref.detach())
     for mine, theirs in zip((dlg, dq, dk, dv, gr), ref):  # dS_0 = G_(-1): the reverse pass past chunk 0
         close(mine, theirs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 9: gates, a data-dependent decay per token
+# --------------------------------------------------------------------------------------------------------
+
+def _gated_direct(qf, kf, v, g, s0, per_dim: bool):
+    """O and S_T from the materialised weights exp(G_i - G_j) (per dimension: inside the dot product)."""
+    big = g.cumsum(0)  # [T] or [T, F]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    if per_dim:
+        diff = (big[:, None, :] - big[None, :, :]).masked_fill(~mask[..., None], float("-inf"))
+        a = (qf[:, None, :] * kf[None, :, :] * torch.exp(diff)).sum(-1)
+        out = a @ v + (qf * torch.exp(big)) @ s0
+        end = (kf * torch.exp(big[-1] - big)).T @ v + torch.exp(big[-1])[:, None] * s0
+    else:
+        diff = (big[:, None] - big[None, :]).masked_fill(~mask, float("-inf"))
+        out = (torch.exp(diff) * (qf @ kf.T)) @ v + torch.exp(big)[:, None] * (qf @ s0)
+        end = (torch.exp(big[-1] - big)[:, None] * kf).T @ v + torch.exp(big[-1]) * s0
+    return out, end
+
+
+@pytest.mark.parametrize("per_dim", [False, True], ids=["per-head", "per-dim"])
+def test_s9_gated_chunks_and_gate_gradient(per_dim):
+    g = gen(90 + per_dim)
+    qf, kf, v, do = randn(g, T, F), randn(g, T, F), randn(g, T, DV), randn(g, T, DV)
+    s0, ds_end = randn(g, F, DV), randn(g, F, DV)
+    gate = torch.nn.functional.logsigmoid(1.0 + randn(g, *((T, F) if per_dim else (T,))))
+    leaves = [x.clone().requires_grad_() for x in (qf, kf, v, s0, gate)]
+    o_ref, s_ref = _gated_direct(*leaves[:3], leaves[4], leaves[3], per_dim)
+    ref = grads((o_ref * do).sum() + (s_ref * ds_end).sum(), *leaves)
+    # the chunk-local form: every exponent <= 0
+    out, s = torch.zeros_like(v), s0.clone()
+    for a, b in chunks(T, C):
+        cum = gate[a:b].cumsum(0)
+        last = cum[-1]
+        assert bool((cum <= 0).all())
+        wq, wk = torch.exp(cum), torch.exp(last - cum)
+        mask = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        if per_dim:
+            w = torch.exp((cum[:, None, :] - cum[None, :, :]).masked_fill(~mask[..., None], float("-inf")))
+            pairs = (qf[a:b, None, :] * kf[None, a:b, :] * w).sum(-1)
+            out[a:b] = (wq * qf[a:b]) @ s + pairs @ v[a:b]
+            s = torch.exp(last)[:, None] * s + (wk * kf[a:b]).T @ v[a:b]
+        else:
+            w = torch.exp((cum[:, None] - cum[None, :]).masked_fill(~mask, float("-inf")))
+            out[a:b] = wq[:, None] * (qf[a:b] @ s) + (w * (qf[a:b] @ kf[a:b].T)) @ v[a:b]
+            s = torch.exp(last) * s + (wk[:, None] * kf[a:b]).T @ v[a:b]
+    close(out, o_ref)
+    close(s, s_ref)
+    # dL/dG_t = Q'_t . dQ'_t - K'_t . dK'_t + [t = T - 1] <dS_T, S_T>, then the reverse cumulative sum
+    dq, dk = ref[0], ref[1]
+    dbig = qf * dq - kf * dk if per_dim else (qf * dq).sum(-1) - (kf * dk).sum(-1)
+    dbig[-1] += (ds_end * s_ref.detach()).sum(-1) if per_dim else (ds_end * s_ref.detach()).sum()
+    close(dbig.flip(0).cumsum(0).flip(0), ref[4])
+
+
+def test_s9_softmax_gate_gradient():
+    """The Forgetting Transformer's score bias G_i - G_j: dL/dG_t = sum_j dS_tj - sum_i dS_it, dS the score
+    gradient P o (dP - D) of section 6, then the reverse cumulative sum."""
+    g = gen(92)
+    q, k, v, do = randn(g, T, D), randn(g, T, D), randn(g, T, DV), randn(g, T, DV)
+    gate = torch.nn.functional.logsigmoid(randn(g, T)).requires_grad_()
+    big = gate.cumsum(0)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = (SCALE * q @ k.T + big[:, None] - big[None, :]).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, -1)
+    (dgate,) = grads(((p @ v) * do).sum(), gate)
+    p = p.detach()
+    dp = do @ v.T
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dbig = ds.sum(1) - ds.sum(0)
+    close(dbig.flip(0).cumsum(0).flip(0), dgate)

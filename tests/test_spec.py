@@ -36,9 +36,20 @@ def test_builtin_names_are_the_shipped_specs():
             "retention", "softmax"} <= set(BUILTINS)
 
 
-@pytest.mark.parametrize("causal", MODES, ids=mode_id)
-@pytest.mark.parametrize("name", BUILTINS)
-def test_every_builtin_loads_in_both_modes(name, causal):
+PAIRS = [pytest.param(s.name, s.causal, id=f"{s.name}-{s.mode}") for s in attngen.builtin_specs()]
+
+
+def test_gated_builtins_are_causal_only_and_the_others_have_both_modes():
+    for name in BUILTINS:
+        spec = attngen.load_spec(name)
+        assert attngen.spec_modes(name) == ((True,) if spec.gates else (True, False))
+        if spec.gates:
+            with pytest.raises(attngen.SpecError, match=r"gates: a gate on a bidirectional spec.*Fix: use the causal"):
+                attngen.load_spec(name, causal=False)
+
+
+@pytest.mark.parametrize("name,causal", PAIRS)
+def test_every_builtin_loads_in_its_modes(name, causal):
     spec = attngen.load_spec(name, causal=causal)
     assert spec.name == name
     assert spec.causal is causal and spec.mode == mode_id(causal)
@@ -220,8 +231,7 @@ def test_hash_ignores_prose_and_origin():
     assert attngen.load_spec("cosformer").hash == base.hash
 
 
-@pytest.mark.parametrize("causal", MODES, ids=mode_id)
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name,causal", PAIRS)
 def test_to_yaml_round_trips(name, causal):
     spec = attngen.load_spec(name, causal=causal)
     text = spec.to_yaml()

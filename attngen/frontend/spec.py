@@ -228,6 +228,17 @@ def builtin_names() -> list:
     return sorted(p.stem for p in spec_files())
 
 
+def spec_modes(source) -> tuple:
+    """The modes (causal flags) a spec loads in: (True,) for a gated spec (a gate decays the past), else (True,
+    False). ``source`` is anything load_spec takes."""
+    return (True,) if load_spec(source).gates else (True, False)
+
+
+def builtin_specs() -> list:
+    """Every built-in spec in every mode it has (the causal one first)."""
+    return [load_spec(name, causal=c) for name in builtin_names() for c in spec_modes(name)]
+
+
 def load_spec(source, **overrides) -> Spec:
     """Load a spec from a built-in name (``"cosformer"``), YAML text, a file (a ``pathlib.Path``, or a string
     ending in .yaml / .yml), a mapping or a Spec.
