@@ -13,7 +13,7 @@ from pathlib import Path
 
 from attngen import pipeline
 from attngen.errors import InputError, PlanError
-from attngen.frontend.spec import Spec, builtin_specs, load_spec
+from attngen.frontend.spec import Spec, builtin_specs
 
 
 @dataclass(frozen=True)
