@@ -290,9 +290,14 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
     def rand(*shape, dtype=torch.float32, grad=True):
         return (0.5 * torch.randn(*shape, generator=gen)).to(dtype).requires_grad_(grad)
 
-    def params(grad=True):
-        return {p.name: torch.full((HEADS,) if p.per_head else (), 0.5 if p.default is None else p.default,
-                                   requires_grad=grad) for p in m.params}
+    def params(grad=True, b=1, t=LENGTH):
+        d = tag["head_dim"]
+        out = {p.name: torch.full((HEADS,) if p.per_head else (),
+                                  0.5 if p.default is None else p.default(d) if callable(p.default) else p.default,
+                                  requires_grad=grad) for p in m.params}
+        if m.gate is not None:  # log decays <= 0, [B, H, T]
+            out[m.gate] = torch.nn.functional.logsigmoid(rand(b, HEADS, t, grad=False)).requires_grad_(grad)
+        return out
 
     def backward(*outs):
         sum(o.float().sum() for o in outs if o is not None).backward()
@@ -353,7 +358,7 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
                     def decode():
                         s, z, _ = state(2)
                         step(*qkv(b=2, t=1, dk=dk, grad=False), s.detach(), None if z is None else z.detach(),
-                             torch.tensor([5, 9], dtype=torch.int64), **params(grad=False))
+                             torch.tensor([5, 9], dtype=torch.int64), **params(grad=False, b=2, t=1))
                     call("step", decode)
             if sparse is not None:
                 for block in (b for b in SPARSE_BLOCKS if b <= m.quadratic.sparse_max_block):

@@ -126,7 +126,7 @@ class AttentionOp:
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton":
-            out = self._run_triton(plan, qh, kh, vh, values, initial_state, return_state, cu_seqlens)
+            out = self._run_triton(plan, qh, kh, vh, values | gates, initial_state, return_state, cu_seqlens)
             o, state = out if return_state else (out, None)
         elif stateful:
             o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds, gate)
@@ -232,7 +232,8 @@ class AttentionOp:
                 raise PlanError(f"step: the generated Triton module of {self.spec.name} ({self.spec.mode}) has no "
                                 f"{self.spec.name}_step function (no generated decode step); use backend='torch' "
                                 "for decoding")
-            o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values, layout="bhtd")
+            o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values | gates,
+                                                layout="bhtd")
             new = State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
         else:
             return self._step_torch(plan, q_t, k_t, v_t, state, values, key, hot=not params, gate=gate)

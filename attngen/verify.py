@@ -96,15 +96,18 @@ def _inputs(spec: Spec, b, h, t, s, dk, dv, seed):
     return q, k, v, do, params
 
 
-def _run(fn, q, k, v, do, params, dtype, device):
+def _run(fn, q, k, v, do, params, dtype, device, fixed=()):
+    """Output and gradients of q, k, v and of every parameter and gate but the ``fixed`` ones (the per-call scale: a
+    number per call, like SDPA's, whose gradient is not part of the contract)."""
     leaves = {n: x.detach().to(dtype=dtype, device=device, copy=True).requires_grad_() for n, x in
               (("q", q), ("k", k), ("v", v))}
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32  # parameters stay fp32 for fp16 inputs
-    pleaves = {n: x.detach().to(dtype=pdtype, device=device, copy=True).requires_grad_() for n, x in params.items()}
+    pleaves = {n: x.detach().to(dtype=pdtype, device=device, copy=True).requires_grad_(n not in fixed)
+               for n, x in params.items()}
     out = fn(leaves["q"], leaves["k"], leaves["v"], **pleaves)
     out.backward(do.to(dtype=dtype, device=device))
-    grads = {"o": out} | {f"d{n}": x.grad for n, x in leaves.items()} | {f"d{n}": x.grad for n, x in pleaves.items()}
-    return grads
+    grads = {"o": out} | {f"d{n}": x.grad for n, x in leaves.items()}
+    return grads | {f"d{n}": x.grad for n, x in pleaves.items() if n not in fixed}
 
 
 def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=16, dv=None,
@@ -116,18 +119,19 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
     ref = reference(spec)
     ordering = op.ordering_for(dk, s, device).value if hasattr(op, "ordering_for") else "?"
     backend = resolve_backend(op.backend, torch.device(device)) if hasattr(op, "backend") else "?"
-    got = _run(op, q, k, v, do, params, dtype, device)
+    fixed = tuple(p.name for p in spec.parameters if not p.learnable)
+    got = _run(op, q, k, v, do, params, dtype, device, fixed)
     exact = None
     if ordering in APPROXIMATE:  # the reference of what the approximation claims, given the op's decisions
-        exact = _run(ref, q, k, v, do, params, torch.float64, "cpu")["o"]
+        exact = _run(ref, q, k, v, do, params, torch.float64, "cpu", fixed)["o"]
         ref = approximation_reference(op, spec)
-    golden = _run(ref, q, k, v, do, params, torch.float64, "cpu")
+    golden = _run(ref, q, k, v, do, params, torch.float64, "cpu", fixed)
     same = golden
     if dtype != torch.float64:
         # the yardstick of the three-way rule: the same evaluation order in the same dtype, in plain torch
         # (generated kernels); the naive reference in that dtype (the torch backend)
         yard = ref if backend in ("torch", "?") else compile_op(spec, backend="torch", plan=ordering)
-        same = _run(yard, q, k, v, do, params, dtype, "cpu")
+        same = _run(yard, q, k, v, do, params, dtype, "cpu", fixed)
     res = CaseResult(spec.name, spec.mode, backend, ordering, str(dtype).replace("torch.", ""),
                      f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
                      tolerance=(TRITON_TOLERANCE if backend == "triton" else TOLERANCE)[dtype],

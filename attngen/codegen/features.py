@@ -63,8 +63,8 @@ class ParamGrad:
 
 
 def params(spec) -> list:
-    return [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol, "default": default(p)}
-            for p in spec.parameters]
+    return [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol, "default": default(p),
+             "learnable": p.learnable} for p in spec.parameters]
 
 
 class Side:
@@ -165,4 +165,10 @@ class Side:
 
 
 def default(p):
-    return repr(float(p.init_expr)) if p.init_expr.is_number else None
+    """A parameter's default in the module record: a number, a lambda of the head dim d (an init in d only, such
+    as the per-call scale's 1/sqrt(d), printed from the validated expression), or None (required)."""
+    if p.init_expr.is_number:
+        return repr(float(p.init_expr))
+    if {str(s) for s in p.init_expr.free_symbols} == {"d"}:
+        return "lambda d: " + sympy.pycode(p.init_expr)
+    return None

@@ -144,7 +144,12 @@ def token_inputs(x: Draft) -> Draft:
     why[Ordering.FFT] = "a gate breaks the Toeplitz structure (exp(G_i - G_j) is not a function of i - j)"
     cands = tuple(replace(c, legal=False, reason=why[c.ordering]) if c.ordering in why and c.legal else c
                   for c in x.candidates)
-    return x.step("gates", detail, candidates=cands)
+    x = x.step("gates", detail, candidates=cands)
+    if x.available is not None and x.generator is not None and x.target == x.generator.name and x.linear_terms:
+        # the generated quadratic kernels do not apply gates: a gated separable spec runs the linear ones
+        x = x.step("gates", f"{x.target}: the quadratic kernels do not apply gates, so the linear ordering runs "
+                            "at every length", available=x.available - {Ordering.QUADRATIC})
+    return x
 
 
 def choose_ordering(x: Draft) -> Draft:

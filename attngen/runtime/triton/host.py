@@ -35,10 +35,11 @@ QBLOCK = 64  # query rows and key columns of a quadratic tile (half that for hea
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
-    """A learnable parameter: shape [H] (per_head) or [], and its constant default (None: required)."""
+    """A parameter: shape [H] (per_head) or [], and its default: a number, a function of the head dim (the
+    per-call scale's 1/sqrt(d)), or None (required)."""
     name: str
     per_head: bool = False
-    default: Optional[float] = None
+    default: object = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Module:
     quadratic: Optional[Quadratic] = None
     crossover: Optional[float] = None
     max_length: object = None  # the spec's max_length (positions 0 .. max_length - 1): an int, f(n_q, n_k) or None
+    gate: Optional[str] = None  # the keyword of a per-head gate (log decays [B, H, T]): an input of every call
 
     def limit(self, n_q, n_k):
         """max_length at lengths n_q, n_k (None: no limit)."""
@@ -221,7 +223,7 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
                          "this module runs the quadratic ordering only (no linear form: its decode state would "
                          "be the KV cache); call it on whole sequences (pad or loop over packed ones)")
     B, H, T, K = qh.shape
-    ps = _params(m, params, H, q)
+    ps = _params(m, params, H, q) + _gate(m, params, (B, H, T, K), layout, q)
     if stateless:
         S = validate.bhtd(k, layout).shape[2]
         validate.positions(max(T, S), max_length=m.limit(T, S), spec=m.spec, what=m.spec)
@@ -262,7 +264,7 @@ def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
     if m.max_length is not None:
         last = int(state[-1].max()) + 1
         validate.positions(state[-1] + 1, max_length=m.limit(last, last), spec=m.spec, what=f"{m.spec}_step")
-    ps = _params(m, params, H, q_t)
+    ps = _params(m, params, H, q_t) + _gate(m, params, (B, H, T, K), layout, q_t)
     with torch.no_grad():
         return _step(m, q_t, k_t, v_t, state, [p.detach() for p in ps], layout)
 
@@ -287,9 +289,23 @@ def _params(m: Module, values, heads, like):
         if value is None:
             if p.default is None:
                 raise InputError(f"{m.spec}: parameter {p.name!r} has no constant default; pass {p.name}=tensor")
-            value = torch.full((heads,) if p.per_head else (), p.default, dtype=torch.float32, device=like.device)
+            default = p.default(like.shape[-1]) if callable(p.default) else p.default  # a function of the head dim
+            value = torch.full((heads,) if p.per_head else (), default, dtype=torch.float32, device=like.device)
         out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec))
     return out
+
+
+def _gate(m: Module, values, shape, layout, like):
+    """[the gate as a contiguous fp32 [B, H, T] tensor] for a gated module (it rides at the end of the parameter
+    list through the custom ops, and its gradient comes back there), else []."""
+    if m.gate is None:
+        return []
+    value = (values or {}).get(m.gate)
+    if value is None:
+        raise InputError(f"{m.spec}: missing the gate {m.gate}= (log decays <= 0, [B, H, T] for layout 'bhtd', "
+                         "[B, T, H] for 'bthd')")
+    g = validate.gate(m.gate, value, per_dim=False, shape=shape, layout=layout, like=like, spec=m.spec)
+    return [g.to(torch.float32).contiguous()]
 
 
 def _check_linear(m: Module, dk):
@@ -486,6 +502,8 @@ def _state_outputs(m: Module, n, h, f, dv, like, state, wanted):
 def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     """o [layout of q, Dv], the normaliser den' [B, H, T] (fp32; empty without row sums) and the final
     state S [N, H, F, Dv], z [N, H, F] (empty unless ``return_state``; z also without row sums)."""
+    if m.gate is not None:
+        return _gated_fwd(m, q, k, v, params, layout, state, cu, return_state)
     if m.linear.decay is not None:
         return _decay_fwd(m, q, k, v, params, layout, state, cu, return_state)
     qh, kh, vh = (_bhtd(x, layout) for x in (q, k, v))
@@ -533,6 +551,8 @@ def _chunk_fwd(m: Module, qh, kh, vh, oh, den, params, state, cu, n, st, zt, ret
 def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
     """[dq, dk, dv, d<param>..., dS_0, dz_0] for the incoming gradients ``do`` of ``o`` and ``dst``, ``dzt``
     of the final state (None: zero); dS_0, dz_0 only with an initial ``state`` (dz_0 with row sums)."""
+    if m.gate is not None:
+        return _gated_bwd(m, do, q, k, v, o, den, params, layout, state, cu, dst, dzt)
     if m.linear.decay is not None:
         return _decay_bwd(m, do, q, k, v, o, den, params, layout, state, cu, dst, dzt)
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
@@ -619,7 +639,10 @@ def _step(m: Module, q, k, v, state, params, layout):
     o, oh = _like_layout(B, H, 1, V, q, layout)
     s_out = _empty(S.shape, S)
     z_out = _empty(z.shape, z) if m.normalised else None
-    gam = _gamma(m, params, H, 1, 1, K, q)[0] if m.linear.decay is not None else _dummy(q)
+    if m.gate is not None:  # this token's log decay per sequence and head
+        gam, params = params[-1].reshape(-1), params[:-1]
+    else:
+        gam = _gamma(m, params, H, 1, 1, K, q)[0] if m.linear.decay is not None else _dummy(q)
     _, BK, BV, W = _blocks(m, 1, K, V, q.dtype)
     m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
@@ -780,6 +803,82 @@ def _decay_chunk_bwd(m: Module, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn
         ends += ((t_n - 1)[:, None] * (dst.float() * s_t).sum((-1, -2))).sum(0)
     dlg[0, :H] += ends  # any slot: the host sums them per head
     return dlg, dpar
+
+
+# ---------------------------------------------------------------------------------------------
+# gates: a log decay per token and head (the last entry of the parameter list), the chunk-parallel scan only
+# ---------------------------------------------------------------------------------------------
+def _gated_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
+    """o, an empty normaliser, the final state S (empty unless ``return_state``) and an empty z: the chunk-parallel
+    scan with the chunk-local weights of docs/derivations.md section 9 (the gate is params[-1], [B, H, T] fp32)."""
+    gate, params = params[-1], params[:-1]
+    qh, kh, vh = (_bhtd(x, layout) for x in (q, k, v))
+    B, H, T, K = qh.shape
+    V = vh.shape[3]
+    o, oh = _like_layout(B, H, T, V, q, layout)
+    BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
+    n, F = _sequences(B, cu), m.feature_width(K)
+    st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gate,))
+    return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
+
+
+def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
+    """[dq, dk, dv, d<param>..., dgate, dS_0]. dL/dG_t = Q'_t.dQ'_t - K'_t.dK'_t per token from the kernels, plus
+    <dS_T, S_T> at each sequence's last token, then dgate = the reverse cumulative sum within each sequence
+    (docs/derivations.md section 9)."""
+    gate, params = params[-1], params[:-1]
+    qh, kh, vh, doh = (_bhtd(x, layout) for x in (q, k, v, do))
+    B, H, T, K = qh.shape
+    V, F = vh.shape[3], m.feature_width(K)
+    dq, dqh = _like_layout(B, H, T, K, q, layout)
+    dk, dkh = _like_layout(B, H, T, K, k, layout)
+    dv, dvh = _like_layout(B, H, T, V, v, layout)
+    BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
+    NV = triton.cdiv(V, BV)
+    n = _sequences(B, cu)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
+    dk_to, s_dkn, dk_buf = _partial(NV, (B, H, T, K), dkh, q)
+    ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
+    use_dst = dst is not None
+    dst = dst.contiguous() if use_dst else _dummy(q)
+    like = qh
+    ci, co, NC = _chunks(n, T, cu, BT, like.device)
+    s_t = _empty((n, H, F, V), like, torch.float32) if use_dst else _dummy(like)
+    h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, use_dst, s_t, _dummy(like), meta, like, (gate,))
+    g = _empty((NC, H, F, V), like, torch.float32)
+    s0, _, pos = _state_args(m, state, like)
+    cu_arg = cu if cu is not None else _dummy(like)
+    lengths = (T, H, F, float(T), float(T), float(K), float(H))
+    flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
+    none = _dummy(like)
+    m.linear.chunked.dh[(NV, n * H)](
+        qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gate, *_params_f32(params),
+        *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
+    dbig = torch.zeros((B, H, T), dtype=torch.float32, device=like.device)  # dL/dG_t, the V blocks added atomically
+    dpar = [_empty((NV * NC * H,), like, torch.float32) for _ in params]
+    m.linear.chunked.dqkv[(NV, NC, H)](
+        qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gate, dbig,
+        *_params_f32(params), *dpar, *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths,
+        **meta, **flags)
+    for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
+        if buf is not None:
+            out.copy_(buf.sum(0))
+    ends = torch.full((n,), T, dtype=torch.int64, device=like.device) if cu is None else cu[1:].long()
+    if use_dst:  # the final state reads every G up to the sequence's last token
+        final = (dst.float() * s_t).sum((-1, -2))  # [N, H]
+        rows = torch.arange(n, device=like.device) if cu is None else torch.zeros(n, dtype=torch.long,
+                                                                                      device=like.device)
+        dbig[rows, :, ends - 1] += final
+    rev = dbig.flip(-1).cumsum(-1).flip(-1)  # sum over t >= s
+    if cu is not None:  # within each packed sequence: subtract what the later sequences added
+        nxt = torch.cat([rev, torch.zeros_like(rev[..., :1])], -1)
+        seq = torch.searchsorted(cu[1:].long(), torch.arange(T, device=like.device), right=True)
+        rev = rev - nxt[..., ends[seq]]
+    dparams = [(d.view(-1, H).sum(0) if p.dim() == 1 else d.sum()).to(p.dtype) for d, p in zip(dpar, params)]
+    return [dq, dk, dv, *dparams, rev.to(gate.dtype), *([ds0] if state else [])]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def step(plan, q_t, k_t, v_t, state, params: dict | None = None, layout: str = "
 
 def _checked(plan, params: dict | None) -> dict:
     params = dict(params or {})
-    unknown = set(params) - set(plan.spec.param_names)
+    unknown = set(params) - set(plan.spec.param_names) - set(plan.spec.gate_names)
     if unknown:
         raise PlanError(f"{plan.spec.name}: unknown parameter(s) {sorted(unknown)}; "
                         f"expected {list(plan.spec.param_names) or 'none'}")

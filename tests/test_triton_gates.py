@@ -1,0 +1,203 @@
+"""The generated Triton module of a gated spec (simple_gla: a per-head gate, the chunk-parallel scan with the
+chunk-local weights of docs/derivations.md section 9): output and every gradient (q, k, v, the gate, the initial
+state, from the returned state) against the float64 torch backend's recurrent ordering (itself checked against the
+naive reference in tests/test_gates.py), packed sequences, decoding, fla's reference, the errors.
+
+Under the interpreter on CPU (tests/conftest.py), natively on a GPU.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
+
+import attngen  # noqa: E402
+from attngen.pipeline import plan as build_plan  # noqa: E402
+from attngen.runtime.state import State  # noqa: E402
+from attngen.runtime.triton import loader  # noqa: E402
+from attngen.verify import rel_rms  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+D = 16
+
+
+def module():
+    spec = attngen.load_spec("simple_gla")
+    mod = loader.load_module(build_plan(spec, target="triton"))
+    return spec, mod, mod.simple_gla_attention, mod.simple_gla_step
+
+
+def poisoned(mod, monkeypatch):
+    """Every buffer the host allocates with _empty starts as NaN: an element no kernel writes fails."""
+    def empty(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+    monkeypatch.setattr(mod.host, "_empty", empty)
+
+
+def rand(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def gate(g, *shape, shift=2.0):
+    return F.logsigmoid(shift + torch.randn(*shape, generator=g, dtype=torch.float64))
+
+
+def gold(q, k, v, g, s0=None, pos=None):
+    """float64 oracle: the torch backend's recurrent ordering (the definition, token by token)."""
+    op = attngen.compile("simple_gla", backend="torch", plan="recurrent")
+    if s0 is None:
+        return op(q, k, v, g=g, return_state=True)
+    return op(q, k, v, g=g, return_state=True, initial_state=State(s0, None, pos, op.spec.hash))
+
+
+def test_the_module_holds_the_linear_ordering_only_and_names_the_gate():
+    spec, mod, fn, step = module()
+    assert mod.MODULE.gate == "g" and mod.MODULE.quadratic is None and mod.MODULE.linear.fwd is None
+    assert "gates: triton: the quadratic kernels do not apply gates" in build_plan(spec, target="triton").explain()
+    assert "g: the gate, log decays <= 0" in fn.__doc__
+
+
+@pytest.mark.parametrize("t", [1, 63, 200])
+def test_forward_and_every_gradient_with_states(t, monkeypatch):
+    spec, mod, fn, _ = module()
+    poisoned(mod, monkeypatch)
+    b, h = 2, 2
+    g = torch.Generator().manual_seed(t)
+    q, k, v = (rand(g, b, h, t, D) for _ in range(3))
+    gt = gate(g, b, h, t)
+    s0 = 0.3 * rand(g, b, h, D, D)
+    pos0 = torch.tensor([3, 11])
+    leaves = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v, gt, s0)]
+    o, (st, zt, pos) = fn(*leaves[:3], g=leaves[3], initial_state=(leaves[4], None, pos0.to(DEVICE)),
+                          return_state=True)
+    assert zt is None and pos.tolist() == [3 + t, 11 + t]
+    gl = [x.clone().requires_grad_() for x in (q, k, v, gt, s0)]
+    go, gs = gold(*gl[:4], s0=gl[4], pos=pos0)
+    assert_close("o", o, go, 1e-4)
+    assert_close("final S", st, gs.S, 1e-4)
+    do, dst = rand(g, *go.shape), rand(g, *gs.S.shape)
+    got = torch.autograd.grad((o * do.float().to(DEVICE)).sum() + (st * dst.float().to(DEVICE)).sum(), leaves)
+    want = torch.autograd.grad((go * do).sum() + (gs.S * dst).sum(), gl)
+    for name, a, w in zip(["dq", "dk", "dv", "dg", "dS0"], got, want):
+        assert_close(name, a, w, 1e-4)
+
+
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_packed_sequences_equal_each_alone(layout, monkeypatch):
+    """cu_seqlens: G restarts with each sequence, and so does the reverse cumulative sum of dg."""
+    spec, mod, fn, _ = module()
+    poisoned(mod, monkeypatch)
+    lengths = (1, 5, 64, 70)
+    h, total = 2, sum(lengths)
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    axis = 1 if layout == "bthd" else 2
+    shape = (1, total, h, D) if layout == "bthd" else (1, h, total, D)
+    xs = [rand(g, *shape).float().to(DEVICE).requires_grad_() for _ in range(3)]
+    gt = gate(g, *shape[:3]).float().to(DEVICE).requires_grad_()
+    s0 = (0.2 * rand(g, len(lengths), h, D, D)).float().to(DEVICE).requires_grad_()
+    pos0 = torch.tensor([0, 7, 3, 100], device=DEVICE)
+    o, (st, _, _) = fn(*xs, g=gt, initial_state=(s0, None, pos0), return_state=True, cu_seqlens=cu, layout=layout)
+    do, dst = rand(g, *o.shape).float().to(DEVICE), rand(g, *st.shape).float().to(DEVICE)
+    got = torch.autograd.grad((o * do).sum() + (st * dst).sum(), [*xs, gt, s0])
+    outs, states, alone = [], [], [torch.zeros_like(x) for x in (*xs, gt, s0)]
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        def cut(x):
+            return x.detach()[:, a:b] if layout == "bthd" else x.detach()[:, :, a:b]
+        xi = [cut(x).clone().requires_grad_() for x in (*xs, gt)]
+        si = s0.detach()[i:i + 1].clone().requires_grad_()
+        oi, (sti, _, _) = fn(*xi[:3], g=xi[3], initial_state=(si, None, pos0[i:i + 1]), return_state=True,
+                             layout=layout)
+        outs.append(oi)
+        states.append(sti)
+        doi = do[:, a:b] if layout == "bthd" else do[:, :, a:b]
+        gi = torch.autograd.grad((oi * doi).sum() + (sti * dst[i:i + 1]).sum(), [*xi, si])
+        for j in range(4):
+            (alone[j][:, a:b] if layout == "bthd" else alone[j][:, :, a:b]).copy_(gi[j])
+        alone[4][i:i + 1] = gi[4]
+    assert_close("o", o, torch.cat(outs, axis), 1e-5)
+    assert_close("final S", st, torch.cat(states), 1e-5)
+    for name, a, w in zip(["dq", "dk", "dv", "dg", "dS0"], got, alone):
+        assert_close(name, a, w, 1e-5)
+
+
+def test_prefill_then_steps_equal_the_forward():
+    spec, mod, fn, step = module()
+    g = torch.Generator().manual_seed(9)
+    b, h, t, n0 = 2, 2, 40, 29
+    q, k, v = (rand(g, b, h, t, D).float().to(DEVICE) for _ in range(3))
+    gt = gate(g, b, h, t).float().to(DEVICE)
+    full = fn(q, k, v, g=gt)
+    o, (S, z, pos) = fn(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], g=gt[:, :, :n0], return_state=True)
+    outs = [o]
+    for j in range(n0, t):
+        o, S, z, pos = step(q[:, :, j:j + 1], k[:, :, j:j + 1], v[:, :, j:j + 1], S, z, pos, g=gt[:, :, j:j + 1])
+        outs.append(o)
+    assert_close("steps", torch.cat(outs, 2), full, 1e-5)
+    # and through attngen.compile's op.step
+    op = attngen.compile("simple_gla", backend="triton")
+    o, state = op(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], g=gt[:, :, :n0], return_state=True)
+    outs = [o]
+    for j in range(n0, t):
+        o, state = op.step(q[:, :, j:j + 1], k[:, :, j:j + 1], v[:, :, j:j + 1], state, g=gt[:, :, j:j + 1])
+        outs.append(o)
+    assert_close("op.step", torch.cat(outs, 2), full, 1e-5)
+
+
+def test_per_call_scale_and_its_gradient():
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (rand(g, 1, 2, 50, D).float().to(DEVICE) for _ in range(3))
+    gt = gate(g, 1, 2, 50).float().to(DEVICE)
+    op = attngen.compile("simple_gla", backend="triton")
+    ref = attngen.reference("simple_gla")
+    scale = torch.tensor(0.37, device=DEVICE, requires_grad=True)
+    o = op(q, k, v, g=gt, scale=scale)
+    (ds,) = torch.autograd.grad(o.sum(), scale)
+    rs = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    ro = ref(*(x.double().cpu() for x in (q, k, v)), g=gt.double().cpu(), scale=rs)
+    (rds,) = torch.autograd.grad(ro.sum(), rs)
+    assert rel_rms(o.double().cpu(), ro) < 1e-5 and abs(float(ds) - float(rds)) < 1e-4 * abs(float(rds))
+
+
+@pytest.mark.parametrize("t", [63, 200])
+def test_against_fla_naive_chunk_simple_gla(t):
+    fla = pytest.importorskip("fla.ops.simple_gla.naive", reason="fla-core is a test extra")
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (rand(g, 2, t, 3, D).float() for _ in range(3))
+    gt = gate(g, 2, t, 3).float()
+    op = attngen.compile("simple_gla", backend="triton", layout="bthd")
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v, gt)]
+    o = op(*leaves[:3], g=leaves[3])
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    theirs = [x.clone().requires_grad_() for x in (q, k, v, gt)]
+    ro = fla.naive_chunk_simple_gla(*theirs)
+    ro = ro[0] if isinstance(ro, tuple) else ro
+    want = torch.autograd.grad((ro * do.cpu()).sum(), theirs)
+    assert rel_rms(o.cpu(), ro) < 1e-5
+    for a, w in zip(got, want):
+        assert rel_rms(a.cpu(), w) < 2e-5
+
+
+def test_gate_errors_in_the_module():
+    spec, mod, fn, step = module()
+    q = torch.randn(1, 2, 5, D, device=DEVICE)
+    with pytest.raises(attngen.InputError, match=r"missing the gate g="):
+        fn(q, q, q)
+    with pytest.raises(attngen.InputError, match=r"gate 'g': expected shape \[B, T, H\] = \[1, 2, 5\].*\[1, 5, 2\]"):
+        fn(q, q, q, g=torch.zeros(1, 5, 2, device=DEVICE), layout="bthd")
+    with pytest.raises(attngen.InputError, match=r"values > 0"):
+        fn(q, q, q, g=torch.ones(1, 2, 5, device=DEVICE))
+
+
+def test_other_gates_are_refused_by_the_triton_templates_with_a_reason():
+    for source, pattern in (("gla", r"a per-key-dimension gate is not generated by the Triton templates yet"),
+                            ({"name": "x", "similarity": "dot(q, k)", "gates": {"g": "head"},
+                              "normalize": "rowsum"}, r"a gate with a row-sum normalisation"),
+                            ({"name": "x", "similarity": "dot(q, k)", "gates": {"g": "head"},
+                              "reweight": "0.9**(i - j)"}, r"a gate with a decay reweighting")):
+        with pytest.raises(attngen.PlanError, match=pattern):
+            attngen.compile(source, backend="triton")
