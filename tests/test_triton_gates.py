@@ -1,5 +1,5 @@
-"""The generated Triton module of a gated spec (simple_gla: a per-head gate, the chunk-parallel scan with the
-chunk-local weights of docs/derivations.md section 9): output and every gradient (q, k, v, the gate, the initial
+"""The generated Triton modules of gated specs (simple_gla: a per-head gate, the chunk-parallel scan with the
+chunk-local weights of docs/derivations.md section 9; forgetting: the flash kernels with the score bias G_i - G_j): output and every gradient (q, k, v, the gate, the initial
 state, from the returned state) against the float64 torch backend's recurrent ordering (itself checked against the
 naive reference in tests/test_gates.py), packed sequences, decoding, fla's reference, the errors.
 
@@ -201,3 +201,47 @@ def test_other_gates_are_refused_by_the_triton_templates_with_a_reason():
                               "reweight": "0.9**(i - j)"}, r"a gate with a decay reweighting")):
         with pytest.raises(attngen.PlanError, match=pattern):
             attngen.compile(source, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forgetting: the flash kernels add G_i - G_j to each tile's scores; dL/dG from row and column sums of dS
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [1, 63, 200])
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_forgetting_against_the_reference(t, layout, monkeypatch):
+    spec = attngen.load_spec("forgetting")
+    mod = loader.load_module(build_plan(spec, target="triton"))
+    assert mod.MODULE.gate == "g" and mod.MODULE.linear is None and mod.MODULE.quadratic.flash
+    poisoned(mod, monkeypatch)
+    g = torch.Generator().manual_seed(20 + t)
+    shape = (2, 3, t, D) if layout == "bhtd" else (2, t, 3, D)
+    q, k, v = (rand(g, *shape) for _ in range(3))
+    gt = gate(g, *shape[:3], shift=0.0)
+    leaves = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v, gt)]
+    o = mod.forgetting_attention(*leaves[:3], g=leaves[3], layout=layout)
+    do = rand(g, *o.shape)
+    got = torch.autograd.grad((o * do.float().to(DEVICE)).sum(), leaves)
+    gl = [x.clone().requires_grad_() for x in (q, k, v, gt)]
+    ro = attngen.reference(spec, layout=layout)(*gl[:3], g=gl[3])
+    want = torch.autograd.grad((ro * do).sum(), gl)
+    assert_close("o", o, ro, 1e-4)
+    for name, a, w in zip(["dq", "dk", "dv", "dg"], got, want):
+        assert_close(name, a, w, 1e-4)
+
+
+def test_forgetting_against_fla_naive():
+    fla = pytest.importorskip("fla.ops.forgetting_attn.naive", reason="fla-core is a test extra")
+    g = torch.Generator().manual_seed(30)
+    q, k, v = (rand(g, 2, 90, 3, D).float() for _ in range(3))
+    gt = gate(g, 2, 90, 3, shift=0.0).float()
+    op = attngen.compile("forgetting", backend="triton", layout="bthd")
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v, gt)]
+    o = op(*leaves[:3], g=leaves[3])
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    theirs = [x.clone().requires_grad_() for x in (q, k, v, gt)]
+    ro = fla.naive_forgetting_attn(*theirs)
+    want = torch.autograd.grad((ro * do.cpu()).sum(), theirs)
+    assert rel_rms(o.cpu(), ro) < 1e-5
+    for a, w in zip(got, want):
+        assert rel_rms(a.cpu(), w) < 2e-5

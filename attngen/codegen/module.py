@@ -29,9 +29,7 @@ TEMPLATES = {Ordering.LINEAR: "linear.py.j2", Ordering.QUADRATIC: "quadratic.py.
 def check_kernel(plan, ordering: Ordering) -> None:
     """PlanError (saying why) unless the templates express ``ordering`` for ``plan`` (a Plan or a Draft)."""
     spec = plan.spec
-    quadratic_gate = bool(spec.gates) and ordering is Ordering.QUADRATIC
-    missing = [what for what, has in (("gates in the quadratic ordering", quadratic_gate),
-                                      ("rotary positions", spec.rotary is not None)) if has]
+    missing = [what for what, has in (("rotary positions", spec.rotary is not None),) if has]
     if missing:
         raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): the Triton templates do not generate "
                         f"{' or '.join(missing)} yet; use backend='torch' (it runs every ordering of this plan)")
@@ -99,7 +97,7 @@ def fill_slots(m: Module) -> Module:
         "params": param_slots(spec),
         "regenerate": 'attngen build (attngen.pipeline.lower(attngen.pipeline.plan(spec, target="triton")))',
         "linear": Ordering.LINEAR in orderings, "quadratic": Ordering.QUADRATIC in orderings,
-        "gate": None,  # the linear slots name a per-head gate
+        "gate": spec.gate.name if spec.gate is not None else None,  # a per-head gate's keyword
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

@@ -82,8 +82,12 @@ def tile_slots(plan: Plan) -> dict:
     tile = _Tile(where, params)
     flat = tile.flatten(expr)
     pr = tile.printer("tile expression")
+    if spec.gate is not None and not (flash and spec.gate.per == "head"):
+        raise PlanError(f"{where}: the quadratic Triton kernels add a per-head gate's G_i - G_j to a softmax score "
+                        "only; use backend='torch' (or the linear ordering)")
     slots = {
         "flash": flash, "rowsum": norm.kind == "rowsum", "sparse_max_block": SPARSE_MAX_BLOCK,
+        "qgate": spec.gate is not None,  # the score gains G_i - G_j (gc: the cumulative sum of the gate)
         "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(expr),
         "weight": None if weight is None else tile.full(tile.printer("reweighting")(weight), weight),
         "weight_text": None if weight is None else sympy.sstr(weight),

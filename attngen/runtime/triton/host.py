@@ -275,7 +275,7 @@ def block_sparse(m: Module, q, k, v, kv_blocks, block, layout="bhtd", params=Non
     B, H, T, _ = qh.shape
     tab = validate.kv_blocks(kv_blocks, block, batch=B, heads=H, length=T, key_length=kh.shape[2],
                              device=q.device, max_block=m.quadratic.sparse_max_block)
-    ps = _params(m, params, H, q)
+    ps = _params(m, params, H, q) + _gate(m, params, tuple(qh.shape), layout, q)
     o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, tab, block)
     return o
 
@@ -988,10 +988,14 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
     stat = _empty((B, H, T) if m.qstat else (0,), q, torch.float32)
     BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
     lengths = (T, S, H, float(T), float(S), float(K), float(H))
+    gc = ()
+    if m.gate is not None:  # the score gains G_i - G_j: G the cumulative sum of the gate (params[-1])
+        gc, params = (params[-1].cumsum(-1).contiguous(),), params[:-1]
     if m.quadratic.flash:
         sparse = tab is not None
         tab = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
-        extra = (tab, *_params_f32(params), *_strides(qh, kh, vh, oh), *lengths, tab.shape[-1] if sparse else 0)
+        extra = (tab, *gc, *_params_f32(params), *_strides(qh, kh, vh, oh), *lengths,
+                 tab.shape[-1] if sparse else 0)
         flags = dict(SPARSE=sparse)
     else:
         extra = (*_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
@@ -1011,6 +1015,12 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     S, V = kh.shape[2], vh.shape[3]
     BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
     NKB = triton.cdiv(S, BN)
+    gq = gk = ()
+    if m.gate is not None:  # dL/dG_i = sum_j dS_ij - sum_j dS_ji: row sums (dq programs), column sums (dkv ones)
+        gate, params = params[-1], params[:-1]
+        gc = gate.cumsum(-1).contiguous()
+        dgr, dgc = _empty((B, H, T), q, torch.float32), _empty((B, H, T), q, torch.float32)
+        gq, gk = (gc, dgr), (gc, dgc)
     if m.qstat:
         delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: D_i = sum_e dO_ie O_ie
     else:
@@ -1028,10 +1038,10 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
         cols = _key_table(tab, NKB) if sparse else rows
         meta.update(SPARSE=sparse)
         m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
-            qh, kh, vh, doh, stat, delta, dqh, rows, *pf, *_strides(qh, kh, vh, doh, dqh), *lengths,
+            qh, kh, vh, doh, stat, delta, dqh, rows, *gq, *pf, *_strides(qh, kh, vh, doh, dqh), *lengths,
             rows.shape[-1] if sparse else 0, **meta)
         m.quadratic.bwd_dkv[(NKB, B * H)](
-            qh, kh, vh, doh, stat, delta, dkh, dvh, cols, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh),
+            qh, kh, vh, doh, stat, delta, dkh, dvh, cols, *gk, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh),
             *lengths, cols.shape[-1] if sparse else 0, **meta)
     else:
         m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
@@ -1043,6 +1053,8 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     for p, part in zip(params, dpar):
         total = part.view(B, H, NKB).sum((0, 2))  # [H]
         dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+    if m.gate is not None:  # dg_s = sum_(t >= s) dL/dG_t (docs/derivations.md section 9)
+        dparams.append((dgr - dgc).flip(-1).cumsum(-1).flip(-1).to(gate.dtype))
     return [dq, dk, dv, *dparams]
 
 
