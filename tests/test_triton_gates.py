@@ -1,7 +1,8 @@
-"""The generated Triton modules of gated specs (simple_gla: a per-head gate, the chunk-parallel scan with the
-chunk-local weights of docs/derivations.md section 9; forgetting: the flash kernels with the score bias G_i - G_j): output and every gradient (q, k, v, the gate, the initial
-state, from the returned state) against the float64 torch backend's recurrent ordering (itself checked against the
-naive reference in tests/test_gates.py), packed sequences, decoding, fla's reference, the errors.
+"""The generated Triton modules of gated specs: simple_gla (a per-head gate, the chunk-parallel scan with the
+chunk-local weights of docs/derivations.md section 9) and forgetting (the flash kernels with the score bias
+G_i - G_j). Output and every gradient (q, k, v, the gate, the initial state, from the returned state) against the
+float64 torch backend's recurrent ordering or the naive reference (themselves checked in tests/test_gates.py),
+packed sequences, decoding, fla's references, the errors.
 
 Under the interpreter on CPU (tests/conftest.py), natively on a GPU.
 """
