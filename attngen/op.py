@@ -117,10 +117,6 @@ class AttentionOp:
             lengths = qh.shape[2] if bounds is None else torch.tensor(
                 [b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
             check_positions(self.spec, state.pos + lengths)
-        if backend == "triton" and kh.shape[1] != qh.shape[1]:
-            raise InputError(f"{self.spec.name}: grouped KV heads (q {qh.shape[1]} heads, k and v {kh.shape[1]}) are "
-                             "not read by the generated Triton modules yet; use backend='torch' (SDPA reads the "
-                             "groups in place, the other orderings per query head)")
         if backend == "torch" and self.spec.rotary is not None:  # the generated kernels would rotate in place
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import attngen
+from attngen import pipeline
 from attngen.verify import rel_rms
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}
@@ -312,14 +313,14 @@ def test_simple_gla_16k_fp32_is_finite_and_matches_float64():
 # plans, errors
 # ---------------------------------------------------------------------------------------------------------------
 def test_plan_explains_where_the_gate_and_rotation_enter():
-    text = attngen.pipeline.plan("simple_gla").explain()
+    text = pipeline.plan("simple_gla").explain()
     assert "gates: g [B, H, T] per head" in text and "decays the state by exp(g_t) per token" in text
     assert "quadratic ordering multiplies W by exp(G_i - G_j)" in text
-    text = attngen.pipeline.plan("gla").explain()
+    text = pipeline.plan("gla").explain()
     assert "per key dimension" in text and "there is no T x S score matrix" in text
     assert "fft          no" in text and "quadratic    no" in text
-    assert "softmax score gains G_i - G_j" in attngen.pipeline.plan("forgetting").explain()
-    text = attngen.pipeline.plan("llama").explain()
+    assert "softmax score gains G_i - G_j" in pipeline.plan("forgetting").explain()
+    text = pipeline.plan("llama").explain()
     assert "rotary: q and k rotated by their positions" in text and "scaled_dot_product_attention" in text
 
 
@@ -369,7 +370,7 @@ def test_spec_errors_for_the_new_keys():
         with pytest.raises(attngen.SpecError, match=pattern):
             attngen.load_spec({**base, **extra})
     with pytest.raises(attngen.SpecError, match=r"per-key-dimension gate needs a separable similarity whose"):
-        attngen.pipeline.plan({**base, "similarity": "(dot(q, k))**2", "gates": {"g": "key_dim"}})
+        pipeline.plan({**base, "similarity": "(dot(q, k))**2", "gates": {"g": "key_dim"}})
 
 
 def test_scale_default_declared_and_per_call():

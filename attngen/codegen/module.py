@@ -28,11 +28,6 @@ TEMPLATES = {Ordering.LINEAR: "linear.py.j2", Ordering.QUADRATIC: "quadratic.py.
 
 def check_kernel(plan, ordering: Ordering) -> None:
     """PlanError (saying why) unless the templates express ``ordering`` for ``plan`` (a Plan or a Draft)."""
-    spec = plan.spec
-    missing = [what for what, has in (("rotary positions", spec.rotary is not None),) if has]
-    if missing:
-        raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): the Triton templates do not generate "
-                        f"{' or '.join(missing)} yet; use backend='torch' (it runs every ordering of this plan)")
     if ordering is Ordering.LINEAR:
         check_linear(plan)
         return
@@ -98,6 +93,7 @@ def fill_slots(m: Module) -> Module:
         "regenerate": 'attngen build (attngen.pipeline.lower(attngen.pipeline.plan(spec, target="triton")))',
         "linear": Ordering.LINEAR in orderings, "quadratic": Ordering.QUADRATIC in orderings,
         "gate": spec.gate.name if spec.gate is not None else None,  # a per-head gate's keyword
+        "theta": spec.rotary.theta if spec.rotary is not None else None,  # rotary positions (quadratic kernels)
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

@@ -88,6 +88,7 @@ def tile_slots(plan: Plan) -> dict:
     slots = {
         "flash": flash, "rowsum": norm.kind == "rowsum", "sparse_max_block": SPARSE_MAX_BLOCK,
         "qgate": spec.gate is not None,  # the score gains G_i - G_j (gc: the cumulative sum of the gate)
+        "rotary": spec.rotary is not None,  # q and k rotated in registers (rc, rs: the host's cos / sin tables)
         "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(expr),
         "weight": None if weight is None else tile.full(tile.printer("reweighting")(weight), weight),
         "weight_text": None if weight is None else sympy.sstr(weight),

@@ -119,7 +119,7 @@ def token_inputs(x: Draft) -> Draft:
                              "continues the positions")
     gate = spec.gate
     if gate is None:
-        return x
+        return _generated_orderings(x)
     where = f"{spec.where}: gates.{gate.name}"
     why = {}
     if gate.per == "key_dim":
@@ -144,12 +144,29 @@ def token_inputs(x: Draft) -> Draft:
     why[Ordering.FFT] = "a gate breaks the Toeplitz structure (exp(G_i - G_j) is not a function of i - j)"
     cands = tuple(replace(c, legal=False, reason=why[c.ordering]) if c.ordering in why and c.legal else c
                   for c in x.candidates)
-    x = x.step("gates", detail, candidates=cands)
-    if x.available is not None and x.generator is not None and x.target == x.generator.name and x.linear_terms:
-        # the generated quadratic kernels do not apply gates: a gated separable spec runs the linear ones
-        x = x.step("gates", f"{x.target}: the quadratic kernels do not apply gates, so the linear ordering runs "
-                            "at every length", available=x.available - {Ordering.QUADRATIC})
-    return x
+    return _generated_orderings(x.step("gates", detail, candidates=cands))
+
+
+def _generated_orderings(x: Draft) -> Draft:
+    """For the generator's target, a spec with gates or rotary positions chooses among the orderings the templates
+    generate for it (each refusal said, e.g. the quadratic kernels apply a gate to a softmax score only)."""
+    spec = x.spec
+    if not (spec.gates or spec.rotary is not None) or x.available is None or x.generator is None \
+            or x.target != x.generator.name:
+        return x
+    available = set(x.available)
+
+    def legal(o):
+        return all(c.legal for c in x.candidates if c.ordering is o) and (o is not Ordering.LINEAR or x.linear_terms)
+    options = [o for o in (Ordering.LINEAR, Ordering.QUADRATIC) if o in available and legal(o)]
+    for o in options:
+        try:
+            x.generator.check(x, o)
+        except PlanError as exc:
+            if len([a for a in options if a in available]) > 1:  # another one runs (else the capabilities pass
+                available.discard(o)  # raises this refusal)
+                x = x.step("generated", f"{x.target}: not the {o.value} ordering ({str(exc).split(': ', 1)[-1]})")
+    return replace(x, available=frozenset(available))
 
 
 def choose_ordering(x: Draft) -> Draft:

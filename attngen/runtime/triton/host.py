@@ -107,6 +107,7 @@ class Module:
     crossover: Optional[float] = None
     max_length: object = None  # the spec's max_length (positions 0 .. max_length - 1): an int, f(n_q, n_k) or None
     gate: Optional[str] = None  # the keyword of a per-head gate (log decays [B, H, T]): an input of every call
+    rotary: Optional[float] = None  # theta of rotary positions (RoPE, rotate-half pairs), applied in the kernels
 
     def limit(self, n_q, n_k):
         """max_length at lengths n_q, n_k (None: no limit)."""
@@ -231,11 +232,11 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
         if m.quadratic is not None and (m.linear is None or validate.bhtd(k, layout).shape[2] < crossover):
             o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
             return o
-        _check_linear(m, K)
+        _check_linear(m, K, validate.bhtd(k, layout).shape[1] != H)
         o, _, _, _ = _OPS[m.op_name + "_fwd"](q, k, v, ps, layout, [], None, False)
         return o
     _refuse_states(m, "initial_state / return_state / cu_seqlens")
-    _check_linear(m, K)
+    _check_linear(m, K, validate.bhtd(k, layout).shape[1] != H)
     cu = None if cu_seqlens is None else validate.cu_seqlens(cu_seqlens, batch=B, length=T, device=q.device)
     n = _sequences(B, cu)
     state = [] if initial_state is None else _state(m, initial_state, n, H, K, validate.bhtd(v, layout).shape[3],
@@ -259,7 +260,7 @@ def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
     if T != 1:
         raise InputError(f"{m.spec}_step: expected one token per sequence (T = 1), found T = {T}; run "
                          f"{m.spec}_attention with initial_state= for a chunk of tokens")
-    _check_linear(m, K)
+    _check_linear(m, K, validate.bhtd(k_t, layout).shape[1] != H)
     state = _state(m, (S, z, pos), B, H, K, vh.shape[3], q_t.device, "state")
     if m.max_length is not None:
         last = int(state[-1].max()) + 1
@@ -308,9 +309,14 @@ def _gate(m: Module, values, shape, layout, like):
     return [g.to(torch.float32).contiguous()]
 
 
-def _check_linear(m: Module, dk):
-    """InputError where the linear kernels cannot run: tensor-power features beyond their head dims."""
+def _check_linear(m: Module, dk, grouped=False):
+    """InputError where the linear kernels cannot run: tensor-power features beyond their head dims, grouped KV
+    heads (the quadratic kernels read them in place; the linear ones do not yet)."""
     validate.power_dim(dk, name=m.spec, max_power_dim=m.linear.max_power_dim)
+    if grouped:
+        raise InputError(f"{m.spec}: grouped KV heads (k, v with fewer heads than q) are read by the quadratic "
+                         "kernels only, not by the linear ones yet; use attngen.compile(..., backend='torch'), or "
+                         "repeat k and v per group")
 
 
 def _refuse_states(m: Module, what):
@@ -987,10 +993,11 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
     o, oh = _like_layout(B, H, T, V, q, layout, torch.float32 if wide else None)
     stat = _empty((B, H, T) if m.qstat else (0,), q, torch.float32)
     BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
-    lengths = (T, S, H, float(T), float(S), float(K), float(H))
+    lengths = (T, S, H, H // kh.shape[1], float(T), float(S), float(K), float(H))
     gc = ()
     if m.gate is not None:  # the score gains G_i - G_j: G the cumulative sum of the gate (params[-1])
         gc, params = (params[-1].cumsum(-1).contiguous(),), params[:-1]
+    gc += _rotary_tables(m, max(T, S), K, BK, q)
     if m.quadratic.flash:
         sparse = tab is not None
         tab = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -998,7 +1005,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
                  tab.shape[-1] if sparse else 0)
         flags = dict(SPARSE=sparse)
     else:
-        extra = (*_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
+        extra = (*gc, *_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
         flags = {}
     m.quadratic.fwd[(triton.cdiv(T, BM), B * H)](
         qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts, **flags)
@@ -1021,16 +1028,22 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
         gc = gate.cumsum(-1).contiguous()
         dgr, dgc = _empty((B, H, T), q, torch.float32), _empty((B, H, T), q, torch.float32)
         gq, gk = (gc, dgr), (gc, dgc)
+    tables = _rotary_tables(m, max(T, S), K, BK, q)
+    gq, gk = gq + tables, gk + tables
+    groups = H // kh.shape[1]
     if m.qstat:
         delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: D_i = sum_e dO_ie O_ie
     else:
         delta = _empty((0,), q, torch.float32)
     dq, dqh = _like_layout(B, H, T, K, q, layout)
-    dk, dkh = _like_layout(B, H, S, K, k, layout)
-    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    if groups > 1:  # grouped KV heads: dk, dv per query head (fp32), summed over each group below
+        dkh, dvh = (_empty((B, H, S, d), q, torch.float32) for d in (K, V))
+    else:
+        dk, dkh = _like_layout(B, H, S, K, k, layout)
+        dv, dvh = _like_layout(B, H, S, V, v, layout)
     dpar = [_empty((B * H * NKB,), q, torch.float32) for _ in params]
     pf = _params_f32(params)
-    lengths = (T, S, H, float(T), float(S), float(K), float(H))
+    lengths = (T, S, H, groups, float(T), float(S), float(K), float(H))
     meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts)
     if m.quadratic.flash:
         sparse = tab is not None
@@ -1055,7 +1068,27 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
         dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
     if m.gate is not None:  # dg_s = sum_(t >= s) dL/dG_t (docs/derivations.md section 9)
         dparams.append((dgr - dgc).flip(-1).cumsum(-1).flip(-1).to(gate.dtype))
+    if groups > 1:
+        hk = kh.shape[1]
+        dk, dkv = _like_layout(B, hk, S, K, k, layout)
+        dv, dvv = _like_layout(B, hk, S, V, v, layout)
+        dkv.copy_(dkh.view(B, hk, groups, S, K).sum(2))
+        dvv.copy_(dvh.view(B, hk, groups, S, V).sum(2))
     return [dq, dk, dv, *dparams]
+
+
+def _rotary_tables(m: Module, n: int, K: int, BK: int, like):
+    """(cos, sin) [n, K/2] fp32 of the angles p * theta**(-2m/K) formed in float64, for the kernels' RoPE (empty
+    without rotary positions). The kernels split a row's halves in registers: K must be the block width (a
+    power of two >= 16)."""
+    if m.rotary is None:
+        return ()
+    if K != BK:
+        raise InputError(f"{m.spec}: rotary positions in the Triton kernels need a head dim that is a power of two "
+                         f">= 16 (found {K}); use backend='torch'")
+    freq = m.rotary ** (-2.0 * torch.arange(K // 2, dtype=torch.float64, device=like.device) / K)
+    angle = torch.arange(n, dtype=torch.float64, device=like.device)[:, None] * freq
+    return torch.cos(angle).float().contiguous(), torch.sin(angle).float().contiguous()
 
 
 def _key_table(tab, nkb):

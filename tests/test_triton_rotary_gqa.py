@@ -1,0 +1,106 @@
+"""Rotary positions and grouped KV heads in the generated quadratic kernels: RoPE applied in registers (the halves
+of each q and k row split apart and rotated by the host's float64-formed cos / sin tables; the gradients rotated
+back before they are stored), k and v read at kv head h // (H / H_kv) with no copy, dk and dv summed over each
+group. llama against SDPA(enable_gqa=True) on inputs rotated by transformers' rotate_half convention; other
+quadratic specs with grouped heads against the same spec on repeated k and v; the refusals.
+
+Under the interpreter on CPU (tests/conftest.py), natively on a GPU.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+triton = pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot be tested")
+
+import attngen  # noqa: E402
+from attngen import pipeline  # noqa: E402
+from attngen.ir import Ordering  # noqa: E402
+from attngen.runtime.inputs import default_parameters  # noqa: E402
+from attngen.runtime.triton import loader  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def rotate_half_rope(x, theta=10000.0):
+    """RoPE as transformers' Llama applies it: x cos + rotate_half(x) sin with cos, sin of cat(freqs, freqs)."""
+    t, d = x.shape[2], x.shape[3]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    emb = torch.cat([torch.outer(torch.arange(t, dtype=torch.float64), inv_freq)] * 2, -1)
+    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * emb.cos().to(x.dtype) + rotated * emb.sin().to(x.dtype)
+
+
+def grads(fn, leaves, do):
+    xs = [x.detach().clone().requires_grad_() for x in leaves]
+    out = fn(*xs)
+    return out, torch.autograd.grad((out * do.to(out.dtype)).sum(), xs)
+
+
+@pytest.mark.parametrize("h,hkv,t,d,causal", [(8, 2, 70, 16, True), (8, 2, 1, 16, True), (4, 4, 33, 32, True),
+                                               (6, 3, 50, 64, False), (8, 1, 130, 16, True)])
+def test_llama_equals_sdpa_enable_gqa_on_rotated_inputs(h, hkv, t, d, causal):
+    g = torch.Generator().manual_seed(t + d)
+    q = torch.randn(2, h, t, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, hkv, t, d, generator=g, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(2, h, t, d, generator=g, dtype=torch.float64)
+    op = attngen.compile(attngen.load_spec("llama", causal=causal), backend="triton")
+
+    def theirs(q, k, v):
+        return F.scaled_dot_product_attention(rotate_half_rope(q), rotate_half_rope(k), v, is_causal=causal,
+                                              enable_gqa=True)
+    out, got = grads(op, [x.float().to(DEVICE) for x in (q, k, v)], do.float().to(DEVICE))
+    ref, want = grads(theirs, [q, k, v], do)
+    assert_close("o", out, ref, 1e-4)
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert a.shape == w.shape
+        assert_close(name, a, w, 1e-4)
+
+
+def test_llama_per_call_scale_and_bthd_layout():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 40, 4, 32, generator=g)
+    k, v = (torch.randn(1, 40, 2, 32, generator=g) for _ in range(2))
+    op = attngen.compile("llama", backend="triton", layout="bthd")
+    out = op(*(x.to(DEVICE) for x in (q, k, v)), scale=0.05)
+    qh, kh, vh = (x.transpose(1, 2).double() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(rotate_half_rope(qh), rotate_half_rope(kh), vh, is_causal=True,
+                                         enable_gqa=True, scale=0.05).transpose(1, 2)
+    assert_close("o", out, ref, 1e-4)
+
+
+@pytest.mark.parametrize("name", ["softmax", "alibi", "forgetting"])
+def test_grouped_heads_equal_repeated_kv_heads(name):
+    spec = attngen.load_spec(name)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 45, 16, generator=g)
+    k, v = (torch.randn(2, 2, 45, 16, generator=g) for _ in range(2))
+    extra = {"g": F.logsigmoid(torch.randn(2, 6, 45, generator=g)).to(DEVICE)} if spec.gates else {}
+    extra |= {n: p.float().to(DEVICE) for n, p in default_parameters(spec, 6, torch.float64, head_dim=16).items()}
+    mod = loader.load_module(pipeline.plan(spec, target="triton", force="quadratic"))
+    fn = getattr(mod, f"{name}_attention")
+    do = torch.randn(2, 6, 45, 16, generator=g).to(DEVICE)
+    out, got = grads(lambda q, k, v: fn(q, k, v, **extra), [x.to(DEVICE) for x in (q, k, v)], do)
+    ref, want = grads(lambda q, k, v: fn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), **extra),
+                      [x.to(DEVICE) for x in (q, k, v)], do)
+    assert_close("o", out, ref, 1e-5)
+    for nm, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(nm, a, w, 1e-5)
+
+
+def test_refusals_with_reasons():
+    q = torch.randn(1, 4, 20, 24, device=DEVICE)
+    op = attngen.compile("llama", backend="triton")
+    with pytest.raises(attngen.InputError, match=r"head dim that is a power of two >= 16 \(found 24\)"):
+        op(q, q, q)
+    lin = attngen.compile("linear_elu", backend="triton", plan="linear")
+    with pytest.raises(attngen.InputError, match=r"grouped KV heads .* quadratic kernels only"):
+        lin(torch.randn(1, 4, 20, 16, device=DEVICE), *(torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(2)))
+    rope_linear = {"name": "rr", "similarity": "dot(q, k) / sqrt(d)", "reweight": "gamma**(i - j)", "rotary": True,
+                   "constants": {"gamma": "0.9"}}
+    plan = pipeline.plan(rope_linear, target="triton")
+    assert plan.capabilities.kernels == (Ordering.QUADRATIC,)
+    assert "not the linear ordering (rotary positions are applied by the quadratic Triton kernels only" \
+        in plan.explain()
