@@ -152,7 +152,7 @@ def _generated_orderings(x: Draft) -> Draft:
     generate for it (each refusal said, e.g. the quadratic kernels apply a gate to a softmax score only)."""
     spec = x.spec
     if not (spec.gates or spec.rotary is not None) or x.available is None or x.generator is None \
-            or x.target != x.generator.name:
+            or x.target != x.generator.name or x.force is not None:
         return x
     available = set(x.available)
 
