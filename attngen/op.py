@@ -121,6 +121,12 @@ class AttentionOp:
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
+        elif backend == "triton" and bounds is not None and not stateful and not plan.linear_terms:
+            # packed sequences of a quadratic-only module (no recurrent state): one call per sequence, each from
+            # position 0 (its gate's cumulative sum and its rotary positions restart)
+            o = torch.cat([self._run_triton(plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b],
+                                            values | {n: x[:, :, a:b] for n, x in gates.items()}, None, False, None)
+                           for a, b in zip(bounds[:-1], bounds[1:])], 2)
         elif backend == "triton":
             out = self._run_triton(plan, qh, kh, vh, values | gates, initial_state, return_state, cu_seqlens)
             o, state = out if return_state else (out, None)

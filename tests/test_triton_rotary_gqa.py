@@ -104,3 +104,21 @@ def test_refusals_with_reasons():
     assert plan.capabilities.kernels == (Ordering.QUADRATIC,)
     assert "not the linear ordering (rotary positions are applied by the quadratic Triton kernels only" \
         in plan.explain()
+
+
+@pytest.mark.parametrize("name", ["llama", "forgetting"])
+def test_packed_sequences_of_quadratic_modules_run_one_by_one(name):
+    """cu_seqlens through attngen.compile: each sequence from position 0 (rotary) with its own G (gates)."""
+    spec = attngen.load_spec(name)
+    lengths = [13, 1, 40]
+    cu = torch.tensor([0, 13, 14, 54])
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 4, 54, 16, generator=g) for _ in range(3))
+    extra = {"g": F.logsigmoid(torch.randn(1, 4, 54, generator=g))} if spec.gates else {}
+    op = attngen.compile(spec, backend="triton")
+    out = op(*(x.to(DEVICE) for x in (q, k, v)), cu_seqlens=cu.to(DEVICE), **{n: x.to(DEVICE) for n, x in extra.items()})
+    ref = attngen.reference(spec)
+    pieces = [ref(q[:, :, a:b].double(), k[:, :, a:b].double(), v[:, :, a:b].double(),
+                  **{n: x[:, :, a:b].double() for n, x in extra.items()}) for a, b in zip(cu[:-1], cu[1:])]
+    assert sum(lengths) == 54
+    assert_close("o", out, torch.cat(pieces, 2), 1e-4)
