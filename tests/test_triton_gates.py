@@ -25,10 +25,18 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 D = 16
 
 
-def module():
-    spec = attngen.load_spec("simple_gla")
+LINEAR = ("simple_gla", "gla")  # a gate per head; per head and key dimension
+
+
+def module(name="simple_gla"):
+    spec = attngen.load_spec(name)
     mod = loader.load_module(build_plan(spec, target="triton"))
-    return spec, mod, mod.simple_gla_attention, mod.simple_gla_step
+    return spec, mod, getattr(mod, f"{name}_attention"), getattr(mod, f"{name}_step")
+
+
+def gate_of(spec, g, *shape, shift=2.0):
+    """A gate for q of ``shape`` (the layout's first three dims, + Dk for a per-dimension gate)."""
+    return gate(g, *shape, *((D,) if spec.gate.per == "key_dim" else ()), shift=shift)
 
 
 def poisoned(mod, monkeypatch):
@@ -46,9 +54,9 @@ def gate(g, *shape, shift=2.0):
     return F.logsigmoid(shift + torch.randn(*shape, generator=g, dtype=torch.float64))
 
 
-def gold(q, k, v, g, s0=None, pos=None):
+def gold(name, q, k, v, g, s0=None, pos=None):
     """float64 oracle: the torch backend's recurrent ordering (the definition, token by token)."""
-    op = attngen.compile("simple_gla", backend="torch", plan="recurrent")
+    op = attngen.compile(name, backend="torch", plan="recurrent")
     if s0 is None:
         return op(q, k, v, g=g, return_state=True)
     return op(q, k, v, g=g, return_state=True, initial_state=State(s0, None, pos, op.spec.hash))
@@ -61,14 +69,15 @@ def test_the_module_holds_the_linear_ordering_only_and_names_the_gate():
     assert "g: the gate, log decays <= 0" in fn.__doc__
 
 
+@pytest.mark.parametrize("name", LINEAR)
 @pytest.mark.parametrize("t", [1, 63, 200])
-def test_forward_and_every_gradient_with_states(t, monkeypatch):
-    spec, mod, fn, _ = module()
+def test_forward_and_every_gradient_with_states(name, t, monkeypatch):
+    spec, mod, fn, _ = module(name)
     poisoned(mod, monkeypatch)
     b, h = 2, 2
     g = torch.Generator().manual_seed(t)
     q, k, v = (rand(g, b, h, t, D) for _ in range(3))
-    gt = gate(g, b, h, t)
+    gt = gate_of(spec, g, b, h, t)
     s0 = 0.3 * rand(g, b, h, D, D)
     pos0 = torch.tensor([3, 11])
     leaves = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v, gt, s0)]
@@ -76,7 +85,7 @@ def test_forward_and_every_gradient_with_states(t, monkeypatch):
                           return_state=True)
     assert zt is None and pos.tolist() == [3 + t, 11 + t]
     gl = [x.clone().requires_grad_() for x in (q, k, v, gt, s0)]
-    go, gs = gold(*gl[:4], s0=gl[4], pos=pos0)
+    go, gs = gold(name, *gl[:4], s0=gl[4], pos=pos0)
     assert_close("o", o, go, 1e-4)
     assert_close("final S", st, gs.S, 1e-4)
     do, dst = rand(g, *go.shape), rand(g, *gs.S.shape)
@@ -86,10 +95,11 @@ def test_forward_and_every_gradient_with_states(t, monkeypatch):
         assert_close(name, a, w, 1e-4)
 
 
+@pytest.mark.parametrize("name", LINEAR)
 @pytest.mark.parametrize("layout", ["bhtd", "bthd"])
-def test_packed_sequences_equal_each_alone(layout, monkeypatch):
+def test_packed_sequences_equal_each_alone(name, layout, monkeypatch):
     """cu_seqlens: G restarts with each sequence, and so does the reverse cumulative sum of dg."""
-    spec, mod, fn, _ = module()
+    spec, mod, fn, _ = module(name)
     poisoned(mod, monkeypatch)
     lengths = (1, 5, 64, 70)
     h, total = 2, sum(lengths)
@@ -98,7 +108,7 @@ def test_packed_sequences_equal_each_alone(layout, monkeypatch):
     axis = 1 if layout == "bthd" else 2
     shape = (1, total, h, D) if layout == "bthd" else (1, h, total, D)
     xs = [rand(g, *shape).float().to(DEVICE).requires_grad_() for _ in range(3)]
-    gt = gate(g, *shape[:3]).float().to(DEVICE).requires_grad_()
+    gt = gate_of(spec, g, *shape[:3]).float().to(DEVICE).requires_grad_()
     s0 = (0.2 * rand(g, len(lengths), h, D, D)).float().to(DEVICE).requires_grad_()
     pos0 = torch.tensor([0, 7, 3, 100], device=DEVICE)
     o, (st, _, _) = fn(*xs, g=gt, initial_state=(s0, None, pos0), return_state=True, cu_seqlens=cu, layout=layout)
@@ -125,12 +135,13 @@ def test_packed_sequences_equal_each_alone(layout, monkeypatch):
         assert_close(name, a, w, 1e-5)
 
 
-def test_prefill_then_steps_equal_the_forward():
-    spec, mod, fn, step = module()
+@pytest.mark.parametrize("name", LINEAR)
+def test_prefill_then_steps_equal_the_forward(name):
+    spec, mod, fn, step = module(name)
     g = torch.Generator().manual_seed(9)
     b, h, t, n0 = 2, 2, 40, 29
     q, k, v = (rand(g, b, h, t, D).float().to(DEVICE) for _ in range(3))
-    gt = gate(g, b, h, t).float().to(DEVICE)
+    gt = gate_of(spec, g, b, h, t).float().to(DEVICE)
     full = fn(q, k, v, g=gt)
     o, (S, z, pos) = fn(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], g=gt[:, :, :n0], return_state=True)
     outs = [o]
@@ -139,7 +150,7 @@ def test_prefill_then_steps_equal_the_forward():
         outs.append(o)
     assert_close("steps", torch.cat(outs, 2), full, 1e-5)
     # and through attngen.compile's op.step
-    op = attngen.compile("simple_gla", backend="triton")
+    op = attngen.compile(name, backend="triton")
     o, state = op(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], g=gt[:, :, :n0], return_state=True)
     outs = [o]
     for j in range(n0, t):
@@ -194,8 +205,27 @@ def test_gate_errors_in_the_module():
         fn(q, q, q, g=torch.ones(1, 2, 5, device=DEVICE))
 
 
+def test_gla_against_fla_naive_recurrent_gla():
+    fla = pytest.importorskip("fla.ops.gla.naive", reason="fla-core is a test extra")
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (rand(g, 2, 70, 3, D).float() for _ in range(3))
+    gt = gate(g, 2, 70, 3, D).float()
+    op = attngen.compile("gla", backend="triton", layout="bthd")
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v, gt)]
+    o = op(*leaves[:3], g=leaves[3])
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    theirs = [x.clone().requires_grad_() for x in (q, k, v, gt)]
+    ro = fla.naive_recurrent_gla(*theirs)[0]
+    want = torch.autograd.grad((ro * do.cpu()).sum(), theirs)
+    assert rel_rms(o.cpu(), ro) < 1e-5
+    for a, w in zip(got, want):
+        assert rel_rms(a.cpu(), w) < 2e-5
+
+
 def test_other_gates_are_refused_by_the_triton_templates_with_a_reason():
-    for source, pattern in (("gla", r"a per-key-dimension gate is not generated by the Triton templates yet"),
+    two_blocks = {"name": "x", "similarity": "dot(q, k)", "reweight": "cos(i - j)", "gates": {"g": "key_dim"}}
+    for source, pattern in ((two_blocks, r"a per-key-dimension gate over several feature blocks is not generated"),
                             # the linear kernels refuse these first; then the quadratic ones say why not either
                             ({"name": "x", "similarity": "dot(q, k)", "gates": {"g": "head"},
                               "normalize": "rowsum"}, r"add a per-head gate's G_i - G_j to a softmax score only"),

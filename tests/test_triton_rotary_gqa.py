@@ -116,7 +116,8 @@ def test_packed_sequences_of_quadratic_modules_run_one_by_one(name):
     q, k, v = (torch.randn(1, 4, 54, 16, generator=g) for _ in range(3))
     extra = {"g": F.logsigmoid(torch.randn(1, 4, 54, generator=g))} if spec.gates else {}
     op = attngen.compile(spec, backend="triton")
-    out = op(*(x.to(DEVICE) for x in (q, k, v)), cu_seqlens=cu.to(DEVICE), **{n: x.to(DEVICE) for n, x in extra.items()})
+    out = op(*(x.to(DEVICE) for x in (q, k, v)), cu_seqlens=cu.to(DEVICE),
+             **{n: x.to(DEVICE) for n, x in extra.items()})
     ref = attngen.reference(spec)
     pieces = [ref(q[:, :, a:b].double(), k[:, :, a:b].double(), v[:, :, a:b].double(),
                   **{n: x[:, :, a:b].double() for n, x in extra.items()}) for a, b in zip(cu[:-1], cu[1:])]

@@ -57,7 +57,9 @@ def linear_slots(plan: Plan) -> dict:
         "decay": _decay(plan, names, params),
         # a per-head gate: the chunk-parallel scan's per-token weights (linear_chunked.py.j2), no fused kernels
         "gate": spec.gate.name if spec.gate is not None else None,
-        "weights": "gamma" if plan.reweight.decay is not None else "gate" if spec.gate is not None else None,
+        "weights": "gamma" if plan.reweight.decay is not None else None if spec.gate is None
+        else "dim" if spec.gate.per == "key_dim" else "gate",
+        "gate_dim": spec.gate is not None and spec.gate.per == "key_dim",
         "scan_arg": "gam, " if plan.reweight.decay is not None else "gt, " if spec.gate is not None else "",
         "max_power_dim": POWER_MAX_HEAD_DIM if any(lt.feature.power == 2 for lt in plan.linear_terms) else None,
         # a causal module with tensor-power features has no fused forward scan: its [BT, BK * BK] feature tiles
@@ -103,7 +105,8 @@ def check_linear(plan: Plan):
                         "would rotate each chunk's rows by their positions: not generated yet); use backend='torch'")
     gate = spec.gate
     if gate is not None:
-        why = ("a per-key-dimension gate" if gate.per == "key_dim" else
+        one_block = len(plan.linear_terms) == 1 and plan.linear_terms[0].feature.power == 1
+        why = ("a per-key-dimension gate over several feature blocks" if gate.per == "key_dim" and not one_block else
                "a gate with a decay reweighting" if plan.reweight.kind is ReweightClass.DECAY else
                "a gate with a row-sum normalisation" if plan.normalize.kind != "none" else "")
         if why:

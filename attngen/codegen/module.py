@@ -92,7 +92,8 @@ def fill_slots(m: Module) -> Module:
         "params": param_slots(spec),
         "regenerate": 'attngen build (attngen.pipeline.lower(attngen.pipeline.plan(spec, target="triton")))',
         "linear": Ordering.LINEAR in orderings, "quadratic": Ordering.QUADRATIC in orderings,
-        "gate": spec.gate.name if spec.gate is not None else None,  # a per-head gate's keyword
+        "gate": spec.gate.name if spec.gate is not None else None,  # a gate's keyword
+        "gate_dim": spec.gate is not None and spec.gate.per == "key_dim",
         "theta": spec.rotary.theta if spec.rotary is not None else None,  # rotary positions (quadratic kernels)
     }
     if Ordering.LINEAR in orderings:

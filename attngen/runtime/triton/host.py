@@ -106,7 +106,8 @@ class Module:
     quadratic: Optional[Quadratic] = None
     crossover: Optional[float] = None
     max_length: object = None  # the spec's max_length (positions 0 .. max_length - 1): an int, f(n_q, n_k) or None
-    gate: Optional[str] = None  # the keyword of a per-head gate (log decays [B, H, T]): an input of every call
+    gate: Optional[str] = None  # the keyword of a gate (log decays [B, H, T]): an input of every call
+    gate_dim: bool = False  # the gate is per key dimension ([B, H, T, Dk], GLA)
     rotary: Optional[float] = None  # theta of rotary positions (RoPE, rotate-half pairs), applied in the kernels
 
     def limit(self, n_q, n_k):
@@ -305,7 +306,7 @@ def _gate(m: Module, values, shape, layout, like):
     if value is None:
         raise InputError(f"{m.spec}: missing the gate {m.gate}= (log decays <= 0, [B, H, T] for layout 'bhtd', "
                          "[B, T, H] for 'bthd')")
-    g = validate.gate(m.gate, value, per_dim=False, shape=shape, layout=layout, like=like, spec=m.spec)
+    g = validate.gate(m.gate, value, per_dim=m.gate_dim, shape=shape, layout=layout, like=like, spec=m.spec)
     return [g.to(torch.float32).contiguous()]
 
 
@@ -402,8 +403,8 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     bk = max(16, triton.next_power_of_2(dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
-    if rows >= 256:  # tensor-power features: [BT, BK * BK] tiles
-        bt = 16
+    if rows >= 256 or m.gate_dim:  # tensor-power features: [BT, BK * BK] tiles; a gate per key dimension: the
+        bt = 16  # chunk's pairs weigh each dimension, [BT, BT, BK]
     elif bk > 64:
         bt = min(bt, 16 if dtype == torch.float16 else 32)
     fit = 1 << max(4, (STATE_BUDGET // rows).bit_length() - 1)  # the largest power of two <= budget / rows, >= 16
@@ -863,7 +864,8 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     m.linear.chunked.dh[(NV, n * H)](
         qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gate, *_params_f32(params),
         *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
-    dbig = torch.zeros((B, H, T), dtype=torch.float32, device=like.device)  # dL/dG_t, the V blocks added atomically
+    # dL/dG_t ([B, H, T, K] per key dimension), the V blocks added atomically
+    dbig = torch.zeros((B, H, T, K) if m.gate_dim else (B, H, T), dtype=torch.float32, device=like.device)
     dpar = [_empty((NV * NC * H,), like, torch.float32) for _ in params]
     m.linear.chunked.dqkv[(NV, NC, H)](
         qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gate, dbig,
@@ -873,16 +875,21 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
         if buf is not None:
             out.copy_(buf.sum(0))
     ends = torch.full((n,), T, dtype=torch.int64, device=like.device) if cu is None else cu[1:].long()
+    if m.gate_dim:  # T last, so that one code path serves both
+        dbig = dbig.transpose(-1, -2)
     if use_dst:  # the final state reads every G up to the sequence's last token
-        final = (dst.float() * s_t).sum((-1, -2))  # [N, H]
+        final = (dst.float() * s_t).sum(-1)  # [N, H, F]
+        final = final if m.gate_dim else final.sum(-1)
         rows = torch.arange(n, device=like.device) if cu is None else torch.zeros(n, dtype=torch.long,
                                                                                       device=like.device)
-        dbig[rows, :, ends - 1] += final
+        dbig[rows, ..., ends - 1] += final
     rev = dbig.flip(-1).cumsum(-1).flip(-1)  # sum over t >= s
     if cu is not None:  # within each packed sequence: subtract what the later sequences added
         nxt = torch.cat([rev, torch.zeros_like(rev[..., :1])], -1)
         seq = torch.searchsorted(cu[1:].long(), torch.arange(T, device=like.device), right=True)
         rev = rev - nxt[..., ends[seq]]
+    if m.gate_dim:
+        rev = rev.transpose(-1, -2)
     dparams = [(d.view(-1, H).sum(0) if p.dim() == 1 else d.sum()).to(p.dtype) for d, p in zip(dpar, params)]
     return [dq, dk, dv, *dparams, rev.to(gate.dtype), *([ds0] if state else [])]
 
