@@ -279,7 +279,7 @@ def _names(text: str, name: str) -> list:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("specs", nargs=-1)
-@click.option("--all", "all_specs", is_flag=True, help="All built-in specs (both modes: 18 modules).")
+@click.option("--all", "all_specs", is_flag=True, help="All built-in specs (both modes; the gated ones causal only).")
 @click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both", show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
 @click.option("--arch", "archs", default="sm_90,sm_80", show_default=True, help="Comma-separated GPU archs.")

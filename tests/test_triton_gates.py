@@ -280,3 +280,44 @@ def test_forgetting_against_fla_naive():
     assert rel_rms(o.cpu(), ro) < 1e-5
     for a, w in zip(got, want):
         assert rel_rms(a.cpu(), w) < 2e-5
+
+
+@pytest.mark.parametrize("name", [*LINEAR, "forgetting"])
+@pytest.mark.parametrize("t", [1, 63, 200])
+def test_fp16_against_the_reference(name, t):
+    """fp16 inputs (fp32 states and sums inside): output and every gradient within 5e-3 of the float64 reference
+    (relative RMS), as the main job holds fp16 kernels (attngen.verify.TRITON_TOLERANCE)."""
+    spec = attngen.load_spec(name)
+    g = torch.Generator().manual_seed(40 + t)
+    q, k, v = (rand(g, 2, 2, t, D) for _ in range(3))
+    gt = gate_of(spec, g, 2, 2, t, shift=0.0 if name == "forgetting" else 2.0)
+    op = attngen.compile(spec, backend="triton")
+    leaves = [*(x.half().to(DEVICE).requires_grad_() for x in (q, k, v)), gt.float().to(DEVICE).requires_grad_()]
+    o = op(*leaves[:3], g=leaves[3])
+    do = rand(g, *o.shape)
+    got = torch.autograd.grad((o.float() * do.float().to(DEVICE)).sum(), leaves)
+    gl = [x.clone().requires_grad_() for x in (q, k, v, gt)]
+    ro = attngen.reference(spec)(*gl[:3], g=gl[3])
+    want = torch.autograd.grad((ro * do).sum(), gl)
+    assert rel_rms(o.double().cpu(), ro) < 5e-3
+    for name_, a, w in zip(["dq", "dk", "dv", "dg"], got, want):
+        assert rel_rms(a.double().cpu(), w) < 5e-3, name_
+
+
+@pytest.mark.slow
+def test_simple_gla_16k_fp32_is_finite_and_matches_float64():
+    """T = 16384 with g ~ log(0.95): the chunk-local weights keep every exponent <= 0 (exp(-G_j) alone would be
+    e**840); against the float64 recurrent ordering of the torch backend."""
+    t = 16384
+    g = torch.Generator().manual_seed(50)
+    q, k, v = (rand(g, 1, 1, t, D) for _ in range(3))
+    gt = (torch.full((1, 1, t), -0.0513, dtype=torch.float64) - 0.01 * torch.rand(1, 1, t, generator=g,
+                                                                                  dtype=torch.float64))
+    op = attngen.compile("simple_gla", backend="triton")
+    leaves = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v, gt)]
+    o = op(*leaves[:3], g=leaves[3])
+    got = torch.autograd.grad(o.sum(), leaves)
+    assert all(bool(torch.isfinite(x).all()) for x in (o, *got))
+    with torch.no_grad():
+        ref = attngen.compile("simple_gla", backend="torch", plan="recurrent")(q, k, v, g=gt)
+    assert rel_rms(o.double().cpu(), ref) < 1e-5

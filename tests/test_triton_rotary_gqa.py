@@ -116,10 +116,16 @@ def test_packed_sequences_of_quadratic_modules_run_one_by_one(name):
     q, k, v = (torch.randn(1, 4, 54, 16, generator=g) for _ in range(3))
     extra = {"g": F.logsigmoid(torch.randn(1, 4, 54, generator=g))} if spec.gates else {}
     op = attngen.compile(spec, backend="triton")
-    out = op(*(x.to(DEVICE) for x in (q, k, v)), cu_seqlens=cu.to(DEVICE),
-             **{n: x.to(DEVICE) for n, x in extra.items()})
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v, *extra.values())]
+    out = op(*leaves[:3], cu_seqlens=cu.to(DEVICE), **dict(zip(extra, leaves[3:])))
+    do = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * do.to(DEVICE)).sum(), leaves)
     ref = attngen.reference(spec)
-    pieces = [ref(q[:, :, a:b].double(), k[:, :, a:b].double(), v[:, :, a:b].double(),
-                  **{n: x[:, :, a:b].double() for n, x in extra.items()}) for a, b in zip(cu[:-1], cu[1:])]
+    gold = [x.double().requires_grad_() for x in (q, k, v, *extra.values())]
+    pieces = [ref(*(x[:, :, a:b] for x in gold[:3]), **{n: x[:, :, a:b] for n, x in zip(extra, gold[3:])})
+              for a, b in zip(cu[:-1], cu[1:])]
+    want = torch.autograd.grad((torch.cat(pieces, 2) * do.double()).sum(), gold)
     assert sum(lengths) == 54
     assert_close("o", out, torch.cat(pieces, 2), 1e-4)
+    for name_, a, w in zip(["dq", "dk", "dv", "dg"], got, want):
+        assert_close(name_, a, w, 1e-4)
