@@ -295,9 +295,13 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
         out = {p.name: torch.full((HEADS,) if p.per_head else (),
                                   0.5 if p.default is None else p.default(d) if callable(p.default) else p.default,
                                   requires_grad=grad) for p in m.params}
-        if m.gate is not None:  # log decays <= 0, [B, H, T]
-            out[m.gate] = torch.nn.functional.logsigmoid(rand(b, HEADS, t, grad=False)).requires_grad_(grad)
+        if m.gate is not None:  # log decays <= 0, [B, H, T] (per key dimension: [B, H, T, Dk])
+            shape = (b, HEADS, t) + ((dk_of(d),) if m.gate_dim else ())
+            out[m.gate] = torch.nn.functional.logsigmoid(rand(*shape, grad=False)).requires_grad_(grad)
         return out
+
+    def dk_of(d):
+        return d if m.linear is None or m.linear.max_power_dim is None else min(d, m.linear.max_power_dim)
 
     def backward(*outs):
         sum(o.float().sum() for o in outs if o is not None).backward()
@@ -365,7 +369,7 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
                     # two query and two key blocks: a table width of 2 (a width of 1 would be specialised)
                     table = torch.arange(2).expand(1, HEADS, 2, 2).contiguous()
                     call(f"block_sparse{block}",
-                         lambda: backward(sparse(*qkv(t=2 * block), table, block, **params())))
+                         lambda: backward(sparse(*qkv(t=2 * block), table, block, **params(t=2 * block))))
     return dict(kernels=list(kernels), launches=launches, errors=errors)
 
 
