@@ -390,6 +390,6 @@ def test_scale_default_declared_and_per_call():
         attngen.compile("softmax", backend="torch")(q, k, v, scale=0.3)
 
 
-def test_triton_refuses_rotary_in_the_linear_kernels_with_a_reason():
-    with pytest.raises(attngen.PlanError, match=r"rotary positions are applied by the quadratic Triton kernels only"):
-        attngen.compile(ROPE_ELU, backend="triton", plan="linear")
+def test_triton_refuses_rotary_in_the_bidirectional_linear_kernels_with_a_reason():
+    with pytest.raises(attngen.PlanError, match=r"rotary positions are applied by the quadratic and the causal"):
+        attngen.compile(attngen.load_spec(ROPE_ELU, causal=False), backend="triton", plan="linear")

@@ -95,15 +95,14 @@ def test_refusals_with_reasons():
     op = attngen.compile("llama", backend="triton")
     with pytest.raises(attngen.InputError, match=r"head dim that is a power of two >= 16 \(found 24\)"):
         op(q, q, q)
-    lin = attngen.compile("linear_elu", backend="triton", plan="linear")
-    with pytest.raises(attngen.InputError, match=r"grouped KV heads .* quadratic kernels only"):
+    lin = attngen.compile(attngen.load_spec("linear_elu", causal=False), backend="triton", plan="linear")
+    with pytest.raises(attngen.InputError, match=r"grouped KV heads .* not by the bidirectional linear ones"):
         lin(torch.randn(1, 4, 20, 16, device=DEVICE), *(torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(2)))
-    rope_linear = {"name": "rr", "similarity": "dot(q, k) / sqrt(d)", "reweight": "gamma**(i - j)", "rotary": True,
-                   "constants": {"gamma": "0.9"}}
-    plan = pipeline.plan(rope_linear, target="triton")
+    rope_bidirectional = {"name": "rr", "similarity": "dot(q, k) / sqrt(d)", "reweight": "gamma**abs(i - j)",
+                          "rotary": True, "constants": {"gamma": "0.9"}, "causal": False}
+    plan = pipeline.plan(rope_bidirectional, target="triton")
     assert plan.capabilities.kernels == (Ordering.QUADRATIC,)
-    assert "not the linear ordering (rotary positions are applied by the quadratic Triton kernels only" \
-        in plan.explain()
+    assert "not the linear ordering (rotary positions are applied by the quadratic and the causal" in plan.explain()
 
 
 @pytest.mark.parametrize("name", ["llama", "forgetting"])
@@ -129,3 +128,85 @@ def test_packed_sequences_of_quadratic_modules_run_one_by_one(name):
     assert_close("o", out, torch.cat(pieces, 2), 1e-4)
     for name_, a, w in zip(["dq", "dk", "dv", "dg"], got, want):
         assert_close(name_, a, w, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the causal linear kernels (chunk-parallel): rotary positions from each sequence's start or state, grouped heads
+# ---------------------------------------------------------------------------------------------------------------
+ROPE_RETENTION = {"name": "rope_retention", "similarity": "dot(q, k) / sqrt(d)", "reweight": "gamma**(i - j)",
+                  "rotary": {"theta": 10000}, "normalize": "none", "constants": {"gamma": "1 - 2**(-5 - h)"}}
+ROPE_ELU = {"name": "rope_elu", "similarity": "dot(elu(q) + 1, elu(k) + 1)", "rotary": True,
+            "normalize": {"kind": "rowsum", "eps": 1e-6}}
+LINEAR_CASES = {"rope_retention": (ROPE_RETENTION, 4), "rope_elu": (ROPE_ELU, 4), "linear_elu_gqa": ("linear_elu", 2),
+                "retention_gqa": ("retention", 2), "simple_gla_gqa": ("simple_gla", 2), "gla_gqa": ("gla", 1),
+                "rope_elu_gqa": (ROPE_ELU, 2)}
+
+
+def linear_inputs(spec, hkv, t, g, b=2, h=4, d=16):
+    q = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64) for _ in range(2))
+    extra = {}
+    if spec.gate is not None:
+        shape = (b, h, t) + ((d,) if spec.gate.per == "key_dim" else ())
+        extra["g"] = F.logsigmoid(2 + torch.randn(shape, generator=g, dtype=torch.float64))
+    return q, k, v, extra
+
+
+def repeated(spec, groups):
+    ref = attngen.reference(spec)
+    return lambda q, k, v, **kw: ref(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), **kw)
+
+
+@pytest.mark.parametrize("key", sorted(LINEAR_CASES))
+@pytest.mark.parametrize("t", [1, 63, 150])
+def test_linear_kernels_against_the_reference(key, t):
+    source, hkv = LINEAR_CASES[key]
+    spec = attngen.load_spec(source)
+    g = torch.Generator().manual_seed(t)
+    q, k, v, extra = linear_inputs(spec, hkv, t, g)
+    op = attngen.compile(spec, backend="triton", plan="linear")
+    names = ["q", "k", "v", *extra]
+    leaves = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v, *extra.values())]
+    o = op(*leaves[:3], **dict(zip(extra, leaves[3:])))
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((o * do.float().to(DEVICE)).sum(), leaves)
+    gold = [x.clone().requires_grad_() for x in (q, k, v, *extra.values())]
+    ro = repeated(spec, 4 // hkv)(*gold[:3], **dict(zip(extra, gold[3:])))
+    want = torch.autograd.grad((ro * do).sum(), gold)
+    assert_close("o", o, ro, 1e-4)
+    for name, a, w in zip(names, got, want):
+        assert a.shape == w.shape
+        assert_close("d" + name, a, w, 1e-4)
+
+
+@pytest.mark.parametrize("key", ["rope_retention", "rope_elu", "simple_gla_gqa", "rope_elu_gqa"])
+def test_linear_kernels_prefill_packed_states_and_steps(key):
+    """A packed prefill with initial states at other positions, then decode steps: rotary positions continue from
+    each sequence's pos; against the torch backend (itself checked against the reference) on the same calls."""
+    source, hkv = LINEAR_CASES[key]
+    spec = attngen.load_spec(source)
+    g = torch.Generator().manual_seed(70)
+    lengths = [5, 40, 23]
+    cu = torch.tensor([0, 5, 45, 68])
+    q, k, v, extra = linear_inputs(spec, hkv, 68, g, b=1)
+    ops = {b: attngen.compile(spec, backend=b) for b in ("triton", "torch")}
+    dev = {"triton": DEVICE, "torch": "cpu"}
+    outs = {}
+    for b, op in ops.items():
+        state = op.init_state(3, 4, 16, 16, device=dev[b])
+        state.pos = torch.tensor([0, 7, 100], device=dev[b])
+        x = [t.float().to(dev[b]) for t in (q, k, v)]
+        ex = {n: t.float().to(dev[b]) for n, t in extra.items()}
+        o, state = op(*x, cu_seqlens=cu.to(dev[b]), initial_state=state, return_state=True, **ex)
+        steps = []
+        for j in range(3):  # one more token per sequence
+            qt = torch.randn(3, 4, 1, 16, generator=torch.Generator().manual_seed(j))
+            kt, vt = (torch.randn(3, hkv, 1, 16, generator=torch.Generator().manual_seed(10 + j)) for _ in range(2))
+            gt = {n: F.logsigmoid(torch.randn(3, 4, 1, *x_.shape[3:], generator=torch.Generator().manual_seed(j)))
+                  for n, x_ in extra.items()}
+            ot, state = op.step(qt.to(dev[b]), kt.to(dev[b]), vt.to(dev[b]), state,
+                                **{n: t.to(dev[b]) for n, t in gt.items()})
+            steps.append(ot)
+        outs[b] = (o, torch.cat(steps, 2), state.S, state.pos)
+    for name, a, w in zip(["o", "steps", "S", "pos"], outs["triton"], outs["torch"]):
+        assert_close(name, a.float(), w.float(), 1e-4)

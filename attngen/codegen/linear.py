@@ -100,9 +100,9 @@ def check_linear(plan: Plan):
         if plan.reweight.decay.gamma.has(I, J, QE, KE):
             raise PlanError(f"{where}: the decay gamma {sympy.sstr(plan.reweight.decay.gamma)} must not depend "
                             "on i, j, q or k")
-    if spec.rotary is not None:
-        raise PlanError(f"{where}: rotary positions are applied by the quadratic Triton kernels only (the linear ones "
-                        "would rotate each chunk's rows by their positions: not generated yet); use backend='torch'")
+    if spec.rotary is not None and not spec.causal:
+        raise PlanError(f"{where}: rotary positions are applied by the quadratic and the causal (chunk-parallel) "
+                        "linear Triton kernels, not by the bidirectional linear ones yet; use backend='torch'")
     gate = spec.gate
     if gate is not None:
         one_block = len(plan.linear_terms) == 1 and plan.linear_terms[0].feature.power == 1

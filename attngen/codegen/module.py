@@ -94,7 +94,8 @@ def fill_slots(m: Module) -> Module:
         "linear": Ordering.LINEAR in orderings, "quadratic": Ordering.QUADRATIC in orderings,
         "gate": spec.gate.name if spec.gate is not None else None,  # a gate's keyword
         "gate_dim": spec.gate is not None and spec.gate.per == "key_dim",
-        "theta": spec.rotary.theta if spec.rotary is not None else None,  # rotary positions (quadratic kernels)
+        "theta": spec.rotary.theta if spec.rotary is not None else None,  # rotary positions
+        "rotary": spec.rotary is not None,
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

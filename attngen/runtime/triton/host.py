@@ -314,10 +314,10 @@ def _check_linear(m: Module, dk, grouped=False):
     """InputError where the linear kernels cannot run: tensor-power features beyond their head dims, grouped KV
     heads (the quadratic kernels read them in place; the linear ones do not yet)."""
     validate.power_dim(dk, name=m.spec, max_power_dim=m.linear.max_power_dim)
-    if grouped:
-        raise InputError(f"{m.spec}: grouped KV heads (k, v with fewer heads than q) are read by the quadratic "
-                         "kernels only, not by the linear ones yet; use attngen.compile(..., backend='torch'), or "
-                         "repeat k and v per group")
+    if grouped and not m.causal:
+        raise InputError(f"{m.spec}: grouped KV heads (k, v with fewer heads than q) are read by the quadratic and "
+                         "the causal linear kernels, not by the bidirectional linear ones yet; use "
+                         "attngen.compile(..., backend='torch'), or repeat k and v per group")
 
 
 def _refuse_states(m: Module, what):
@@ -426,6 +426,8 @@ def _parallel(m: Module, programs: int, t: int, bt: int) -> bool:
     SCAN says."""
     if SCAN not in ("auto", "fused", "parallel"):
         raise InputError(f"host.SCAN = {SCAN!r}: expected 'auto', 'fused' or 'parallel'")
+    if m.rotary is not None and m.linear.chunked is not None:  # rotary positions: the chunk kernels only
+        return True
     if m.linear.chunked is None or SCAN == "fused":
         return False
     return SCAN == "parallel" or (programs < PARALLEL_PROGRAMS and triton.cdiv(t, bt) >= PARALLEL_CHUNKS)
@@ -456,16 +458,25 @@ def _chunks(n: int, t: int, cu, bt: int, device):
 def _chunk_states(m: Module, kh, vh, params, state, cu, co, n_c, n, store, st, zt, meta, like, gam=()):
     """h [NC, H, F, V] and hz [NC, H, F] (fp32; hz empty without row sums): the state before every chunk; the
     final state into st, zt when ``store``. ``gam``: (gamma [H],) for the decay class, else ()."""
-    H, T, K = kh.shape[1], kh.shape[2], kh.shape[3]
+    H, T, K = like.shape[1], kh.shape[2], kh.shape[3]  # like: q as [B, H, T, K] (k may have fewer heads)
     V, F = vh.shape[3], m.feature_width(K)
     h = _empty((n_c, H, F, V), like, torch.float32)
     hz = _empty((n_c, H, F) if m.normalised else (0,), like, torch.float32)
     s0, z0, pos = _state_args(m, state, like)
     m.linear.chunked.h[(triton.cdiv(V, meta["BV"]), n * H)](
-        kh, vh, s0, z0, pos, cu if cu is not None else _dummy(like), co, h, hz, st, zt, *gam, *_params_f32(params),
-        *_strides(kh, vh), T, H, F, float(T), float(T), float(K), float(H), **meta,
-        USE_S0=bool(state), STORE_ST=store, VARLEN=cu is not None)
+        kh, vh, s0, z0, pos, cu if cu is not None else _dummy(like), co, h, hz, st, zt, *gam,
+        *_rope(m, state, T, K, meta["BK"], like), *_params_f32(params), *_strides(kh, vh), T, H, F, float(T),
+        float(T), float(K), float(H), H // kh.shape[1], **meta, USE_S0=bool(state), STORE_ST=store,
+        VARLEN=cu is not None)
     return h, hz
+
+
+def _rope(m: Module, state, t: int, K: int, BK: int, like):
+    """The rotary tables (cos, sin) of a linear call covering every position it reaches (from the states' pos);
+    () without rotary positions."""
+    if m.rotary is None:
+        return ()
+    return _rotary_tables(m, t + (int(state[-1].max()) if state else 0), K, BK, like)
 
 
 def _partial(n_v, shape, out, like):
@@ -528,7 +539,8 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
-    if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT):
+    if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT) \
+            or kh.shape[1] != H:  # grouped KV heads: the chunk kernels read them
         meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
@@ -551,8 +563,9 @@ def _chunk_fwd(m: Module, qh, kh, vh, oh, den, params, state, cu, n, st, zt, ret
                           meta, qh, gam)
     m.linear.chunked.o[(triton.cdiv(meta["V"], meta["BV"]), NC, H)](
         qh, kh, vh, oh, den, h, hz, _state_args(m, state, qh)[2], cu if cu is not None else _dummy(qh), ci, *gam,
-        *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, m.feature_width(K),
-        float(T), float(kh.shape[2]), float(K), float(H), **meta, USE_S0=bool(state), VARLEN=cu is not None)
+        *_rope(m, state, T, K, meta["BK"], qh), *_params_f32(params), *_strides(qh, kh, vh, oh), T, H,
+        m.feature_width(K), float(T), float(kh.shape[2]), float(K), float(H), H // kh.shape[1], **meta,
+        USE_S0=bool(state), VARLEN=cu is not None)
 
 
 def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
@@ -565,9 +578,9 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
+    groups = H // kh.shape[1]
     dq, dqh = _like_layout(B, H, T, K, q, layout)
-    dk, dkh = _like_layout(B, H, S, K, k, layout)
-    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    dk, dkh, dv, dvh = _kv_grads(B, H, S, K, V, k, v, layout, groups)
     pf = _params_f32(params)
     BT, BK, BV, W = _blocks(m, max(T, S), K, V, q.dtype)
     NV = triton.cdiv(V, BV)
@@ -594,19 +607,21 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         cu_arg = cu if cu is not None else _dummy(q)
         lengths = (T, H, F, float(T), float(S), float(K), float(H))
         flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
-        if _parallel(m, NV * n * H, T, BT):  # the forward's states recomputed, not kept
+        if _parallel(m, NV * n * H, T, BT) or groups > 1:  # the forward's states recomputed, not kept
             ci, co, NC = _chunks(n, T, cu, BT, q.device)
-            h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, False, _dummy(q), _dummy(q), meta, q)
+            h, hz = _chunk_states(m, kh, vh, params, state, cu, co, NC, n, False, _dummy(q), _dummy(q), meta, qh)
             g = _empty((NC, H, F, V), q, torch.float32)
             gz = _empty((NV, NC, H, F) if m.normalised else (0,), q, torch.float32)  # per V block
+            rot = _rope(m, state, T, K, BK, qh)
             m.linear.chunked.dh[(NV, n * H)](
-                qh, doh, den, delta, s_dd, pos, cu_arg, co, g, gz, dst, dzt, ds0, dz0, *pf, *_strides(qh, doh),
+                qh, doh, den, delta, s_dd, pos, cu_arg, co, g, gz, dst, dzt, ds0, dz0, *rot, *pf, *_strides(qh, doh),
                 *lengths, **meta, USE_DST=use_dst, **flags)
             dpar_q = [_empty((NV * NC * H,), q, torch.float32) for _ in params]
             dpar_k = [torch.zeros_like(a) for a in dpar_q]
             m.linear.chunked.dqkv[(NV, NC, H)](
-                qh, kh, vh, doh, den, delta, s_dd, dq_to, dk_to, dvh, h, hz, g, gz, pos, cu_arg, ci, *pf, *dpar_q,
-                *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths, **meta, **flags)
+                qh, kh, vh, doh, den, delta, s_dd, dq_to, dk_to, dvh, h, hz, g, gz, pos, cu_arg, ci, *rot, *pf,
+                *dpar_q, *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths, groups, **meta,
+                **flags)
         else:
             m.linear.bwd_dq[(NV, n * H)](
                 qh, kh, vh, doh, den, delta, s_dd, dq_to, s0, z0, pos, cu_arg, *pf, *dpar_q,
@@ -629,11 +644,34 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
     for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
         if buf is not None:
             out.copy_(buf.sum(0))
+    dk, dv = _group_sum(dk, dkh, k, layout, groups), _group_sum(dv, dvh, v, layout, groups)
     dparams = []
     for p, a, b in zip(params, dpar_q, dpar_k):
         total = (a + b).view(-1, H).sum(0)  # [H]
         dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
     return [dq, dk, dv, *dparams, *dstate]
+
+
+def _kv_grads(B, H, S, K, V, k, v, layout, groups):
+    """dk, its [B, H, S, K] view, dv, its view: in k's and v's layout, or (grouped KV heads) fp32 buffers per
+    query head that _group_sum adds up per group."""
+    if groups > 1:
+        dkh, dvh = (_empty((B, H, S, d), k, torch.float32) for d in (K, V))
+        return None, dkh, None, dvh
+    dk, dkh = _like_layout(B, H, S, K, k, layout)
+    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    return dk, dkh, dv, dvh
+
+
+def _group_sum(out, per_head, x, layout, groups):
+    """The gradient of k or v (``x``): ``out`` itself, or (grouped) the per-query-head buffer summed per group."""
+    if groups == 1:
+        return out
+    B, H, S, D = per_head.shape
+    hk = H // groups
+    res, view = _like_layout(B, hk, S, D, x, layout)
+    view.copy_(per_head.view(B, hk, groups, S, D).sum(2))
+    return res
 
 
 def _step(m: Module, q, k, v, state, params, layout):
@@ -653,8 +691,8 @@ def _step(m: Module, q, k, v, state, params, layout):
     _, BK, BV, W = _blocks(m, 1, K, V, q.dtype)
     m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
-        *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0, 1.0, float(K), float(H),
-        K=K, V=V, BT=1, BK=BK, BV=BV, num_warps=W)
+        *_rope(m, [pos], 1, K, BK, q), *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0,
+        1.0, float(K), float(H), H // kh.shape[1], K=K, V=V, BT=1, BK=BK, BV=BV, num_warps=W)
     return o, s_out, z_out, pos + 1
 
 
@@ -696,7 +734,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     s0, _, pos = _state_args(m, state, q)
     cu_arg = cu if cu is not None else _dummy(q)
     flags = dict(USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
-    if not two_sided and _parallel(m, grid[0] * grid[1], T, BT):
+    if not two_sided and (_parallel(m, grid[0] * grid[1], T, BT) or kh.shape[1] != H):
         _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gam,))
         return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
     # the causal scan (into acc when the anti-causal one follows), then the anti-causal scan adding it
@@ -718,9 +756,9 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
     gam, dlg_dpar = _gamma(m, params, H, T, S, K, q)
+    groups = H // kh.shape[1]
     dq, dqh = _like_layout(B, H, T, K, q, layout)
-    dk, dkh = _like_layout(B, H, S, K, k, layout)
-    dv, dvh = _like_layout(B, H, S, V, v, layout)
+    dk, dkh, dv, dvh = _kv_grads(B, H, S, K, V, k, v, layout, groups)
     pf = _params_f32(params)
     BT, BK, BV, W = _blocks(m, max(T, S), K, V, q.dtype)
     NV = triton.cdiv(V, BV)
@@ -740,7 +778,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
         accv = _empty((B, H, S, V), q, torch.float32)
     else:
         accq, acck, accv = _dummy(q), _dummy(q), _dummy(q)
-    if not decay.two_sided and _parallel(m, NV * n * H, T, BT):
+    if not decay.two_sided and (_parallel(m, NV * n * H, T, BT) or groups > 1):
         scans = ()
         dlg, dpar = _decay_chunk_bwd(m, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn, params, state, cu, dst,
                                      ds0, use_dst, gam, n, meta)
@@ -764,6 +802,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
         if buf is not None:
             out.copy_(buf.sum(0))
+    dk, dv = _group_sum(dk, dkh, k, layout, groups), _group_sum(dv, dvh, v, layout, groups)
     dlg_total = dlg.sum(0).view(-1, H).sum(0)  # [H] dL/dlog(gamma)
     dparams = []
     for i, p in enumerate(params):
@@ -793,15 +832,16 @@ def _decay_chunk_bwd(m: Module, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn
     lengths = (T, H, F, float(T), float(kh.shape[2]), float(K), float(H))
     flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
     none = _dummy(like)
+    rot = _rope(m, state, T, K, meta["BK"], like)
     m.linear.chunked.dh[(NV, n * H)](
-        qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gam, *_params_f32(params),
+        qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gam, *rot, *_params_f32(params),
         *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
     dlg = _empty((1, NV * NC * H), like, torch.float32)
     dpar = [[_empty((NV * NC * H,), like, torch.float32) for _ in params]]
     m.linear.chunked.dqkv[(NV, NC, H)](
-        qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gam, dlg,
+        qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gam, *rot, dlg,
         *_params_f32(params), *dpar[0], *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths,
-        **meta, **flags)
+        H // kh.shape[1], **meta, **flags)
     ends = torch.zeros(H, dtype=torch.float32, device=like.device)
     if state:  # the initial state sits at position -1: its pairs have the distance i + 1, the kernels count i
         ends += (ds0.float() * s0.float()).sum((-1, -2)).sum(0)
@@ -839,9 +879,9 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     qh, kh, vh, doh = (_bhtd(x, layout) for x in (q, k, v, do))
     B, H, T, K = qh.shape
     V, F = vh.shape[3], m.feature_width(K)
+    groups = H // kh.shape[1]
     dq, dqh = _like_layout(B, H, T, K, q, layout)
-    dk, dkh = _like_layout(B, H, T, K, k, layout)
-    dv, dvh = _like_layout(B, H, T, V, v, layout)
+    dk, dkh, dv, dvh = _kv_grads(B, H, T, K, V, k, v, layout, groups)
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n = _sequences(B, cu)
@@ -861,19 +901,21 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     lengths = (T, H, F, float(T), float(T), float(K), float(H))
     flags = dict(USE_S0=bool(state), VARLEN=cu is not None)
     none = _dummy(like)
+    rot = _rope(m, state, T, K, BK, like)
     m.linear.chunked.dh[(NV, n * H)](
-        qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gate, *_params_f32(params),
+        qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gate, *rot, *_params_f32(params),
         *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
     # dL/dG_t ([B, H, T, K] per key dimension), the V blocks added atomically
     dbig = torch.zeros((B, H, T, K) if m.gate_dim else (B, H, T), dtype=torch.float32, device=like.device)
     dpar = [_empty((NV * NC * H,), like, torch.float32) for _ in params]
     m.linear.chunked.dqkv[(NV, NC, H)](
-        qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gate, dbig,
+        qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gate, *rot, dbig,
         *_params_f32(params), *dpar, *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths,
-        **meta, **flags)
+        groups, **meta, **flags)
     for buf, out in ((dq_buf, dqh), (dk_buf, dkh)):
         if buf is not None:
             out.copy_(buf.sum(0))
+    dk, dv = _group_sum(dk, dkh, k, layout, groups), _group_sum(dv, dvh, v, layout, groups)
     ends = torch.full((n,), T, dtype=torch.int64, device=like.device) if cu is None else cu[1:].long()
     if m.gate_dim:  # T last, so that one code path serves both
         dbig = dbig.transpose(-1, -2)
