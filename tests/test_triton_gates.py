@@ -282,7 +282,7 @@ def test_forgetting_against_fla_naive():
         assert rel_rms(a.cpu(), w) < 2e-5
 
 
-@pytest.mark.parametrize("name", [*LINEAR, "forgetting"])
+@pytest.mark.parametrize("name", [*LINEAR, "forgetting", "llama"])
 @pytest.mark.parametrize("t", [1, 63, 200])
 def test_fp16_against_the_reference(name, t):
     """fp16 inputs (fp32 states and sums inside): output and every gradient within 5e-3 of the float64 reference
@@ -290,14 +290,15 @@ def test_fp16_against_the_reference(name, t):
     spec = attngen.load_spec(name)
     g = torch.Generator().manual_seed(40 + t)
     q, k, v = (rand(g, 2, 2, t, D) for _ in range(3))
-    gt = gate_of(spec, g, 2, 2, t, shift=0.0 if name == "forgetting" else 2.0)
+    gates = [gate_of(spec, g, 2, 2, t, shift=0.0 if name == "forgetting" else 2.0)] if spec.gates else []
     op = attngen.compile(spec, backend="triton")
-    leaves = [*(x.half().to(DEVICE).requires_grad_() for x in (q, k, v)), gt.float().to(DEVICE).requires_grad_()]
-    o = op(*leaves[:3], g=leaves[3])
+    leaves = [*(x.half().to(DEVICE).requires_grad_() for x in (q, k, v)),
+              *(x.float().to(DEVICE).requires_grad_() for x in gates)]
+    o = op(*leaves[:3], **dict(zip(spec.gate_names, leaves[3:])))
     do = rand(g, *o.shape)
     got = torch.autograd.grad((o.float() * do.float().to(DEVICE)).sum(), leaves)
-    gl = [x.clone().requires_grad_() for x in (q, k, v, gt)]
-    ro = attngen.reference(spec)(*gl[:3], g=gl[3])
+    gl = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    ro = attngen.reference(spec)(*gl[:3], **dict(zip(spec.gate_names, gl[3:])))
     want = torch.autograd.grad((ro * do).sum(), gl)
     assert rel_rms(o.double().cpu(), ro) < 5e-3
     for name_, a, w in zip(["dq", "dk", "dv", "dg"], got, want):
@@ -321,3 +322,30 @@ def test_simple_gla_16k_fp32_is_finite_and_matches_float64():
     with torch.no_grad():
         ref = attngen.compile("simple_gla", backend="torch", plan="recurrent")(q, k, v, g=gt)
     assert rel_rms(o.double().cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["simple_gla", "gla", "forgetting", "llama"])
+def test_the_per_call_scale_gradient(name, backend):
+    """The per-call scale passed as a tensor that requires grad: its gradient (fp32) against the reference's, with
+    every other gradient, on both backends (grouped heads for llama)."""
+    spec = attngen.load_spec(name)
+    g = torch.Generator().manual_seed(60)
+    hkv = 1 if name == "llama" else 2
+    q = rand(g, 1, 2, 50, D)
+    k, v = (rand(g, 1, hkv, 50, D) for _ in range(2))
+    extra = {"g": gate_of(spec, g, 1, 2, 50, shift=0.0 if name == "forgetting" else 2.0)} if spec.gates else {}
+    dev = DEVICE if backend == "triton" else "cpu"
+    op = attngen.compile(spec, backend=backend)
+    leaves = [x.float().to(dev).requires_grad_() for x in (q, k, v, *extra.values())]
+    scale = torch.tensor(0.3, device=dev, requires_grad=True)
+    o = op(*leaves[:3], scale=scale, **dict(zip(extra, leaves[3:])))
+    do = rand(g, *o.shape)
+    got = torch.autograd.grad((o * do.float().to(dev)).sum(), [*leaves, scale])
+    gold = [x.clone().requires_grad_() for x in (q, k, v, *extra.values())]
+    rs = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    ro = attngen.reference(spec)(*gold[:3], scale=rs, **dict(zip(extra, gold[3:])))
+    want = torch.autograd.grad((ro * do).sum(), [*gold, rs])
+    assert_close("o", o, ro, 1e-4)
+    for n_, a, w in zip(["dq", "dk", "dv", *("d" + n for n in extra), "dscale"], got, want):
+        assert_close(n_, a.reshape(w.shape), w, 1e-4)
