@@ -410,6 +410,8 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     fit = 1 << max(4, (STATE_BUDGET // rows).bit_length() - 1)  # the largest power of two <= budget / rows, >= 16
     bv = min(64, fit, max(16, triton.next_power_of_2(dv)))
     values = bt * bk * 2 + bt * rows * 2 + bt * bt + rows * bv + 2 * bt * bv
+    if m.gate_dim:  # the chunk's pairs per key dimension, [BT, BT, BK]
+        values += bt * bt * bk
     return bt, bk, bv, (4 if values <= THREAD_VALUES * 128 else 8)
 
 
