@@ -246,6 +246,8 @@ class Capabilities:
     decodable: bool = False
     decode_reason: str = ""
     length_terms: tuple = ()
+    shared_state: bool = False  # with grouped KV heads, one state per kv head (the heads of a group hold equal ones)
+    shared_reason: str = ""  # why not, when not
 
 
 CROSSOVER_HEAD_DIM = 64  # the head dim of a generated module's default crossover

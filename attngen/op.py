@@ -113,7 +113,7 @@ class AttentionOp:
         if stateful:
             check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
             n = qh.shape[0] if bounds is None else len(bounds) - 1
-            state = self._checked_state(initial_state, plan, qh, vh, n)
+            state = self._checked_state(initial_state, plan, qh, vh, n, heads=_state_heads(plan, qh, kh))
             lengths = qh.shape[2] if bounds is None else torch.tensor(
                 [b - a for a, b in zip(bounds[:-1], bounds[1:])], device=state.pos.device)
             check_positions(self.spec, state.pos + lengths)
@@ -128,10 +128,15 @@ class AttentionOp:
                                             values | {n: x[:, :, a:b] for n, x in gates.items()}, None, False, None)
                            for a, b in zip(bounds[:-1], bounds[1:])], 2)
         elif backend == "triton":
-            out = self._run_triton(plan, qh, kh, vh, values | gates, initial_state, return_state, cu_seqlens)
+            groups = qh.shape[1] // state.S.shape[1] if stateful else 1
+            start = None if initial_state is None else _per_query_head(state, groups)
+            out = self._run_triton(plan, qh, kh, vh, values | gates, start, return_state, cu_seqlens)
             o, state = out if return_state else (out, None)
+            state = _per_kv_head(state, groups) if return_state else None
         elif stateful:
-            o, state = self._run_torch_state(plan, qh, kh, vh, values, state, bounds, gate)
+            groups = qh.shape[1] // state.S.shape[1]
+            o, state = self._run_torch_state(plan, qh, kh, vh, values, _per_query_head(state, groups), bounds, gate)
+            state = _per_kv_head(state, groups)
         elif bounds is not None and packed.batchable(plan, _lengths(bounds), False, plan.choice.ordering_for):
             (qb, valid), (kb, _), (vb, _) = (packed.pad(x, bounds) for x in (qh, kh, vh))
             o = packed.unpad(self._run_torch(plan, qb, kb, vb, values, {}, _padded_gate(gate, bounds)), valid)
@@ -187,7 +192,8 @@ class AttentionOp:
     def init_state(self, batch: int, heads: int, dk: int, dv: int, *, dtype=torch.float32, device=None) -> State:
         """The state before any token for ``batch`` sequences: S [batch, heads, F, dv] zeros (F the feature
         width at head dim ``dk``), z [batch, heads, F] for row-sum specs, pos [batch] zeros. States
-        accumulate in float32 (use float64 with float64 inputs)."""
+        accumulate in float32 (use float64 with float64 inputs). ``heads``: q's heads, or the kv heads for calls
+        with grouped KV heads when the plan keeps one state per kv head (``plan.capabilities.shared_state``)."""
         if isinstance(dk, bool) or not isinstance(dk, int) or dk < 1:
             raise InputError(f"init_state: dk={dk!r}; expected a positive integer (the head dim of q and k)")
         backend = resolve_backend(self.backend, torch.device(device or "cpu"))
@@ -224,8 +230,8 @@ class AttentionOp:
         if state is None:
             raise InputError("step: state is None; expected a State (op.init_state(batch, heads, dk, dv) before "
                              "the first token, then the state each step returns)")
-        key = self._state_key(plan, qh, vh, qh.shape[0])
-        state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key)
+        key = self._state_key(plan, qh, vh, qh.shape[0], _state_heads(plan, qh, kh))
+        state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key, heads=key[2])
         check_positions(self.spec, state.pos + 1, "step")
         if backend == "triton":
             if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -234,9 +240,11 @@ class AttentionOp:
                 raise PlanError(f"step: the generated Triton module of {self.spec.name} ({self.spec.mode}) has no "
                                 f"{self.spec.name}_step function (no generated decode step); use backend='torch' "
                                 "for decoding")
-            o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (state.S, state.z, state.pos), values | gates,
+            groups = qh.shape[1] // state.S.shape[1]
+            full = _per_query_head(state, groups)
+            o, (S, z, pos) = triton_loader.step(plan, qh, kh, vh, (full.S, full.z, full.pos), values | gates,
                                                 layout="bhtd")
-            new = State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
+            new = _per_kv_head(State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash), groups)
         else:
             return self._step_torch(plan, q_t, k_t, v_t, state, values, key, hot=not params, gate=gate)
         new.checked = _fingerprint(new, key)  # the next step skips its check
@@ -248,28 +256,32 @@ class AttentionOp:
         if self.spec.rotary is not None:
             pos = state.pos.to(qh.device)[:, None]  # [B, 1]: each sequence at its own position
             qh, kh = rotate(qh, pos, self.spec.rotary.theta), rotate(kh, pos, self.spec.rotary.theta)
-        o, S, z = torch_backend.step(plan, qh, kh, vh, values, state.S, state.z, state.pos, constant=hot, gate=gate)
-        new = State(S, z, state.pos + 1, self.spec.hash)
+        groups = qh.shape[1] // state.S.shape[1]  # > 1: one state per kv head, shared by its group
+        full = _per_query_head(state, groups)
+        o, S, z = torch_backend.step(plan, qh, kh, vh, values, full.S, full.z, state.pos, constant=hot, gate=gate)
+        new = _per_kv_head(State(S, z, state.pos + 1, self.spec.hash), groups)
         new.checked = _fingerprint(new, key)  # the next step skips its check
         self._hot = (_signature(q_t, k_t, v_t), new.checked, plan, values) if hot else None
         return (o.transpose(1, 2) if self.layout == "bthd" else o), new
 
-    def _state_key(self, plan, qh, vh, batch) -> tuple:
-        return (self.spec.hash, batch, qh.shape[1], plan.feature_width(qh.shape[-1]), vh.shape[-1], qh.device,
-                compute_dtype(qh.dtype))
+    def _state_key(self, plan, qh, vh, batch, heads=None) -> tuple:
+        return (self.spec.hash, batch, heads or qh.shape[1], plan.feature_width(qh.shape[-1]), vh.shape[-1],
+                qh.device, compute_dtype(qh.dtype))
 
-    def _checked_state(self, state, plan, qh, vh, batch, what="initial_state", key=None):
-        """``state`` validated against the inputs (None: a zero state). A State that op.step returned for the
-        same sizes, whose tensors are still the ones it returned, is not checked again (the decode hot path)."""
+    def _checked_state(self, state, plan, qh, vh, batch, what="initial_state", key=None, heads=None):
+        """``state`` validated against the inputs (None: a zero state) and ``heads`` (the state's: q's, or the kv
+        heads when grouped heads share states). A State that op.step returned for the same sizes, whose tensors
+        are still the ones it returned, is not checked again (the decode hot path)."""
         width, dv = plan.feature_width(qh.shape[-1]), vh.shape[-1]
         dtype = compute_dtype(qh.dtype)
+        heads = heads or qh.shape[1]
         if state is None:
-            return state_lib.zeros(self.spec.hash, batch, qh.shape[1], width, dv, plan.normalize.kind != "none",
+            return state_lib.zeros(self.spec.hash, batch, heads, width, dv, plan.normalize.kind != "none",
                                    dtype=dtype, device=qh.device)
         if isinstance(state, State) and state.checked is not None \
-                and state.checked == _fingerprint(state, key or self._state_key(plan, qh, vh, batch)):
+                and state.checked == _fingerprint(state, key or self._state_key(plan, qh, vh, batch, heads)):
             return state
-        state_lib.check(state, self.spec, batch=batch, heads=qh.shape[1], width=width, dv=dv, device=qh.device,
+        state_lib.check(state, self.spec, batch=batch, heads=heads, width=width, dv=dv, device=qh.device,
                         dtype=dtype, what=what)
         return state
 
@@ -336,6 +348,30 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _state_heads(plan, qh, kh) -> int:
+    """The heads of a call's recurrent state: the kv heads when k, v have fewer heads than q and the plan's states
+    are equal across a group (Capabilities.shared_state), else q's heads."""
+    grouped = kh.shape[1] != qh.shape[1]
+    return kh.shape[1] if grouped and plan.capabilities.shared_state else qh.shape[1]
+
+
+def _per_query_head(state: State, groups: int) -> State:
+    """A state kept per kv head, repeated for the query heads of each group (the kernels run per query head;
+    gradients of the repeat sum back over the group)."""
+    if groups == 1:
+        return state
+    z = None if state.z is None else state.z.repeat_interleave(groups, 1)
+    return State(state.S.repeat_interleave(groups, 1), z, state.pos, state.spec_hash)
+
+
+def _per_kv_head(state: State, groups: int) -> State:
+    """The state of each group's first query head: the heads of a group hold equal states (shared_state)."""
+    if groups == 1 or state is None:
+        return state
+    z = None if state.z is None else state.z[:, ::groups]
+    return State(state.S[:, ::groups], z, state.pos, state.spec_hash)
 
 
 def _padded_gate(gate, bounds: list):

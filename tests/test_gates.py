@@ -393,3 +393,60 @@ def test_scale_default_declared_and_per_call():
 def test_triton_refuses_rotary_in_the_bidirectional_linear_kernels_with_a_reason():
     with pytest.raises(attngen.PlanError, match=r"rotary positions are applied by the quadratic and the causal"):
         attngen.compile(attngen.load_spec(ROPE_ELU, causal=False), backend="triton", plan="linear")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grouped KV heads and recurrent states: one state per kv head where the heads of a group hold equal states
+# ---------------------------------------------------------------------------------------------------------------
+def shared_state_case(source, backend, device="cpu"):
+    """A prefill from an initial state with grouped heads (H = 4, H_kv = 2), then decode steps; against the same op
+    on k, v (and the initial state) repeated per group, outputs, states and the initial state's gradient."""
+    spec = attngen.load_spec(source)
+    g = torch.Generator().manual_seed(80)
+    q, k, v = inputs(2, 4, 30, 16, hkv=2, seed=81)
+    shared = pipeline.plan(spec).capabilities.shared_state
+    heads = 2 if shared else 4
+    extra = {"g": gate_for(spec, 2, 4, 32, 16, seed=82)} if spec.gate is not None else {}
+    op = attngen.compile(spec, backend=backend)
+    start = op.init_state(2, heads, 16, 16, dtype=torch.float32, device=device)
+    s0 = (0.3 * torch.randn(start.S.shape, generator=g)).to(device).requires_grad_()
+    start = attngen.runtime.state.State(s0, start.z, torch.tensor([3, 9], device=device), start.spec_hash)
+    xs = [x.float().to(device) for x in (q, k, v)]
+    ex = {n: x.float().to(device) for n, x in extra.items()}
+    o, state = op(*xs, initial_state=start, return_state=True, **{n: x[:, :, :30] for n, x in ex.items()})
+    assert state.S.shape[1] == heads
+    steps = []
+    for j in range(2):
+        qt, kt, vt = (torch.randn(2, h, 1, 16, generator=g).to(device) for h in (4, 2, 2))
+        ot, state = op.step(qt, kt, vt, state, **{n: x[:, :, 30 + j:31 + j] for n, x in ex.items()})
+        steps.append((qt, kt, vt, ot))
+    (ds0,) = torch.autograd.grad(o.sum(), s0)
+    # the definition: every query head with its own copy of k, v and of the state
+    s0r = s0.detach().clone().requires_grad_()
+    rep = s0r.repeat_interleave(4 // heads, 1)
+    z = None if start.z is None else start.z.repeat_interleave(4 // heads, 1)
+    full = attngen.runtime.state.State(rep, z, torch.tensor([3, 9], device=device), start.spec_hash)
+    o2, state2 = op(xs[0], *(x.repeat_interleave(2, 1) for x in xs[1:]), initial_state=full, return_state=True,
+                    **{n: x[:, :, :30] for n, x in ex.items()})
+    (ds0r,) = torch.autograd.grad(o2.sum(), s0r)
+    assert rel_rms(o, o2) < 1e-5 and rel_rms(ds0, ds0r) < 1e-5
+    for j, (qt, kt, vt, ot) in enumerate(steps):
+        ot2, state2 = op.step(qt, kt.repeat_interleave(2, 1), vt.repeat_interleave(2, 1), state2,
+                              **{n: x[:, :, 30 + j:31 + j] for n, x in ex.items()})
+        assert rel_rms(ot, ot2) < 1e-5
+    assert rel_rms(state.S.repeat_interleave(4 // heads, 1), state2.S) < 1e-5
+    return heads
+
+
+@pytest.mark.parametrize("source,heads", [("linear_elu", 2), ("cosformer_M", 2), ("simple_gla", 4),
+                                          ("retention", 4)])
+def test_states_per_kv_head_where_the_algebra_allows(source, heads):
+    spec_source = attngen.load_spec("cosformer", M=4096) if source == "cosformer_M" else source
+    assert shared_state_case(spec_source, "torch") == heads
+
+
+def test_plan_says_whether_states_are_shared():
+    assert "with grouped KV heads one state per kv head" in pipeline.plan("linear_elu").explain()
+    assert "states per query head (the gate is per query head)" in pipeline.plan("simple_gla").explain()
+    assert "states per query head (the key side or the decay depends on the head)" in \
+        pipeline.plan("retention").explain()

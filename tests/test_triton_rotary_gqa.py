@@ -209,3 +209,10 @@ def test_linear_kernels_prefill_packed_states_and_steps(key):
         outs[b] = (o, torch.cat(steps, 2), state.S, state.pos)
     for name, a, w in zip(["o", "steps", "S", "pos"], outs["triton"], outs["torch"]):
         assert_close(name, a.float(), w.float(), 1e-4)
+
+
+@pytest.mark.parametrize("source,heads", [("linear_elu", 2), ("simple_gla", 4), ("rope_elu", 2)])
+def test_states_per_kv_head_where_the_algebra_allows(source, heads):
+    from test_gates import shared_state_case
+    spec = attngen.load_spec(ROPE_ELU if source == "rope_elu" else source)
+    assert shared_state_case(spec, "triton", DEVICE) == heads

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import N_K, N_Q
+from attngen.frontend.expr import HEAD, N_K, N_Q
 from attngen.ir import CROSSOVER_HEAD_DIM, Capabilities, Ordering
 from attngen.passes import cost
 from attngen.passes.draft import Draft
@@ -37,12 +37,16 @@ def capabilities(x: Draft) -> Draft:
         if len(kernels) > 1:
             cands = tuple(c for c in x.candidates if c.ordering in x.generator.orderings)
             crossover = cost.choose(cands, CROSSOVER_HEAD_DIM, x.chunk)[0].dispatch_length(x.spec.where)
+    shared, shared_why = _shared_state(x) if decodable else (False, "no recurrent state")
     cap = Capabilities(kernels=kernels, kernels_reason=reason, crossover=crossover, decodable=decodable,
-                       decode_reason=why, length_terms=tuple(sorted(sympy.sstr(e) for e in set(terms))))
+                       decode_reason=why, length_terms=tuple(sorted(sympy.sstr(e) for e in set(terms))),
+                       shared_state=shared, shared_reason=shared_why)
     name = x.generator.name if x.generator is not None else "kernels"
     detail = (f"{name}: " + (", ".join(o.value for o in kernels) or "none")
               + (f" (default crossover {crossover:g} at d = {CROSSOVER_HEAD_DIM})" if crossover is not None else "")
-              + "; decodable: " + ("yes" if decodable else "no"))
+              + "; decodable: " + ("yes" if decodable else "no")
+              + ("; with grouped KV heads one state per kv head" if shared else
+                 f"; states per query head ({shared_why})" if decodable else ""))
     return x.step("capabilities", detail, capabilities=cap)
 
 
@@ -54,6 +58,21 @@ def length_terms(x) -> list:
     if x.reweight is not None and x.reweight.decay is not None:
         exprs.append(x.reweight.decay.gamma)
     return [e for e in exprs if sympy.sympify(e).has(N_Q, N_K)]
+
+
+def _shared_state(x: Draft) -> tuple:
+    """(True, "") when the state S = sum_j K'_j^T V_j (and its decay) is the same for every query head of a group of
+    grouped KV heads: no gate (gates are per query head) and key-side features, position factors and decay free of
+    the head index and of per-head parameters; else (False, why)."""
+    if x.spec.gates:
+        return False, "the gate is per query head"
+    per_head = {HEAD} | {p.symbol for p in x.spec.parameters if p.shape}
+    exprs = [e for t in x.linear_terms for e in (t.feature.k_scale, *t.feature.k_factors, t.position.g_j)]
+    if x.reweight is not None and x.reweight.decay is not None:
+        exprs.append(x.reweight.decay.gamma)
+    if any(sympy.sympify(e).free_symbols & per_head for e in exprs):
+        return False, "the key side or the decay depends on the head"
+    return True, ""
 
 
 def _decodable(x: Draft, terms: list) -> tuple:
