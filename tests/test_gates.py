@@ -57,8 +57,7 @@ def compare(spec, op_fn, ref_fn, leaves: dict, do, tol):
 ORDERINGS = {"simple_gla": (None, "linear", "quadratic", "recurrent"), "gla": (None, "linear", "recurrent"),
              "forgetting": (None,), "llama": (None,)}
 CASES = [pytest.param(n, p, t, dt, id=f"{n}-{p or 'auto'}-T{t}-{str(dt)[6:]}") for n, ps in ORDERINGS.items()
-         for p in ps for t in (1, 63, 200) for dt in (torch.float64, torch.float32, torch.float16)
-]
+         for p in ps for t in (1, 63, 200) for dt in (torch.float64, torch.float32, torch.float16)]
 
 
 @pytest.mark.parametrize("name,plan,t,dtype", CASES)
