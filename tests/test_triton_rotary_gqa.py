@@ -191,8 +191,9 @@ def test_linear_kernels_prefill_packed_states_and_steps(key):
     ops = {b: attngen.compile(spec, backend=b) for b in ("triton", "torch")}
     dev = {"triton": DEVICE, "torch": "cpu"}
     outs = {}
+    shared = pipeline.plan(spec).capabilities.shared_state and hkv < 4  # one state per kv head
     for b, op in ops.items():
-        state = op.init_state(3, 4, 16, 16, device=dev[b])
+        state = op.init_state(3, hkv if shared else 4, 16, 16, device=dev[b])
         state.pos = torch.tensor([0, 7, 100], device=dev[b])
         x = [t.float().to(dev[b]) for t in (q, k, v)]
         ex = {n: t.float().to(dev[b]) for n, t in extra.items()}
