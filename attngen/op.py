@@ -96,9 +96,7 @@ class AttentionOp:
         each sequence's positions start at 0 (or its initial state's pos)."""
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
         backend = resolve_backend(self.backend, qh.device)
-        gates = check_gates(self.spec, {n: params.pop(n) for n in self.spec.gate_names if n in params}, self.layout,
-                            qh)
-        gate = gates.get(self.spec.gate.name) if self.spec.gate is not None else None
+        gates, gate = self._gates(params, qh)
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         plan = self._plan_for(backend, qh.shape[-1])
         self.plan = plan
@@ -159,6 +157,13 @@ class AttentionOp:
             kh, vh = grouped(kh, vh, qh.shape[1])
             return APPROXIMATIONS[ordering](plan, qh, kh, vh, values, info)
         return torch_backend.run(plan, ordering, qh, kh, vh, values, self.chunk, gate=gate)
+
+    def _gates(self, params: dict, qh) -> tuple:
+        """The spec's gate tensors taken out of the call's keywords (``params`` keeps the parameters), checked, as
+        [B, H, T(, Dk)] views by name, and the one gate (or None)."""
+        gates = check_gates(self.spec, {n: params.pop(n) for n in self.spec.gate_names if n in params}, self.layout,
+                            qh)
+        return gates, gates.get(self.spec.gate.name) if self.spec.gate is not None else None
 
     def _rotated(self, qh, kh, bounds, start):
         """q and k rotated by their positions (RoPE): 0 .. T - 1, from each sequence's start under cu_seqlens, and
@@ -221,9 +226,7 @@ class AttentionOp:
                              f"T = {qh.shape[2]}. Fix: call the op with initial_state=state, return_state=True "
                              "for several tokens (prefill)")
         backend = resolve_backend(self.backend, qh.device)
-        gates = check_gates(self.spec, {n: params.pop(n) for n in self.spec.gate_names if n in params}, self.layout,
-                            qh)
-        gate = gates.get(self.spec.gate.name) if self.spec.gate is not None else None
+        gates, gate = self._gates(params, qh)
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         plan = self._plan_for(backend, qh.shape[-1])
         check_decodable(plan, "step")

@@ -11,7 +11,6 @@ column, decay rate) and divides by the row sum at the end.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import sympy
 import torch
@@ -74,9 +73,7 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
         tokens = token_decay(plan, gate, lg, q)
         if tokens is not None:  # gated: causal (the spec refuses a bidirectional gate)
-            run_scan = gated_recurrent if ordering is Ordering.RECURRENT else \
-                functools.partial(gated_scan, chunk=chunk or CHUNK)
-            acc, _ = run_scan(qf, kf, v, tokens)
+            acc, _ = _gated(ordering, qf, kf, v, tokens, chunk)
         elif ordering is Ordering.RECURRENT:
             acc, _ = torch_linear.recurrent(qf, kf, v, lg)
         elif spec.causal:
@@ -122,8 +119,7 @@ def run_state(plan, ordering, q, k, v, params: dict, chunk: int | None, s0: torc
     s0 = None if s0 is None else s0.to(qf.dtype)
     tokens = token_decay(plan, gate, lg, qf)
     if tokens is not None:  # padded rows (valid) carry a zero gate: they do not decay the state
-        acc, s = gated_recurrent(qf, kf, v, tokens, initial=s0) if ordering is Ordering.RECURRENT else \
-            gated_scan(qf, kf, v, tokens, chunk or CHUNK, initial=s0)
+        acc, s = _gated(ordering, qf, kf, v, tokens, chunk, s0)
     elif ordering is Ordering.RECURRENT:
         acc, s = torch_linear.recurrent(qf, kf, v, lg, initial=s0)
     else:
@@ -169,6 +165,13 @@ def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, s
     if z is None:
         return finish(num, plan.normalize).to(in_dtype), s, None
     return divide(num, qf @ z.unsqueeze(-1), plan.normalize).to(in_dtype), s, z
+
+
+def _gated(ordering, qf, kf, v, tokens, chunk, initial=None) -> tuple:
+    """(out, final state) of a gated plan: the per-token recurrence, or the chunked scan (chunk or CHUNK)."""
+    if ordering is Ordering.RECURRENT:
+        return gated_recurrent(qf, kf, v, tokens, initial=initial)
+    return gated_scan(qf, kf, v, tokens, chunk or CHUNK, initial=initial)
 
 
 def _linear_inputs(plan, q, k, v, params, start, scaled: bool = False):
