@@ -1128,18 +1128,28 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     return [dq, dk, dv, *dparams]
 
 
+_ROTARY_TABLES: dict = {}  # (theta, K, device) -> (rows, cos, sin): kept and grown by powers of two
+
+
 def _rotary_tables(m: Module, n: int, K: int, BK: int, like):
-    """(cos, sin) [n, K/2] fp32 of the angles p * theta**(-2m/K) formed in float64, for the kernels' RoPE (empty
-    without rotary positions). The kernels split a row's halves in registers: K must be the block width (a
-    power of two >= 16)."""
+    """(cos, sin) [rows >= n, K/2] fp32 of the angles p * theta**(-2m/K) formed in float64, for the kernels' RoPE
+    (empty without rotary positions). Built once per theta, head dim and device and regrown to the next power of two
+    when a call reaches past it, so decode steps do not rebuild them. The kernels split a row's halves in
+    registers: K must be the block width (a power of two >= 16)."""
     if m.rotary is None:
         return ()
     if K != BK:
         raise InputError(f"{m.spec}: rotary positions in the Triton kernels need a head dim that is a power of two "
                          f">= 16 (found {K}); use backend='torch'")
-    freq = m.rotary ** (-2.0 * torch.arange(K // 2, dtype=torch.float64, device=like.device) / K)
-    angle = torch.arange(n, dtype=torch.float64, device=like.device)[:, None] * freq
-    return torch.cos(angle).float().contiguous(), torch.sin(angle).float().contiguous()
+    key = (m.rotary, K, like.device)
+    rows, cos, sin = _ROTARY_TABLES.get(key, (0, None, None))
+    if n > rows:
+        rows = triton.next_power_of_2(max(n, 64))
+        freq = m.rotary ** (-2.0 * torch.arange(K // 2, dtype=torch.float64, device=like.device) / K)
+        angle = torch.arange(rows, dtype=torch.float64, device=like.device)[:, None] * freq
+        cos, sin = torch.cos(angle).float().contiguous(), torch.sin(angle).float().contiguous()
+        _ROTARY_TABLES[key] = rows, cos, sin
+    return cos, sin
 
 
 def _key_table(tab, nkb):
