@@ -301,7 +301,7 @@ def _llama_qbwd_dkv_kernel(
 MODULE = host.register(host.Module(
     spec="llama", mode="bidirectional", op_name="llama_bidirectional_q_3224f46a_2b63b228", spec_hash=SPEC_HASH,
     params=(host.Param("scale", per_head=False, default=lambda d: 1/math.sqrt(d)),), normalised=True, rotary=10000.0,
-    quadratic=host.Quadratic(_llama_qfwd_kernel, _llama_qbwd_dq_kernel, _llama_qbwd_dkv_kernel, flash=True, sparse_max_block=128),
+    quadratic=host.Quadratic(_llama_qfwd_kernel, _llama_qbwd_dq_kernel, _llama_qbwd_dkv_kernel, flash=True, sparse_max_block=64),
 ))
 
 
@@ -321,7 +321,7 @@ def llama_attention_block_sparse(q, k, v, kv_blocks, block, *, layout="bhtd", sc
     the keys of the blocks its query block lists (and, when causal, j <= i); rows with no allowed key give 0.
     q, k, v as for llama_attention. ``kv_blocks``: int32/int64 [B, H, NQB, MAXK], NQB = ceil(T / block):
     the key-block indices (0 .. ceil(S / block) - 1) of each block of ``block`` query rows, any order, padded
-    with -1, none twice. ``block``: a power of two in 16..128. Gradients flow to q, k, v and the parameters.
+    with -1, none twice. ``block``: a power of two in 16..64. Gradients flow to q, k, v and the parameters.
     scale: per call, shape [], default lambda d: 1/math.sqrt(d).
     """
     return host.block_sparse(MODULE, q, k, v, kv_blocks, block, layout, dict(scale=scale))

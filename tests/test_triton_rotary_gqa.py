@@ -98,6 +98,11 @@ def test_refusals_with_reasons():
     lin = attngen.compile(attngen.load_spec("linear_elu", causal=False), backend="triton", plan="linear")
     with pytest.raises(attngen.InputError, match=r"grouped KV heads .* not by the bidirectional linear ones"):
         lin(torch.randn(1, 4, 20, 16, device=DEVICE), *(torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(2)))
+    mod = loader.load_module(pipeline.plan("llama", target="triton"))
+    assert mod.MODULE.quadratic.sparse_max_block == 64  # cos / sin rows per tile: blocks of 128 would spill
+    with pytest.raises(attngen.InputError, match=r"block"):
+        mod.llama_attention_block_sparse(q[..., :16], q[..., :16], q[..., :16],
+                                         torch.zeros(1, 4, 1, 1, dtype=torch.int32, device=DEVICE), 128)
     rope_bidirectional = {"name": "rr", "similarity": "dot(q, k) / sqrt(d)", "reweight": "gamma**abs(i - j)",
                           "rotary": True, "constants": {"gamma": "0.9"}, "causal": False}
     plan = pipeline.plan(rope_bidirectional, target="triton")

@@ -17,7 +17,7 @@ import sympy
 
 from attngen.codegen.features import params as param_slots
 from attngen.codegen.linear import check_linear, linear_slots
-from attngen.codegen.quadratic import SPARSE_MAX_BLOCK, describe, tile_slots
+from attngen.codegen.quadratic import describe, tile_slots
 from attngen.codegen.render import render, template_hash
 from attngen.errors import PlanError
 from attngen.ir import Generator, Ordering, Plan, Step
@@ -37,9 +37,9 @@ def check_kernel(plan, ordering: Ordering) -> None:
         if not slots["flash"]:
             raise PlanError(f"{spec.where} ({spec.name}, {spec.mode}): block-sparse kernels are generated for the "
                             "softmax family only (an exp similarity with a row-sum normaliser)")
-        if spec.approximation.block > SPARSE_MAX_BLOCK:
+        if spec.approximation.block > slots["sparse_max_block"]:
             raise PlanError(f"{spec.where}: approx.block = {spec.approximation.block}: the Triton block-sparse "
-                            f"kernels take blocks of 16 .. {SPARSE_MAX_BLOCK}; use a smaller block, or "
+                            f"kernels take blocks of 16 .. {slots['sparse_max_block']}; use a smaller block, or "
                             "backend='torch'")
 
 

@@ -27,6 +27,9 @@ from attngen.ir import Plan, ReweightClass, SimilarityClass
 FULL_TILE = "tl.zeros([BM, BN], dtype=tl.float32) + "  # broadcasts a row, a column or a number to [BM, BN]
 
 SPARSE_MAX_BLOCK = 128  # the largest block of the block-sparse kernels (it is their tile: registers)
+# with rotary positions each tile also holds the cos / sin rows of its q and k: at blocks of 128 and head dim 128
+# the forward spilled ~14 KB on sm_80 and the dk/dv kernel needed 197 KB of shared memory (attngen aot)
+ROTARY_SPARSE_MAX_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def tile_slots(plan: Plan) -> dict:
         raise PlanError(f"{where}: the quadratic Triton kernels add a per-head gate's G_i - G_j to a softmax score "
                         "only; use backend='torch' (or the linear ordering)")
     slots = {
-        "flash": flash, "rowsum": norm.kind == "rowsum", "sparse_max_block": SPARSE_MAX_BLOCK,
+        "flash": flash, "rowsum": norm.kind == "rowsum",
+        "sparse_max_block": ROTARY_SPARSE_MAX_BLOCK if spec.rotary is not None else SPARSE_MAX_BLOCK,
         "qgate": spec.gate is not None,  # the score gains G_i - G_j (gc: the cumulative sum of the gate)
         "rotary": spec.rotary is not None,  # q and k rotated in registers (rc, rs: the host's cos / sin tables)
         "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(expr),
