@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import D
+from attngen.frontend.expr import D, vector_width
 
 # the cost model's symbols: N the sequence length, C the chunk size of the causal linear plan
 N = sympy.Symbol("N", positive=True)
@@ -92,7 +92,11 @@ class FeatureTerm:
         return len(self.q_factors)
 
     def width(self, d):
-        return d ** self.power
+        """d**power, or the product of the factors' widths where a factor is a matmul(W, .) of width F."""
+        out = sympy.Integer(1) if isinstance(d, sympy.Basic) else 1
+        for f in self.q_factors:
+            out = out * vector_width(f, d)
+        return out
 
     def describe(self) -> str:
         def side(scale, factors, e):

@@ -12,7 +12,7 @@ import torch
 from attngen.errors import InputError, PlanError
 from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, I, J
 from attngen.frontend.spec import Spec, load_spec
-from attngen.runtime.evaluate import Evaluator
+from attngen.runtime.evaluate import Evaluator, parameter_value
 from attngen.runtime.inputs import check_gates, check_params, check_qkv
 
 
@@ -85,7 +85,7 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None, 
            I: torch.arange(t, dtype=q.dtype, device=q.device).view(1, 1, t, 1, 1),
            J: torch.arange(s_len, dtype=q.dtype, device=q.device).view(1, 1, 1, s_len, 1)}
     for p in spec.parameters:
-        env[p.symbol] = params[p.name].to(q.dtype).view(1, h, 1, 1, 1) if p.shape else params[p.name].to(q.dtype)
+        env[p.symbol] = parameter_value(p, params[p.name].to(q.dtype), 5)
     ev = Evaluator(env, dot, norm, where=spec.where)
     sim_expr = spec.similarity_expr.xreplace(consts)
     weight_expr = spec.reweight_expr.xreplace(consts)

@@ -96,7 +96,48 @@ class Sigmoid(Function):
         return self * (1 - self)
 
 
-REDUCTIONS = (Dot, Norm)
+class Mean(Function):
+    """mean(a): the mean over the vector's elements (argument is an element formula)."""
+    nargs = 1
+    is_real = True
+
+
+class Total(Function):
+    """sum(a): the sum over the vector's elements (argument is an element formula)."""
+    nargs = 1
+    is_real = True
+
+
+class VecMax(Function):
+    """The largest element of a vector (the stabiliser of softmax(a); not written in specs)."""
+    nargs = 1
+    is_real = True
+
+
+class Elem(Symbol):
+    """One element of a vector parameter (shape [Dk] or [H, Dk]): element m multiplies element m of q or k."""
+
+
+class Matrix(Symbol):
+    """A matrix parameter (shape [F, Dk] or [H, F, Dk]); it appears only as the first argument of MatVec."""
+
+
+class MatVec(Function):
+    """matmul(W, a): element f of W a, sum_m W[f, m] a_m; args (Matrix, element formula of a, F). A vector of
+    width F: its element varies along the output dimension, not along a's."""
+    nargs = 3
+    is_real = True
+
+
+class Softmax(Function):
+    """softmax(a): element m is exp(a_m - max a) / sum exp(a - max a) (a vector of a's width)."""
+    nargs = 1
+    is_real = True
+    is_positive = True
+
+
+REDUCTIONS = (Dot, Norm, Mean, Total, VecMax)
+VECTOR_FUNCTIONS = (MatVec, Softmax)  # vector -> vector, not element by element
 
 # name -> (sympy constructor, arity); element-wise: applies to scalars and to vectors element by element
 ELEMENTWISE = {
@@ -104,7 +145,8 @@ ELEMENTWISE = {
     "log": (sympy.log, 1), "tanh": (sympy.tanh, 1), "abs": (sympy.Abs, 1), "sqrt": (sympy.sqrt, 1),
     "sin": (sympy.sin, 1), "cos": (sympy.cos, 1), "min": (sympy.Min, 2), "max": (sympy.Max, 2),
 }
-FUNCTION_NAMES = sorted([*ELEMENTWISE, "dot", "norm"])
+VECTOR_CALLS = ("dot", "norm", "mean", "sum", "matmul", "softmax")  # similarity only: reductions and vector maps
+FUNCTION_NAMES = sorted([*ELEMENTWISE, *VECTOR_CALLS])
 
 # Limits that keep parsing and sympy's automatic folding fast on hostile input.
 MAX_SOURCE_CHARS = 2000
@@ -130,6 +172,7 @@ class Value:
     vector: bool
     num: float | None = None
     calls: int = 0  # how deep function calls nest in it
+    width: object = None  # a vector's length: "d" (the head dim) or an int F (matmul(W, q) with W [F, Dk])
 
 
 @dataclass(frozen=True)
@@ -141,6 +184,7 @@ class Context:
     vectors: bool  # whether q and k are allowed
     forbidden_hint: dict  # name -> why it is not allowed here (for better errors)
     numbers: dict = field(default_factory=dict)  # symbol -> float: the values of numeric constants
+    rows: dict = field(default_factory=dict)  # Matrix symbol -> its number of rows F
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +408,7 @@ class _Walker:
                 raise self._out_of_range(node) from None
             if num is None:
                 raise self.fail(node, f"the value {str(value.expr)[:60]} has no float64 value", "finite real values")
-            value = Value(value.expr, value.vector, num, value.calls)
+            value = Value(value.expr, value.vector, num, value.calls, value.width)
         return value
 
     def _fold(self, node, fn, values, what="the value"):
@@ -400,9 +444,17 @@ class _Walker:
             if not ctx.vectors:
                 raise self.fail(node, f"the vector {name!r} is not allowed here",
                                 fix="q and k may appear only in 'similarity'")
-            return Value(QE if name == "q" else KE, True)
+            return Value(QE if name == "q" else KE, True, width="d")
         if name in ctx.names:
             symbol = ctx.names[name]
+            if isinstance(symbol, (Elem, Matrix)) and not ctx.vectors:
+                raise self.fail(node, f"the {'vector' if isinstance(symbol, Elem) else 'matrix'} parameter {name!r} "
+                                "is not allowed here", fix="vector and matrix parameters belong in 'similarity'")
+            if isinstance(symbol, Matrix):
+                raise self.fail(node, f"{name!r} is a matrix", "a scalar or a vector here",
+                                f"multiply it with a vector: matmul({name}, q)")
+            if isinstance(symbol, Elem):
+                return Value(symbol, True, width="d")
             return Value(symbol, False, ctx.numbers.get(symbol))
         if name in ctx.forbidden_hint:
             raise self.fail(node, f"{name!r} is not allowed here: {ctx.forbidden_hint[name]}")
@@ -414,7 +466,8 @@ class _Walker:
     def visit_UnaryOp(self, node, depth):
         operand = self.visit(node.operand, depth)
         if isinstance(node.op, ast.USub):
-            return Value(-operand.expr, operand.vector, None if operand.num is None else -operand.num, operand.calls)
+            return Value(-operand.expr, operand.vector, None if operand.num is None else -operand.num, operand.calls,
+                         operand.width)
         if isinstance(node.op, ast.UAdd):
             return operand
         raise self.fail(node, f"operator {type(node.op).__name__} is not allowed", "unary - or +")
@@ -427,18 +480,28 @@ class _Walker:
             raise self.fail(node, f"operator {type(op).__name__} is not allowed", "+ - * / **")
         a, b = self.visit(node.left, depth), self.visit(node.right, depth)
         vector, calls = a.vector or b.vector, max(a.calls, b.calls)
+        width = self._width(node, a, b)
         if isinstance(op, (ast.Add, ast.Sub)):
             self._check_mix(node, a, b)
             if isinstance(op, ast.Add):
-                return Value(a.expr + b.expr, vector, self._fold(node, lambda x, y: x + y, (a, b)), calls)
-            return Value(a.expr - b.expr, vector, self._fold(node, lambda x, y: x - y, (a, b)), calls)
+                return Value(a.expr + b.expr, vector, self._fold(node, lambda x, y: x + y, (a, b)), calls, width)
+            return Value(a.expr - b.expr, vector, self._fold(node, lambda x, y: x - y, (a, b)), calls, width)
         if isinstance(op, ast.Mult):
-            return Value(a.expr * b.expr, vector, self._fold(node, lambda x, y: x * y, (a, b)), calls)
+            return Value(a.expr * b.expr, vector, self._fold(node, lambda x, y: x * y, (a, b)), calls, width)
         if isinstance(op, ast.Div):
             if b.num == 0 or b.expr.is_zero:
                 raise self.fail(node, "division by zero")
-            return Value(a.expr / b.expr, vector, self._fold(node, lambda x, y: x / y, (a, b)), calls)
+            return Value(a.expr / b.expr, vector, self._fold(node, lambda x, y: x / y, (a, b)), calls, width)
         return self._power(node, a, b)
+
+    def _width(self, node, *values: Value):
+        """The common width of the vectors among ``values`` (None if none is a vector); two widths differ: error."""
+        widths = {v.width for v in values if v.vector}
+        if len(widths) > 1:
+            shown = " and ".join(sorted(f"F = {w}" if isinstance(w, int) else "d (the head dim)" for w in widths))
+            raise self.fail(node, f"combines vectors of different widths: {shown}", "vectors of one width",
+                            "element-wise arithmetic needs equal widths; reduce one side first (dot, norm, mean, sum)")
+        return widths.pop() if widths else None
 
     def _check_mix(self, node, a: Value, b: Value):
         """vector + scalar broadcasts only for constants (elu(q) + 1); a position there is a mistake."""
@@ -477,7 +540,7 @@ class _Walker:
             if out.exp.is_Integer and abs(out.exp) > MAX_INTEGER_POWER:  # ((i + 1)**64)**64
                 raise self.fail(node, f"integer power {str(out.exp)[:40]} of an expression is too large (powers of "
                                 "powers multiply)", f"|exponent| <= {MAX_INTEGER_POWER} for an integer power")
-        return Value(out, a.vector, num, max(a.calls, b.calls))
+        return Value(out, a.vector, num, max(a.calls, b.calls), a.width)
 
     def _check_fold(self, node, a: Value, b: Value):
         """Refuse numeric powers whose exact value would be huge (sympy folds them eagerly)."""
@@ -498,38 +561,64 @@ class _Walker:
         if node.keywords:
             raise self.fail(node, "keyword arguments are not allowed", "positional arguments")
         name = node.func.id
-        if name not in ELEMENTWISE and name not in ("dot", "norm"):
+        if name not in ELEMENTWISE and name not in VECTOR_CALLS:
             raise self.fail(node, f"unknown function {name!r}", "one of " + ", ".join(FUNCTION_NAMES))
-        args = [self.visit(a, depth) for a in node.args]
+        if name in VECTOR_CALLS and not self.ctx.vectors:
+            raise self.fail(node, f"{name}() is not allowed here",
+                            fix=f"{', '.join(VECTOR_CALLS)} apply to the vectors q and k in 'similarity'")
+        matrix = self._matrix(node) if name == "matmul" else None
+        args = [self.visit(a, depth) for a in node.args[1 if matrix is not None else 0:]]
         calls = 1 + max((a.calls for a in args), default=0)
         if calls > MAX_CALL_DEPTH:  # sympy's automatic evaluation of nested calls (tanh(tanh(...))) is exponential
             raise self.fail(node, f"function calls are nested {calls} deep", f"at most {MAX_CALL_DEPTH}",
                             "name an inner part as a constant, or simplify")
-        if name in ("dot", "norm"):
-            if not self.ctx.vectors:
-                raise self.fail(node, f"{name}() is not allowed here",
-                                fix="dot and norm apply to q and k in 'similarity'")
-            want = 2 if name == "dot" else 1
-            if len(args) != want:
-                raise self.fail(node, f"{name}() takes {want} argument(s), got {len(args)}")
-            for a in args:
-                if not a.vector:
-                    raise self.fail(node, f"{name}() got a scalar argument", "vector arguments (built from q, k)",
-                                    "e.g. dot(relu(q), relu(k))")
-            if name == "dot":
-                return Value(Dot(args[0].expr, args[1].expr), False, None, calls)
-            return Value(Norm(args[0].expr), False, None, calls)
+        if name in VECTOR_CALLS:
+            return self._vector_call(node, name, args, calls, matrix)
         fn, arity = ELEMENTWISE[name]
         if len(args) != arity:
             raise self.fail(node, f"{name}() takes {arity} argument(s), got {len(args)}")
         if arity == 2:
             self._check_mix(node, args[0], args[1])
+        width = self._width(node, *args)
         num = self._fold(node, FLOAT_FUNCTIONS[name], args, f"{name}() cannot be applied: its value")
         try:
             out = fn(*[a.expr for a in args])
         except (TypeError, ValueError, OverflowError) as exc:
             raise self.fail(node, f"{name}() cannot be applied: {exc}") from None
-        return Value(out, any(a.vector for a in args), num, calls)
+        return Value(out, any(a.vector for a in args), num, calls, width)
+
+    def _matrix(self, node):
+        """matmul's first argument: the name of a matrix parameter -> (symbol, rows)."""
+        first = node.args[0] if node.args else None
+        symbol = self.ctx.names.get(first.id) if isinstance(first, ast.Name) else None
+        if not isinstance(symbol, Matrix):
+            raise self.fail(node, "matmul() takes a matrix parameter first", "matmul(W, a) with W declared with "
+                            "shape [F, Dk] or [H, F, Dk] and a a vector of width d", "e.g. matmul(W, q)")
+        return symbol, self.ctx.rows[symbol]
+
+    def _vector_call(self, node, name, args, calls, matrix):
+        """dot, norm, mean, sum (reductions to a scalar), matmul and softmax (vector -> vector)."""
+        want = 2 if name == "dot" else 1
+        if len(args) != want:
+            raise self.fail(node, f"{name}() takes {want + (matrix is not None)} argument(s), "
+                            f"got {len(args) + (matrix is not None)}")
+        for a in args:
+            if not a.vector:
+                raise self.fail(node, f"{name}() got a scalar argument", "vector arguments (built from q, k)",
+                                "e.g. dot(relu(q), relu(k))")
+        width = self._width(node, *args)
+        if name == "dot":
+            return Value(Dot(args[0].expr, args[1].expr), False, None, calls)
+        if name == "matmul":
+            if width != "d":
+                raise self.fail(node, f"matmul() of a vector of width F = {width}", "a vector of width d (Dk)",
+                                "matmul(W, q) with W [F, Dk]; a second projection needs its own [F2, F] matrix, "
+                                "which is not supported")
+            return Value(MatVec(matrix[0], args[0].expr, Integer(matrix[1])), True, None, calls, matrix[1])
+        if name == "softmax":
+            return Value(Softmax(args[0].expr), True, None, calls, width)
+        node_type = {"norm": Norm, "mean": Mean, "sum": Total}[name]
+        return Value(node_type(args[0].expr), False, None, calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,3 +796,32 @@ def sides(expr: sympy.Expr) -> set:
     """Which vectors ('q', 'k') an expression depends on, looking inside Dot and Norm."""
     syms = expr.free_symbols
     return {s for s, e in (("q", QE), ("k", KE)) if e in syms}
+
+
+def vector_width(expr, d=D):
+    """The width of a vector element formula: F of a matmul(W, .) outside the reductions in it (W [F, Dk]), else
+    the head dim ``d`` (the parser checks that the vectors an expression combines have one width)."""
+    def rows(e):
+        if isinstance(e, REDUCTIONS):
+            return None
+        if isinstance(e, MatVec):
+            return int(e.args[2])
+        return next((r for r in (rows(a) for a in e.args if isinstance(a, sympy.Basic)) if r is not None), None)
+
+    found = rows(expr)
+    return d if found is None else found
+
+
+def varies(expr) -> bool:
+    """Whether an expression varies along a vector's elements: an element symbol (q's, k's, a vector parameter's)
+    or a vector map outside the reductions in it."""
+    if isinstance(expr, REDUCTIONS):
+        return False
+    if isinstance(expr, VECTOR_FUNCTIONS) or expr in (QE, KE) or isinstance(expr, Elem):
+        return True
+    return any(varies(a) for a in expr.args if isinstance(a, sympy.Basic))
+
+
+def vector_parameters(expr) -> set:
+    """The vector and matrix parameter symbols an expression uses (inside reductions too)."""
+    return {s for s in expr.free_symbols if isinstance(s, (Elem, Matrix))}

@@ -35,9 +35,12 @@ from attngen.frontend.expr import (
     MAX_INTEGER_POWER,
     MAX_NODES,
     MAX_SYMBOLIC_POWER,
+    VECTOR_CALLS,
     Context,
+    Elem,
     I,
     J,
+    Matrix,
     NotFinite,
     OutOfRange,
     brief,
@@ -75,8 +78,13 @@ MAX_CONSTANT_DEPTH = 32  # a constant using a constant using ... (the chain of r
 MAX_SUBSTITUTED_NODES = 4 * MAX_NODES  # nodes of an expression once the constants are substituted
 MAX_TERMS = 256  # terms of the planner's expansion of the similarity and the reweight (expanded_terms)
 MAX_TRIG_TERMS = 4  # terms in the arguments of sin, cos, tanh of the reweight, in all (trig_terms)
-RESERVED = set(BUILTIN_SYMBOLS) | {"q", "k", "pi", "dot", "norm", "relu", "elu", "exp", "log", "sigmoid",
-                                   "tanh", "abs", "sqrt", "sin", "cos", "min", "max"}
+# names a spec may not take (the language of round 1; kept, so no spec name that loaded before is refused now)
+SPEC_NAME_RESERVED = set(BUILTIN_SYMBOLS) | {"q", "k", "pi", "dot", "norm", "relu", "elu", "exp", "log", "sigmoid",
+                                             "tanh", "abs", "sqrt", "sin", "cos", "min", "max"}
+# names a constant, parameter or gate may not take: every symbol and function of the language
+RESERVED = SPEC_NAME_RESERVED | {*VECTOR_CALLS, "normal", "eye", "Dk"}
+MAX_ROWS = 1024  # rows F of a matrix parameter [F, Dk] (the feature width of matmul(W, q))
+PARAMETER_SHAPES = "[], [H], [Dk], [H, Dk], [F, Dk] or [H, F, Dk] (F an integer or a numeric constant)"
 
 
 @dataclass(frozen=True)
@@ -89,13 +97,41 @@ class Normalize:
 
 @dataclass(frozen=True)
 class Parameter:
-    """A learnable tensor: shape () (scalar) or ('H',) (per head); init is an expression in h, H."""
+    """A tensor of the spec: shape () (scalar), ('H',) (per head), ('Dk',) / ('H', 'Dk') (a vector: one value per
+    element of q and k), (F, 'Dk') / ('H', F, 'Dk') (a matrix for matmul(W, q), F an int). ``init`` is an expression
+    in h, H, d (every element that value), or ``draw``: 'normal' (N(0, init**2) from a generator seeded with
+    ``seed``) or 'eye' (the identity, matrices)."""
     name: str
     shape: tuple
     init: str
     init_expr: sympy.Expr = field(compare=False)
     symbol: sympy.Symbol = field(compare=False)
-    learnable: bool = True  # False: the per-call scale (a number each call may set; it has a gradient if asked)
+    learnable: bool = True  # False: the per-call scale, or a fixed tensor (learnable: false); each call may pass it
+    draw: str = ""  # '' (init is the value), 'normal' (init is the standard deviation) or 'eye'
+    seed: int = 0  # the seed of a 'normal' draw
+
+    @property
+    def per_head(self) -> bool:
+        return self.shape[:1] == ("H",)
+
+    @property
+    def kind(self) -> str:
+        """'scalar' (shape [] or [H]), 'vector' ([Dk], [H, Dk]) or 'matrix' ([F, Dk], [H, F, Dk])."""
+        if self.shape[-1:] != ("Dk",):
+            return "scalar"
+        return "matrix" if isinstance(self.shape[-2:][0], int) else "vector"
+
+    @property
+    def rows(self) -> int | None:
+        return self.shape[-2] if self.kind == "matrix" else None
+
+    def tensor_shape(self, heads: int, head_dim: int) -> tuple:
+        """The shape of its tensor at H = heads, d = head_dim."""
+        return tuple(heads if s == "H" else head_dim if s == "Dk" else s for s in self.shape)
+
+    def canonical(self) -> list:
+        out = [self.name, list(self.shape), self.init] + ([] if self.learnable else ["fixed"])
+        return out + ([f"draw {self.draw} seed {self.seed}"] if self.draw else [])
 
 
 @dataclass(frozen=True)
@@ -172,8 +208,7 @@ class Spec:
             "reweight": self.reweight,
             "normalize": [self.normalize.kind, self.normalize.eps, self.normalize.eps_mode],
             "constants": [[c.name, c.source] for c in self.constants],
-            "parameters": [[p.name, list(p.shape), p.init] + ([] if p.learnable else ["fixed"])
-                           for p in self.parameters],
+            "parameters": [p.canonical() for p in self.parameters],
             "approx": self.approx,
         } | ({"max_length": self.max_length} if self.max_length else {}) \
           | ({"gates": [[g.name, g.per] for g in self.gates]} if self.gates else {}) \
@@ -199,12 +234,11 @@ class Spec:
         if self.normalize.kind == "rowsum":  # eps is refused for the other kinds, so it is written only here
             data["normalize"] = {"kind": "rowsum", "eps": self.normalize.eps, "eps_mode": self.normalize.eps_mode}
         constants = {c.name: c.source for c in self.constants}
-        constants |= {p.name: p.init for p in self.parameters if not p.learnable}  # the per-call scale
+        constants |= {p.name: p.init for p in self.parameters if _is_scale(p)}  # the per-call scale
         if constants:
             data["constants"] = constants
-        if any(p.learnable for p in self.parameters):
-            data["parameters"] = {p.name: {"shape": list(p.shape), "init": p.init} for p in self.parameters
-                                  if p.learnable}
+        if any(not _is_scale(p) for p in self.parameters):
+            data["parameters"] = {p.name: _parameter_yaml(p) for p in self.parameters if not _is_scale(p)}
         if self.gates:
             data["gates"] = {g.name: g.per for g in self.gates}
         if self.rotary is not None:
@@ -214,6 +248,17 @@ class Spec:
         if self.max_length:
             data["max_length"] = self.max_length
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _is_scale(p: Parameter) -> bool:
+    return p.name == SCALE and not p.learnable and p.shape == () and not p.draw
+
+
+def _parameter_yaml(p: Parameter) -> dict:
+    init = {"normal": f"normal({p.init})", "eye": "eye"}.get(p.draw, p.init)
+    out = {"shape": list(p.shape), "init": init}
+    out |= {} if p.learnable else {"learnable": False}
+    return out | ({"seed": p.seed} if p.draw == "normal" else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,16 +503,16 @@ def _pick_mode(value, causal: bool, where: str, key: str):
     return value
 
 
-def _check_name(name, where, key):
+def _check_name(name, where, key, reserved=RESERVED):
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(f"invalid name {brief(name)}", where=where, key=key,
                         expected="an identifier such as 'gamma' or 'M' (a letter, then letters, digits or _)")
     if len(name) > MAX_NAME:
         raise SpecError(f"the name is {len(name)} characters long", where=where, key=key,
                         expected=f"at most {MAX_NAME} characters", fix="choose a shorter name")
-    if name in RESERVED:
+    if name in reserved:
         raise SpecError(f"{name!r} is a reserved name", where=where, key=key,
-                        fix="choose another name (reserved: " + ", ".join(sorted(RESERVED)) + ")")
+                        fix="choose another name (reserved: " + ", ".join(sorted(reserved)) + ")")
 
 
 def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
@@ -492,7 +537,7 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     name = data.get("name")
     if name is None and where not in ("<dict>", "<yaml string>"):
         name = Path(where).stem
-    _check_name(name, where, "name")
+    _check_name(name, where, "name", SPEC_NAME_RESERVED)
     description = data.get("description", "") or ""
     if not isinstance(description, str):
         raise SpecError("description must be text", where=where, key="description")
@@ -502,8 +547,10 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
 
     constants, bounds = _constants(data.get("constants") or {}, overrides, causal, where)
     constants, fixed = _scale_constant(constants, where)
-    parameters = _parameters(data.get("parameters") or {}, causal, where, {c.name for c in constants}) + fixed
+    parameters = _parameters(data.get("parameters") or {}, causal, where, {c.name: c.symbol for c in constants},
+                             bounds.numbers) + fixed
     names = {c.name: c.symbol for c in constants} | {p.name: p.symbol for p in parameters}
+    rows = {p.symbol: p.rows for p in parameters if p.kind == "matrix"}
     gates = _gates(_pick_mode(data.get("gates"), causal, where, "gates"), causal, where, set(names))
     rotary = _rotary(_pick_mode(data.get("rotary"), causal, where, "rotary"), where)
     implicit = SCALE not in names  # the per-call scale, declared by using it
@@ -516,7 +563,7 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     similarity = _pick_mode(data["similarity"], causal, where, "similarity")
     sim_ctx = Context(where, "similarity", scalar_names, True,
                       {"i": "positions belong in 'reweight'", "j": "positions belong in 'reweight'"},
-                      bounds.numbers)
+                      bounds.numbers, rows)
     sim_expr = parse_expression(similarity, sim_ctx)
     bounds.check(sim_expr, where, "similarity", similarity=True)
 
@@ -788,7 +835,7 @@ def _constants(raw, overrides: dict, causal: bool, where: str) -> tuple:
     return out, bounds
 
 
-def _parameters(raw, causal: bool, where: str, taken: set) -> list:
+def _parameters(raw, causal: bool, where: str, constants: dict, numbers: dict) -> list:
     if isinstance(raw, (list, dict)) and len(raw) > MAX_ENTRIES:
         raise SpecError(f"{len(raw)} parameters", where=where, key="parameters", expected=f"at most {MAX_ENTRIES}")
     if isinstance(raw, list):  # also accept a list of {name, shape, init}
@@ -809,35 +856,95 @@ def _parameters(raw, causal: bool, where: str, taken: set) -> list:
     for name, body in raw.items():
         key = f"parameters.{_key(name)}"
         _check_name(name, where, key)
-        if name in taken:
+        if name in constants:
             raise SpecError(f"{name!r} is both a constant and a parameter", where=where, key=key)
         if not isinstance(body, dict):
             body = {"init": body}
-        extra = set(map(_key, body)) - {"shape", "init"}
+        extra = set(map(_key, body)) - {"shape", "init", "learnable", "seed"}
         if extra:
-            raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key=key, expected="shape, init")
-        shape = body.get("shape", ["H"])
-        if shape in ([], (), None, "scalar"):
-            shape = ()
-        elif shape in (["H"], ("H",), "H", "[H]"):
-            shape = ("H",)
-        else:
-            raise SpecError(f"shape {brief(shape, 40)}", where=where, key=f"{key}.shape",
-                            expected="[H] (one value per head) or [] (a scalar)")
+            raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key=key,
+                            expected="shape, init, learnable, seed")
+        shape = _shape(body.get("shape", ["H"]), where, f"{key}.shape", constants, numbers)
         if "init" not in body:
             raise SpecError("missing 'init'", where=where, key=key, fix="add e.g. init: 0.5")
         init = _pick_mode(body["init"], causal, where, f"{key}.init")
-        ctx = Context(where, f"{key}.init", {"h": BUILTIN_SYMBOLS["h"], "H": BUILTIN_SYMBOLS["H"],
-                                              "d": BUILTIN_SYMBOLS["d"]}, False, {})
         if isinstance(init, bool):
             raise SpecError(f"found {init!r}", where=where, key=f"{key}.init", expected="a number or expression")
-        init_expr = parse_expression(init, ctx)
-        if shape == () and init_expr.has(BUILTIN_SYMBOLS["h"]):
-            raise SpecError("a scalar parameter's init uses the head index h", where=where, key=f"{key}.init",
-                            fix="declare shape: [H] for a per-head parameter")
-        out.append(Parameter(name, shape, init if isinstance(init, str) else repr(init), init_expr,
-                             sympy.Symbol(name, real=True)))
+        learnable = body.get("learnable", True)
+        if not isinstance(learnable, bool):
+            raise SpecError(f"found {brief(learnable, 40)}", where=where, key=f"{key}.learnable",
+                            expected="true (a trained parameter, the default) or false (a fixed tensor)")
+        draw, text = _draw(init, shape, where, f"{key}.init")
+        seed = body.get("seed", 0)
+        if "seed" in body and draw != "normal":
+            raise SpecError("a seed without a random init", where=where, key=f"{key}.seed",
+                            fix="use init: normal(std) with it, or remove the seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise SpecError(f"seed {brief(seed, 40)}", where=where, key=f"{key}.seed",
+                            expected="an integer in [0, 2**63)")
+        ctx = Context(where, f"{key}.init", {"h": BUILTIN_SYMBOLS["h"], "H": BUILTIN_SYMBOLS["H"],
+                                              "d": BUILTIN_SYMBOLS["d"]}, False, {})
+        init_expr = parse_expression(text, ctx) if draw != "eye" else sympy.Integer(1)
+        if "H" not in shape and init_expr.has(BUILTIN_SYMBOLS["h"]):
+            raise SpecError("a parameter without a head axis uses the head index h in its init", where=where,
+                            key=f"{key}.init", fix="declare shape: [H] (or [H, ...]) for a per-head parameter")
+        symbol = (Matrix if isinstance(shape[-2:][0], int) else Elem) if shape[-1:] == ("Dk",) else sympy.Symbol
+        out.append(Parameter(name, shape, text if isinstance(text, str) else repr(text), init_expr,
+                             symbol(name, real=True), learnable, draw, seed))
     return out
+
+
+def _shape(raw, where: str, key: str, constants: dict, numbers: dict) -> tuple:
+    """A parameter's shape: (), ('H',), ('Dk',), ('H', 'Dk'), (F, 'Dk'), ('H', F, 'Dk') with F an int."""
+    if raw in ([], (), None, "scalar"):
+        return ()
+    if raw in ("H", "[H]"):
+        return ("H",)
+    bad = SpecError(f"shape {brief(raw, 40)}", where=where, key=key, expected=PARAMETER_SHAPES,
+                    fix="e.g. shape: [H, Dk] for a per-head, per-dimension vector")
+    if not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= 3:
+        raise bad
+    items = list(raw)
+    head = items[:1] == ["H"]
+    rest = items[1:] if head else items
+    if rest == []:
+        return ("H",)
+    if rest[-1:] not in (["Dk"], ["d"]):
+        raise bad
+    if len(rest) == 1:
+        return (("H",) if head else ()) + ("Dk",)
+    if len(rest) != 2:
+        raise bad
+    rows = rest[0]
+    if isinstance(rows, str) and rows in constants:
+        value = numbers.get(constants[rows])
+        if value is None or value != int(value):
+            raise SpecError(f"the constant {rows!r} in the shape is not an integer known at load time", where=where,
+                            key=key, expected="an integer constant such as F: 64")
+        rows = int(value)
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:
+        raise SpecError(f"rows {brief(rest[0], 40)}", where=where, key=key,
+                        expected=f"an integer in [1, {MAX_ROWS}] or the name of a numeric constant",
+                        fix="e.g. shape: [64, Dk] or constants: {F: 64} with shape: [F, Dk]")
+    return (("H",) if head else ()) + (rows, "Dk")
+
+
+def _draw(init, shape: tuple, where: str, key: str) -> tuple:
+    """('', init), ('normal', the std's text) or ('eye', 'eye'): how the init makes the tensor."""
+    if not isinstance(init, str):
+        return "", init
+    text = init.strip()
+    if text == "eye":
+        if not isinstance(shape[-2:][0], int):
+            raise SpecError("init eye needs a matrix parameter", where=where, key=key,
+                            expected="shape [F, Dk] or [H, F, Dk]")
+        return "eye", "eye"
+    if text.startswith("normal(") and text.endswith(")"):
+        if shape[-1:] != ("Dk",):
+            raise SpecError("a random init needs a vector or matrix parameter", where=where, key=key,
+                            expected="shape [Dk], [H, Dk], [F, Dk] or [H, F, Dk]", fix="or give a number")
+        return "normal", text[len("normal("):-1]
+    return "", init
 
 
 def _normalize(raw, where: str) -> Normalize:

@@ -16,7 +16,7 @@ from sympy import Abs, Add, Mul, exp
 from sympy.simplify.fu import TR10
 
 from attngen.errors import SpecError
-from attngen.frontend.expr import KE, QE, Dot, I, J, outer_free_symbols, sides
+from attngen.frontend.expr import KE, QE, Dot, I, J, sides, varies
 from attngen.ir import Decay, FeatureTerm, PositionTerm, Reweight, ReweightClass, Similarity, SimilarityClass
 
 T_DIFF = sympy.Symbol("t", integer=True)  # i - j, the argument of a Toeplitz kernel h(t)
@@ -38,9 +38,10 @@ def _causal_abs(expr):
     return expr.replace(_is_abs_diff, lambda e: I - J)
 
 
-def _is_row_scalar(f, elem) -> bool:
-    """True if f does not vary along the head dimension: elem occurs only inside Norm/Dot."""
-    return elem not in outer_free_symbols(f)
+def _is_row_scalar(f, elem=None) -> bool:
+    """True if f does not vary along the vector's elements: q's, k's and vector parameters' element symbols and
+    vector maps (matmul, softmax) occur only inside reductions (norm, dot, mean, sum)."""
+    return not varies(f)
 
 
 def _pull_row_scalars(expr):

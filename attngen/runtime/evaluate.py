@@ -12,7 +12,23 @@ import sympy
 import torch
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import HEAD, HEADS, N_K, N_Q, D, Dot, Elu, Norm, Relu, Sigmoid
+from attngen.frontend.expr import (
+    HEAD,
+    HEADS,
+    N_K,
+    N_Q,
+    D,
+    Dot,
+    Elu,
+    MatVec,
+    Mean,
+    Norm,
+    Relu,
+    Sigmoid,
+    Softmax,
+    Total,
+    VecMax,
+)
 
 
 def _max(*xs):
@@ -59,6 +75,18 @@ def _heaviside(x, h0=0.0):
     return 1.0 if x > 0 else float(h0) if x == 0 else 0.0
 
 
+def _matvec(w, a, rows):
+    """Element f of W a over the last dim of ``a`` [B, H, ..., D]: W [F, D], or [H, F, D] per head."""
+    if w.dim() == 3:
+        w = w.view(1, w.shape[0], *([1] * (a.dim() - 3)), *w.shape[1:])
+        return torch.einsum("...d,...fd->...f", a, w.to(a.dtype))
+    return a @ w.to(a.dtype).transpose(-1, -2)
+
+
+def _reduce(fn):
+    return lambda x: fn(x) if isinstance(x, torch.Tensor) else x
+
+
 # sympy node type -> how to compute it from its evaluated arguments
 TABLE = {
     sympy.exp: _unary(torch.exp, math.exp),
@@ -74,6 +102,11 @@ TABLE = {
     sympy.Min: _min,
     sympy.Heaviside: _heaviside,
     sympy.Pow: _pow,
+    MatVec: _matvec,
+    Softmax: lambda x: torch.softmax(x, dim=-1),
+    Mean: _reduce(lambda x: x.mean(-1, keepdim=True)),
+    Total: _reduce(lambda x: x.sum(-1, keepdim=True)),
+    VecMax: _reduce(lambda x: x.amax(-1, keepdim=True)),
 }
 
 
@@ -192,6 +225,15 @@ def scalar_env(spec, n_q: int, n_k: int, d: int, heads: int, params: dict, dtype
     env = {N_Q: n_q, N_K: n_k, D: d, HEADS: heads,
            HEAD: torch.arange(heads, dtype=dtype, device=device).view(1, heads, 1, 1)}
     for p in spec.parameters:
-        t = params[p.name]
-        env[p.symbol] = t.view(1, heads, 1, 1) if p.shape else t.reshape(())
+        env[p.symbol] = parameter_value(p, params[p.name], 4)
     return env
+
+
+def parameter_value(p, t: torch.Tensor, rank: int):
+    """A parameter's tensor laid out for rows of ``rank`` dims [B, H, ..., D]: a scalar as [] (per head
+    [1, H, 1, ...]), a vector [1, H or 1, 1, ..., D], a matrix as it is ([F, D] or [H, F, D], for MatVec)."""
+    if p.kind == "matrix":
+        return t
+    if p.kind == "vector":
+        return t.view(1, t.shape[0] if p.per_head else 1, *([1] * (rank - 3)), t.shape[-1])
+    return t.view(1, t.shape[0], *([1] * (rank - 2))) if p.per_head else t.reshape(())

@@ -38,12 +38,38 @@ def default_parameters(spec: Spec, heads: int, dtype=torch.float32, device=None,
         except (ArithmeticError, ValueError, TypeError) as exc:  # 1/(d - 64) at d = 64, a domain error
             raise InputError(f"{spec.name}: the init of parameter {p.name!r} ({p.init}) cannot be evaluated at "
                              f"d = {head_dim}, H = {heads} ({type(exc).__name__}); pass {p.name}= explicitly") from None
-        t = t.expand(heads).clone() if p.shape else t.reshape(())
+        t = _filled(p, t, heads, head_dim)
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"{spec.name}: the init of parameter {p.name!r} ({p.init}) is not finite at "
                              f"d = {head_dim}, H = {heads}; pass {p.name}= explicitly")
         out[p.name] = t.to(dtype=dtype, device=device)
     return out
+
+
+def _filled(p, value: torch.Tensor, heads: int, head_dim: int | None) -> torch.Tensor:
+    """The parameter's tensor from its evaluated init ``value`` (a number, or [H] over the head index): filled
+    with it, or its N(0, value**2) draw (the spec's seed) or the identity."""
+    if p.kind == "scalar":
+        return value.expand(heads).clone() if p.per_head else value.reshape(())
+    if head_dim is None:
+        raise InputError(f"the shape of parameter {p.name!r} uses Dk: pass head_dim=")
+    shape = p.tensor_shape(heads, head_dim)
+    per_head = value.reshape(-1, *([1] * (len(shape) - 1))) if p.per_head and value.dim() else value
+    if p.draw == "normal":
+        return _normal(shape, p.seed) * per_head
+    if p.draw == "eye":
+        return torch.eye(shape[-2], shape[-1], dtype=torch.float64).expand(shape).clone()
+    return torch.broadcast_to(per_head, shape).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _normal_cached(shape: tuple, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _normal(shape: tuple, seed: int) -> torch.Tensor:
+    """N(0, 1) in float64 from a CPU generator seeded with ``seed``: the same tensor on every machine."""
+    return _normal_cached(tuple(shape), seed).clone()
 
 
 def check_qkv(spec: Spec, q, k, v, layout: str, limits: validate.Limits = validate.TORCH):
@@ -96,8 +122,8 @@ def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_
     out = default_parameters(spec, heads, like.dtype, like.device, head_dim=head_dim, names=missing)
     for p in spec.parameters:
         if p.name in params:
-            out[p.name] = validate.parameter(p.name, params[p.name], per_head=bool(p.shape), heads=heads, like=like,
-                                             spec=spec.name)
+            out[p.name] = validate.parameter(p.name, params[p.name], per_head=p.per_head, heads=heads, like=like,
+                                             spec=spec.name, shape=p.tensor_shape(heads, head_dim))
     return out
 
 

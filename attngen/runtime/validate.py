@@ -110,15 +110,17 @@ def gate(name: str, value, *, per_dim: bool, shape: tuple, layout: str, like: to
     return value.transpose(1, 2) if layout == "bthd" else value
 
 
-def parameter(name: str, value, *, per_head: bool, heads: int, like: torch.Tensor, spec: str) -> torch.Tensor:
-    """A parameter's value as a tensor of shape [H] (per head) or [] (scalar) on ``like``'s device."""
+def parameter(name: str, value, *, per_head: bool, heads: int, like: torch.Tensor, spec: str,
+              shape: tuple | None = None) -> torch.Tensor:
+    """A parameter's value as a tensor of shape [H] (per head) or [] (scalar), or ``shape`` when given (a vector
+    or matrix parameter), on ``like``'s device."""
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
         except (TypeError, ValueError, RuntimeError):
             raise InputError(f"{spec}: parameter {name!r}: expected a tensor or a number, found "
                              f"{type(value).__name__}") from None
-    want = (heads,) if per_head else ()
+    want = tuple(shape) if shape is not None else (heads,) if per_head else ()
     if tuple(value.shape) != want:
         raise InputError(f"{spec}: parameter {name!r}: expected shape {list(want)}, found {list(value.shape)}")
     if value.device != like.device:

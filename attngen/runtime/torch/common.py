@@ -13,7 +13,7 @@ import sympy
 import torch
 
 from attngen.errors import InputError
-from attngen.frontend.expr import KE, QE, I, J
+from attngen.frontend.expr import KE, QE, Elem, I, J
 from attngen.runtime.evaluate import Evaluator, compiled, scalar_env
 
 
@@ -30,7 +30,8 @@ def symbol_env(plan, n_q: int, n_k: int, heads: int, d: int, params: dict, dtype
 
 def with_rank5(env: dict) -> dict:
     """The same environment with [1, H, 1, 1] tensors as [1, H, 1, 1, 1] (for [B, H, T, S, D] tiles)."""
-    return {s: x.unsqueeze(-1) if isinstance(x, torch.Tensor) and x.dim() == 4 else x for s, x in env.items()}
+    return {s: x.unsqueeze(-2 if isinstance(s, Elem) else -1) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+            for s, x in env.items()}
 
 
 def as_tensor(value, like: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,8 @@ def _sides(blocks: tuple):
 def _side(ev: Evaluator, scales, factors, x: torch.Tensor) -> torch.Tensor:
     # factors evaluated separately and multiplied in torch: no sympy re-simplification of the product
     prefix = tuple(x.shape[:-1])
-    feats = [_full(as_tensor(ev.run(f), x), x.shape) for f in factors]
+    feats = [_full(t, prefix + (t.shape[-1] if t.dim() and t.shape[-1] > 1 else x.shape[-1],))
+             for t in (as_tensor(ev.run(f), x) for f in factors)]  # width d, or F of a matmul(W, .)
     out = tensor_product(feats, prefix, x)
     for scale in scales:
         out = out * ev.run(scale)  # a number or a tensor: torch takes both

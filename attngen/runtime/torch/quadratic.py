@@ -217,8 +217,10 @@ def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
         key = (a, bb)
         if key not in cache:
             if sides(a) == {"q"} and sides(bb) == {"k"}:
-                ea = torch.broadcast_to(as_tensor(ev(a), q_tile), (b, h, tq, 1, d))[:, :, :, 0]
-                eb = torch.broadcast_to(as_tensor(ev(bb), q_tile), (b, h, 1, tk, d))[:, :, 0]
+                ea, eb = as_tensor(ev(a), q_tile), as_tensor(ev(bb), q_tile)
+                width = max(ea.shape[-1], eb.shape[-1])  # d, or F of a matmul(W, q)
+                ea = torch.broadcast_to(ea, (b, h, tq, 1, width))[:, :, :, 0]
+                eb = torch.broadcast_to(eb, (b, h, 1, tk, width))[:, :, 0]
                 cache[key] = (ea @ eb.transpose(-1, -2)).unsqueeze(-1)  # [B, H, Tq, Tk, 1]
             else:
                 cache[key] = (as_tensor(ev(a), q_tile) * as_tensor(ev(bb), q_tile)).sum(-1, keepdim=True)
