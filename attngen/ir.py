@@ -286,6 +286,9 @@ class Plan:
     estimator: "Plan | None" = field(compare=False, repr=False, default=None)  # topk_sparse: the estimator's plan
     target: str = "torch"  # the backend whose orderings the choice was restricted to
     sdpa: Sdpa | None = None  # torch target: the quadratic ordering delegated to SDPA (attngen.runtime.torch.sdpa)
+    # triton target: feature maps the kernels cannot form (attngen.passes.prologue.Prologue); the plan is then the
+    # plan of the prologue's core spec, whose q and k are the feature rows
+    prologue: object = None
     trace: tuple = field(compare=False, repr=False, default=())  # (stage, pass, what it did) per pass
     memo: dict = field(compare=False, repr=False, default_factory=dict)  # per-call values worked out once
 
@@ -322,6 +325,8 @@ class Plan:
         d = head_dim or self.head_dim
         spec = self.spec
         lines = [f"plan for {spec.name} ({spec.mode}), spec hash {spec.hash}, from {spec.where}", "", "derivation:"]
+        if self.prologue is not None:  # the plan below is the core spec's, on the feature rows
+            lines[1:1] = ["", f"prologue: {self.prologue.describe()}"]
         for i, s in enumerate(self.derivation, 1):
             lines.append(f"  {i}. {s.name}: {s.detail}")
         if self.linear_terms:

@@ -117,6 +117,9 @@ class AttentionOp:
             check_positions(self.spec, state.pos + lengths)
         if backend == "torch" and self.spec.rotary is not None:  # the generated kernels would rotate in place
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
+        if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
+            qh, kh = plan.prologue.features(qh, kh, values)
+            values = plan.prologue.core_values(values)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton" and bounds is not None and not stateful and not plan.linear_terms:
@@ -204,7 +207,7 @@ class AttentionOp:
         backend = resolve_backend(self.backend, torch.device(device or "cpu"))
         plan = self._plan_for(backend, dk)
         check_decodable(plan, "init_state")
-        return state_lib.zeros(self.spec.hash, batch, heads, plan.feature_width(dk), dv,
+        return state_lib.zeros(self.spec.hash, batch, heads, _feature_width(plan, dk), dv,
                                plan.normalize.kind != "none", dtype=dtype, device=device)
 
     def step(self, q_t, k_t, v_t, state, **params):
@@ -236,6 +239,9 @@ class AttentionOp:
         key = self._state_key(plan, qh, vh, qh.shape[0], _state_heads(plan, qh, kh))
         state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key, heads=key[2])
         check_positions(self.spec, state.pos + 1, "step")
+        if plan.prologue is not None:
+            qh, kh = plan.prologue.features(qh, kh, values)
+            values = plan.prologue.core_values(values)
         if backend == "triton":
             if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise InputError(_TRITON_CPU.format(device=qh.device.type))
@@ -268,14 +274,14 @@ class AttentionOp:
         return (o.transpose(1, 2) if self.layout == "bthd" else o), new
 
     def _state_key(self, plan, qh, vh, batch, heads=None) -> tuple:
-        return (self.spec.hash, batch, heads or qh.shape[1], plan.feature_width(qh.shape[-1]), vh.shape[-1],
+        return (self.spec.hash, batch, heads or qh.shape[1], _feature_width(plan, qh.shape[-1]), vh.shape[-1],
                 qh.device, compute_dtype(qh.dtype))
 
     def _checked_state(self, state, plan, qh, vh, batch, what="initial_state", key=None, heads=None):
         """``state`` validated against the inputs (None: a zero state) and ``heads`` (the state's: q's, or the kv
         heads when grouped heads share states). A State that op.step returned for the same sizes, whose tensors
         are still the ones it returned, is not checked again (the decode hot path)."""
-        width, dv = plan.feature_width(qh.shape[-1]), vh.shape[-1]
+        width, dv = _feature_width(plan, qh.shape[-1]), vh.shape[-1]
         dtype = compute_dtype(qh.dtype)
         heads = heads or qh.shape[1]
         if state is None:
@@ -351,6 +357,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _feature_width(plan, head_dim: int) -> int:
+    """The width of a recurrent state's rows at the call's head dim (after a prologue's feature maps, if any)."""
+    return plan.feature_width(plan.prologue.width(head_dim) if plan.prologue is not None else head_dim)
 
 
 def _state_heads(plan, qh, kh) -> int:

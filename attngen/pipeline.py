@@ -9,10 +9,13 @@ adding a line to the trace that ``attngen plan --trace`` prints. Nothing else ca
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from attngen.codegen.module import TRITON, Module, fill_slots, render_text, select_kernels
 from attngen.errors import PlanError
 from attngen.frontend.spec import Spec, load_spec
 from attngen.ir import DEFAULT_CHUNK, Plan
+from attngen.passes import prologue
 from attngen.passes.capabilities import capabilities
 from attngen.passes.draft import Draft
 from attngen.passes.frontend import check_names, read_spec, softmax_as_exp, substitute_constants
@@ -45,6 +48,10 @@ def plan(spec, *, target: str = "torch", head_dim: int = 64, chunk: int = DEFAUL
     if target not in TARGETS:
         raise PlanError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
     generator = GENERATORS.get(target)
+    pro = prologue.split(spec) if generator is not None else None
+    if pro is not None:  # the kernels run the core spec on feature rows the prologue computes
+        core = plan(pro.core, target=target, head_dim=pro.width(head_dim), chunk=chunk, force=force)
+        return replace(core, prologue=pro, trace=(("planning", "prologue", pro.describe()),) + core.trace)
     x = Draft(spec, head_dim, chunk, ordering(force, spec) if force is not None else None, target=target,
               available=generator.choosable if generator else None, generator=TRITON, subplan=_subplan)
     rows = []

@@ -33,7 +33,8 @@ SPECS = spec_files()[0].parent  # the built-in specs shipped in the package
 def spec_with(key, value):
     """A valid spec (constant M, parameter m) with ``value`` placed at ``key`` (dotted for nested keys)."""
     data = {"name": "fuzz", "similarity": "dot(q, k)", "constants": {"M": 4},
-            "parameters": {"m": {"shape": ["H"], "init": 0.5}}}
+            "parameters": {"m": {"shape": ["H"], "init": 0.5}, "g": {"shape": ["H", "Dk"], "init": 1},
+                           "W": {"shape": [4, "Dk"], "init": "normal(1)", "seed": 3, "learnable": False}}}
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -73,9 +74,11 @@ def check_valid(spec):
 # (a) expression strings from a grammar of allowed and hostile tokens
 # ---------------------------------------------------------------------------------------------
 NAMES = ["q", "k", "i", "j", "n", "n_q", "n_k", "d", "h", "H", "pi", "M", "m", "x", "gamma", "__import__",
-         "os", "eval", "exec", "open", "__builtins__", "globals", "self", "None", "True", "inf", "nan"]
+         "os", "eval", "exec", "open", "__builtins__", "globals", "self", "None", "True", "inf", "nan", "g", "W",
+         "Dk", "eye", "normal"]
 FUNCS = ["dot", "norm", "relu", "elu", "exp", "log", "sigmoid", "tanh", "abs", "sqrt", "sin", "cos", "min",
-         "max", "__import__", "eval", "getattr", "print", "sum", "softplus", "(lambda x: x)", "q", "1"]
+         "max", "__import__", "eval", "getattr", "print", "sum", "softplus", "(lambda x: x)", "q", "1", "mean",
+         "matmul", "softmax", "W", "normal"]
 NUMBERS = ["0", "1", "2", "0.5", "-1", "1e-12", "1e30", "1e31", "1e400", "1e-400", "9" * 50, "1" + "0" * 400,
            "0x1f", "1_000", "1j", "0.0", "-0.0", "2**99", "10**64", ".5", "5.", "1e308", "07", "0b11"]
 BINOPS = ["+", "-", "*", "/", "**", "^", "//", "%", "@", "==", "<", ">=", "and", "or", "|", "&", "<<", "in"]
@@ -143,7 +146,7 @@ KEY_TEXT = st.sampled_from([*KEYS, "causal", "bidirectional", "kind", "eps", "ep
 SCALARS = (st.none() | st.booleans() | st.integers() | st.floats()
            | st.integers(min_value=10 ** 4400, max_value=10 ** 4500) | st.text(max_size=20)
            | st.sampled_from(["dot(q, k)", "rowsum", "none", "softmax", "add", "clamp", "H", "[H]", "scalar",
-                              "0.5", "max(n_q, n_k)", "1e-6"]))
+                              "0.5", "max(n_q, n_k)", "1e-6", "Dk", "[H, Dk]", "eye", "normal(1)", "normal(-1)"]))
 OBJECTS = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEY_TEXT | st.integers(), inner, max_size=4),
@@ -152,7 +155,8 @@ DEEP = st.builds(deep, st.integers(1, 60), SCALARS)  # hypothesis pretty-prints 
 OBJECTS_WITH_DEEP = OBJECTS | DEEP
 PATHS = EXPR_KEYS + ["name", "description", "causal", "normalize", "normalize.kind", "normalize.eps",
                      "normalize.eps_mode", "constants", "parameters", "parameters.m", "parameters.m.shape",
-                     "approx", "constants.M.causal"]
+                     "approx", "constants.M.causal", "parameters.W.shape", "parameters.W.init", "parameters.W.seed",
+                     "parameters.W.learnable", "parameters.g.shape", "parameters.g.init"]
 
 
 @FUZZ
@@ -350,5 +354,6 @@ def test_valid_specs_load_under_the_sentinel():
     # the sentinel does not itself break parsing: every built-in still loads with it armed
     for name in attngen.builtin_names():
         text = (SPECS / f"{name}.yaml").read_text()
+        attngen.load_spec(text)  # warm sympy's lazy imports outside the sentinel
         spec, calls = load_under_sentinel(text)
         assert calls == [] and isinstance(spec, attngen.Spec) and spec.name == name

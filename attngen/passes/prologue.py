@@ -1,0 +1,210 @@
+"""The feature prologue of the Triton target: feature maps its templates cannot form, computed before the kernels.
+
+The generated kernels print a feature map element by element from the q or k block they hold, with the row
+reductions norm and dot of that block. A feature map with a matrix product (``matmul(W, q)``), a softmax over the
+vector, ``mean`` / ``sum``, reductions nested in reductions, or any parameter is instead evaluated by the torch
+evaluator (autograd gives the parameters' gradients), and the kernels run the *core* spec on those feature rows:
+
+    similarity  c * dot(a(q), b(k))**2          core: c * dot(q', k')**2        q' = a(q), k' = b(k)
+    similarity  dot(a1(q), b1(k)) + c dot(a2(q), b2(k))     core: dot(q', k')   q' = [a1(q) | c a2(q)], k' = [b1 | b2]
+
+Which similarities split: every dot that needs the prologue is the same dot (one pair a, b), or the dots that need it
+are the terms of one sum with coefficients free of q and k; q and k appear nowhere else. The core keeps the spec's
+reweight, normalisation, gates and the parameters they use. Anything else is a PlanError that says so
+(backend='torch' evaluates every spec).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from attngen.errors import PlanError
+from attngen.frontend.expr import (
+    HEAD,
+    KE,
+    QE,
+    REDUCTIONS,
+    VECTOR_FUNCTIONS,
+    Dot,
+    I,
+    J,
+    Mean,
+    Total,
+    sides,
+    vector_width,
+)
+from attngen.frontend.spec import Spec
+
+CORE_DOT = Dot(QE, KE)
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """q' = [q_vectors evaluated on q], k' = [k_vectors on k] (element formulas, concatenated), then ``core``."""
+    spec: Spec  # the spec as written
+    core: Spec  # the spec the kernels run, on q', k'
+    q_vectors: tuple
+    k_vectors: tuple
+    per_head_keys: bool  # the key side uses the head index or a per-head parameter: k is repeated per query head
+
+    def width(self, head_dim: int) -> int:
+        """The width of q', k' at head dim ``head_dim``."""
+        return sum(int(vector_width(v, head_dim)) for v in self.q_vectors)
+
+    def describe(self) -> str:
+        q = " | ".join(sympy.sstr(v) for v in self.q_vectors)
+        k = " | ".join(sympy.sstr(v) for v in self.k_vectors)
+        return (f"feature maps computed before the kernels (torch, autograd): q' = [{q}], k' = [{k}]; the kernels "
+                f"run similarity {self.core.similarity} on q', k'")
+
+    def features(self, qh: torch.Tensor, kh: torch.Tensor, values: dict) -> tuple:
+        """q' [B, H, T, F] and k' [B, H(_kv), S, F] from q, k [B, H(_kv), T, D] and the spec's parameters."""
+        from attngen.runtime.evaluate import scalar_env
+        from attngen.runtime.torch.common import row_evaluator
+
+        heads = qh.shape[1]
+        if self.per_head_keys and kh.shape[1] != heads:
+            kh = kh.repeat_interleave(heads // kh.shape[1], dim=1)
+        dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
+        params = {n: t.to(dtype=dtype, device=qh.device) for n, t in values.items()}
+        env = scalar_env(self.spec, qh.shape[2], kh.shape[2], qh.shape[3], heads, params, dtype, qh.device)
+        out = []
+        for elem, pos, x, vectors in ((QE, I, qh, self.q_vectors), (KE, J, kh, self.k_vectors)):
+            xs = x.to(dtype)
+            ev = row_evaluator(env, elem, xs, pos, None, self.spec.where)
+            parts = []
+            for v in vectors:
+                t = ev(v)
+                t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=dtype, device=x.device)
+                width = t.shape[-1] if t.dim() and t.shape[-1] > 1 else xs.shape[-1]
+                parts.append(torch.broadcast_to(t, (*xs.shape[:-1], width)))
+            out.append((parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(x.dtype).contiguous())
+        return out[0], out[1]
+
+    def core_values(self, values: dict) -> dict:
+        """The parameters the core spec takes (those its reweight and similarity still use)."""
+        names = set(self.core.param_names)
+        return {n: t for n, t in values.items() if n in names}
+
+
+def needs_prologue(spec: Spec) -> bool:
+    return bool(_prologue_nodes(_similarity(spec), _parameter_symbols(spec)))
+
+
+def split(spec: Spec) -> Prologue | None:
+    """The spec's prologue and core for the Triton target, or None when the kernels can form its feature maps."""
+    params = _parameter_symbols(spec)
+    expr = _similarity(spec)
+    nodes = _prologue_nodes(expr, params)
+    if not nodes:
+        return None
+    where = spec.where
+
+    def refuse(why: str) -> PlanError:
+        return PlanError(f"{where}: the similarity {spec.similarity.strip()} has feature maps the Triton kernels cannot "
+                         f"form (a matmul, softmax, mean, sum, nested reductions or a parameter inside them), and "
+                         f"{why}; use backend='torch'")
+
+    if spec.rotary is not None:
+        raise refuse("rotary positions would have to be applied before them")
+    if spec.gate is not None and spec.gate.per == "key_dim":
+        raise refuse("a per-key-dimension gate needs the similarity's own dot product")
+    dots = {n for n in nodes if isinstance(n, Dot)}
+    if dots != set(nodes):
+        raise refuse("a row scale (norm, mean, sum) outside every dot() needs them")
+    if len(dots) == 1:
+        (dot,) = dots
+        core = expr.xreplace({dot: CORE_DOT})
+        pairs = [_oriented(dot, refuse)]
+    else:
+        found = [a for a in sympy.preorder_traversal(expr) if isinstance(a, sympy.Add) and _sum_of(a, dots)]
+        if not found:
+            raise refuse("its dots that need them are not the terms of one sum with coefficients free of q and k")
+        pairs = []
+        for term in found[0].args:
+            coeff, dot = _coeff_dot(term)
+            a, b = _oriented(dot, refuse)
+            pairs.append((coeff * a, b))
+        core = expr.xreplace({found[0]: CORE_DOT})
+    if core.xreplace({CORE_DOT: sympy.Symbol("_")}).has(QE, KE):
+        raise refuse("q or k also appear outside those dots")
+    core_params = tuple(p for p in spec.parameters if p.symbol in core.free_symbols
+                        or p.symbol in spec.reweight_expr.free_symbols)
+    text = _source(core)
+    core_spec = dataclasses.replace(spec, similarity=text, similarity_expr=core, parameters=core_params)
+    keys = [b for _, b in pairs]
+    per_head = {HEAD} | {p.symbol for p in spec.parameters if p.per_head}
+    return Prologue(spec, core_spec, tuple(a for a, _ in pairs), tuple(keys),
+                    any(k.free_symbols & per_head for k in keys))
+
+
+def _similarity(spec: Spec):
+    return spec.similarity_expr.xreplace(spec.constant_values())
+
+
+def _parameter_symbols(spec: Spec) -> set:
+    return {p.symbol for p in spec.parameters}
+
+
+def _prologue_nodes(expr, params: set) -> list:
+    """The outermost reductions whose arguments the kernels cannot print: they hold a parameter, a vector map
+    (matmul, softmax) or another reduction, or are mean / sum."""
+    out = []
+
+    def walk(e):
+        if isinstance(e, REDUCTIONS):
+            inner = [a for a in e.args if isinstance(a, sympy.Basic)]
+            if isinstance(e, (Mean, Total)) or any(a.free_symbols & params or a.has(*VECTOR_FUNCTIONS, *REDUCTIONS)
+                                                   for a in inner):
+                out.append(e)
+            return
+        for a in e.args:
+            if isinstance(a, sympy.Basic):
+                walk(a)
+
+    walk(expr)
+    return out
+
+
+def _oriented(dot, refuse) -> tuple:
+    a, b = dot.args
+    if sides(a) == {"k"} and sides(b) == {"q"}:
+        a, b = b, a
+    if sides(a) != {"q"} or sides(b) != {"k"}:
+        raise refuse(f"{sympy.sstr(dot)} does not take a function of q and a function of k")
+    return a, b
+
+
+def _coeff_dot(term) -> tuple:
+    """(c, dot) of a term c * dot (dot None when the term does not hold exactly one dot as a factor)."""
+    coeff, dots = sympy.Integer(1), []
+    for f in sympy.Mul.make_args(term):
+        if isinstance(f, Dot):
+            dots.append(f)
+        else:
+            coeff = coeff * f
+    return coeff, (dots[0] if len(dots) == 1 else None)
+
+
+def _sum_of(add, dots: set) -> bool:
+    """Whether ``add`` is sum_t c_t * dot_t over exactly ``dots``, each c_t free of q and k."""
+    seen = []
+    for term in add.args:
+        coeff, dot = _coeff_dot(term)
+        if dot is None or dot not in dots or coeff.has(QE, KE, *REDUCTIONS):
+            return False
+        seen.append(dot)
+    return set(seen) == dots and len(seen) == len(dots)
+
+
+NAMES = {"Dot(q_e, k_e)": "dot(q, k)", "Relu": "relu", "Elu": "elu", "Sigmoid": "sigmoid"}
+
+
+def _source(expr) -> str:
+    text = sympy.sstr(expr)
+    for a, b in NAMES.items():
+        text = text.replace(a, b)
+    return text
