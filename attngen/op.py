@@ -118,7 +118,7 @@ class AttentionOp:
         if backend == "torch" and self.spec.rotary is not None:  # the generated kernels would rotate in place
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
         if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
-            qh, kh = plan.prologue.features(qh, kh, values)
+            qh, kh, vh = plan.prologue.features(qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
@@ -240,7 +240,7 @@ class AttentionOp:
         state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key, heads=key[2])
         check_positions(self.spec, state.pos + 1, "step")
         if plan.prologue is not None:
-            qh, kh = plan.prologue.features(qh, kh, values)
+            qh, kh, vh = plan.prologue.features(qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if backend == "triton":
             if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -368,6 +368,8 @@ def _state_heads(plan, qh, kh) -> int:
     """The heads of a call's recurrent state: the kv heads when k, v have fewer heads than q and the plan's states
     are equal across a group (Capabilities.shared_state), else q's heads."""
     grouped = kh.shape[1] != qh.shape[1]
+    if plan.prologue is not None and plan.prologue.per_head_keys:  # k' differs per query head
+        return qh.shape[1]
     return kh.shape[1] if grouped and plan.capabilities.shared_state else qh.shape[1]
 
 

@@ -922,8 +922,9 @@ def _shape(raw, where: str, key: str, constants: dict, numbers: dict) -> tuple:
             raise SpecError(f"the constant {rows!r} in the shape is not an integer known at load time", where=where,
                             key=key, expected="an integer constant such as F: 64")
         rows = int(value)
+    shown = f"{rest[0]} = {rows}" if rows is not rest[0] else brief(rows, 40)
     if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:
-        raise SpecError(f"rows {brief(rest[0], 40)}", where=where, key=key,
+        raise SpecError(f"rows {shown}", where=where, key=key,
                         expected=f"an integer in [1, {MAX_ROWS}] or the name of a numeric constant",
                         fix="e.g. shape: [64, Dk] or constants: {F: 64} with shape: [F, Dk]")
     return (("H",) if head else ()) + (rows, "Dk")

@@ -60,14 +60,15 @@ class Prologue:
         return (f"feature maps computed before the kernels (torch, autograd): q' = [{q}], k' = [{k}]; the kernels "
                 f"run similarity {self.core.similarity} on q', k'")
 
-    def features(self, qh: torch.Tensor, kh: torch.Tensor, values: dict) -> tuple:
-        """q' [B, H, T, F] and k' [B, H(_kv), S, F] from q, k [B, H(_kv), T, D] and the spec's parameters."""
+    def features(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, values: dict) -> tuple:
+        """q' [B, H, T, F], k' [B, H(_kv), S, F] and v from q, k, v [B, H(_kv), T, D] and the spec's parameters
+        (k and v repeated per query head when the key side's feature map differs per head)."""
         from attngen.runtime.evaluate import scalar_env
         from attngen.runtime.torch.common import row_evaluator
 
         heads = qh.shape[1]
         if self.per_head_keys and kh.shape[1] != heads:
-            kh = kh.repeat_interleave(heads // kh.shape[1], dim=1)
+            kh, vh = (x.repeat_interleave(heads // kh.shape[1], dim=1) for x in (kh, vh))
         dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
         params = {n: t.to(dtype=dtype, device=qh.device) for n, t in values.items()}
         env = scalar_env(self.spec, qh.shape[2], kh.shape[2], qh.shape[3], heads, params, dtype, qh.device)
@@ -82,7 +83,7 @@ class Prologue:
                 width = t.shape[-1] if t.dim() and t.shape[-1] > 1 else xs.shape[-1]
                 parts.append(torch.broadcast_to(t, (*xs.shape[:-1], width)))
             out.append((parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(x.dtype).contiguous())
-        return out[0], out[1]
+        return out[0], out[1], vh
 
     def core_values(self, values: dict) -> dict:
         """The parameters the core spec takes (those its reweight and similarity still use)."""
@@ -104,9 +105,9 @@ def split(spec: Spec) -> Prologue | None:
     where = spec.where
 
     def refuse(why: str) -> PlanError:
-        return PlanError(f"{where}: the similarity {spec.similarity.strip()} has feature maps the Triton kernels cannot "
-                         f"form (a matmul, softmax, mean, sum, nested reductions or a parameter inside them), and "
-                         f"{why}; use backend='torch'")
+        return PlanError(f"{where}: the similarity {spec.similarity.strip()} has feature maps the Triton kernels "
+                         "cannot form (a matmul, softmax, mean, sum, nested reductions or a parameter inside them), "
+                         f"and {why}; use backend='torch'")
 
     if spec.rotary is not None:
         raise refuse("rotary positions would have to be applied before them")
@@ -115,6 +116,8 @@ def split(spec: Spec) -> Prologue | None:
     dots = {n for n in nodes if isinstance(n, Dot)}
     if dots != set(nodes):
         raise refuse("a row scale (norm, mean, sum) outside every dot() needs them")
+    if expr.xreplace({d: sympy.Symbol("_") for d in dots}).has(QE, KE):
+        raise refuse("q or k also appear outside those dots")
     if len(dots) == 1:
         (dot,) = dots
         core = expr.xreplace({dot: CORE_DOT})
@@ -129,8 +132,6 @@ def split(spec: Spec) -> Prologue | None:
             a, b = _oriented(dot, refuse)
             pairs.append((coeff * a, b))
         core = expr.xreplace({found[0]: CORE_DOT})
-    if core.xreplace({CORE_DOT: sympy.Symbol("_")}).has(QE, KE):
-        raise refuse("q or k also appear outside those dots")
     core_params = tuple(p for p in spec.parameters if p.symbol in core.free_symbols
                         or p.symbol in spec.reweight_expr.free_symbols)
     text = _source(core)
