@@ -194,3 +194,29 @@ def test_triton_prologue_with_grouped_heads_and_a_state():
     o2 = op(x[0][:, :, 12:], x[1][:, :, 12:], x[2][:, :, 12:], W=x[3], initial_state=state)
     want = ref(q, k, v, W=w)
     torch.testing.assert_close(torch.cat([o, o2], 2).cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_degree_three_tensor_power_gets_a_quadratic_only_module(causal):
+    spec = attngen.load_spec({"name": "taylor3", "causal": causal, "normalize": {"kind": "rowsum", "eps": 1e-6},
+                              "similarity": "1 + dot(q, k)/4 + (dot(q, k)/4)**2/2 + (dot(q, k)/4)**3/6"})
+    plan = pipeline.plan(spec, target="triton")
+    assert [o.value for o in plan.capabilities.kernels] == ["quadratic"]
+    assert any("not the linear ordering" in s.detail and "d**3" in s.detail for s in plan.derivation)
+    assert not plan.capabilities.decodable
+    for case in verify_cases([spec], "triton", dtypes=("float32",), lengths=(7, 40)):
+        r = run_case(case, device=DEVICE)
+        assert r.passed and r.ordering == "quadratic", (r.shape, r.errors)
+
+
+def test_tensor_power_module_runs_quadratic_past_its_linear_head_dims():
+    from attngen.runtime.triton import host, loader
+
+    spec = attngen.load_spec("based")
+    plan = pipeline.plan(spec, target="triton", head_dim=64)
+    m = loader.load_module(plan).MODULE
+    assert m.linear is not None and m.quadratic is not None and m.linear.max_power_dim < 64
+    q, k, v = (torch.randn(1, 2, 24, 64, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in range(3))
+    got = host.attention(m, q, k, v, crossover=0)  # the linear ordering would be chosen: its head dim is too wide
+    want = reference(spec)(*(x.cpu().double() for x in (q, k, v)))
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4)

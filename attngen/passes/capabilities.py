@@ -87,6 +87,10 @@ def _decodable(x: Draft, terms: list) -> tuple:
         return False, (f"{spec.name} ({spec.mode}) has no linear (separable) form, so no constant-size state: "
                        f"{reason}. Its decode state would be the whole KV cache. Fix: call the op on the whole "
                        "sequence, or use a separable spec")
+    if x.available is not None and Ordering.LINEAR not in x.available:
+        return False, (f"{spec.name} ({spec.mode}): the {x.target} backend runs its quadratic ordering only (the "
+                       "linear kernels are not generated for it, see the plan), so it has no constant-size state. "
+                       "Fix: use backend='torch' to decode, or call the op on the whole sequence")
     if not terms:
         return True, ""
     values = spec.constant_values()

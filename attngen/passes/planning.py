@@ -148,11 +148,10 @@ def token_inputs(x: Draft) -> Draft:
 
 
 def _generated_orderings(x: Draft) -> Draft:
-    """For the generator's target, a spec with gates or rotary positions chooses among the orderings the templates
-    generate for it (each refusal said, e.g. the quadratic kernels apply a gate to a softmax score only)."""
-    spec = x.spec
-    if not (spec.gates or spec.rotary is not None) or x.available is None or x.generator is None \
-            or x.target != x.generator.name or x.force is not None:
+    """For the generator's target, a spec chooses among the orderings the templates generate for it (each refusal
+    said: a tensor power of degree 3 gets a quadratic-only module, the quadratic kernels apply a gate to a softmax
+    score only, ...); when none is generated, the capabilities pass raises the refusal."""
+    if x.available is None or x.generator is None or x.target != x.generator.name or x.force is not None:
         return x
     available = set(x.available)
 

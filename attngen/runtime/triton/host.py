@@ -230,7 +230,9 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
         S = validate.bhtd(k, layout).shape[2]
         validate.positions(max(T, S), max_length=m.limit(T, S), spec=m.spec, what=m.spec)
         crossover = m.crossover if crossover is None else crossover
-        if m.quadratic is not None and (m.linear is None or validate.bhtd(k, layout).shape[2] < crossover):
+        # the quadratic kernels also take head dims the linear ones' tensor-power features are not generated for
+        wide = m.linear is not None and m.linear.max_power_dim is not None and K > m.linear.max_power_dim
+        if m.quadratic is not None and (m.linear is None or wide or validate.bhtd(k, layout).shape[2] < crossover):
             o, _, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
             return o
         _check_linear(m, K, validate.bhtd(k, layout).shape[1] != H)
