@@ -11,6 +11,7 @@ The output is deterministic: the same spec gives the same bytes.
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, replace
 
 import sympy
@@ -83,10 +84,11 @@ def fill_slots(m: Module) -> Module:
     plan, orderings = m.plan, m.orderings
     spec = plan.spec
     tag = module_tag(orderings)
+    written = plan.prologue.spec if plan.prologue is not None else spec  # the spec as written (not a prologue's core)
     out = {
         "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
         "max_length": _max_length_code(spec.length_limit),
-        "template_hash": template_hash(), "spec_yaml": spec.to_yaml().rstrip("\n").splitlines(),
+        "template_hash": template_hash(), "spec_yaml": written.to_yaml().rstrip("\n").splitlines(),
         "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention", "causal": spec.causal,
         "op_name": f"{spec.name}_{spec.mode}_{tag}_{spec.hash[:8]}_{template_hash()[:8]}",
         "params": param_slots(spec),
@@ -96,6 +98,8 @@ def fill_slots(m: Module) -> Module:
         "gate_dim": spec.gate is not None and spec.gate.per == "key_dim",
         "theta": spec.rotary.theta if spec.rotary is not None else None,  # rotary positions
         "rotary": spec.rotary is not None,
+        # a feature prologue (attngen.passes.prologue): the op computes q', k' before these kernels
+        "prologue_lines": textwrap.wrap(plan.prologue.describe(), 110) if plan.prologue is not None else [],
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))
