@@ -1,0 +1,131 @@
+"""The window key (`window: N`, the attended pairs |i - j| < N; with causal 0 <= i - j < N).
+
+The naive reference is checked against attention built here in float64 from explicit masks (loops over (i, j),
+nothing from attngen); the torch backend and the generated Triton kernels (under the interpreter) against the
+naive reference, output and every gradient; block skipping on both backends (NaN outside the window must never
+be read, and the torch tiles count the key columns they visit); the planner's refusals and costs; spec errors and
+the hashes of specs without the key."""
+import math
+
+import pytest
+import torch
+
+from attngen import load_spec
+from attngen.errors import SpecError
+from attngen.naive import reference
+
+SOFTMAX = {"name": "win_softmax", "similarity": "exp(dot(q, k) * scale)", "normalize": "rowsum"}
+RELU = {"name": "win_relu", "similarity": "dot(relu(q), relu(k))",
+        "normalize": {"kind": "rowsum", "eps": 1.0e-6, "eps_mode": "add"}}
+
+
+def windowed(base: dict, window, causal=True, **extra):
+    return load_spec({**base, "window": window, **extra}, causal=causal)
+
+
+def explicit_mask(t: int, s: int, window: int, causal: bool) -> torch.Tensor:
+    """[T, S] bool built pair by pair: j <= i when causal, |i - j| < window."""
+    m = torch.zeros(t, s, dtype=torch.bool)
+    for i in range(t):
+        for j in range(s):
+            m[i, j] = abs(i - j) < window and (j <= i or not causal)
+    return m
+
+
+def direct_softmax(q, k, v, mask, scale):
+    """softmax(scale q k^T) V over the allowed pairs; a row with no allowed key gives 0."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(scores - top) * mask
+    den = p.sum(-1, keepdim=True)
+    return (p @ v) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def direct_relu(q, k, v, mask, eps):
+    a = (torch.relu(q) @ torch.relu(k).transpose(-1, -2)) * mask
+    return (a @ v) / (a.sum(-1, keepdim=True) + eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec key
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad,found", [(0, "found 0"), (-1, "found -1"), (1.5, "found 1.5"),
+                                       ("abc", "'abc' is not a declared numeric constant"), (True, "found True"),
+                                       (2**31, "found 2147483648"), ([4], r"found \[4\]"),
+                                       ("M", "the constant 'M' is .*not a number")])
+def test_bad_windows_are_spec_errors_naming_the_key_and_a_fix(bad, found):
+    expected = r"expected an integer in 1 .. 2147483647.*Fix: "
+    with pytest.raises(SpecError, match=rf"<dict>: window: {found}; {expected}") as e:
+        load_spec({**SOFTMAX, "window": bad, "constants": {"M": "max(n_q, n_k)"}})
+    assert e.value.key == "window"
+
+
+def test_window_forms_modes_constants_and_overrides():
+    assert windowed(SOFTMAX, 8).window == 8
+    per_mode = {"causal": 256, "bidirectional": 128}
+    assert windowed(SOFTMAX, per_mode).window == 256
+    assert windowed(SOFTMAX, per_mode, causal=False).window == 128
+    assert windowed(SOFTMAX, "W", constants={"W": "2**5"}).window == 32
+    assert load_spec({**SOFTMAX, "window": "W", "constants": {"W": 16}}, W=24).window == 24
+    assert load_spec("softmax", window=7).window == 7
+    assert load_spec("softmax").window is None
+    with pytest.raises(SpecError, match="window: no branch for the bidirectional mode"):
+        windowed(SOFTMAX, {"causal": 4}, causal=False)
+
+
+def test_window_is_hashed_and_round_trips_through_yaml():
+    a, b = windowed(SOFTMAX, 16), windowed(SOFTMAX, 17)
+    plain = load_spec(SOFTMAX)
+    assert len({a.hash, b.hash, plain.hash}) == 3
+    for spec in (a, windowed(RELU, 5, causal=False), plain):
+        back = load_spec(spec.to_yaml())
+        assert back == spec and back.hash == spec.hash and back.window == spec.window
+    assert "window: 16" in a.to_yaml() and "window" not in plain.to_yaml()
+
+
+def test_specs_without_the_key_keep_their_hashes():
+    """The hashes of the generated modules committed before the window key existed (generated/*.py, SPEC_HASH)."""
+    before = {("softmax", True): "425d5e3c1b9ea6c0", ("cosformer", False): "4af60330d176e3a7",
+              ("forgetting", True): "f0687c707611ad57", ("llama", True): "a95cb820145ad94e"}
+    for (name, causal), h in before.items():
+        assert load_spec(name, causal=causal).hash == h
+
+
+def test_window_refuses_a_key_dim_gate_and_approximations():
+    with pytest.raises(SpecError, match="window: a window with a per-key-dimension gate.*Fix: "):
+        load_spec({"name": "g", "similarity": "dot(q, k) * scale", "gates": {"g": "key_dim"}, "window": 8})
+    with pytest.raises(SpecError, match=r"window: a window with approx \(conv_basis\).*Fix: remove approx"):
+        windowed(SOFTMAX, 8, approx={"kind": "conv_basis", "k": 4})
+
+
+# ---------------------------------------------------------------------------------------------
+# the naive reference against explicit masks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal,t,s", [(True, 9, 9), (False, 9, 9), (False, 7, 12), (False, 12, 5)])
+@pytest.mark.parametrize("window", [1, 3, 4, 40])
+def test_reference_matches_explicit_masks(causal, t, s, window):
+    """(a causal spec takes T == S, the validator's rule with or without a window)"""
+    g = torch.Generator().manual_seed(window * 100 + t)
+    q, k = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (t, s))
+    v = torch.randn(2, 3, s, 5, generator=g, dtype=torch.float64)
+    mask = explicit_mask(t, s, window, causal)
+    out = reference(windowed(SOFTMAX, window, causal))(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, direct_softmax(q, k, v, mask, 1 / math.sqrt(8)), rtol=1e-12, atol=1e-12)
+    out = reference(windowed(RELU, window, causal))(q, k, v)
+    torch.testing.assert_close(out, direct_relu(q, k, v, mask, 1e-6), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_rows_without_an_allowed_key_are_zero_with_finite_gradients():
+    """Cross attention T = 12, S = 4, window 3: rows i >= S + 2 see no key; they give 0 and no NaN gradient (a causal
+    spec takes T == S, where the diagonal is always in the window)."""
+    for base in (SOFTMAX, RELU):
+        spec = windowed(base, 3, causal=False)
+        q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, requires_grad=True) for n in (12, 4, 4))
+        out = reference(spec)(q, k, v)
+        assert torch.equal(out[:, :, 6:], torch.zeros_like(out[:, :, 6:]))
+        assert out[:, :, :6].abs().sum() > 0
+        out.sum().backward()
+        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
