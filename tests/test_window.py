@@ -10,9 +10,13 @@ import math
 import pytest
 import torch
 
+import attngen
 from attngen import load_spec
-from attngen.errors import SpecError
+from attngen.errors import InputError, PlanError, SpecError
+from attngen.ir import N, Ordering
 from attngen.naive import reference
+from attngen.passes.cost import window_pairs
+from attngen.pipeline import plan as build_plan
 
 SOFTMAX = {"name": "win_softmax", "similarity": "exp(dot(q, k) * scale)", "normalize": "rowsum"}
 RELU = {"name": "win_relu", "similarity": "dot(relu(q), relu(k))",
@@ -129,3 +133,44 @@ def test_reference_rows_without_an_allowed_key_are_zero_with_finite_gradients():
         assert out[:, :, :6].abs().sum() > 0
         out.sum().backward()
         assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base", [SOFTMAX, RELU])
+@pytest.mark.parametrize("causal", [True, False])
+def test_windowed_specs_plan_the_quadratic_ordering_only(base, causal):
+    spec = windowed(base, 64, causal)
+    for target in ("torch", "triton"):
+        p = build_plan(spec, target=target)
+        assert p.choice.below is p.choice.above is Ordering.QUADRATIC and p.choice.crossover is None
+        assert not p.linear_terms and p.sdpa is None and not p.capabilities.decodable
+        reasons = {c.ordering: c.reason for c in p.candidates if not c.legal}
+        for o in (Ordering.LINEAR, Ordering.RECURRENT, Ordering.FFT):
+            assert "window" in reasons[o] and "64" in reasons[o]
+    text = build_plan(spec).explain()
+    assert "window: A(i, j) is masked to" in text and "not separable" in text
+    with pytest.raises(PlanError, match="plan='linear' is not legal.*window mask"):
+        build_plan(spec, force="linear")
+
+
+def test_cost_counts_the_pairs_in_the_window():
+    """The quadratic ordering's cost grows linearly in N with a window, and its pair count is that of the masks."""
+    for causal in (True, False):
+        for window, n in ((1, 9), (4, 9), (9, 9), (40, 9), (5, 30)):
+            assert int(window_pairs(causal, window).subs(N, n)) == int(explicit_mask(n, n, window, causal).sum())
+        specs = {256: windowed(SOFTMAX, 256, causal), None: load_spec(SOFTMAX, causal=causal)}
+        quad = {w: next(c for c in build_plan(s).candidates if c.ordering is Ordering.QUADRATIC)
+                for w, s in specs.items()}
+        flops = {w: [c.evaluate(n, 64, 64)[0] for n in (4096, 32768)] for w, c in quad.items()}
+        assert flops[256][1] / flops[256][0] <= 9
+        assert flops[None][1] / flops[None][0] >= 60
+
+
+def test_windowed_specs_have_no_state():
+    op = attngen.compile(windowed(SOFTMAX, 8), backend="torch")
+    q = torch.randn(1, 2, 5, 8)
+    for call in (lambda: op(q, q, q, return_state=True), lambda: op.init_state(1, 2, 8, 8)):
+        with pytest.raises(InputError, match="has a window of 8 keys: the mask is not separable"):
+            call()
