@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close
 
 import attngen
 from attngen import load_spec
@@ -17,6 +18,7 @@ from attngen.ir import N, Ordering
 from attngen.naive import reference
 from attngen.passes.cost import window_pairs
 from attngen.pipeline import plan as build_plan
+from attngen.verify import verify_case
 
 SOFTMAX = {"name": "win_softmax", "similarity": "exp(dot(q, k) * scale)", "normalize": "rowsum"}
 RELU = {"name": "win_relu", "similarity": "dot(relu(q), relu(k))",
@@ -174,3 +176,115 @@ def test_windowed_specs_have_no_state():
     for call in (lambda: op(q, q, q, return_state=True), lambda: op.init_state(1, 2, 8, 8)):
         with pytest.raises(InputError, match="has a window of 8 keys: the mask is not separable"):
             call()
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch backend
+# ---------------------------------------------------------------------------------------------
+GATED = {"name": "win_forget", "similarity": "exp(dot(q, k) * scale)", "normalize": "rowsum", "gates": {"g": "head"}}
+ROTARY = {"name": "win_rope", "similarity": "exp(dot(q, k) * scale)", "normalize": "rowsum", "rotary": True}
+ALIBI = {"name": "win_alibi", "similarity": "exp(dot(q, k)/sqrt(d))", "reweight": "exp(-slope * abs(i - j))",
+         "normalize": "rowsum", "parameters": {"slope": {"shape": ["H"], "init": "2**(-8*(h + 1)/H)"}}}
+DECAY = {"name": "win_decay", "similarity": "dot(relu(q), relu(k))", "reweight": "gamma**abs(i - j)",
+         "normalize": "none", "constants": {"gamma": 0.9}}
+SIGMOID = {"name": "win_sigmoid", "similarity": "sigmoid(dot(q, k)/sqrt(d) - b)", "normalize": "none",
+           "parameters": {"b": {"shape": [], "init": 1.0}}}
+
+
+def check(result):
+    """Every quantity (o and each gradient) within the dtype's tolerance of the float64 reference."""
+    assert result.passed, {n: (result.errors[n], result.ref_errors[n]) for n in result.errors}
+
+
+TORCH_CASES = [  # (spec, causal, window, t, s)
+    (SOFTMAX, True, 1, 130, 130), (SOFTMAX, True, 37, 130, 130), (SOFTMAX, True, 64, 129, 129),
+    (SOFTMAX, True, 500, 70, 70), (SOFTMAX, False, 1, 100, 100), (SOFTMAX, False, 37, 130, 70),
+    (SOFTMAX, False, 20, 130, 40), (SOFTMAX, False, 200, 40, 90),
+    (RELU, True, 1, 100, 100), (RELU, True, 37, 130, 130), (RELU, False, 37, 130, 70), (RELU, False, 20, 130, 40),
+    (RELU, False, 500, 50, 50), (ALIBI, True, 33, 130, 130), (ALIBI, False, 45, 100, 130),
+    (DECAY, False, 29, 130, 130), (SIGMOID, True, 70, 130, 130), (SIGMOID, False, 10, 90, 60),
+    (GATED, True, 40, 130, 130), (ROTARY, True, 40, 130, 130), (ROTARY, False, 40, 100, 100),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("base,causal,window,t,s", TORCH_CASES)
+def test_torch_backend_matches_the_reference(base, causal, window, t, s, dtype):
+    spec = windowed(base, window, causal)
+    op = attngen.compile(spec, backend="torch")
+    assert op.ordering_for(16, s) is Ordering.QUADRATIC
+    check(verify_case(op, spec, dtype=dtype, b=1, h=2, t=t, s=s, dk=16, dv=8))
+
+
+def grads_of(fn, q, k, v, do, **params):
+    """o and the gradients of q, k, v and the parameters (float64 leaves) of fn."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ps = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    o = fn(*leaves, **ps)
+    o.backward(do)
+    return {"o": o} | {f"d{n}": x.grad for n, x in zip("qkv", leaves)} | {f"d{n}": p.grad for n, p in ps.items()}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_backend_grouped_kv_heads(causal):
+    spec = windowed(ALIBI, 21, causal)
+    q, do = torch.randn(2, 4, 90, 16, dtype=torch.float64), torch.randn(2, 4, 90, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 90, 16, dtype=torch.float64), torch.randn(2, 2, 90, 16, dtype=torch.float64)
+    slope = torch.rand(4, dtype=torch.float64) * 0.2
+    got = grads_of(attngen.compile(spec, backend="torch"), q, k, v, do, slope=slope)
+    ref = grads_of(reference(spec), q, k, v, do, slope=slope)
+    for name in ref:
+        assert_close(name, got[name], ref[name], 1e-10)
+
+
+def test_torch_backend_packed_sequences_restart_the_positions():
+    """cu_seqlens: each packed sequence's window is in its own positions (the reference run on each alone)."""
+    for base in (SOFTMAX, RELU, ROTARY):
+        spec = windowed(base, 9, True)
+        op = attngen.compile(spec, backend="torch")
+        cu = torch.tensor([0, 30, 31, 77, 100])
+        q, k, v = (torch.randn(1, 2, 100, 16, dtype=torch.float64) for _ in range(3))
+        out = op(q, k, v, cu_seqlens=cu)
+        ref = torch.cat([reference(spec)(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in zip(cu[:-1], cu[1:])], 2)
+        assert_close("o", out, ref, 1e-10)
+
+
+def test_torch_tiles_visit_only_the_key_tiles_in_the_window(monkeypatch):
+    """The key columns the tiles score, counted: ~T * (window + BLOCK_Q) with a window, ~T**2 / 2 without."""
+    from attngen.runtime.torch import quadratic as torch_quadratic
+    seen = []
+    original = torch_quadratic.pair_values
+
+    def counted(expr, env5, q_tile, k_tile, where):
+        seen.append(q_tile.shape[2] * k_tile.shape[2])
+        return original(expr, env5, q_tile, k_tile, where)
+
+    monkeypatch.setattr(torch_quadratic, "pair_values", counted)
+    t, window, block = 2048, 64, torch_quadratic.BLOCK_Q
+    q, k, v = (torch.randn(1, 1, t, 16) for _ in range(3))
+    for causal in (True, False):
+        for grad in (False, True):
+            seen.clear()
+            xs = [x.clone().requires_grad_(grad) for x in (q, k, v)]
+            o = attngen.compile(windowed(RELU, window, causal), backend="torch")(*xs)
+            if grad:
+                o.sum().backward()
+            reach = window + block - 1 if causal else 2 * window + block - 2  # keys of one query tile
+            # (without skipping, a causal forward alone scores t * t / 2 = 16 x that bound's t * block * reach)
+            assert t * window / 2 <= sum(seen) <= (2 if grad else 1) * (t // block) * block * reach
+
+
+@pytest.mark.parametrize("base", [SOFTMAX, RELU])
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_tiles_never_read_keys_outside_the_window(base, causal):
+    """NaN in the values and keys of every position more than window + 64 behind the last query tile: the outputs
+    and gradients of that tile stay finite (0 * NaN would be NaN if a skipped tile were read)."""
+    t, window = 512, 40
+    q, k, v = (torch.randn(1, 2, t, 16) for _ in range(3))
+    far = t - 64 - window - 64
+    k[:, :, :far], v[:, :, :far] = float("nan"), float("nan")
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = attngen.compile(windowed(base, window, causal), backend="torch")(*xs)
+    assert torch.isfinite(o[:, :, -64:]).all()
+    o[:, :, -64:].sum().backward()
+    assert torch.isfinite(xs[0].grad[:, :, -64:]).all()
