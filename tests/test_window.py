@@ -5,7 +5,9 @@ nothing from attngen); the torch backend and the generated Triton kernels (under
 naive reference, output and every gradient; block skipping on both backends (NaN outside the window must never
 be read, and the torch tiles count the key columns they visit); the planner's refusals and costs; spec errors and
 the hashes of specs without the key."""
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -288,3 +290,83 @@ def test_torch_tiles_never_read_keys_outside_the_window(base, causal):
     assert torch.isfinite(o[:, :, -64:]).all()
     o[:, :, -64:].sum().backward()
     assert torch.isfinite(xs[0].grad[:, :, -64:]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the generated Triton kernels (under the interpreter on a CPU)
+# ---------------------------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TRITON_CASES = [  # (spec, causal, window, t, s): blocks of 64 at T > 64; windows of 1, not multiples of 64, > T
+    (SOFTMAX, True, 1, 130, 130), (SOFTMAX, True, 37, 130, 130), (SOFTMAX, True, 100, 129, 129),
+    (SOFTMAX, True, 500, 70, 70), (SOFTMAX, False, 37, 130, 70), (SOFTMAX, False, 20, 130, 40),
+    (RELU, True, 1, 100, 100), (RELU, True, 70, 130, 130), (RELU, False, 20, 130, 40), (RELU, False, 300, 60, 90),
+    (ALIBI, True, 33, 130, 130), (SIGMOID, False, 10, 90, 60), (GATED, True, 40, 130, 130),
+    (ROTARY, True, 40, 130, 130),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("base,causal,window,t,s", TRITON_CASES)
+def test_triton_kernels_match_the_reference(base, causal, window, t, s):
+    spec = windowed(base, window, causal)
+    op = attngen.compile(spec, backend="triton")
+    check(verify_case(op, spec, dtype=torch.float32, b=1, h=2, t=t, s=s, dk=16, dv=16, device=DEVICE))
+
+
+@needs_triton
+@pytest.mark.parametrize("base", [ROTARY, RELU])
+def test_triton_kernels_grouped_kv_heads(base):
+    spec = windowed(base, 45, True)
+    q, do = torch.randn(1, 4, 100, 16, dtype=torch.float64), torch.randn(1, 4, 100, 16, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 100, 16, dtype=torch.float64), torch.randn(1, 2, 100, 16, dtype=torch.float64)
+    op = attngen.compile(spec, backend="triton")
+    got = grads_of(lambda *xs: op(*(x.to(DEVICE, torch.float32) for x in xs)).double().cpu(), q, k, v, do)
+    ref = grads_of(reference(spec), q, k, v, do)
+    for name in ref:
+        assert_close(name, got[name], ref[name], 1e-4)
+
+
+def _module_fn(spec):
+    from attngen.runtime.triton import loader
+    return getattr(loader.load_module(build_plan(spec, target="triton")), f"{spec.name}_attention")
+
+
+@needs_triton
+@pytest.mark.parametrize("base", [SOFTMAX, RELU])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_kernels_skip_the_blocks_outside_the_window(base, causal):
+    """T = 256, blocks of 64, window 64. Query block 3 (rows 192 ..) attends keys from 129: NaN in the keys and
+    values of blocks 0 and 1 would reach its outputs and dQ if the forward or the dq programs visited them. Key
+    block 0 (keys .. 63) is attended by rows up to 126: NaN in the queries and output gradients of block 3 would
+    reach its dK, dV if the dk/dv program visited query block 3 (0 * NaN is NaN in the products)."""
+    fn = _module_fn(windowed(base, 64, causal))
+    q, k, v = (torch.randn(1, 2, 256, 16, device=DEVICE) for _ in range(3))
+    k[:, :, :128], v[:, :, :128] = float("nan"), float("nan")
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*xs)
+    assert torch.isfinite(o[:, :, 192:]).all()
+    o[:, :, 192:].sum().backward()
+    assert torch.isfinite(xs[0].grad[:, :, 192:]).all()
+    q, k, v = (torch.randn(1, 2, 256, 16, device=DEVICE) for _ in range(3))
+    q[:, :, 192:] = float("nan")
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*xs)
+    assert torch.isfinite(o[:, :, :128]).all()
+    grad = torch.ones_like(o)
+    grad[:, :, 192:] = float("nan")
+    o.backward(grad)
+    assert torch.isfinite(xs[1].grad[:, :, :64]).all() and torch.isfinite(xs[2].grad[:, :, :64]).all()
+
+
+@needs_triton
+def test_triton_window_is_a_literal_of_the_loop_bounds():
+    from attngen.pipeline import lower
+    for causal in (True, False):
+        text = lower(build_plan(windowed(SOFTMAX, 100, causal), target="triton"))
+        assert text.count("lo_j = tl.maximum(i_m * BM - 99, 0) // BN") == 2  # the forward and the dq kernel
+        assert text.count("for i_j in range(lo_j, n_j):") == 2
+        assert "n_i = tl.cdiv(tl.minimum(T, (i_n + 1) * BN + 99), BM) - lo" in text  # the dk/dv kernel
+        assert "def win_softmax_step" not in text  # no recurrent state, no decode step
+    plain = lower(build_plan(load_spec(SOFTMAX), target="triton"))
+    assert "lo_j" not in plain and "window" not in plain
