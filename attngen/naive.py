@@ -106,15 +106,18 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None, 
             sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device) + gate[..., None]
         else:
             weight = torch.as_tensor(weight, dtype=q.dtype, device=q.device) * torch.exp(gate)[..., None]
+    allowed = allowed_pairs(spec, t, s_len, q.device)  # the causal and window masks (None: every pair)
     if softmax:  # A = W * exp(s); the row max cancels
         sim = torch.as_tensor(sim, dtype=q.dtype, device=q.device).expand(b, h, t, s_len, 1)
-        if spec.causal:
-            sim = sim.masked_fill(~_causal(t, s_len, q.device)[..., None], float("-inf"))
-        sim = torch.exp(sim - sim.amax(dim=3, keepdim=True).detach())
+        if allowed is not None:
+            sim = sim.masked_fill(~allowed[..., None], float("-inf"))
+        top = sim.amax(dim=3, keepdim=True).detach()
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no allowed key: 0, not NaN
+        sim = torch.exp(sim - top)
     a = (torch.as_tensor(weight, dtype=q.dtype, device=q.device) * sim)
     a = a.expand(b, h, t, s_len, 1)[..., 0]
-    if spec.causal:
-        a = torch.where(_causal(t, s_len, q.device), a, torch.zeros((), dtype=a.dtype, device=a.device))
+    if allowed is not None:
+        a = torch.where(allowed, a, torch.zeros((), dtype=a.dtype, device=a.device))
     if keep is not None:
         a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
     return a
@@ -161,12 +164,26 @@ def attention_matrix_apply(spec: Spec, q, k, v, params: dict, *, modify=None, ke
         if keep is not None:  # nothing kept: 0, not 0 / 0
             empty = den == 0
             den = torch.where(empty, torch.ones_like(den), den)
+        allowed = allowed_pairs(spec, q.shape[2], k.shape[2], q.device)
+        if allowed is not None:  # a row the masks leave no key (a window, cross attention): 0, not 0 / 0
+            den = torch.where(allowed.any(-1)[..., None], den, torch.ones_like(den))
         out = out / den
     return out
 
 
 def _causal(t, s, device):
     return torch.ones(t, s, dtype=torch.bool, device=device).tril()
+
+
+def allowed_pairs(spec: Spec, t: int, s: int, device):
+    """The pairs (i, j) the spec attends, [T, S] bool: j <= i when causal, and |i - j| < window when the spec
+    has one (positions 0 .. T - 1 and 0 .. S - 1, as the causal mask); None when every pair is attended."""
+    allowed = _causal(t, s, device) if spec.causal else None
+    if spec.window is not None:
+        diff = torch.arange(t, device=device)[:, None] - torch.arange(s, device=device)[None, :]
+        near = diff.abs() < spec.window
+        allowed = near if allowed is None else allowed & near
+    return allowed
 
 
 def _only(expr, sym) -> bool:

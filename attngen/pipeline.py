@@ -29,10 +29,11 @@ from attngen.passes.planning import (
     ordering,
     separate,
     token_inputs,
+    window,
 )
 
 FRONTEND = (check_names, read_spec, substitute_constants, softmax_as_exp)
-PLANNING = (separate, classify, linear_terms, approximate, costs, token_inputs, choose_ordering, delegate,
+PLANNING = (separate, classify, linear_terms, approximate, costs, window, token_inputs, choose_ordering, delegate,
             capabilities)
 LOWERING = (select_kernels, fill_slots, render_text)
 

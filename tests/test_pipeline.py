@@ -16,7 +16,7 @@ PACKAGE = Path(attngen.__file__).resolve().parent
 def test_pass_lists_are_named_and_ordered():
     names = [[p.__name__ for p in stage] for stage in (pipeline.FRONTEND, pipeline.PLANNING, pipeline.LOWERING)]
     assert names == [["check_names", "read_spec", "substitute_constants", "softmax_as_exp"],
-                     ["separate", "classify", "linear_terms", "approximate", "costs", "token_inputs",
+                     ["separate", "classify", "linear_terms", "approximate", "costs", "window", "token_inputs",
                       "choose_ordering", "delegate", "capabilities"],
                      ["select_kernels", "fill_slots", "render_text"]]
 

@@ -92,6 +92,7 @@ def tile_slots(plan: Plan) -> dict:
         "flash": flash, "rowsum": norm.kind == "rowsum",
         "sparse_max_block": ROTARY_SPARSE_MAX_BLOCK if spec.rotary is not None else SPARSE_MAX_BLOCK,
         "qgate": spec.gate is not None,  # the score gains G_i - G_j (gc: the cumulative sum of the gate)
+        "window": spec.window,  # None, or N: the loops visit the blocks intersecting |i - j| < N (a literal)
         "rotary": spec.rotary is not None,  # q and k rotated in registers (rc, rs: the host's cos / sin tables)
         "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(expr),
         "weight": None if weight is None else tile.full(tile.printer("reweighting")(weight), weight),
@@ -135,6 +136,8 @@ def describe(plan: Plan, slots: dict) -> list:
         lines.append(f"times W(i, j) = {slots['weight_text']}")
     mode = "causal (blocks above the diagonal skipped)" if plan.spec.causal else "bidirectional"
     lines.append(f"normalisation: {den}; {mode}")
+    if plan.spec.window is not None:
+        lines.append(f"window: |i - j| < {plan.spec.window} (blocks outside it skipped, pairs outside it masked)")
     return lines
 
 

@@ -57,7 +57,7 @@ from attngen.frontend.expr import (
 )
 
 KEYS = ("name", "description", "causal", "similarity", "reweight", "normalize", "constants",
-        "parameters", "gates", "rotary", "approx", "max_length")
+        "parameters", "gates", "rotary", "approx", "max_length", "window")
 GATE_KINDS = ("head", "key_dim")  # a gate per head [B, H, T], or per head and key dimension [B, H, T, Dk]
 SCALE = "scale"  # the per-call score scale: op(q, k, v, scale=...), default 1/sqrt(d)
 DEFAULT_SCALE = "1/sqrt(d)"
@@ -85,6 +85,7 @@ SPEC_NAME_RESERVED = set(BUILTIN_SYMBOLS) | {"q", "k", "pi", "dot", "norm", "rel
 RESERVED = SPEC_NAME_RESERVED | {*VECTOR_CALLS, "normal", "eye", "Dk"}
 MAX_ROWS = 1024  # rows F of a matrix parameter [F, Dk] (the feature width of matmul(W, q))
 PARAMETER_SHAPES = "[], [H], [Dk], [H, Dk], [F, Dk] or [H, F, Dk] (F an integer or a numeric constant)"
+MAX_WINDOW = 2**31 - 1  # the largest window: the kernels compare int32 positions
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class Spec:
     length_limit: object = field(compare=False, default=None)
     gates: tuple = ()  # of Gate (at most MAX_GATES)
     rotary: Rotary | None = None
+    window: int | None = None  # the attended pairs are |i - j| < window (with causal: 0 <= i - j < window)
 
     @property
     def gate(self) -> Gate | None:
@@ -212,7 +214,8 @@ class Spec:
             "approx": self.approx,
         } | ({"max_length": self.max_length} if self.max_length else {}) \
           | ({"gates": [[g.name, g.per] for g in self.gates]} if self.gates else {}) \
-          | ({"rotary": self.rotary.theta} if self.rotary is not None else {})
+          | ({"rotary": self.rotary.theta} if self.rotary is not None else {}) \
+          | ({"window": self.window} if self.window is not None else {})
 
     @functools.cached_property
     def hash(self) -> str:  # computed once (the spec is frozen): states are checked against it per decode step
@@ -247,6 +250,8 @@ class Spec:
             data["approx"] = json.loads(self.approx)
         if self.max_length:
             data["max_length"] = self.max_length
+        if self.window is not None:
+            data["window"] = self.window
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -527,7 +532,7 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     if unknown:
         raise SpecError(f"unknown key(s) {_listing(unknown)}", where=where,
                         expected="keys among " + ", ".join(KEYS), fix="check the spelling (docs/specs.md)")
-    for key in ("causal", "name", "description", "similarity", "reweight", "normalize", "approx"):
+    for key in ("causal", "name", "description", "similarity", "reweight", "normalize", "approx", "window"):
         if key in overrides:
             data[key] = overrides.pop(key)
 
@@ -591,11 +596,13 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
         raise SpecError(f"approx is not plain data: {type(exc).__name__}", where=where, key="approx") from None
     max_length, limit = _max_length(_pick_mode(data.get("max_length"), causal, where, "max_length"), names,
                                     bounds, where)
+    window = _window(_pick_mode(data.get("window"), causal, where, "window"), constants, bounds, where)
+    _check_window_combinations(window, gates, approximation, where)
     return Spec(name=name, description=description.strip(), causal=causal, similarity=str(similarity),
                 reweight=str(reweight), normalize=normalize, constants=tuple(constants),
                 parameters=tuple(parameters), approx=approx_json, where=where,
                 similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation,
-                max_length=max_length, length_limit=limit, gates=gates, rotary=rotary)
+                max_length=max_length, length_limit=limit, gates=gates, rotary=rotary, window=window)
 
 
 def _scale_constant(constants: list, where: str) -> tuple:
@@ -671,6 +678,60 @@ def _rotary(raw, where: str) -> Rotary | None:
         raise SpecError(f"theta {brief(theta, 40)}", where=where, key="rotary.theta",
                         expected="a number in (1, 1e12), e.g. 10000 (Llama 2) or 500000 (Llama 3)")
     return Rotary(float(theta))
+
+
+WINDOW_EXPECTED = (f"an integer in 1 .. {MAX_WINDOW} (the attended pairs are |i - j| < window), or the name of a "
+                   "numeric constant with such a value")
+
+
+def _window(raw, constants: list, bounds: _Bounds, where: str) -> int | None:
+    """The window key: an integer in 1 .. MAX_WINDOW, or the name of a declared constant with such a value (looked
+    up by name, never parsed: the text is not an expression); None when absent."""
+    if raw is None:
+        return None
+    key = "window"
+    if isinstance(raw, bool):
+        raise SpecError(f"found {raw!r}", where=where, key=key, expected=WINDOW_EXPECTED,
+                        fix="write the number of positions, e.g. window: 256 (remove the key for no window)")
+    source = raw
+    if isinstance(raw, str):
+        names = {c.name: c for c in constants}
+        if raw not in names:
+            known = ", ".join(n for n, c in names.items() if c.symbol in bounds.numbers) or "none"
+            raise SpecError(f"{brief(raw, 40)} is not a declared numeric constant", where=where, key=key,
+                            expected=f"{WINDOW_EXPECTED} (numeric constants here: {known})",
+                            fix="write an integer, e.g. window: 256, or declare the constant under 'constants'")
+        number = bounds.numbers.get(names[raw].symbol)
+        if number is None:
+            raise SpecError(f"the constant {raw!r} is {brief(bounds.values[names[raw].symbol], 60)}, not a number",
+                            where=where, key=key, expected=WINDOW_EXPECTED,
+                            fix="a window is fixed per spec: give the constant a number, not an expression in the "
+                                "lengths")
+        raw = number
+    if isinstance(raw, float) and raw == int(raw) and isinstance(source, str):
+        raw = int(raw)  # a constant's value (2**8 is folded to 256.0)
+    if not isinstance(raw, int) or not 1 <= raw <= MAX_WINDOW:
+        what = f"the constant {source!r} = {brief(raw, 40)}" if isinstance(source, str) else f"found {brief(raw, 40)}"
+        raise SpecError(what, where=where, key=key, expected=WINDOW_EXPECTED,
+                        fix="use a whole number of positions >= 1, e.g. window: 256")
+    return raw
+
+
+def _check_window_combinations(window, gates: tuple, approximation, where: str) -> None:
+    """SpecError for what a window does not combine with: a per-key-dimension gate (the linear ordering only,
+    which a window rules out) and an approximation."""
+    if window is None:
+        return
+    if any(g.per == "key_dim" for g in gates):
+        raise SpecError("a window with a per-key-dimension gate", where=where, key="window",
+                        expected="a per-head gate (gates: {g: head}) or none",
+                        fix="a key_dim gate runs the linear ordering only, which a window rules out (the mask "
+                            "[|i - j| < window] has no finite separation): remove the window or use a per-head gate")
+    if approximation is not None:
+        raise SpecError(f"a window with approx ({approximation.kind})", where=where, key="window",
+                        expected="a window or an approximation, not both",
+                        fix="remove approx (a window already makes the quadratic ordering linear in the length) "
+                            "or remove the window")
 
 
 MAX_LENGTH_LIMIT = 2**62  # a max_length beyond this is refused (positions are int64)

@@ -82,6 +82,11 @@ def _decodable(x: Draft, terms: list) -> tuple:
         return False, (f"{spec.name} is bidirectional: every output depends on every token, so it has no recurrent "
                        "state to carry or decode. Fix: load_spec(..., causal=True) to decode, or call the op on "
                        "the whole sequence")
+    if spec.window is not None:
+        return False, (f"{spec.name} ({spec.mode}) has a window of {spec.window} keys: the mask is not separable, so "
+                       "there is no constant-size state (its decode state would be a cache of the last "
+                       f"{spec.window} keys, which attngen does not provide). Fix: call the op on the whole sequence "
+                       "(cu_seqlens packs several), or remove the window")
     if not x.linear_terms:
         reason = next(c.reason for c in x.candidates if c.ordering is Ordering.LINEAR)
         return False, (f"{spec.name} ({spec.mode}) has no linear (separable) form, so no constant-size state: "

@@ -26,6 +26,22 @@ def _quadratic(causal):
     return flops, data
 
 
+def window_pairs(causal: bool, window: int):
+    """The pairs (i, j) of a length-N sequence with |i - j| < window (and j <= i when causal), m = min(window, N):
+    causal N m - m (m - 1) / 2, bidirectional N (2m - 1) - m (m - 1); about N * window, not N**2."""
+    m = sympy.Min(window, N)
+    if causal:
+        return N * m - m * (m - 1) / 2
+    return N * (2 * m - 1) - m * (m - 1)
+
+
+def windowed_quadratic(causal: bool, window: int):
+    """The quadratic ordering visiting only the key tiles a window intersects: the pairs of window_pairs, and K, V
+    re-read once per query tile over those pairs."""
+    pairs = window_pairs(causal, window)
+    return pairs * (4 * D + ELEMENTWISE), BYTES * (4 * N * D + pairs / B_Q * 2 * D)
+
+
 def _linear(causal, width):
     if causal:  # intra-chunk tiles + state update + inter-chunk products; states written per chunk
         flops = 4 * N * width * D + N * C * (width + D) + 2 * N * width

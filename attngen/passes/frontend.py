@@ -45,7 +45,10 @@ def check_names(x: Draft) -> Draft:
 def read_spec(x: Draft) -> Draft:
     """The spec's expressions (parsed and validated by load_spec) become the draft's."""
     spec = x.spec
-    x = x.step("input", f"A(i,j) = {'[j <= i] * ' if spec.causal else ''}W(i,j) * s(q_i, k_j);  "
+    mask = "[j <= i] * " if spec.causal else ""
+    if spec.window is not None:
+        mask += f"[|i - j| < {spec.window}] * "
+    x = x.step("input", f"A(i,j) = {mask}W(i,j) * s(q_i, k_j);  "
                f"s = {spec.similarity};  W = {spec.reweight};  normalize = {spec.normalize.kind}")
     return replace(x, similarity_expr=spec.similarity_expr, reweight_expr=spec.reweight_expr,
                    normalize=spec.normalize)

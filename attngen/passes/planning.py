@@ -103,6 +103,40 @@ def costs(x: Draft) -> Draft:
     return replace(x, candidates=cands)
 
 
+def window(x: Draft) -> Draft:
+    """A window [|i - j| < N]: the quadratic ordering only, visiting the key tiles that intersect it (cost ~ T N,
+    not T S). The mask is a step function of i - j with no finite separation into sums of f(i) g(j), so the linear
+    ordering (and its recurrent state) cannot express it: a state would have to drop each key as it leaves the
+    window. The FFT ordering convolves over all 2T lags whatever N is and evaluates its kernel as one smooth
+    expression: it is ruled out too."""
+    n = x.spec.window
+    if n is None:
+        return x
+    mask = f"[0 <= i - j < {n}]" if x.spec.causal else f"[|i - j| < {n}]"
+    why = {
+        Ordering.LINEAR: f"the window mask {mask} is not separable (no finite sum of f(i) g(j)): a state "
+                         "sum_j K'_j^T V_j cannot drop the keys that leave the window",
+        Ordering.RECURRENT: f"the window mask {mask} is not separable: a constant-size state cannot forget the keys "
+                            f"that leave the window (its decode state would be a cache of the last {n} keys)",
+        Ordering.FFT: f"the window mask {mask} cuts the kernel h(i - j) off at |i - j| = {n}: the FFT ordering "
+                      "convolves over all 2T lags with one smooth kernel, at O(T log T) whatever the window",
+    }
+    flops, data = cost.windowed_quadratic(x.spec.causal, n)
+    cands = []
+    for c in x.candidates:
+        if c.ordering is Ordering.QUADRATIC:
+            c = replace(c, reason=f"key tiles outside the window skipped: ~T * min({n}, S) pairs", flops=flops,
+                        bytes=data)
+        elif c.ordering in why:
+            c = replace(c, legal=False, reason=why[c.ordering])
+        cands.append(c)
+    detail = (f"A(i, j) is masked to {mask} ({n} keys per query{', the diagonal included' if x.spec.causal else ''}"
+              f"): the quadratic ordering only, visiting the key tiles that intersect the window (cost "
+              f"~ T * min({n}, S) pairs, linear in T); the linear, recurrent and FFT orderings are ruled out (the "
+              "mask is not separable)")
+    return x.step("window", detail, candidates=tuple(cands), linear_terms=())
+
+
 def token_inputs(x: Draft) -> Draft:
     """Rotary positions and gates: where they enter, and the orderings a gate rules out (the cost table's reasons).
 
@@ -202,7 +236,9 @@ def delegate(x: Draft) -> Draft:
     if x.target != "torch" or Ordering.QUADRATIC not in (x.choice.below, x.choice.above):
         return x
     why = _not_sdpa(x) or ("the gate adds G_i - G_j (a bias with a gradient) to the score"
-                           if x.spec.gate is not None else "")
+                           if x.spec.gate is not None else "") or (
+        f"the window skips the key tiles outside |i - j| < {x.spec.window} (SDPA would visit all T x S pairs)"
+        if x.spec.window is not None else "")
     if why:
         return x.step("delegate", f"the quadratic ordering runs attngen's tiles: {why}")
     score = x.similarity.score

@@ -4,6 +4,9 @@ Query tiles of BLOCK_Q rows; inside, key tiles of BLOCK_K columns. The softmax f
 similarity) keeps a running max and rescales (flash-style); other similarities accumulate A V directly.
 Each query tile runs under activation checkpointing, so autograd keeps one tile's scores at a time.
 
+A window (spec key ``window: N``, the pairs |i - j| < N) restricts each query tile to the keys its rows attend
+(key_range): the tiles outside are never visited, so the work is ~T * min(N, S) pairs, linear in T for a fixed N.
+
 With autograd, a row-sum-normalised tile forms its rows of A over all keys (the recomputation keeps them for
 the backward anyway) and divides through RowNormalize, whose backward takes the row term from the very
 products it differentiates (see RowNormalize): O is invariant to scaling a row of A, so sum_j A_ij dA_ij = 0,
@@ -34,14 +37,57 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
                                             if x is not None)
     body = _normalized_tile if track and plan.normalize.kind == "rowsum" else _query_tile
     tile = functools.partial(body, plan, env, with_rank5(env), causal)
+    window = plan.spec.window
     outs = []
     for i0 in range(0, q.shape[2], BLOCK_Q):
         q_tile = q[:, :, i0:i0 + BLOCK_Q]
+        lo, stop = key_range(i0, q_tile.shape[2], k.shape[2], causal, window)
+        if lo >= stop:  # a window past the last key (cross attention): these rows attend nothing and give 0
+            width = v.shape[-1] - (plan.normalize.kind == "rowsum")  # [V | 1]: the ones column is not an output
+            outs.append(q_tile.new_zeros(*q_tile.shape[:3], width))
+            continue
         if track:  # recompute the tile's scores in backward instead of keeping them
             outs.append(checkpoint(tile, i0, q_tile, k, v, big, use_reentrant=False))
         else:
             outs.append(tile(i0, q_tile, k, v, big))
     return torch.cat(outs, 2)
+
+
+def key_range(i0: int, tq: int, s_len: int, causal: bool, window: int | None) -> tuple:
+    """[lo, stop): the keys that query rows i0 .. i0 + tq - 1 attend: up to the diagonal when causal, and within
+    |i - j| < window when the spec has one (the tiles outside are skipped)."""
+    lo, stop = 0, min(s_len, i0 + tq) if causal else s_len
+    if window is not None:
+        lo = max(0, i0 - window + 1)
+        stop = stop if causal else min(s_len, i0 + tq - 1 + window)
+    return lo, stop
+
+
+def pair_mask(i, j, i0: int, tq: int, j0: int, j1: int, causal: bool, window: int | None) -> tuple:
+    """(allowed, j) of the tile of rows i0 .. i0 + tq - 1 ([1, 1, Tq, 1] positions ``i``) and keys j0 .. j1 - 1
+    ([1, 1, 1, Tk] positions ``j``): allowed [1, 1, Tq, Tk] bool, None when the tile holds only allowed pairs;
+    ``j`` moved into the allowed range of each row (the diagonal when causal, the window's edges) where a pair is
+    masked, so that W, finite on the allowed pairs, stays finite where it is evaluated (0 * inf in a backward
+    would be NaN)."""
+    near = (i0 + tq - 1) - j0 < window and (causal or (j1 - 1) - i0 < window) if window is not None else True
+    if (not causal or j1 - 1 <= i0) and near:
+        return None, j
+    allowed = j <= i if causal else torch.ones_like(i * j, dtype=torch.bool)
+    if window is not None:
+        allowed = allowed & ((i - j).abs() < window)
+        j = torch.maximum(j, i - (window - 1))
+        j = j if causal else torch.minimum(j, i + (window - 1))
+    if causal:
+        j = torch.minimum(j, i)
+    return allowed, j
+
+
+def _empty_rows(i, s_len: int, window: int | None):
+    """[1, 1, Tq, 1] bool, the rows a window leaves no key (i >= S + window - 1: cross attention past the keys), or
+    None: they give 0, not 0 / 0."""
+    if window is None:
+        return None
+    return i >= s_len + window - 1
 
 
 def _gate_bias(big, i0: int, tq: int, j0: int, j1: int, allowed):
@@ -56,7 +102,8 @@ def _tensors(env: dict):
 
 
 def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v, big=None):
-    """Rows i0 .. i0 + Tq of O: loop over key tiles, skipping those entirely above the diagonal."""
+    """Rows i0 .. i0 + Tq of O: loop over key tiles, skipping those entirely above the diagonal or outside the
+    window."""
     b, h, tq, _ = q_tile.shape
     s_len = k.shape[2]
     exp_class = plan.similarity.kind is SimilarityClass.EXP
@@ -69,16 +116,13 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
     acc = q_tile.new_zeros(b, h, tq, v.shape[-1])  # [Tq, E]
     row_max = q_tile.new_full((b, h, tq, 1), float("-inf")) if exp_class else None
     i = torch.arange(i0, i0 + tq, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, tq, 1)
-    stop = min(s_len, i0 + tq) if causal else s_len
-    for j0 in range(0, stop, BLOCK_K):
+    window = plan.spec.window
+    lo, stop = key_range(i0, tq, s_len, causal, window)
+    for j0 in range(lo, stop, BLOCK_K):
         j1 = min(stop, j0 + BLOCK_K)
         j = torch.arange(j0, j1, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, 1, j1 - j0)
-        allowed = None
-        if causal and j1 - 1 > i0:  # the tile crosses the diagonal
-            allowed = j <= i
-            # masked pairs take the diagonal's (i, i): W stays finite there whenever it is on allowed pairs,
-            # so no inf enters the graph (0 * inf in a backward would be NaN)
-            j = torch.minimum(j, i)
+        # a tile crossing the diagonal or a window's edge: masked pairs evaluate W inside the allowed range
+        allowed, j = pair_mask(i, j, i0, tq, j0, j1, causal, window)
         scores = pair_values(sim_expr, env5, q_tile, k[:, :, j0:j1], plan.spec.where)  # [B, H, Tq, Tk]
         wev = Evaluator({**env4, I: i, J: j}, where=f"{plan.spec.where}: reweight")
         gate = None if big is None else _gate_bias(big, i0, tq, j0, j1, allowed)
@@ -93,6 +137,8 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
                 scores = scores.masked_fill(~allowed, float("-inf"))
             # the max only shifts the exponent and cancels in num / den: no gradient flows through it
             new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True)).detach()
+            if window is not None:  # a row with no allowed key yet (the window's edge) is not shifted: no NaN
+                new_max = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
             p = torch.exp(scores - new_max)
             if weighted:
                 p = p * as_tensor(wev(plan.reweight.expr), p)
@@ -103,6 +149,9 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
             if allowed is not None:
                 a = torch.where(allowed, a, torch.zeros_like(a))
             acc = acc + a @ v[:, :, j0:j1]
+    empty = _empty_rows(i, s_len, window)
+    if empty is not None and plan.normalize.kind == "rowsum":  # no key: 0 / 1, not 0 / 0
+        acc = torch.cat([acc[..., :-1], torch.where(empty, torch.ones_like(acc[..., -1:]), acc[..., -1:])], -1)
     return finish(acc, plan.normalize, row_max)
 
 
@@ -121,16 +170,15 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile
         log_weight = None
     weighted = plan.reweight.kind is not ReweightClass.NONE and not fold
     i = torch.arange(i0, i0 + tq, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, tq, 1)
-    stop = min(s_len, i0 + tq) if causal else s_len
-    j = torch.arange(0, stop, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, 1, stop)
-    allowed = None
-    if causal and stop - 1 > i0:  # the block crosses the diagonal; masked pairs evaluate W at (i, i)
-        allowed = j <= i
-        j = torch.minimum(j, i)
+    window = plan.spec.window
+    lo, stop = key_range(i0, tq, s_len, causal, window)
+    j = torch.arange(lo, stop, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, 1, stop - lo)
+    # the block crossing the diagonal or a window's edge: masked pairs evaluate W inside the allowed range
+    allowed, j = pair_mask(i, j, i0, tq, lo, stop, causal, window)
     scores = torch.cat([pair_values(sim_expr, env5, q_tile, k[:, :, j0:min(stop, j0 + BLOCK_K)], plan.spec.where)
-                        for j0 in range(0, stop, BLOCK_K)], -1)  # [B, H, Tq, S']
+                        for j0 in range(lo, stop, BLOCK_K)], -1)  # [B, H, Tq, S']
     if big is not None:
-        gate = _gate_bias(big, i0, tq, 0, stop, allowed)
+        gate = _gate_bias(big, i0, tq, lo, stop, allowed)
         scores = scores + gate if exp_class else scores * torch.exp(gate)
     # W (or log W) in float64: a parameter's gradient then sums dS_ij dW_ij/dtheta over (i, j) in float64
     wide = {s: x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
@@ -143,6 +191,8 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         row_max = scores.amax(-1, keepdim=True).detach()  # cancels in the normalisation
+        if window is not None:  # a row with no allowed key: not shifted (no NaN), 0 below
+            row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
         a = torch.exp(scores - row_max)
         if weighted:
             a = a * as_tensor(wev(plan.reweight.expr), a).to(a.dtype)
@@ -154,7 +204,8 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile
     eps = norm.eps
     if row_max is not None and eps != 0:
         eps = eps * torch.exp(-row_max)  # A carries the factor exp(-row max): eps likewise (as in finish)
-    return RowNormalize.apply(a, v[:, :, :stop, :-1], eps, norm.eps_mode == "clamp")
+    empty = _empty_rows(i, s_len, window)
+    return RowNormalize.apply(a, v[:, :, lo:stop, :-1], eps, norm.eps_mode == "clamp", empty)
 
 
 class RowNormalize(torch.autograd.Function):
@@ -168,11 +219,11 @@ class RowNormalize(torch.autograd.Function):
     times the weight: at T = 63 up to 1.5e-5 in float32 where the consistent form gives ~4e-6."""
 
     @staticmethod
-    def forward(ctx, a, v, eps, clamp):
+    def forward(ctx, a, v, eps, clamp, empty=None):
         den = a.sum(-1, keepdim=True)
-        g = _guard(den, eps, clamp)
+        g = _guard(den, eps, clamp, empty)
         ctx.save_for_backward(a, v)
-        ctx.eps, ctx.clamp = eps, clamp
+        ctx.eps, ctx.clamp, ctx.empty = eps, clamp, empty
         return (a @ v) / g
 
     @staticmethod
@@ -182,7 +233,7 @@ class RowNormalize(torch.autograd.Function):
         eps = ctx.eps.to(wide) if isinstance(ctx.eps, torch.Tensor) else ctx.eps
         cols = [slice(c, c + WIDE_COLUMNS) for c in range(0, a.shape[-1], WIDE_COLUMNS)]  # bounds the float64 copies
         den = sum(a[..., c].to(wide).sum(-1, keepdim=True) for c in cols)
-        g = _guard(den, eps, ctx.clamp)
+        g = _guard(den, eps, ctx.clamp, ctx.empty)
         da = dv = None
         if ctx.needs_input_grad[0]:
             dp = do @ v.transpose(-1, -2)  # [..., T, S]
@@ -194,14 +245,14 @@ class RowNormalize(torch.autograd.Function):
                 da[..., c] = (dp[..., c].to(wide) - d) / g  # rounded to a's dtype once
         if ctx.needs_input_grad[1]:
             dv = a.transpose(-1, -2) @ (do / g.to(a.dtype))
-        return da, dv, None, None
+        return da, dv, None, None, None
 
 
-def _guard(den, eps, clamp: bool):
-    """g(r): r + eps, or max(r, eps) (eps a number or a tensor broadcasting against r)."""
-    if clamp:
-        return torch.maximum(den, eps) if isinstance(eps, torch.Tensor) else den.clamp_min(eps)
-    return den + eps
+def _guard(den, eps, clamp: bool, empty=None):
+    """g(r): r + eps, or max(r, eps) (eps a number or a tensor broadcasting against r); 1 on the ``empty`` rows
+    (bool, broadcasting against r: rows that attend no key, whose A is 0)."""
+    g = (torch.maximum(den, eps) if isinstance(eps, torch.Tensor) else den.clamp_min(eps)) if clamp else den + eps
+    return g if empty is None else torch.where(empty, torch.ones_like(g), g)
 
 
 def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:

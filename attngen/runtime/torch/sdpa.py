@@ -1,11 +1,13 @@
 """The torch target's quadratic ordering when it is exactly SDPA's operator (plan.sdpa, from the planning pass
 `delegate`): torch.nn.functional.scaled_dot_product_attention with the plan's scale and, for a reweighting
-W = exp(bias(i, j)), a float attention mask of H x T x S elements (causal pairs j > i set to -inf)."""
+W = exp(bias(i, j)), a float attention mask of H x T x S elements (causal pairs j > i set to -inf). A spec with a
+window never runs here: the planner keeps it on the tiles, which skip the keys outside the window."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from attngen.errors import PlanError
 from attngen.frontend.expr import I, J
 from attngen.ir import SDPA_BIAS_LIMIT
 from attngen.runtime.evaluate import Evaluator
@@ -19,6 +21,9 @@ def fits(plan, q: torch.Tensor, k: torch.Tensor, params: dict) -> bool:
     (dslope 1.1e-5 off at T = 1000 against 2.9e-6 for the tiles' float64 row normalisation)."""
     if plan.sdpa is None:
         return False
+    if plan.spec.window is not None:  # the planner never delegates a window (its tiles skip the keys outside it)
+        raise PlanError(f"{plan.spec.where}: window: SDPA's operator has no window; a windowed plan must run the "
+                        "tiled quadratic ordering (the planning pass 'delegate' routes it there)")
     if plan.sdpa.bias is None:
         return True
     learned = torch.is_grad_enabled() and any(params[p.name].requires_grad for p in plan.spec.parameters
