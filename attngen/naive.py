@@ -12,6 +12,7 @@ import torch
 from attngen.errors import InputError, PlanError
 from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, I, J
 from attngen.frontend.spec import Spec, load_spec
+from attngen.runtime import terms as terms_lib
 from attngen.runtime.evaluate import Evaluator, parameter_value
 from attngen.runtime.inputs import check_gates, check_params, check_qkv
 
@@ -19,6 +20,21 @@ from attngen.runtime.inputs import check_gates, check_params, check_qkv
 def reference(spec, layout: str = "bhtd"):
     """The naive reference of ``spec`` (a Spec or anything load_spec takes), with op's call signature."""
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
+
+    if spec.terms:  # each term's own reference on its slices, combined (attngen.runtime.terms)
+        refs = [reference(t.spec, layout) for t in spec.terms]
+
+        def run_terms(q, k, v, *, initial_state=None, return_state=False, **params):
+            if initial_state is not None or return_state:
+                raise InputError("the naive reference has no recurrent state; call it on the whole sequence")
+            qh, _, _ = check_qkv(spec, q, k, v, layout)
+            gates = {n: params.pop(n) for n in spec.gate_names if n in params}
+            values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+            return terms_lib.combine(spec, q, k, v, values, layout,
+                                     lambda n, qn, kn, vn, ps: refs[n](qn, kn, vn, **ps, **gates))
+
+        run_terms.spec = spec
+        return run_terms
 
     def run(q, k, v, *, initial_state=None, return_state=False, **params):
         if initial_state is not None or return_state:

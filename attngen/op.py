@@ -25,6 +25,7 @@ from attngen.errors import InputError, PlanError
 from attngen.frontend.spec import Spec, load_spec
 from attngen.ir import DEFAULT_CHUNK, Ordering
 from attngen.runtime import state as state_lib
+from attngen.runtime import terms as terms_lib
 from attngen.runtime.inputs import check_cu_seqlens, check_gates, check_params, check_positions, check_qkv
 from attngen.runtime.state import State, check_decodable
 from attngen.runtime.torch import backend as torch_backend
@@ -56,7 +57,66 @@ def compile(spec, backend: str = "auto", plan=None, layout: str = "bhtd", chunk:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise InputError(f"chunk={chunk!r}: expected a positive integer (the causal linear plan's chunk size) "
                          "or None (each backend's own: the plan's 64, the torch scan's CPU-sized chunks)")
+    if spec.terms:
+        return TermsOp(spec, backend, plan, layout, chunk)
     return AttentionOp(spec, backend, plan, layout, chunk)
+
+
+class TermsOp:
+    """A compiled spec of several terms: one AttentionOp per term (each planned on its own: one may run the linear
+    ordering, another a windowed quadratic one), combined by attngen.runtime.terms. Called like AttentionOp; it has
+    no recurrent state (each term would carry its own): initial_state, return_state and step are refused."""
+
+    def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk):
+        self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
+        self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
+
+    def __repr__(self) -> str:
+        return f"TermsOp({self.spec.name!r} {self.spec.mode}, {len(self.ops)} terms, backend={self.backend!r})"
+
+    @property
+    def plan(self) -> "TermsPlan":
+        return TermsPlan(self.spec, tuple(op.plan for op in self.ops))
+
+    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, **params):
+        if initial_state is not None or return_state:
+            raise InputError(f"{self.spec.name}: a spec with terms has no single recurrent state (each term would "
+                             "carry its own); call the op on whole sequences")
+        qh, _, _ = check_qkv(self.spec, q, k, v, self.layout)
+        gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
+        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+        extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
+        return terms_lib.combine(self.spec, q, k, v, values, self.layout,
+                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra))
+
+    def init_state(self, *args, **kwargs):
+        raise InputError(f"{self.spec.name}: a spec with terms has no recurrent state to decode with")
+
+    step = init_state
+
+
+class TermsPlan:
+    """The plans of a TermsOp's terms (the last call's), read out together."""
+
+    def __init__(self, spec: Spec, plans: tuple):
+        self.spec, self.terms = spec, plans
+        self.head_dim = plans[0].head_dim
+
+    @property
+    def choice(self):
+        return self
+
+    def describe(self) -> str:
+        return "; ".join(f"term {n}: {p.choice.describe()}" for n, p in enumerate(self.terms))
+
+    def explain(self, n: int = 4096, head_dim: int | None = None) -> str:
+        parts = [f"{self.spec.name} ({self.spec.mode}): {len(self.terms)} terms, O = "
+                 + " + ".join(f"({t.coefficient}) * O_{i}" for i, t in enumerate(self.spec.terms))
+                 + (" over a shared row sum" if self.spec.normalize.kind != "none" else "")]
+        for i, (t, p) in enumerate(zip(self.spec.terms, self.terms)):
+            cut = f", q and k dims [{t.slice[0]}, {t.slice[1]})" if t.slice else ""
+            parts += ["", f"--- term {i}{cut} ---", p.explain(n, head_dim)]
+        return "\n".join(parts)
 
 
 class AttentionOp:

@@ -48,6 +48,9 @@ def plan(spec, *, target: str = "torch", head_dim: int = 64, chunk: int = DEFAUL
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if target not in TARGETS:
         raise PlanError(f"target={target!r}: expected one of {', '.join(map(repr, TARGETS))}")
+    if spec.terms:
+        raise PlanError(f"{spec.where}: {spec.name} has {len(spec.terms)} terms, each planned on its own: "
+                        "pipeline.plan(term.spec) for term in spec.terms (attngen.compile combines them)")
     generator = GENERATORS.get(target)
     pro = prologue.split(spec) if generator is not None else None
     if pro is not None:  # the kernels run the core spec on feature rows the prologue computes

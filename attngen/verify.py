@@ -130,7 +130,8 @@ def verify_case(op, spec: Spec, dtype=torch.float32, b=1, h=2, t=63, s=None, dk=
     if dtype != torch.float64:
         # the yardstick of the three-way rule: the same evaluation order in the same dtype, in plain torch
         # (generated kernels); the naive reference in that dtype (the torch backend)
-        yard = ref if backend in ("torch", "?") else compile_op(spec, backend="torch", plan=ordering)
+        yard = ref if backend in ("torch", "?") else compile_op(spec, backend="torch",
+                                                               plan=None if spec.terms else ordering)
         same = _run(yard, q, k, v, do, params, dtype, "cpu", fixed)
     res = CaseResult(spec.name, spec.mode, backend, ordering, str(dtype).replace("torch.", ""),
                      f"B{b}-H{h}-T{t}" + (f"-S{s}" if s != t else "") + f"-D{dk}" + (f"-Dv{dv}" if dv != dk else ""),
@@ -265,7 +266,7 @@ def _cases(spec, backend, force, dtypes, lengths, head_dim, step: bool) -> list:
 
 
 def _decodable(spec, backend, force) -> bool:
-    if force not in (None, "linear", "recurrent"):
+    if force not in (None, "linear", "recurrent") or spec.terms:  # a spec with terms has no single state
         return False
     target = "torch" if backend == "torch" else "triton"
     return pipeline.plan(spec, target=target, force=force).capabilities.decodable

@@ -57,7 +57,10 @@ from attngen.frontend.expr import (
 )
 
 KEYS = ("name", "description", "causal", "similarity", "reweight", "normalize", "constants",
-        "parameters", "gates", "rotary", "approx", "max_length", "window")
+        "parameters", "gates", "rotary", "approx", "max_length", "window", "terms")
+TERM_KEYS = ("similarity", "reweight", "normalize", "window", "coefficient", "slice")  # the keys of one term
+TERM_SHARED = ("causal", "description", "constants", "parameters", "gates", "rotary", "max_length")  # every term's
+MAX_SPEC_TERMS = 8
 GATE_KINDS = ("head", "key_dim")  # a gate per head [B, H, T], or per head and key dimension [B, H, T, Dk]
 SCALE = "scale"  # the per-call score scale: op(q, k, v, scale=...), default 1/sqrt(d)
 DEFAULT_SCALE = "1/sqrt(d)"
@@ -156,6 +159,21 @@ class Rotary:
 
 
 @dataclass(frozen=True)
+class Term:
+    """One term of a spec with terms: its own spec (the shared keys and the term's similarity, reweight, normalize,
+    window), a coefficient (an expression in constants, scalar parameters, d, h, H) and an optional slice [lo, hi) of
+    the head dim of q and k (expressions in d, the head dim of the call), which the term sees as its q and k."""
+    spec: "Spec"
+    coefficient: str
+    coefficient_expr: sympy.Expr = field(compare=False)
+    slice: tuple | None = None  # (lo, hi) as written
+    slice_exprs: tuple | None = field(compare=False, default=None)
+
+    def canonical(self) -> list:
+        return [self.spec.canonical(), self.coefficient, list(self.slice) if self.slice else None]
+
+
+@dataclass(frozen=True)
 class Constant:
     """A named constant: a number or an expression in n_q, n_k, d, h, H and earlier constants."""
     name: str
@@ -186,6 +204,9 @@ class Spec:
     gates: tuple = ()  # of Gate (at most MAX_GATES)
     rotary: Rotary | None = None
     window: int | None = None  # the attended pairs are |i - j| < window (with causal: 0 <= i - j < window)
+    # a spec of several terms (docs/specs.md, "terms"): each a Term; the spec's own normalize is then the shared
+    # normaliser (kind none: each term normalises its own output), its similarity a description
+    terms: tuple = ()
 
     @property
     def gate(self) -> Gate | None:
@@ -215,7 +236,8 @@ class Spec:
         } | ({"max_length": self.max_length} if self.max_length else {}) \
           | ({"gates": [[g.name, g.per] for g in self.gates]} if self.gates else {}) \
           | ({"rotary": self.rotary.theta} if self.rotary is not None else {}) \
-          | ({"window": self.window} if self.window is not None else {})
+          | ({"window": self.window} if self.window is not None else {}) \
+          | ({"terms": [t.canonical() for t in self.terms]} if self.terms else {})
 
     @functools.cached_property
     def hash(self) -> str:  # computed once (the spec is frozen): states are checked against it per decode step
@@ -231,6 +253,8 @@ class Spec:
 
     def to_yaml(self) -> str:
         """The resolved spec (this mode only) as YAML; load_spec of it gives an equal Spec."""
+        if self.terms:
+            return _terms_yaml(self)
         data = {"name": self.name, "description": self.description, "causal": self.causal,
                 "similarity": self.similarity, "reweight": self.reweight,
                 "normalize": self.normalize.kind}
@@ -539,6 +563,8 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
     causal = data.get("causal", True)
     if not isinstance(causal, bool):
         raise SpecError(f"found {brief(causal, 40)}", where=where, key="causal", expected="true or false")
+    if "terms" in data:
+        return _terms_spec(data, causal, where, overrides)
     name = data.get("name")
     if name is None and where not in ("<dict>", "<yaml string>"):
         name = Path(where).stem
@@ -603,6 +629,126 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
                 parameters=tuple(parameters), approx=approx_json, where=where,
                 similarity_expr=sim_expr, reweight_expr=rw_expr, approximation=approximation,
                 max_length=max_length, length_limit=limit, gates=gates, rotary=rotary, window=window)
+
+
+def _terms_spec(data: dict, causal: bool, where: str, overrides: dict) -> Spec:
+    """A spec of several terms: each term is built (and validated) as a spec of its own from the shared keys and its
+    own; the result holds them in ``terms``."""
+    raw = _pick_mode(data["terms"], causal, where, "terms")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_SPEC_TERMS:
+        raise SpecError(f"found {brief(raw, 60)}", where=where, key="terms",
+                        expected=f"a list of 1 .. {MAX_SPEC_TERMS} mappings with keys among " + ", ".join(TERM_KEYS),
+                        fix="e.g. terms: [{similarity: exp(dot(q, k) * scale), normalize: rowsum}, ...]")
+    inside = [k for k in ("similarity", "reweight", "window", "approx") if k in data]
+    if inside:
+        raise SpecError(f"{', '.join(inside)} beside terms", where=where, key=inside[0],
+                        expected="similarity, reweight and window in each term; no approx with terms",
+                        fix="move the key into the terms that use it")
+    name = data.get("name")
+    if name is None and where not in ("<dict>", "<yaml string>"):
+        name = Path(where).stem
+    _check_name(name, where, "name", SPEC_NAME_RESERVED)
+    shared = _normalize(_pick_mode(data["normalize"], causal, where, "normalize"), where) \
+        if data.get("normalize") is not None else None
+    if shared is not None and shared.kind == "softmax":
+        raise SpecError("a shared softmax normaliser", where=where, key="normalize",
+                        expected="rowsum (shared row sums of every term) or none",
+                        fix="give each softmax term its own normalize: softmax (or rowsum of an exp similarity)")
+    terms = []
+    for n, item in enumerate(raw):
+        key = f"terms[{n}]"
+        if not isinstance(item, Mapping):
+            raise SpecError(f"found {brief(item, 40)}", where=where, key=key,
+                            expected="a mapping with keys among " + ", ".join(TERM_KEYS))
+        item = {_key(k): v for k, v in item.items()}
+        extra = set(item) - set(TERM_KEYS)
+        if extra:
+            raise SpecError(f"unknown key(s) {_listing(extra)}", where=where, key=key,
+                            expected="keys among " + ", ".join(TERM_KEYS))
+        if shared is not None and "normalize" in item:
+            raise SpecError("a term's normalize beside the shared one", where=where, key=f"{key}.normalize",
+                            expected="one of the two", fix="remove the top-level normalize for a normaliser per term")
+        sub = {k: data[k] for k in TERM_SHARED if k in data} | {k: item[k] for k in TERM_KEYS[:4] if k in item}
+        sub["name"] = f"{name}_t{n}"
+        if shared is not None:
+            sub["normalize"] = "none"
+        try:
+            spec = build_spec(sub, where, dict(overrides))
+        except SpecError as exc:
+            raise SpecError(exc.what, where=where, key=f"{key}.{exc.key}" if exc.key else key,
+                            expected=exc.expected, fix=exc.fix) from None
+        if shared is not None and _exp_family(spec):
+            raise SpecError("an exp similarity under a shared normaliser", where=where, key=f"{key}.similarity",
+                            expected="terms without exp scores under a shared rowsum",
+                            fix="give the softmax term its own normalize (then each term normalises its own output)")
+        terms.append(_term(item, spec, where, key))
+    first = terms[0].spec
+    params = {}
+    for t in terms:
+        params |= {p.name: p for p in t.spec.parameters if p.name not in params}
+    text = " + ".join(f"{t.coefficient} * [{t.spec.similarity}]" for t in terms)
+    return Spec(name=name, description=first.description, causal=causal, similarity=text, reweight="1",
+                normalize=shared or Normalize(), constants=first.constants, parameters=tuple(params.values()),
+                approx="null", where=where, similarity_expr=sympy.Integer(0), reweight_expr=sympy.Integer(1),
+                max_length=first.max_length, length_limit=first.length_limit, gates=first.gates, rotary=first.rotary,
+                terms=tuple(terms))
+
+
+def _exp_family(spec: Spec) -> bool:
+    return spec.normalize.kind == "softmax" or spec.similarity_expr.has(sympy.exp)
+
+
+def _term(item: dict, spec: Spec, where: str, key: str) -> Term:
+    """The term's coefficient and slice around its spec."""
+    names = {c.name: c.symbol for c in spec.constants} | {p.name: p.symbol for p in spec.parameters
+                                                          if p.kind == "scalar"}
+    ctx = Context(where, f"{key}.coefficient", {k: v for k, v in BUILTIN_SYMBOLS.items()
+                                                if k in ("d", "h", "H")} | names, False,
+                  {"q": "a coefficient is a number per head", "k": "a coefficient is a number per head",
+                   "i": "a coefficient is the same for every position", "j": "a coefficient is the same for every "
+                   "position"})
+    raw = item.get("coefficient", 1)
+    if isinstance(raw, bool):
+        raise SpecError(f"found {raw!r}", where=where, key=f"{key}.coefficient", expected="a number or expression")
+    coefficient = parse_expression(raw, ctx)
+    bounds = None
+    if "slice" in item:
+        pair = item["slice"]
+        if not isinstance(pair, list) or len(pair) != 2 or any(isinstance(x, bool) for x in pair):
+            raise SpecError(f"found {brief(pair, 40)}", where=where, key=f"{key}.slice",
+                            expected="[lo, hi]: the head dims lo .. hi - 1 of q and k, numbers or expressions in d",
+                            fix="e.g. slice: [0, d/2]")
+        sctx = Context(where, f"{key}.slice", {"d": BUILTIN_SYMBOLS["d"]}, False, {})
+        bounds = tuple(parse_expression(x, sctx) for x in pair)
+    return Term(spec, raw if isinstance(raw, str) else repr(raw), coefficient,
+                tuple(x if isinstance(x, str) else repr(x) for x in item["slice"]) if bounds else None, bounds)
+
+
+def _terms_yaml(spec: Spec) -> str:
+    """to_yaml of a spec with terms: the shared keys once, then each term's own."""
+    first = yaml.safe_load(spec.terms[0].spec.to_yaml())
+    data = {"name": spec.name, "description": spec.description, "causal": spec.causal}
+    data |= {k: first[k] for k in ("constants", "parameters", "gates", "rotary", "max_length") if k in first}
+    # the per-call scale at its default is implicit in each term that uses it (written once, every term would get it)
+    scales = {p.init for t in spec.terms for p in t.spec.parameters if _is_scale(p)}
+    if scales <= {DEFAULT_SCALE} and "scale" in data.get("constants", {}):
+        data["constants"] = {k: v for k, v in data["constants"].items() if k != SCALE} or None
+        if data["constants"] is None:
+            del data["constants"]
+    if spec.normalize.kind != "none":
+        data["normalize"] = {"kind": "rowsum", "eps": spec.normalize.eps, "eps_mode": spec.normalize.eps_mode}
+    terms = []
+    for t in spec.terms:
+        own = yaml.safe_load(t.spec.to_yaml())
+        item = {k: own[k] for k in ("similarity", "reweight", "window") if k in own}
+        if spec.normalize.kind == "none":
+            item["normalize"] = own["normalize"]
+        item["coefficient"] = t.coefficient
+        if t.slice:
+            item["slice"] = list(t.slice)
+        terms.append(item)
+    data["terms"] = terms
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _scale_constant(constants: list, where: str) -> tuple:
