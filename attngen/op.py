@@ -177,6 +177,7 @@ class AttentionOp:
             check_positions(self.spec, state.pos + lengths)
         if backend == "torch" and self.spec.rotary is not None:  # the generated kernels would rotate in place
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
+        out_dtype = qh.dtype
         if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
             qh, kh, vh = plan.prologue.features(qh, kh, vh, values)
             values = plan.prologue.core_values(values)
@@ -209,7 +210,7 @@ class AttentionOp:
             info = {}
             o = self._run_torch(plan, qh, kh, vh, values, info, gate)
             self._record(info)
-        o = o.transpose(1, 2) if self.layout == "bthd" else o
+        o = o.to(out_dtype).transpose(1, 2) if self.layout == "bthd" else o.to(out_dtype)
         return (o, state) if return_state else o
 
     def _run_torch(self, plan, qh, kh, vh, values, info: dict, gate=None):
@@ -299,6 +300,7 @@ class AttentionOp:
         key = self._state_key(plan, qh, vh, qh.shape[0], _state_heads(plan, qh, kh))
         state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key, heads=key[2])
         check_positions(self.spec, state.pos + 1, "step")
+        out_dtype = qh.dtype
         if plan.prologue is not None:
             qh, kh, vh = plan.prologue.features(qh, kh, vh, values)
             values = plan.prologue.core_values(values)
@@ -317,6 +319,7 @@ class AttentionOp:
         else:
             return self._step_torch(plan, q_t, k_t, v_t, state, values, key, hot=not params, gate=gate)
         new.checked = _fingerprint(new, key)  # the next step skips its check
+        o = o.to(out_dtype)
         return (o.transpose(1, 2) if self.layout == "bthd" else o), new
 
     def _step_torch(self, plan, q_t, k_t, v_t, state, values, key, hot=True, gate=None):

@@ -62,7 +62,8 @@ class Prologue:
 
     def features(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, values: dict) -> tuple:
         """q' [B, H, T, F], k' [B, H(_kv), S, F] and v from q, k, v [B, H(_kv), T, D] and the spec's parameters
-        (k and v repeated per query head when the key side's feature map differs per head)."""
+        (k and v repeated per query head when the key side's feature map differs per head), all three in float64
+        for float64 inputs, else float32."""
         from attngen.runtime.evaluate import scalar_env
         from attngen.runtime.torch.common import row_evaluator
 
@@ -82,8 +83,10 @@ class Prologue:
                 t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=dtype, device=x.device)
                 width = t.shape[-1] if t.dim() and t.shape[-1] > 1 else xs.shape[-1]
                 parts.append(torch.broadcast_to(t, (*xs.shape[:-1], width)))
-            out.append((parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(x.dtype).contiguous())
-        return out[0], out[1], vh
+            # kept in the compute dtype (float32 for half inputs): rounding the feature rows to half again would add
+            # an error the fused kernels do not make (the op casts the output back to the inputs' dtype)
+            out.append((parts[0] if len(parts) == 1 else torch.cat(parts, -1)).contiguous())
+        return out[0], out[1], vh.to(dtype)
 
     def core_values(self, values: dict) -> dict:
         """The parameters the core spec takes (those its reweight and similarity still use)."""
