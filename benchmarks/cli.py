@@ -21,6 +21,7 @@ from benchmarks.common import WorkerError, decode, linear_scaling, write_result
 from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
 from benchmarks.sparse import sparse
 from benchmarks.toeplitz import toeplitz
+from benchmarks.window import window_scaling
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PROG = "python -m benchmarks"
@@ -189,6 +190,25 @@ def toeplitz_cmd(max_len, out):
     A Toeplitz reweighting: the FFT ordering against the quadratic one, T = 256 .. --max-len, beside the
     cost model's crossover."""
     toeplitz(max_len=max_len, out_dir=Path(out))
+
+
+@main.command("window", context_settings=CONTEXT)
+@click.option("--min-len", type=click.IntRange(256), default=4096, show_default=True, help="The shortest T measured.")
+@_max_len
+@_out
+@click.option("--window", type=click.IntRange(1), default=256, show_default=True, help="The spec's window.")
+@click.option("--heads", type=click.IntRange(1), default=4, show_default=True, help="Heads H (B = 1, D = 64).")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed rounds over the lengths.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's).")
+def window_cmd(min_len, max_len, out, window, heads, repeats, threads):
+    """Sliding window attention: time against T.
+
+    A causal softmax spec with `window: N` on the torch backend: forward and forward + backward times,
+    T = --min-len .. --max-len (doubling), and the ratio of the longest to the shortest (linear in T)."""
+    command = (f"python -m benchmarks window --min-len {min_len} --max-len {max_len} --window {window} "
+               f"--heads {heads} --repeats {repeats}" + (f" --threads {threads}" if threads else ""))
+    window_scaling(out_dir=Path(out), window=window, h=heads, min_len=min_len, max_len=max_len, repeats=repeats,
+                   threads=threads, command=command, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import benchmarks.common
 import benchmarks.cpu
 from benchmarks.cli import main
 
-SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu"]
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,6 +68,17 @@ def test_toeplitz_writes_a_table(run, tmp_path):
     assert "| 256 |" in text and "| 1024 |" in text and "| 2048 |" not in text
     assert "cost model (d = 32): quadratic for n <" in text and "fft above" in text
     assert "- command: `python -m benchmarks toeplitz --max-len 1024`" in text
+
+
+def test_window_writes_a_table(run, tmp_path):
+    result = run("window", "--min-len", "256", "--max-len", "1024", "--heads", "1", "--repeats", "1",
+                 "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*-window.md")
+    text = path.read_text()
+    assert "| 256 |" in text and "| 1024 |" in text and "| 2048 |" not in text
+    assert "T = 1024 / T = 256: forward" in text and "window 256" in text
+    assert "- command: `python -m benchmarks window --min-len 256 --max-len 1024 --window 256 --heads 1 " in text
 
 
 def test_decode_refuses_a_spec_without_a_state(run, tmp_path):

@@ -16,6 +16,7 @@ that cancellation holding in floating point.
 from __future__ import annotations
 
 import functools
+from itertools import repeat
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,19 +39,37 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     body = _normalized_tile if track and plan.normalize.kind == "rowsum" else _query_tile
     tile = functools.partial(body, plan, env, with_rank5(env), causal)
     window = plan.spec.window
+    s_len = k.shape[2]
+    # the tiles take their rows and keys from split blocks, not slices: the backward of a slice is a zero tensor of
+    # the whole input per tile (T / BLOCK_Q of them: quadratic in T), one split's is a single cat
+    rows = zip(q.split(BLOCK_Q, 2), big.split(BLOCK_Q, 2) if big is not None else repeat(None))
+    blocks = [x.split(BLOCK_K, 2) for x in (k, v, big) if x is not None] if window is not None else None
     outs = []
-    for i0 in range(0, q.shape[2], BLOCK_Q):
-        q_tile = q[:, :, i0:i0 + BLOCK_Q]
-        lo, stop = key_range(i0, q_tile.shape[2], k.shape[2], causal, window)
+    for n, (q_tile, g_rows) in enumerate(rows):
+        i0 = n * BLOCK_Q
+        lo, stop = key_range(i0, q_tile.shape[2], s_len, causal, window)
         if lo >= stop:  # a window past the last key (cross attention): these rows attend nothing and give 0
             width = v.shape[-1] - (plan.normalize.kind == "rowsum")  # [V | 1]: the ones column is not an output
             outs.append(q_tile.new_zeros(*q_tile.shape[:3], width))
             continue
+        b0 = lo // BLOCK_K if window is not None else 0
+        if b0 == 0:  # every key from the first: k, v and G whole
+            args = (tile, i0, 0, s_len, q_tile, g_rows, k, v, big)
+        else:  # a window: the key blocks it intersects, joined inside the tile (recomputed, not kept)
+            parts = [x[b0:-(-stop // BLOCK_K)] for x in blocks]
+            args = (functools.partial(_joined, tile, len(parts[0])), i0, b0 * BLOCK_K, s_len, q_tile, g_rows,
+                    *[b for part in parts for b in part])
         if track:  # recompute the tile's scores in backward instead of keeping them
-            outs.append(checkpoint(tile, i0, q_tile, k, v, big, use_reentrant=False))
+            outs.append(checkpoint(*args, use_reentrant=False))
         else:
-            outs.append(tile(i0, q_tile, k, v, big))
+            outs.append(args[0](*args[1:]))
     return torch.cat(outs, 2)
+
+
+def _joined(tile, n: int, i0: int, j_start: int, s_len: int, q_tile, g_rows, *blocks):
+    """``tile`` on the keys j_start .. of ``blocks``: n key blocks, n value blocks (and n blocks of G), joined."""
+    k, v, *g = (torch.cat(blocks[a:a + n], 2) for a in range(0, len(blocks), n))
+    return tile(i0, j_start, s_len, q_tile, g_rows, k, v, g[0] if g else None)
 
 
 def key_range(i0: int, tq: int, s_len: int, causal: bool, window: int | None) -> tuple:
@@ -90,9 +109,10 @@ def _empty_rows(i, s_len: int, window: int | None):
     return i >= s_len + window - 1
 
 
-def _gate_bias(big, i0: int, tq: int, j0: int, j1: int, allowed):
-    """G_i - G_j for the tile's rows and columns ([B, H, Tq, Tk]; 0 on masked pairs, so it stays <= 0 and finite)."""
-    diff = big[:, :, i0:i0 + tq, None] - big[:, :, None, j0:j1]
+def _gate_bias(g_rows, g_cols, allowed):
+    """G_i - G_j for the tile's rows G_i [B, H, Tq] and columns G_j [B, H, Tk] ([B, H, Tq, Tk]; 0 on masked pairs,
+    so it stays <= 0 and finite)."""
+    diff = g_rows[:, :, :, None] - g_cols[:, :, None, :]
     return diff if allowed is None else torch.where(allowed, diff, torch.zeros((), dtype=diff.dtype,
                                                                                 device=diff.device))
 
@@ -101,11 +121,12 @@ def _tensors(env: dict):
     return [x for x in env.values() if isinstance(x, torch.Tensor)]
 
 
-def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v, big=None):
+def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: int, s_len: int, q_tile, g_rows, k, v,
+                big=None):
     """Rows i0 .. i0 + Tq of O: loop over key tiles, skipping those entirely above the diagonal or outside the
-    window."""
+    window. ``k``, ``v`` (and ``big``, G of the keys) hold the keys j_start .. of the S keys; ``g_rows`` G of the
+    rows."""
     b, h, tq, _ = q_tile.shape
-    s_len = k.shape[2]
     exp_class = plan.similarity.kind is SimilarityClass.EXP
     sim_expr = plan.similarity.score if exp_class else plan.similarity.expr
     log_weight = plan.reweight.log_weight
@@ -123,9 +144,10 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
         j = torch.arange(j0, j1, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, 1, j1 - j0)
         # a tile crossing the diagonal or a window's edge: masked pairs evaluate W inside the allowed range
         allowed, j = pair_mask(i, j, i0, tq, j0, j1, causal, window)
-        scores = pair_values(sim_expr, env5, q_tile, k[:, :, j0:j1], plan.spec.where)  # [B, H, Tq, Tk]
+        a0, a1 = j0 - j_start, j1 - j_start  # in the local keys
+        scores = pair_values(sim_expr, env5, q_tile, k[:, :, a0:a1], plan.spec.where)  # [B, H, Tq, Tk]
         wev = Evaluator({**env4, I: i, J: j}, where=f"{plan.spec.where}: reweight")
-        gate = None if big is None else _gate_bias(big, i0, tq, j0, j1, allowed)
+        gate = None if big is None else _gate_bias(g_rows, big[:, :, a0:a1], allowed)
         if gate is not None and not exp_class:
             scores = scores * torch.exp(gate)
         if exp_class:
@@ -142,26 +164,27 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, 
             p = torch.exp(scores - new_max)
             if weighted:
                 p = p * as_tensor(wev(plan.reweight.expr), p)
-            acc = acc * torch.exp(row_max - new_max) + p @ v[:, :, j0:j1]
+            acc = acc * torch.exp(row_max - new_max) + p @ v[:, :, a0:a1]
             row_max = new_max
         else:
             a = scores * as_tensor(wev(plan.reweight.expr), scores) if weighted else scores
             if allowed is not None:
                 a = torch.where(allowed, a, torch.zeros_like(a))
-            acc = acc + a @ v[:, :, j0:j1]
+            acc = acc + a @ v[:, :, a0:a1]
     empty = _empty_rows(i, s_len, window)
     if empty is not None and plan.normalize.kind == "rowsum":  # no key: 0 / 1, not 0 / 0
         acc = torch.cat([acc[..., :-1], torch.where(empty, torch.ones_like(acc[..., -1:]), acc[..., -1:])], -1)
     return finish(acc, plan.normalize, row_max)
 
 
-def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile, k, v, big=None):
+def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: int, s_len: int, q_tile, g_rows, k,
+                     v, big=None):
     """Rows i0 .. i0 + Tq of a row-sum-normalised O with autograd: the tile's A [B, H, Tq, S'] over the keys
     up to the diagonal (scores computed key tile by key tile), one row max, then RowNormalize.
 
-    ``v`` is [V | 1]; the row sum is taken from A itself, so the ones column is not used here."""
+    ``v`` is [V | 1]; the row sum is taken from A itself, so the ones column is not used here. ``k``, ``v``, ``big``
+    hold the keys j_start .. (see _query_tile)."""
     tq = q_tile.shape[2]
-    s_len = k.shape[2]
     exp_class = plan.similarity.kind is SimilarityClass.EXP
     sim_expr = plan.similarity.score if exp_class else plan.similarity.expr
     log_weight = plan.reweight.log_weight
@@ -175,10 +198,11 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile
     j = torch.arange(lo, stop, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, 1, stop - lo)
     # the block crossing the diagonal or a window's edge: masked pairs evaluate W inside the allowed range
     allowed, j = pair_mask(i, j, i0, tq, lo, stop, causal, window)
-    scores = torch.cat([pair_values(sim_expr, env5, q_tile, k[:, :, j0:min(stop, j0 + BLOCK_K)], plan.spec.where)
-                        for j0 in range(lo, stop, BLOCK_K)], -1)  # [B, H, Tq, S']
+    a0, a1 = lo - j_start, stop - j_start  # in the local keys
+    scores = torch.cat([pair_values(sim_expr, env5, q_tile, k[:, :, j0:min(a1, j0 + BLOCK_K)], plan.spec.where)
+                        for j0 in range(a0, a1, BLOCK_K)], -1)  # [B, H, Tq, S']
     if big is not None:
-        gate = _gate_bias(big, i0, tq, lo, stop, allowed)
+        gate = _gate_bias(g_rows, big[:, :, a0:a1], allowed)
         scores = scores + gate if exp_class else scores * torch.exp(gate)
     # W (or log W) in float64: a parameter's gradient then sums dS_ij dW_ij/dtheta over (i, j) in float64
     wide = {s: x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
@@ -205,7 +229,7 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, q_tile
     if row_max is not None and eps != 0:
         eps = eps * torch.exp(-row_max)  # A carries the factor exp(-row max): eps likewise (as in finish)
     empty = _empty_rows(i, s_len, window)
-    return RowNormalize.apply(a, v[:, :, lo:stop, :-1], eps, norm.eps_mode == "clamp", empty)
+    return RowNormalize.apply(a, v[:, :, a0:a1, :-1], eps, norm.eps_mode == "clamp", empty)
 
 
 class RowNormalize(torch.autograd.Function):
