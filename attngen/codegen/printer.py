@@ -154,9 +154,10 @@ def print_triton(expr, names: dict, where: str = "<spec>", what: str = "expressi
 def print_t5_bucket(node, rows: str, cols: str, rel: str, dist: str, where: str = "<spec>") -> tuple:
     """T5's bucket (attngen.runtime.t5) of a T5Bucket over a tile, in int32 arithmetic: the codes of the relative
     positions x, the distances n (from the variable ``rel``) and the buckets (from ``rel`` and ``dist``), given the
-    integer positions ``rows`` (i, [BM] as [:, None]) and ``cols`` (j, [None, :]). No float log: the bucket of a distance n >= max_exact is max_exact plus the number of
-    thresholds n reaches (read off the reference arithmetic, attngen.runtime.t5.thresholds), so the kernels agree
-    with the reference on every pair, the boundaries included."""
+    integer positions ``rows`` (i, [BM] as [:, None]) and ``cols`` (j, [None, :]). No float log: the bucket of a
+    distance n >= max_exact is max_exact plus the number of thresholds n reaches (read off the reference
+    arithmetic, attngen.runtime.t5.thresholds), so the kernels agree with the reference on every pair, the
+    boundaries included."""
     from attngen.runtime.t5 import thresholds
 
     if not isinstance(node, T5Bucket):

@@ -157,7 +157,8 @@ def tile_slots(plan: Plan) -> dict:
         dden_mask = f"b_den > {eps}" if clamp else None
     need_dw = any(u == "b_dw" for g in grads for u, _ in g.terms) or any(
         u == "b_dw" for g in grads for t in g.table for u, _ in t.terms)
-    slots.update(lookups=tile.lookups_, pairs=pairs, qsides=sides_, param_grads=grads, qden_expr=den, qdden_mask=dden_mask, need_dw=need_dw)
+    slots.update(lookups=tile.lookups_, pairs=pairs, qsides=sides_, param_grads=grads, qden_expr=den,
+                 qdden_mask=dden_mask, need_dw=need_dw)
     return slots
 
 
