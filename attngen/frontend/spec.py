@@ -970,7 +970,7 @@ def _draw(init, shape: tuple, where: str, key: str) -> tuple:
         return "eye", "eye"
     if text.startswith("normal(") and text.endswith(")"):
         if shape[-1:] != ("Dk",) and not (shape and isinstance(shape[-1], int)):
-            raise SpecError("a random init needs a vector, matrix or table parameter", where=where, key=key,
+            raise SpecError("a random init needs a vector or matrix parameter (or a table)", where=where, key=key,
                             expected="shape [Dk], [H, Dk], [F, Dk], [H, F, Dk], [H, NB] or [NB]",
                             fix="or give a number")
         return "normal", text[len("normal("):-1]
