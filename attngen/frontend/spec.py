@@ -928,6 +928,8 @@ def _shape(raw, where: str, key: str, constants: dict, numbers: dict) -> tuple:
     if rest == []:
         return ("H",)
     if len(rest) == 1 and rest not in (["Dk"], ["d"]):  # a table [H, NB] or [NB]
+        if not (isinstance(rest[0], int) or isinstance(rest[0], str) and rest[0] in constants):
+            raise bad
         entries = _size(rest[0], where, key, constants, numbers, "entries", MAX_TABLE,
                         "e.g. shape: [H, 32] (a table per head) or constants: {NB: 32} with shape: [H, NB]")
         return (("H",) if head else ()) + (entries,)
