@@ -34,6 +34,7 @@ def spec_with(key, value):
     """A valid spec (constant M, parameter m) with ``value`` placed at ``key`` (dotted for nested keys)."""
     data = {"name": "fuzz", "similarity": "dot(q, k)", "constants": {"M": 4},
             "parameters": {"m": {"shape": ["H"], "init": 0.5}, "g": {"shape": ["H", "Dk"], "init": 1},
+                           "rel": {"shape": ["H", 8], "init": 0},
                            "W": {"shape": [4, "Dk"], "init": "normal(1)", "seed": 3, "learnable": False}}}
     parts = key.split(".")
     node = data
@@ -75,10 +76,11 @@ def check_valid(spec):
 # ---------------------------------------------------------------------------------------------
 NAMES = ["q", "k", "i", "j", "n", "n_q", "n_k", "d", "h", "H", "pi", "M", "m", "x", "gamma", "__import__",
          "os", "eval", "exec", "open", "__builtins__", "globals", "self", "None", "True", "inf", "nan", "g", "W",
-         "Dk", "eye", "normal"]
+         "Dk", "eye", "normal", "rel", "j - i", "i - j", "t5_bucket(j - i, 8, 20)",
+         "lookup(rel, t5_bucket(j - i, 8, 20))"]
 FUNCS = ["dot", "norm", "relu", "elu", "exp", "log", "sigmoid", "tanh", "abs", "sqrt", "sin", "cos", "min",
          "max", "__import__", "eval", "getattr", "print", "sum", "softplus", "(lambda x: x)", "q", "1", "mean",
-         "matmul", "softmax", "W", "normal"]
+         "matmul", "softmax", "W", "normal", "lookup", "t5_bucket", "rel"]
 NUMBERS = ["0", "1", "2", "0.5", "-1", "1e-12", "1e30", "1e31", "1e400", "1e-400", "9" * 50, "1" + "0" * 400,
            "0x1f", "1_000", "1j", "0.0", "-0.0", "2**99", "10**64", ".5", "5.", "1e308", "07", "0b11"]
 BINOPS = ["+", "-", "*", "/", "**", "^", "//", "%", "@", "==", "<", ">=", "and", "or", "|", "&", "<<", "in"]
@@ -146,7 +148,8 @@ KEY_TEXT = st.sampled_from([*KEYS, "causal", "bidirectional", "kind", "eps", "ep
 SCALARS = (st.none() | st.booleans() | st.integers() | st.floats()
            | st.integers(min_value=10 ** 4400, max_value=10 ** 4500) | st.text(max_size=20)
            | st.sampled_from(["dot(q, k)", "rowsum", "none", "softmax", "add", "clamp", "H", "[H]", "scalar",
-                              "0.5", "max(n_q, n_k)", "1e-6", "Dk", "[H, Dk]", "eye", "normal(1)", "normal(-1)"]))
+                              "0.5", "max(n_q, n_k)", "1e-6", "Dk", "[H, Dk]", "eye", "normal(1)", "normal(-1)",
+                              "[H, 32]", "exp(lookup(rel, t5_bucket(j - i, 8, 20)))", "lookup(rel, 3)"]))
 OBJECTS = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEY_TEXT | st.integers(), inner, max_size=4),
@@ -156,7 +159,8 @@ OBJECTS_WITH_DEEP = OBJECTS | DEEP
 PATHS = EXPR_KEYS + ["name", "description", "causal", "normalize", "normalize.kind", "normalize.eps",
                      "normalize.eps_mode", "constants", "parameters", "parameters.m", "parameters.m.shape",
                      "approx", "constants.M.causal", "parameters.W.shape", "parameters.W.init", "parameters.W.seed",
-                     "parameters.W.learnable", "parameters.g.shape", "parameters.g.init"]
+                     "parameters.W.learnable", "parameters.g.shape", "parameters.g.init", "parameters.rel.shape",
+                     "parameters.rel.init", "parameters.rel.seed"]
 
 
 @FUZZ

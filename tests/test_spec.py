@@ -271,8 +271,9 @@ STRUCT_ERRORS = [
      ["eps_mode 'mul'", "expected add or clamp"]),
     ("eps-without-rowsum", {"normalize": {"kind": "softmax", "eps": 1e-6}}, "normalize",
      ["eps is only meaningful with kind rowsum, not softmax"]),
-    ("bad-parameter-shape", {"parameters": {"g": {"shape": [3], "init": 1}}}, "parameters.g.shape",
-     ["shape [3]", "expected [], [H], [Dk], [H, Dk], [F, Dk] or [H, F, Dk]"]),
+    ("bad-parameter-shape", {"parameters": {"g": {"shape": [3, 4], "init": 1}}}, "parameters.g.shape",
+     ["shape [3, 4]", "expected [], [H], [Dk], [H, Dk], [F, Dk], [H, F, Dk] (F an integer or a numeric constant), "
+      "or a table [H, NB] / [NB]"]),
     ("bad-parameter-shape-2d", {"parameters": {"g": {"shape": ["H", "H"], "init": 1}}}, "parameters.g.shape",
      ["shape ['H', 'H']", "expected [], [H], [Dk]"]),
     ("missing-init", {"parameters": {"g": {"shape": ["H"]}}}, "parameters.g",

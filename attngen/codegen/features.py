@@ -63,8 +63,9 @@ class ParamGrad:
 
 
 def params(spec) -> list:
-    return [{"name": p.name, "per_head": bool(p.shape), "symbol": p.symbol, "default": default(p),
-             "learnable": p.learnable} for p in spec.parameters]
+    """The parameters' slots; ``buckets``: NB of a table parameter [H, NB] / [NB] (0 for the others)."""
+    return [{"name": p.name, "per_head": p.per_head if p.kind == "table" else bool(p.shape), "symbol": p.symbol,
+             "default": default(p), "learnable": p.learnable, "buckets": p.buckets} for p in spec.parameters]
 
 
 class Side:
@@ -166,7 +167,10 @@ class Side:
 
 def default(p):
     """A parameter's default in the module record: a number, a lambda of the head dim d (an init in d only, such
-    as the per-call scale's 1/sqrt(d), printed from the validated expression), or None (required)."""
+    as the per-call scale's 1/sqrt(d), printed from the validated expression), or None (required; a table drawn
+    from normal(std) too: its entries are not one number)."""
+    if p.kind == "table" and p.draw:
+        return None
     if p.init_expr.is_number:
         return repr(float(p.init_expr))
     if {str(s) for s in p.init_expr.free_symbols} == {"d"}:

@@ -15,7 +15,7 @@ import sympy
 from sympy.core.relational import Relational
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import Elu, Relu, Sigmoid
+from attngen.frontend.expr import Elu, I, J, Relu, Sigmoid, T5Bucket
 
 MAX_INTEGER_POWER = 16  # x**n with |n| up to this prints as a product; larger is refused
 
@@ -149,3 +149,30 @@ def _ordered(args):
 def print_triton(expr, names: dict, where: str = "<spec>", what: str = "expression") -> str:
     """Print one expression (see TritonPrinter)."""
     return TritonPrinter(names, where, what)(expr)
+
+
+def print_t5_bucket(node, rows: str, cols: str, rel: str, dist: str, where: str = "<spec>") -> tuple:
+    """T5's bucket (attngen.runtime.t5) of a T5Bucket over a tile, in int32 arithmetic: the codes of the relative
+    positions x, the distances n (from the variable ``rel``) and the buckets (from ``rel`` and ``dist``), given the
+    integer positions ``rows`` (i, [BM] as [:, None]) and ``cols`` (j, [None, :]). No float log: the bucket of a
+    distance n >= max_exact is max_exact plus the number of thresholds n reaches (read off the reference
+    arithmetic, attngen.runtime.t5.thresholds), so the kernels agree with the reference on every pair, the
+    boundaries included."""
+    from attngen.runtime.t5 import thresholds
+
+    if not isinstance(node, T5Bucket):
+        raise PlanError(f"{where}: {sympy.sstr(node)} is not t5_bucket(...)")
+    x, num_buckets, max_distance, flag = node.args
+    if sympy.expand(x - (J - I)) == 0:
+        rel_code = f"{cols} - {rows}"
+    elif sympy.expand(x - (I - J)) == 0:
+        rel_code = f"{rows} - {cols}"
+    else:
+        raise PlanError(f"{where}: t5_bucket of {sympy.sstr(x)}: the Triton kernels take j - i or i - j")
+    bidirectional = bool(flag)
+    exact, steps = thresholds(int(num_buckets), int(max_distance), bidirectional)
+    far = " + ".join([str(exact)] + [f"({dist} >= {t}).to(tl.int32)" for t in steps])
+    bucket = f"tl.where({dist} < {exact}, {dist}, {far})"
+    if bidirectional:  # half the buckets for x > 0
+        return rel_code, f"tl.abs({rel})", f"tl.where({rel} > 0, {int(num_buckets) // 2}, 0) + {bucket}"
+    return rel_code, f"tl.maximum(-{rel}, 0)", bucket

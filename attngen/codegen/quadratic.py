@@ -19,9 +19,9 @@ import sympy
 from sympy import Add
 
 from attngen.codegen.features import SCALARS, Side
-from attngen.codegen.printer import TritonPrinter
+from attngen.codegen.printer import TritonPrinter, print_t5_bucket
 from attngen.errors import PlanError
-from attngen.frontend.expr import KE, QE, D, Dot, I, J, Norm, sides
+from attngen.frontend.expr import KE, QE, D, Dot, I, J, Lookup, Norm, sides
 from attngen.ir import Plan, ReweightClass, SimilarityClass
 
 FULL_TILE = "tl.zeros([BM, BN], dtype=tl.float32) + "  # broadcasts a row, a column or a number to [BM, BN]
@@ -59,10 +59,32 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class TableLookup:
+    """lookup(table, t5_bucket(...)) over a tile: b_bk<i> the buckets (int32, from the integer positions), b_lk<i> the
+    table's entries there (of the program's head i_h for a table per head)."""
+    i: int
+    table: str  # the parameter's name
+    offset: str  # '' (a shared table [NB]) or 'i_h * NB + ' (a table per head [H, NB])
+    rel: str  # relative positions [BM, BN] (int32)
+    dist: str  # distances [BM, BN] from b_rp<i>
+    bucket: str  # buckets [BM, BN] from b_rp<i>, b_rd<i>
+
+
+@dataclass(frozen=True)
+class TableGrad:
+    """d loss / d table[b] += the sum over the tile's pairs in bucket b (b_bk<i>) of upstream * derivative."""
+    i: int  # the TableLookup
+    terms: tuple  # of (upstream tile name, printed derivative by the entry b_lk<i>)
+
+
+@dataclass(frozen=True)
 class ParamGrad:
-    """d loss / d parameter = sum over the tile of upstream * derivative, per (upstream, derivative) term."""
+    """d loss / d parameter = sum over the tile of upstream * derivative, per (upstream, derivative) term; a table
+    parameter [H, NB] / [NB] (``buckets`` = NB) scatters its gradient by bucket instead (``table``: TableGrads)."""
     name: str
     terms: tuple  # of (upstream tile name, printed derivative)
+    buckets: int = 0
+    table: tuple = ()
 
 
 def tile_slots(plan: Plan) -> dict:
@@ -83,6 +105,9 @@ def tile_slots(plan: Plan) -> dict:
         if rw.log_weight is not None:  # W = exp(log W) folds into the score
             expr, weight = (expr + rw.log_weight if rw.log_weight != 0 else expr), None
     tile = _Tile(where, params)
+    tables = {p.symbol: p for p in spec.parameters if p.kind == "table"}
+    shown, shown_weight = expr, weight  # as the header says them (with lookup(...), not the tile's b_lk<n>)
+    expr, weight = tile.lookups(expr, tables), None if weight is None else tile.lookups(weight, tables)
     flat = tile.flatten(expr)
     pr = tile.printer("tile expression")
     if spec.gate is not None and not (flash and spec.gate.per == "head"):
@@ -94,9 +119,9 @@ def tile_slots(plan: Plan) -> dict:
         "qgate": spec.gate is not None,  # the score gains G_i - G_j (gc: the cumulative sum of the gate)
         "window": spec.window,  # None, or N: the loops visit the blocks intersecting |i - j| < N (a literal)
         "rotary": spec.rotary is not None,  # q and k rotated in registers (rc, rs: the host's cos / sin tables)
-        "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(expr),
+        "expr": tile.full(pr(flat), flat), "expr_text": sympy.sstr(shown),
         "weight": None if weight is None else tile.full(tile.printer("reweighting")(weight), weight),
-        "weight_text": None if weight is None else sympy.sstr(weight),
+        "weight_text": None if weight is None else sympy.sstr(shown_weight),
     }
     pairs = [Pair(n, qm, km, pr(sympy.diff(flat, d))) for n, (d, qm, km) in enumerate(tile.pairs)]
     sides_ = {s: {"maps": tile.maps[s], "reductions": [
@@ -104,6 +129,18 @@ def tile_slots(plan: Plan) -> dict:
         for s in ("q", "k")}
     grads = []
     for p in spec.parameters:
+        if p.kind == "table":
+            table = []
+            for slot, dummy in zip(tile.lookups_, tile.lookup_dummies.values()):
+                if slot.table != p.name:
+                    continue
+                terms = tuple((upstream, tile.printer(f"derivative by {p.name} of the {what}")(sympy.diff(e, dummy)))
+                              for upstream, e, what in (("b_ds", flat, "tile expression"),
+                                                        ("b_dw", weight, "reweighting"))
+                              if e is not None and sympy.diff(e, dummy) != 0)
+                table.append(TableGrad(slot.i, terms))
+            grads.append(ParamGrad(p.name, (), p.buckets, tuple(table)))
+            continue
         terms = []
         for upstream, e, what in (("b_ds", flat, "tile expression"), ("b_dw", weight, "reweighting")):
             if e is not None:
@@ -119,8 +156,10 @@ def tile_slots(plan: Plan) -> dict:
         clamp = norm.eps_mode == "clamp"
         den = f"tl.maximum(b_den, {eps})" if clamp else f"b_den + {eps}"
         dden_mask = f"b_den > {eps}" if clamp else None
-    need_dw = any(u == "b_dw" for g in grads for u, _ in g.terms)
-    slots.update(pairs=pairs, qsides=sides_, param_grads=grads, qden_expr=den, qdden_mask=dden_mask, need_dw=need_dw)
+    need_dw = any(u == "b_dw" for g in grads for u, _ in g.terms) or any(
+        u == "b_dw" for g in grads for t in g.table for u, _ in t.terms)
+    slots.update(lookups=tile.lookups_, pairs=pairs, qsides=sides_, param_grads=grads, qden_expr=den,
+                 qdden_mask=dden_mask, need_dw=need_dw)
     return slots
 
 
@@ -156,6 +195,28 @@ class _Tile:
         self.names = dict(SCALARS)
         self.names.update({sym: f"b_par_{name}" for sym, name in params.items()})
         self.names.update({I: "b_ti[:, None]", J: "b_tj[None, :]"})
+        self.lookups_ = []  # of TableLookup
+        self.lookup_dummies = {}  # Lookup node -> dummy (in the order of lookups_)
+
+    def lookups(self, expr, tables: dict):
+        """``expr`` with every lookup(table, t5_bucket(...)) replaced by a dummy tile quantity b_lk<n> (registered)."""
+        expr = sympy.sympify(expr)
+        for node in sorted(expr.atoms(Lookup), key=sympy.default_sort_key):
+            if node in self.lookup_dummies:
+                continue
+            table, bucket = node.args
+            p = tables.get(table)
+            if p is None:
+                raise PlanError(f"{self.where}: lookup of {sympy.sstr(table)}, which is not a table parameter")
+            n = len(self.lookups_)
+            rel, dist, code = print_t5_bucket(bucket, "o_i[:, None]", "o_j[None, :]", f"b_rp{n}", f"b_rd{n}",
+                                              self.where)
+            offset = f"i_h * {p.buckets} + " if p.per_head else ""
+            self.lookups_.append(TableLookup(n, p.name, offset, rel, dist, code))
+            dummy = sympy.Dummy(f"lk{n}", real=True)
+            self.names[dummy] = f"b_lk{n}"
+            self.lookup_dummies[node] = dummy
+        return expr.xreplace(self.lookup_dummies)
 
     def printer(self, what: str) -> TritonPrinter:
         return TritonPrinter(self.names, self.where, what)
@@ -165,7 +226,7 @@ class _Tile:
         syms = sympy.sympify(expr).free_symbols
         rows = {I} | {d for _, d, _ in self.reductions["q"]}
         cols = {J} | {d for _, d, _ in self.reductions["k"]}
-        pairs = {d for d, _, _ in self.pairs}
+        pairs = {d for d, _, _ in self.pairs} | set(self.lookup_dummies.values())
         if syms & pairs or (syms & rows and syms & cols):
             return code
         return FULL_TILE + code

@@ -136,6 +136,36 @@ class Softmax(Function):
     is_positive = True
 
 
+class Table(Symbol):
+    """A table parameter (shape [H, NB] or [NB]); it appears only as the first argument of Lookup."""
+
+
+class T5Bucket(Function):
+    """t5_bucket(x, num_buckets, max_distance): T5's relative-position bucket of the integer x (Raffel et al. 2020;
+    ``_relative_position_bucket`` of transformers' T5Attention with relative_position = x). Args (x, num_buckets,
+    max_distance, bidirectional): the last is 1 in the bidirectional mode (half the buckets for x > 0), 0 in the
+    causal one (-min(x, 0) only). An integer in [0, num_buckets - 1], piecewise constant in x."""
+    nargs = 4
+    is_integer = True
+    is_nonnegative = True
+
+    def fdiff(self, argindex=1):
+        return Integer(0)
+
+
+class Lookup(Function):
+    """lookup(table, index): the entry of a table parameter (of the current head for an [H, NB] table) at an
+    integer index (a T5Bucket). Its derivative by the index is 0; by the table it is a scatter (the backends
+    accumulate d table[b] = sum of the upstream gradient over the pairs in bucket b)."""
+    nargs = 2
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        if argindex == 2:
+            return Integer(0)
+        raise sympy.ArgumentIndexError(self, argindex)
+
+
 REDUCTIONS = (Dot, Norm, Mean, Total, VecMax)
 VECTOR_FUNCTIONS = (MatVec, Softmax)  # vector -> vector, not element by element
 
@@ -146,7 +176,9 @@ ELEMENTWISE = {
     "sin": (sympy.sin, 1), "cos": (sympy.cos, 1), "min": (sympy.Min, 2), "max": (sympy.Max, 2),
 }
 VECTOR_CALLS = ("dot", "norm", "mean", "sum", "matmul", "softmax")  # similarity only: reductions and vector maps
-FUNCTION_NAMES = sorted([*ELEMENTWISE, *VECTOR_CALLS])
+TABLE_CALLS = ("lookup", "t5_bucket")  # reweight only: a table parameter's entry at T5's relative-position bucket
+FUNCTION_NAMES = sorted([*ELEMENTWISE, *VECTOR_CALLS, *TABLE_CALLS])
+MAX_BUCKET_DISTANCE = 1 << 20  # max_distance of t5_bucket (the buckets are checked on 0 .. max_distance)
 
 # Limits that keep parsing and sympy's automatic folding fast on hostile input.
 MAX_SOURCE_CHARS = 2000
@@ -185,6 +217,8 @@ class Context:
     forbidden_hint: dict  # name -> why it is not allowed here (for better errors)
     numbers: dict = field(default_factory=dict)  # symbol -> float: the values of numeric constants
     rows: dict = field(default_factory=dict)  # Matrix symbol -> its number of rows F
+    tables: dict = field(default_factory=dict)  # Table symbol -> its number of entries NB
+    bidirectional: bool = False  # the spec's mode (t5_bucket's bidirectional argument)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +481,10 @@ class _Walker:
             return Value(QE if name == "q" else KE, True, width="d")
         if name in ctx.names:
             symbol = ctx.names[name]
+            if isinstance(symbol, Table):
+                raise self.fail(node, f"the table parameter {name!r} is used outside lookup()",
+                                "a table read entry by entry", f"write lookup({name}, t5_bucket(j - i, 32, 128)) "
+                                "in 'reweight'")
             if isinstance(symbol, (Elem, Matrix)) and not ctx.vectors:
                 raise self.fail(node, f"the {'vector' if isinstance(symbol, Elem) else 'matrix'} parameter {name!r} "
                                 "is not allowed here", fix="vector and matrix parameters belong in 'similarity'")
@@ -561,6 +599,8 @@ class _Walker:
         if node.keywords:
             raise self.fail(node, "keyword arguments are not allowed", "positional arguments")
         name = node.func.id
+        if name in TABLE_CALLS:
+            return self._table_call(node, name, depth)
         if name not in ELEMENTWISE and name not in VECTOR_CALLS:
             raise self.fail(node, f"unknown function {name!r}", "one of " + ", ".join(FUNCTION_NAMES))
         if name in VECTOR_CALLS and not self.ctx.vectors:
@@ -586,6 +626,70 @@ class _Walker:
         except (TypeError, ValueError, OverflowError) as exc:
             raise self.fail(node, f"{name}() cannot be applied: {exc}") from None
         return Value(out, any(a.vector for a in args), num, calls, width)
+
+    def _table_call(self, node, name, depth):
+        """lookup(table, t5_bucket(x, num_buckets, max_distance)): a table parameter's entry at T5's bucket of x."""
+        example = "e.g. reweight: exp(lookup(rel, t5_bucket(j - i, 32, 128))) with rel: {shape: [H, 32], init: 0}"
+        if self.ctx.key != "reweight":
+            raise self.fail(node, f"{name}() is not allowed here", "lookup() and t5_bucket() in 'reweight' only",
+                            example)
+        if name == "t5_bucket":
+            raise self.fail(node, "t5_bucket() is a bucket index, used outside lookup()",
+                            "t5_bucket() as the index of lookup(table, t5_bucket(x, num_buckets, max_distance))",
+                            example)
+        if len(node.args) != 2:
+            raise self.fail(node, f"lookup() takes 2 arguments, got {len(node.args)}", "lookup(table, index)")
+        first, index = node.args
+        symbol = self.ctx.names.get(first.id) if isinstance(first, ast.Name) else None
+        if not isinstance(symbol, Table):
+            shown = f"{first.id!r} is not a table parameter" if isinstance(first, ast.Name) else \
+                "the first argument is not a name"
+            raise self.fail(node, f"lookup() of a non-table: {shown}",
+                            "the name of a parameter declared with shape [H, NB] or [NB]", example)
+        if not (isinstance(index, ast.Call) and isinstance(index.func, ast.Name) and index.func.id == "t5_bucket"):
+            raise self.fail(node, f"the index {self.src(index)!r} of lookup() is not t5_bucket(...)",
+                            "lookup(table, t5_bucket(x, num_buckets, max_distance))", example)
+        bucket, num_buckets = self._t5_bucket(index, depth + 1)
+        entries = self.ctx.tables[symbol]
+        if num_buckets > entries:
+            raise self.fail(node, f"t5_bucket() gives buckets 0 .. {num_buckets - 1}, but {first.id!r} has {entries} "
+                            "entries", f"a table of at least {num_buckets} entries",
+                            f"declare {first.id} with shape [H, {num_buckets}] (or [{num_buckets}])")
+        return Value(Lookup(symbol, bucket), False, None, 2)
+
+    def _t5_bucket(self, node, depth):
+        """T5Bucket(x, num_buckets, max_distance, bidirectional) of a t5_bucket call; and num_buckets."""
+        if node.keywords:
+            raise self.fail(node, "keyword arguments are not allowed", "positional arguments")
+        if len(node.args) != 3:
+            raise self.fail(node, f"t5_bucket() takes 3 arguments, got {len(node.args)}",
+                            "t5_bucket(x, num_buckets, max_distance)")
+        x = self.visit(node.args[0], depth)
+        if x.vector or x.expr.has(QE, KE):
+            raise self.fail(node, "the index depends on q or k", "a relative position j - i")
+        if sympy.expand(x.expr - (J - I)) != 0 and sympy.expand(x.expr - (I - J)) != 0:
+            raise self.fail(node, f"the relative position {self.src(node.args[0])!r} is not j - i or i - j",
+                            "t5_bucket(j - i, num_buckets, max_distance) (T5's memory position minus query position)")
+        numbers = []
+        for what, arg in (("num_buckets", node.args[1]), ("max_distance", node.args[2])):
+            value = self.visit(arg, depth)
+            if value.num is None or value.num != int(value.num) or value.num < 1:
+                raise self.fail(node, f"{what} {self.src(arg)!r} is not a positive integer known at load time",
+                                "a positive integer literal or numeric constant (T5: 32 and 128)")
+            numbers.append(int(value.num))
+        num_buckets, max_distance = numbers
+        half = num_buckets // 2 if self.ctx.bidirectional else num_buckets
+        exact = half // 2
+        mode = "bidirectional" if self.ctx.bidirectional else "causal"
+        if exact < 1 or num_buckets > 4096:
+            raise self.fail(node, f"num_buckets {num_buckets} in the {mode} mode",
+                            f"{4 if self.ctx.bidirectional else 2} .. 4096 (half of the buckets, and half of those "
+                            "again, count distances exactly: at least one)")
+        if not exact < max_distance <= MAX_BUCKET_DISTANCE:
+            raise self.fail(node, f"max_distance {max_distance}", f"an integer in {exact + 1} .. {MAX_BUCKET_DISTANCE} "
+                            f"(above the {exact} exact buckets of the {mode} mode)")
+        flag = Integer(1 if self.ctx.bidirectional else 0)
+        return T5Bucket(x.expr, Integer(num_buckets), Integer(max_distance), flag), num_buckets
 
     def _matrix(self, node):
         """matmul's first argument: the name of a matrix parameter -> (symbol, rows)."""

@@ -35,6 +35,7 @@ from attngen.frontend.expr import (
     MAX_INTEGER_POWER,
     MAX_NODES,
     MAX_SYMBOLIC_POWER,
+    TABLE_CALLS,
     VECTOR_CALLS,
     Context,
     Elem,
@@ -43,6 +44,7 @@ from attngen.frontend.expr import (
     Matrix,
     NotFinite,
     OutOfRange,
+    Table,
     brief,
     call_depth,
     expanded_terms,
@@ -85,9 +87,11 @@ MAX_TRIG_TERMS = 4  # terms in the arguments of sin, cos, tanh of the reweight, 
 SPEC_NAME_RESERVED = set(BUILTIN_SYMBOLS) | {"q", "k", "pi", "dot", "norm", "relu", "elu", "exp", "log", "sigmoid",
                                              "tanh", "abs", "sqrt", "sin", "cos", "min", "max"}
 # names a constant, parameter or gate may not take: every symbol and function of the language
-RESERVED = SPEC_NAME_RESERVED | {*VECTOR_CALLS, "normal", "eye", "Dk"}
+RESERVED = SPEC_NAME_RESERVED | {*VECTOR_CALLS, *TABLE_CALLS, "normal", "eye", "Dk"}
 MAX_ROWS = 1024  # rows F of a matrix parameter [F, Dk] (the feature width of matmul(W, q))
-PARAMETER_SHAPES = "[], [H], [Dk], [H, Dk], [F, Dk] or [H, F, Dk] (F an integer or a numeric constant)"
+MAX_TABLE = 4096  # entries NB of a table parameter [H, NB] or [NB] (read by lookup)
+PARAMETER_SHAPES = ("[], [H], [Dk], [H, Dk], [F, Dk], [H, F, Dk] (F an integer or a numeric constant), or a table "
+                    "[H, NB] / [NB] (NB an integer or a numeric constant)")
 MAX_WINDOW = 2**31 - 1  # the largest window: the kernels compare int32 positions
 
 
@@ -102,7 +106,8 @@ class Normalize:
 @dataclass(frozen=True)
 class Parameter:
     """A tensor of the spec: shape () (scalar), ('H',) (per head), ('Dk',) / ('H', 'Dk') (a vector: one value per
-    element of q and k), (F, 'Dk') / ('H', F, 'Dk') (a matrix for matmul(W, q), F an int). ``init`` is an expression
+    element of q and k), (F, 'Dk') / ('H', F, 'Dk') (a matrix for matmul(W, q), F an int), ('H', NB) / (NB,) (a table
+    of NB entries read by lookup(table, t5_bucket(...)), NB an int). ``init`` is an expression
     in h, H, d (every element that value), or ``draw``: 'normal' (N(0, init**2) from a generator seeded with
     ``seed``) or 'eye' (the identity, matrices)."""
     name: str
@@ -120,7 +125,10 @@ class Parameter:
 
     @property
     def kind(self) -> str:
-        """'scalar' (shape [] or [H]), 'vector' ([Dk], [H, Dk]) or 'matrix' ([F, Dk], [H, F, Dk])."""
+        """'scalar' (shape [] or [H]), 'vector' ([Dk], [H, Dk]), 'matrix' ([F, Dk], [H, F, Dk]) or 'table'
+        ([H, NB], [NB])."""
+        if self.shape and isinstance(self.shape[-1], int):
+            return "table"
         if self.shape[-1:] != ("Dk",):
             return "scalar"
         return "matrix" if isinstance(self.shape[-2:][0], int) else "vector"
@@ -128,6 +136,11 @@ class Parameter:
     @property
     def rows(self) -> int | None:
         return self.shape[-2] if self.kind == "matrix" else None
+
+    @property
+    def buckets(self) -> int:
+        """NB, the entries of a table parameter (0 for the other kinds)."""
+        return self.shape[-1] if self.kind == "table" else 0
 
     def tensor_shape(self, heads: int, head_dim: int) -> tuple:
         """The shape of its tensor at H = heads, d = head_dim."""
@@ -582,6 +595,7 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
                              bounds.numbers) + fixed
     names = {c.name: c.symbol for c in constants} | {p.name: p.symbol for p in parameters}
     rows = {p.symbol: p.rows for p in parameters if p.kind == "matrix"}
+    tables = {p.symbol: p.buckets for p in parameters if p.kind == "table"}
     gates = _gates(_pick_mode(data.get("gates"), causal, where, "gates"), causal, where, set(names))
     rotary = _rotary(_pick_mode(data.get("rotary"), causal, where, "rotary"), where)
     implicit = SCALE not in names  # the per-call scale, declared by using it
@@ -603,7 +617,8 @@ def build_spec(data: dict, where: str, overrides: dict | None = None) -> Spec:
         reweight = 1
     rw_ctx = Context(where, "reweight", dict(BUILTIN_SYMBOLS) | names, False,
                      {"q": "the reweighting depends on positions only; put q, k in 'similarity'",
-                      "k": "the reweighting depends on positions only; put q, k in 'similarity'"}, bounds.numbers)
+                      "k": "the reweighting depends on positions only; put q, k in 'similarity'"}, bounds.numbers,
+                     tables=tables, bidirectional=not causal)
     rw_expr = parse_expression(reweight, rw_ctx)
     bounds.check(rw_expr, where, "reweight")
 
@@ -1095,7 +1110,10 @@ def _parameters(raw, causal: bool, where: str, constants: dict, numbers: dict) -
         if "H" not in shape and init_expr.has(BUILTIN_SYMBOLS["h"]):
             raise SpecError("a parameter without a head axis uses the head index h in its init", where=where,
                             key=f"{key}.init", fix="declare shape: [H] (or [H, ...]) for a per-head parameter")
-        symbol = (Matrix if isinstance(shape[-2:][0], int) else Elem) if shape[-1:] == ("Dk",) else sympy.Symbol
+        if shape and isinstance(shape[-1], int):
+            symbol = Table
+        else:
+            symbol = (Matrix if isinstance(shape[-2:][0], int) else Elem) if shape[-1:] == ("Dk",) else sympy.Symbol
         out.append(Parameter(name, shape, text if isinstance(text, str) else repr(text), init_expr,
                              symbol(name, real=True), learnable, draw, seed))
     return out
@@ -1116,25 +1134,37 @@ def _shape(raw, where: str, key: str, constants: dict, numbers: dict) -> tuple:
     rest = items[1:] if head else items
     if rest == []:
         return ("H",)
+    if len(rest) == 1 and rest not in (["Dk"], ["d"]):  # a table [H, NB] or [NB]
+        if not (isinstance(rest[0], int) or isinstance(rest[0], str) and rest[0] in constants):
+            raise bad
+        entries = _size(rest[0], where, key, constants, numbers, "entries", MAX_TABLE,
+                        "e.g. shape: [H, 32] (a table per head) or constants: {NB: 32} with shape: [H, NB]")
+        return (("H",) if head else ()) + (entries,)
     if rest[-1:] not in (["Dk"], ["d"]):
         raise bad
     if len(rest) == 1:
         return (("H",) if head else ()) + ("Dk",)
     if len(rest) != 2:
         raise bad
-    rows = rest[0]
-    if isinstance(rows, str) and rows in constants:
-        value = numbers.get(constants[rows])
-        if value is None or value != int(value):
-            raise SpecError(f"the constant {rows!r} in the shape is not an integer known at load time", where=where,
-                            key=key, expected="an integer constant such as F: 64")
-        rows = int(value)
-    shown = f"{rest[0]} = {rows}" if rows is not rest[0] else brief(rows, 40)
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:
-        raise SpecError(f"rows {shown}", where=where, key=key,
-                        expected=f"an integer in [1, {MAX_ROWS}] or the name of a numeric constant",
-                        fix="e.g. shape: [64, Dk] or constants: {F: 64} with shape: [F, Dk]")
+    rows = _size(rest[0], where, key, constants, numbers, "rows", MAX_ROWS,
+                 "e.g. shape: [64, Dk] or constants: {F: 64} with shape: [F, Dk]")
     return (("H",) if head else ()) + (rows, "Dk")
+
+
+def _size(raw, where: str, key: str, constants: dict, numbers: dict, what: str, most: int, fix: str) -> int:
+    """An integer extent of a shape (rows F of a matrix, entries NB of a table): a literal or a numeric constant."""
+    size = raw
+    if isinstance(raw, str) and raw in constants:
+        value = numbers.get(constants[raw])
+        if value is None or value != int(value):
+            raise SpecError(f"the constant {raw!r} in the shape is not an integer known at load time", where=where,
+                            key=key, expected="an integer constant such as F: 64")
+        size = int(value)
+    shown = f"{raw} = {size}" if size is not raw else brief(size, 40)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= most:
+        raise SpecError(f"{what} {shown}", where=where, key=key,
+                        expected=f"an integer in [1, {most}] or the name of a numeric constant", fix=fix)
+    return size
 
 
 def _draw(init, shape: tuple, where: str, key: str) -> tuple:
@@ -1143,14 +1173,15 @@ def _draw(init, shape: tuple, where: str, key: str) -> tuple:
         return "", init
     text = init.strip()
     if text == "eye":
-        if not isinstance(shape[-2:][0], int):
+        if shape[-1:] != ("Dk",) or not isinstance(shape[-2:][0], int):
             raise SpecError("init eye needs a matrix parameter", where=where, key=key,
                             expected="shape [F, Dk] or [H, F, Dk]")
         return "eye", "eye"
     if text.startswith("normal(") and text.endswith(")"):
-        if shape[-1:] != ("Dk",):
-            raise SpecError("a random init needs a vector or matrix parameter", where=where, key=key,
-                            expected="shape [Dk], [H, Dk], [F, Dk] or [H, F, Dk]", fix="or give a number")
+        if shape[-1:] != ("Dk",) and not (shape and isinstance(shape[-1], int)):
+            raise SpecError("a random init needs a vector or matrix parameter (or a table)", where=where, key=key,
+                            expected="shape [Dk], [H, Dk], [F, Dk], [H, F, Dk], [H, NB] or [NB]",
+                            fix="or give a number")
         return "normal", text[len("normal("):-1]
     return "", init
 

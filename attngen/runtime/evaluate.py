@@ -20,15 +20,18 @@ from attngen.frontend.expr import (
     D,
     Dot,
     Elu,
+    Lookup,
     MatVec,
     Mean,
     Norm,
     Relu,
     Sigmoid,
     Softmax,
+    T5Bucket,
     Total,
     VecMax,
 )
+from attngen.runtime.t5 import relative_position_bucket
 
 
 def _max(*xs):
@@ -83,6 +86,23 @@ def _matvec(w, a, rows):
     return a @ w.to(a.dtype).transpose(-1, -2)
 
 
+def _t5_bucket(x, num_buckets, max_distance, bidirectional):
+    """T5's bucket of the relative positions x (a tensor of integer values) as int64 (attngen.runtime.t5)."""
+    return relative_position_bucket(x, int(num_buckets), int(max_distance), bool(bidirectional))
+
+
+def _lookup(table, index):
+    """table[index] for a table [NB] (shared), or table[h, index] along the head axis (dim 1) of ``index`` for a
+    table [H, NB]: plain indexing, so the gradient by the table is the scatter-add over the pairs of each bucket."""
+    index = torch.as_tensor(index, device=table.device)
+    if table.dim() == 1:
+        return table[index]
+    if index.dim() < 2:
+        raise PlanError(f"lookup of a table per head at an index of shape {list(index.shape)}: no head axis")
+    heads = torch.arange(table.shape[0], device=table.device).view(1, -1, *([1] * (index.dim() - 2)))
+    return table[heads, index]
+
+
 def _reduce(fn):
     return lambda x: fn(x) if isinstance(x, torch.Tensor) else x
 
@@ -107,6 +127,8 @@ TABLE = {
     Mean: _reduce(lambda x: x.mean(-1, keepdim=True)),
     Total: _reduce(lambda x: x.sum(-1, keepdim=True)),
     VecMax: _reduce(lambda x: x.amax(-1, keepdim=True)),
+    T5Bucket: _t5_bucket,
+    Lookup: _lookup,
 }
 
 
@@ -231,8 +253,9 @@ def scalar_env(spec, n_q: int, n_k: int, d: int, heads: int, params: dict, dtype
 
 def parameter_value(p, t: torch.Tensor, rank: int):
     """A parameter's tensor laid out for rows of ``rank`` dims [B, H, ..., D]: a scalar as [] (per head
-    [1, H, 1, ...]), a vector [1, H or 1, 1, ..., D], a matrix as it is ([F, D] or [H, F, D], for MatVec)."""
-    if p.kind == "matrix":
+    [1, H, 1, ...]), a vector [1, H or 1, 1, ..., D], a matrix as it is ([F, D] or [H, F, D], for MatVec), a table
+    as it is ([H, NB] or [NB], for Lookup)."""
+    if p.kind in ("matrix", "table"):
         return t
     if p.kind == "vector":
         return t.view(1, t.shape[0] if p.per_head else 1, *([1] * (rank - 3)), t.shape[-1])

@@ -51,7 +51,7 @@ def _filled(p, value: torch.Tensor, heads: int, head_dim: int | None) -> torch.T
     with it, or its N(0, value**2) draw (the spec's seed) or the identity."""
     if p.kind == "scalar":
         return value.expand(heads).clone() if p.per_head else value.reshape(())
-    if head_dim is None:
+    if head_dim is None and "Dk" in p.shape:
         raise InputError(f"the shape of parameter {p.name!r} uses Dk: pass head_dim=")
     shape = p.tensor_shape(heads, head_dim)
     per_head = value.reshape(-1, *([1] * (len(shape) - 1))) if p.per_head and value.dim() else value

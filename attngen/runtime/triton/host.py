@@ -35,11 +35,18 @@ QBLOCK = 64  # query rows and key columns of a quadratic tile (half that for hea
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
-    """A parameter: shape [H] (per_head) or [], and its default: a number, a function of the head dim (the
-    per-call scale's 1/sqrt(d)), or None (required)."""
+    """A parameter: shape [H] (per_head) or [], or a table [H, buckets] / [buckets] (read by lookup in the quadratic
+    kernels), and its default: a number (every entry), a function of the head dim (the per-call scale's
+    1/sqrt(d)), or None (required)."""
     name: str
     per_head: bool = False
     default: object = None
+    buckets: int = 0
+
+    @property
+    def shape(self) -> tuple:
+        """Its shape with H as the string 'H'."""
+        return (("H",) if self.per_head else ()) + ((self.buckets,) if self.buckets else ())
 
 
 @dataclass(frozen=True)
@@ -294,8 +301,10 @@ def _params(m: Module, values, heads, like):
             if p.default is None:
                 raise InputError(f"{m.spec}: parameter {p.name!r} has no constant default; pass {p.name}=tensor")
             default = p.default(like.shape[-1]) if callable(p.default) else p.default  # a function of the head dim
-            value = torch.full((heads,) if p.per_head else (), default, dtype=torch.float32, device=like.device)
-        out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec))
+            shape = tuple(heads if s == "H" else s for s in p.shape)
+            value = torch.full(shape, default, dtype=torch.float32, device=like.device)
+        out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec,
+                                      shape=tuple(heads if s == "H" else s for s in p.shape) if p.buckets else None))
     return out
 
 
@@ -1069,7 +1078,9 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
 
 def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     """[dq, dk, dv, d<param>...] for the gradient ``do`` of the output ``o`` (fp32 for half inputs, see _qfwd).
-    Parameter gradients: each key-block program writes its partial sum, added here (deterministic, no atomics)."""
+    Parameter gradients: each key-block program writes its partial sum, added here (deterministic, no atomics); a
+    table parameter's gradient is scattered by bucket with fp32 atomic adds into a zeroed [B, H, NB] buffer
+    (summed over the batch here, and over the heads for a shared table)."""
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
@@ -1094,7 +1105,9 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     else:
         dk, dkh = _like_layout(B, H, S, K, k, layout)
         dv, dvh = _like_layout(B, H, S, V, v, layout)
-    dpar = [_empty((B * H * NKB,), q, torch.float32) for _ in params]
+    records = m.params[:len(params)]
+    dpar = [torch.zeros((B * H * r.buckets,), dtype=torch.float32, device=q.device) if r.buckets else
+            _empty((B * H * NKB,), q, torch.float32) for r in records]
     pf = _params_f32(params)
     lengths = (T, S, H, groups, float(T), float(S), float(K), float(H))
     meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts)
@@ -1116,7 +1129,11 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
             qh, kh, vh, doh, stat, delta, dkh, dvh, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh), *lengths,
             **meta)
     dparams = []
-    for p, part in zip(params, dpar):
+    for r, p, part in zip(records, params, dpar):
+        if r.buckets:
+            total = part.view(B, H, r.buckets).sum(0)  # [H, NB]
+            dparams.append((total if r.per_head else total.sum(0)).to(p.dtype))
+            continue
         total = part.view(B, H, NKB).sum((0, 2))  # [H]
         dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
     if m.gate is not None:  # dg_s = sum_(t >= s) dL/dG_t (docs/derivations.md section 9)
