@@ -22,6 +22,7 @@ class Module:
     source: str | None  # None: no Triton template for this plan
     reason: str = ""  # why not, when source is None
     orderings: tuple = ()  # the orderings whose kernels the module holds (it dispatches when there are two)
+    parts: tuple = ()  # a spec with terms: its terms' modules (the spec itself has no module: the op combines them)
 
     @property
     def filename(self) -> str:
@@ -29,7 +30,12 @@ class Module:
 
 
 def generate(spec: Spec) -> Module:
-    """Render ``spec``'s Triton module, or say why its plan has no template."""
+    """Render ``spec``'s Triton module, or say why its plan has no template (a spec with terms: its terms' modules,
+    in ``parts``)."""
+    if spec.terms:
+        parts = tuple(generate(t.spec) for t in spec.terms)
+        return Module(spec, None, "; ".join(f"{m.spec.name}: {m.reason}" for m in parts if m.source is None),
+                      parts=parts)
     try:
         plan = pipeline.plan(spec, target="triton")
         source = pipeline.lower(plan)

@@ -98,6 +98,12 @@ def list_cmd():
     rows = []
     for name in builtin_names():
         spec = load_spec(name)
+        if spec.terms:  # each term planned on its own
+            plans = [pipeline.plan(t.spec) for t in spec.terms]
+            rows.append((name, f"{len(plans)} terms: " + ", ".join(p.similarity.kind.value for p in plans),
+                         ", ".join(p.reweight.kind.value for p in plans),
+                         "; ".join(p.choice.describe() for p in plans), spec.description[:60]))
+            continue
         plan = pipeline.plan(spec)
         rows.append((name, plan.similarity.kind.value, plan.reweight.kind.value, plan.choice.describe(),
                      spec.description[:60]))
@@ -126,7 +132,15 @@ def plan(spec, seq_len, head_dim, mode, sets, force, target, trace, dot_file):
     overrides = _overrides(sets)
     if mode:
         overrides["causal"] = mode == "causal"
-    p = pipeline.plan(load_spec(spec, **overrides), target=target, head_dim=head_dim, force=force)
+    loaded = load_spec(spec, **overrides)
+    if loaded.terms:  # each term planned on its own, read out together
+        from attngen.op import TermsPlan
+        plans = tuple(pipeline.plan(t.spec, target=target, head_dim=head_dim, force=force) for t in loaded.terms)
+        click.echo(TermsPlan(loaded, plans).explain(n=seq_len, head_dim=head_dim))
+        if trace or dot_file:
+            raise click.UsageError(f"--trace and --dot show one plan; {loaded.name} has terms: plan a term's spec")
+        return
+    p = pipeline.plan(loaded, target=target, head_dim=head_dim, force=force)
     click.echo(p.explain(n=seq_len, head_dim=head_dim))
     if trace:
         click.echo("\npipeline trace:")
@@ -255,6 +269,15 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
     for spec in _specs(specs, all_specs, mode, sets):
         module = generate(spec)
         modules.append(module)
+        if module.parts:  # a spec with terms: one module per term, combined by the op
+            for part in module.parts:
+                if part.source is None:
+                    click.echo(f"{spec.name} ({spec.mode}): term {part.spec.name}: no Triton module: {part.reason}")
+                else:
+                    click.echo(f"{spec.name} ({spec.mode}): term {part.spec.name}: wrote {write(part, Path(out))}")
+            if module.reason:
+                refused.append(module)
+            continue
         if module.source is None:
             refused.append(module)
             click.echo(f"{spec.name} ({spec.mode}): no Triton module: {module.reason}")
@@ -314,9 +337,10 @@ def aot(specs, all_specs, mode, sets, archs, head_dims, dtypes, json_file, smem_
     if spec_names or all_specs or not files:
         for spec in _specs(spec_names, all_specs, mode, sets):
             module = generate(spec)
-            if module.source is None:
-                click.echo(f"{spec.name} ({spec.mode}): no Triton module: {module.reason}", err=True)
-            modules.append(module)
+            for part in module.parts or (module,):  # a spec with terms: its terms' modules
+                if part.source is None:
+                    click.echo(f"{part.spec.name} ({part.spec.mode}): no Triton module: {part.reason}", err=True)
+                modules.append(part)
     with tempfile.TemporaryDirectory(prefix="attngen-aot-") as folder:
         srcs = stage.sources([m for m in modules if m.source is not None], files, Path(folder))
         if not srcs:

@@ -242,6 +242,12 @@ def build_cases(modules, backend=None, force=None, dtypes=(), lengths=LENGTHS, h
     when it holds two (the dispatch reaches one side only at some lengths), and the decode step."""
     out = []
     for m in modules:
+        if m.parts:  # a spec with terms: the combined op, on torch and (when every term has a module) on Triton
+            out += _cases(m.spec, "torch", force, dtypes, lengths, head_dim, step=False) if backend in (None, "torch") \
+                else []
+            if backend != "torch" and not m.reason:
+                out += _cases(m.spec, backend or "triton", force, dtypes, lengths, head_dim, step=False)
+            continue
         if backend in (None, "torch"):
             out += _cases(m.spec, "torch", force, dtypes, lengths, head_dim, step=_decodable(m.spec, "torch", force))
         if m.source is None or backend == "torch":
