@@ -136,7 +136,7 @@ def plan(spec, seq_len, head_dim, mode, sets, force, target, trace, dot_file):
     if loaded.terms:  # each term planned on its own, read out together
         from attngen.op import TermsPlan
         plans = tuple(pipeline.plan(t.spec, target=target, head_dim=head_dim, force=force) for t in loaded.terms)
-        click.echo(TermsPlan(loaded, plans).explain(n=seq_len, head_dim=head_dim))
+        click.echo(TermsPlan(loaded, plans, head_dim).explain(n=seq_len, head_dim=head_dim))
         if trace or dot_file:
             raise click.UsageError(f"--trace and --dot show one plan; {loaded.name} has terms: plan a term's spec")
         return

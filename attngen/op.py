@@ -24,6 +24,7 @@ from attngen.approx.topk_sparse.attend import run_triton as run_triton_sparse
 from attngen.errors import InputError, PlanError
 from attngen.frontend.spec import Spec, load_spec
 from attngen.ir import DEFAULT_CHUNK, Ordering
+from attngen.runtime import prologue
 from attngen.runtime import state as state_lib
 from attngen.runtime import terms as terms_lib
 from attngen.runtime.inputs import check_cu_seqlens, check_gates, check_params, check_positions, check_qkv
@@ -70,19 +71,21 @@ class TermsOp:
     def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk):
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
+        self.head_dim = DEFAULT_HEAD_DIM  # the last call's (the terms' plans are at their slices' widths)
 
     def __repr__(self) -> str:
         return f"TermsOp({self.spec.name!r} {self.spec.mode}, {len(self.ops)} terms, backend={self.backend!r})"
 
     @property
     def plan(self) -> "TermsPlan":
-        return TermsPlan(self.spec, tuple(op.plan for op in self.ops))
+        return TermsPlan(self.spec, tuple(op.plan for op in self.ops), self.head_dim)
 
     def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, **params):
         if initial_state is not None or return_state:
             raise InputError(f"{self.spec.name}: a spec with terms has no single recurrent state (each term would "
                              "carry its own); call the op on whole sequences")
         qh, _, _ = check_qkv(self.spec, q, k, v, self.layout)
+        self.head_dim = qh.shape[3]
         gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
@@ -98,9 +101,8 @@ class TermsOp:
 class TermsPlan:
     """The plans of a TermsOp's terms (the last call's), read out together."""
 
-    def __init__(self, spec: Spec, plans: tuple):
-        self.spec, self.terms = spec, plans
-        self.head_dim = plans[0].head_dim
+    def __init__(self, spec: Spec, plans: tuple, head_dim: int):
+        self.spec, self.terms, self.head_dim = spec, plans, head_dim
 
     @property
     def choice(self):
@@ -179,7 +181,7 @@ class AttentionOp:
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
         out_dtype = qh.dtype
         if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
-            qh, kh, vh = plan.prologue.features(qh, kh, vh, values)
+            qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
@@ -302,7 +304,7 @@ class AttentionOp:
         check_positions(self.spec, state.pos + 1, "step")
         out_dtype = qh.dtype
         if plan.prologue is not None:
-            qh, kh, vh = plan.prologue.features(qh, kh, vh, values)
+            qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if backend == "triton":
             if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -13,9 +13,10 @@ import attngen
 from attngen import pipeline
 from attngen.codegen.printer import print_t5_bucket
 from attngen.frontend.expr import T5Bucket
+from attngen.frontend.t5 import bucket, thresholds
 from attngen.ir import Ordering
 from attngen.naive import reference
-from attngen.runtime.t5 import relative_position_bucket, thresholds
+from attngen.runtime.t5 import relative_position_bucket
 from attngen.verify import run_case, verify_cases
 
 try:  # pragma: no cover - transformers is not a test dependency
@@ -90,6 +91,8 @@ def test_bucket_function_is_transformers(num_buckets, max_distance, bidirectiona
     counted = torch.where(n < exact, n, exact + sum((n >= t).long() for t in steps) if steps else exact)
     offset = (x > 0).long() * (num_buckets // 2) if bidirectional else 0
     assert torch.equal(counted + offset, want)
+    # the code generator's plain-Python arithmetic (float32 steps emulated) agrees with torch's on every position
+    assert [bucket(int(n), num_buckets, max_distance, bidirectional) for n in x] == want.tolist()
 
 
 def test_bucket_values_at_the_boundaries():

@@ -16,6 +16,7 @@ from sympy.core.relational import Relational
 
 from attngen.errors import PlanError
 from attngen.frontend.expr import Elu, I, J, Relu, Sigmoid, T5Bucket
+from attngen.frontend.t5 import thresholds
 
 MAX_INTEGER_POWER = 16  # x**n with |n| up to this prints as a product; larger is refused
 
@@ -156,9 +157,8 @@ def print_t5_bucket(node, rows: str, cols: str, rel: str, dist: str, where: str 
     positions x, the distances n (from the variable ``rel``) and the buckets (from ``rel`` and ``dist``), given the
     integer positions ``rows`` (i, [BM] as [:, None]) and ``cols`` (j, [None, :]). No float log: the bucket of a
     distance n >= max_exact is max_exact plus the number of thresholds n reaches (read off the reference
-    arithmetic, attngen.runtime.t5.thresholds), so the kernels agree with the reference on every pair, the
+    arithmetic, attngen.frontend.t5.thresholds), so the kernels agree with the reference on every pair, the
     boundaries included."""
-    from attngen.runtime.t5 import thresholds
 
     if not isinstance(node, T5Bucket):
         raise PlanError(f"{where}: {sympy.sstr(node)} is not t5_bucket(...)")
