@@ -95,6 +95,27 @@ def sources(modules: list, files: list, folder: Path) -> list:
     return out
 
 
+def kernel_text(module: Module) -> str:
+    """The module's Triton kernels with its spec name written as a placeholder: two modules with the same text hold
+    the same kernels (e.g. a term of a spec with terms and the built-in it equals), which compile alike."""
+    text = module.source
+    start, end = text.find("@triton.jit"), text.find("\nMODULE = host.register(")
+    return text[start:end].replace(module.spec.name, "<spec>") if start >= 0 and end > start else text
+
+
+def distinct(modules: list) -> tuple:
+    """(the modules whose kernels differ from every earlier one's, {a skipped module: the one it equals})."""
+    seen, keep, same = {}, [], {}
+    for m in modules:
+        key = kernel_text(m)
+        if key in seen:
+            same[m] = seen[key]
+        else:
+            seen[key] = m
+            keep.append(m)
+    return keep, same
+
+
 def check(archs: list, dtypes: list) -> None:
     """InputError for an arch without a known shared memory limit or a dtype the Triton host does not take."""
     for a in archs:

@@ -342,7 +342,11 @@ def aot(specs, all_specs, mode, sets, archs, head_dims, dtypes, json_file, smem_
                     click.echo(f"{part.spec.name} ({part.spec.mode}): no Triton module: {part.reason}", err=True)
                 modules.append(part)
     with tempfile.TemporaryDirectory(prefix="attngen-aot-") as folder:
-        srcs = stage.sources([m for m in modules if m.source is not None], files, Path(folder))
+        rendered, same = stage.distinct([m for m in modules if m.source is not None])
+        for m, twin in same.items():
+            click.echo(f"{m.spec.name} ({m.spec.mode}): the same kernels as {twin.spec.name} ({twin.spec.mode}), "
+                       "compiled once", err=True)
+        srcs = stage.sources(rendered, files, Path(folder))
         if not srcs:
             raise PlanError("no Triton module to compile among the specs given (reasons above)")
         click.echo(f"compiling the kernels of {len(srcs)} modules for {', '.join(archs)} at head dims "

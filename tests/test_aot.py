@@ -11,6 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+import attngen
 from attngen import aot
 from attngen.cli import main
 
@@ -118,3 +119,14 @@ def test_bad_options_exit_2(option, value):
 def test_a_missing_module_file_exits_2(tmp_path):
     result = CliRunner().invoke(main, ["aot", str(tmp_path / "nope.py")])
     assert result.exit_code == 2 and "no such module file" in result.output
+
+
+def test_modules_with_the_same_kernels_compile_once():
+    from attngen.build import generate
+
+    softmax, taylor = (generate(attngen.load_spec(n)) for n in ("softmax", "based"))
+    diff = generate(attngen.load_spec("diff_attention"))
+    keep, same = aot.distinct([softmax, *diff.parts, taylor])
+    # both halves of differential attention are softmax with its own name: the same kernels
+    assert keep == [softmax, taylor] and same == {diff.parts[0]: softmax, diff.parts[1]: softmax}
+    assert aot.kernel_text(softmax) != aot.kernel_text(taylor)

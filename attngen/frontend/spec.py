@@ -20,7 +20,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -701,6 +701,11 @@ def _terms_spec(data: dict, causal: bool, where: str, overrides: dict) -> Spec:
     params = {}
     for t in terms:
         params |= {p.name: p for p in t.spec.parameters if p.name not in params}
+    # each term keeps the parameters its own expressions use (its op takes those, its kernels load those); the
+    # spec keeps them all (a coefficient may use one no term uses)
+    terms = [replace(t, spec=replace(t.spec, parameters=tuple(
+        p for p in t.spec.parameters if p.symbol in t.spec.similarity_expr.free_symbols
+        | t.spec.reweight_expr.free_symbols))) for t in terms]
     text = " + ".join(f"{t.coefficient} * [{t.spec.similarity}]" for t in terms)
     return Spec(name=name, description=first.description, causal=causal, similarity=text, reweight="1",
                 normalize=shared or Normalize(), constants=first.constants, parameters=tuple(params.values()),
@@ -743,7 +748,9 @@ def _terms_yaml(spec: Spec) -> str:
     """to_yaml of a spec with terms: the shared keys once, then each term's own."""
     first = yaml.safe_load(spec.terms[0].spec.to_yaml())
     data = {"name": spec.name, "description": spec.description, "causal": spec.causal}
-    data |= {k: first[k] for k in ("constants", "parameters", "gates", "rotary", "max_length") if k in first}
+    data |= {k: first[k] for k in ("constants", "gates", "rotary", "max_length") if k in first}
+    if any(not _is_scale(p) for p in spec.parameters):  # all of them: each term keeps only those it uses
+        data["parameters"] = {p.name: _parameter_yaml(p) for p in spec.parameters if not _is_scale(p)}
     # the per-call scale at its default is implicit in each term that uses it (written once, every term would get it)
     scales = {p.init for t in spec.terms for p in t.spec.parameters if _is_scale(p)}
     if scales <= {DEFAULT_SCALE} and "scale" in data.get("constants", {}):
