@@ -313,7 +313,7 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
 
     def params(grad=True, b=1, t=LENGTH):
         d = tag["head_dim"]
-        out = {p.name: torch.full((HEADS,) if p.per_head else (),
+        out = {p.name: torch.full(tuple(HEADS if x == "H" else x for x in p.shape),  # [H], [], a table [H, NB]
                                   0.5 if p.default is None else p.default(d) if callable(p.default) else p.default,
                                   requires_grad=grad) for p in m.params}
         if m.gate is not None:  # log decays <= 0, [B, H, T] (per key dimension: [B, H, T, Dk])
