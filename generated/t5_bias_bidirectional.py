@@ -261,7 +261,7 @@ def _t5_bias_qbwd_dkv_kernel(
 MODULE = host.register(host.Module(
     spec="t5_bias", mode="bidirectional", op_name="t5_bias_bidirectional_q_2b0fb502_5ebfe1f4", spec_hash=SPEC_HASH,
     params=(host.Param("rel", per_head=True, default=0.0, buckets=32),), normalised=True,
-    quadratic=host.Quadratic(_t5_bias_qfwd_kernel, _t5_bias_qbwd_dq_kernel, _t5_bias_qbwd_dkv_kernel, flash=True, sparse_max_block=128),
+    quadratic=host.Quadratic(_t5_bias_qfwd_kernel, _t5_bias_qbwd_dq_kernel, _t5_bias_qbwd_dkv_kernel, flash=True, sparse_max_block=64),
 ))
 
 
@@ -281,7 +281,7 @@ def t5_bias_attention_block_sparse(q, k, v, kv_blocks, block, *, layout="bhtd", 
     the keys of the blocks its query block lists (and, when causal, j <= i); rows with no allowed key give 0.
     q, k, v as for t5_bias_attention. ``kv_blocks``: int32/int64 [B, H, NQB, MAXK], NQB = ceil(T / block):
     the key-block indices (0 .. ceil(S / block) - 1) of each block of ``block`` query rows, any order, padded
-    with -1, none twice. ``block``: a power of two in 16..128. Gradients flow to q, k, v and the parameters.
+    with -1, none twice. ``block``: a power of two in 16..64. Gradients flow to q, k, v and the parameters.
     rel: learnable, shape [H, 32], default 0.0.
     """
     return host.block_sparse(MODULE, q, k, v, kv_blocks, block, layout, dict(rel=rel))

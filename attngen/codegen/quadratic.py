@@ -28,7 +28,8 @@ FULL_TILE = "tl.zeros([BM, BN], dtype=tl.float32) + "  # broadcasts a row, a col
 
 SPARSE_MAX_BLOCK = 128  # the largest block of the block-sparse kernels (it is their tile: registers)
 # with rotary positions each tile also holds the cos / sin rows of its q and k: at blocks of 128 and head dim 128
-# the forward spilled ~14 KB on sm_80 and the dk/dv kernel needed 197 KB of shared memory (attngen aot)
+# the forward spilled ~14 KB on sm_80 and the dk/dv kernel needed 197 KB of shared memory (attngen aot); a table
+# lookup's bucket and entry tiles alike (t5_bias: 197 KB and 27 KB of spills in the dk/dv kernel on sm_80)
 ROTARY_SPARSE_MAX_BLOCK = 64
 
 
@@ -115,7 +116,8 @@ def tile_slots(plan: Plan) -> dict:
                         "only; use backend='torch' (or the linear ordering)")
     slots = {
         "flash": flash, "rowsum": norm.kind == "rowsum",
-        "sparse_max_block": ROTARY_SPARSE_MAX_BLOCK if spec.rotary is not None else SPARSE_MAX_BLOCK,
+        "sparse_max_block": ROTARY_SPARSE_MAX_BLOCK if spec.rotary is not None or spec.reweight_expr.has(Lookup)
+        else SPARSE_MAX_BLOCK,
         "qgate": spec.gate is not None,  # the score gains G_i - G_j (gc: the cumulative sum of the gate)
         "window": spec.window,  # None, or N: the loops visit the blocks intersecting |i - j| < N (a literal)
         "rotary": spec.rotary is not None,  # q and k rotated in registers (rc, rs: the host's cos / sin tables)
