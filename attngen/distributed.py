@@ -329,7 +329,8 @@ def _prepare(op, q, k, v, cu_seqlens, params: dict) -> dict:
             raise InputError(f"cp_attention: cu_seqlens {cu[:8]}...: expected 0 = cu[0] < cu[1] < ... < cu[N] = T")
         if qh.shape[0] != 1:
             raise InputError(f"cp_attention: cu_seqlens packs sequences along T with B = 1; found B = {qh.shape[0]}")
-    return {"causal": spec.causal, "plan": plan, "qh": qh, "kh": kh, "vh": vh, "gates": gates, "values": values}
+    return {"causal": spec.causal, "plan": plan, "backend": resolve_backend(op.backend, qh.device), "qh": qh, "kh": kh,
+            "vh": vh, "gates": gates, "values": values}
 
 
 def _meta(prepared, error, cu_seqlens, device) -> torch.Tensor:
@@ -393,7 +394,10 @@ def _causal(op, p: dict, shard: _Shard, group, params: dict):
     out = None
     grad = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (qh, kh, vh, *params.values()))
-    if not last:  # the last rank's state is read by no one
+    fast = p["backend"] == "torch" and plan.prologue is None
+    if not last and shard.rank > 0 and fast:  # the state alone: K'^T diag(w) [V | 1], no output
+        local = _local_state(op, p, shard, heads)
+    elif not last:  # the last rank's state is read by no one
         out, st = op(_layout(op, qh), _layout(op, kh), _layout(op, vh), initial_state=state(zero), return_state=True,
                      cu_seqlens=local_cu, **params)
         local = st.S[-1:] if shard.bounds is not None else st.S
@@ -422,6 +426,41 @@ def _causal(op, p: dict, shard: _Shard, group, params: dict):
     out = op(_layout(op, qh), _layout(op, kh), _layout(op, vh), initial_state=state(start), cu_seqlens=local_cu,
              **params)
     return _Tie.apply(out, *gathered)
+
+
+def _local_state(op, p: dict, shard: _Shard, heads: int) -> torch.Tensor:
+    """The state [B, H_state, F, E] after the shard's last piece from a zero state, without its outputs (torch
+    backend): sum_j w_j K'_j^T [V_j | 1] with K'_j at the absolute positions and w_j the decay from token j to the
+    shard's end (gamma**(T-1-j), times exp of the gates after j: an exclusive suffix sum, every exponent <= 0)."""
+    plan, qh, kh, vh, values = p["plan"], p["qh"], p["kh"], p["vh"], p["values"]
+    spec = op.spec
+    dtype = compute_dtype(qh.dtype)
+    gate = p["gates"].get(spec.gate.name) if spec.gate is not None else None
+    a = 0 if shard.bounds is None else shard.bounds[-2]
+    first = shard.offset if shard.bounds is None else (shard.start if a == 0 else 0)
+    b, h, t, d = qh.shape
+    kh, vh = grouped(kh, vh, h)
+    qp, kp, vp = (x[:, :, a:].to(dtype) for x in (qh, kh, vh))
+    n = t - a
+    if spec.rotary is not None:
+        positions = first + torch.arange(n, device=qh.device)
+        kp = rotate(kp, positions, spec.rotary.theta)
+    env = symbol_env(plan, n, n, h, d, values, dtype, qh.device)
+    blocks = [(term.feature, term.position) for term in plan.linear_terms]
+    start = torch.full((b,), first, dtype=torch.int64, device=qh.device)
+    _, kf = feature_maps(blocks, env, qp, kp, spec.where, start=start)
+    lg = log_decay(plan, env, h, kf) if plan.reweight.decay is not None else None
+    tokens = token_decay(plan, None if gate is None else gate[:, :, a:], lg, kf)
+    if tokens is None and lg is not None:
+        tokens = lg[..., 0].expand(b, h, n)
+    if tokens is not None:  # w_j = exp(sum_{u > j} log decay_u): the exclusive suffix sum, no subtraction
+        suffix = tokens.flip(2).cumsum(2).flip(2)
+        after = torch.cat([suffix[:, :, 1:], torch.zeros_like(suffix[:, :, :1])], 2)
+        w = torch.exp(after)
+        kf = kf * (w[..., None] if w.dim() == 3 else w)
+    state = kf.transpose(-1, -2) @ with_ones(vp, plan.normalize)
+    groups = h // heads
+    return state[:, ::groups] if groups > 1 else state
 
 
 def _layout(op, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from attngen.runtime.state import check_decodable
 from benchmarks import cpu, gpu
 from benchmarks.common import WorkerError, decode, linear_scaling, write_result
 from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
+from benchmarks.cp import cp_traffic
 from benchmarks.sparse import sparse
 from benchmarks.toeplitz import toeplitz
 from benchmarks.window import window_scaling
@@ -209,6 +210,29 @@ def window_cmd(min_len, max_len, out, window, heads, repeats, threads):
                f"--heads {heads} --repeats {repeats}" + (f" --threads {threads}" if threads else ""))
     window_scaling(out_dir=Path(out), window=window, h=heads, min_len=min_len, max_len=max_len, repeats=repeats,
                    threads=threads, command=command, echo=click.echo)
+
+
+@main.command("cp", context_settings=CONTEXT)
+@click.option("--world", type=click.IntRange(2, 16), default=4, show_default=True, help="gloo ranks spawned.")
+@click.option("--min-len", type=click.IntRange(64), default=8192, show_default=True, help="The shortest total T.")
+@click.option("--max-len", type=click.IntRange(64), default=131072, show_default=True, help="The longest total T.")
+@click.option("--heads", type=click.IntRange(1), default=4, show_default=True, help="Heads H (B = 1).")
+@click.option("--head-dim", type=click.IntRange(1), default=32, show_default=True, help="Head dim D.")
+@click.option("--repeats", type=click.IntRange(1), default=1, show_default=True, help="Timed runs per case.")
+@_out
+def cp_cmd(world, min_len, max_len, heads, head_dim, repeats, out):
+    """Context parallelism: bytes per rank per layer against T.
+
+    cp_attention (attngen.distributed) on --world gloo ranks of this CPU, forward and backward, T = --min-len ..
+    --max-len total (doubling): the bytes each rank hands to each collective, which should not change with T,
+    and a cost model's table of the all-gather of states next to ring attention for 8 .. 64 ranks."""
+    if min_len % world or max_len < min_len:
+        raise click.BadParameter(f"--min-len {min_len}, --max-len {max_len}: expected min <= max and lengths that "
+                                 f"{world} ranks divide", param_hint="--min-len")
+    command = (f"python -m benchmarks cp --world {world} --min-len {min_len} --max-len {max_len} --heads {heads} "
+               f"--head-dim {head_dim} --repeats {repeats}")
+    cp_traffic(out_dir=Path(out), world=world, min_len=min_len, max_len=max_len, h=heads, d=head_dim,
+               repeats=repeats, command=command, echo=click.echo)
 
 
 if __name__ == "__main__":

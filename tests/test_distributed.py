@@ -20,6 +20,8 @@ import attngen
 from attngen.errors import InputError
 
 H, D = 2, 8
+ROPE = {"name": "rope_linear", "causal": True, "similarity": "dot(elu(q) + 1, elu(k) + 1)", "rotary": {"theta": 10000},
+        "normalize": {"kind": "rowsum", "eps": 1.0e-6, "eps_mode": "add"}}  # rotary positions on a separable spec
 
 
 def _case(name, spec, causal, *, B=2, dtype=torch.float64, params=None, gate=None, cu=None, layout="bhtd",
@@ -41,6 +43,8 @@ def _cases(world: int) -> list:
             _case(f"retention {mode}", "retention", causal),
             _case(f"linear_elu packed {mode}", "linear_elu", causal, B=1, cu=sorted({0, 5, 40, t // 2, t - 7, t})),
             _case(f"retention packed {mode}", "retention", causal, B=1, cu=[0, 3, t - 3, t]),
+            _case(f"cottention packed {mode}", "cottention", causal, B=1, cu=[0, 33, t], params={"m": True}),
+            _case(f"rotary {mode}", ROPE, causal),
         ]
     cases += [
         _case("cosformer default M bidirectional", "cosformer", False),
@@ -49,7 +53,6 @@ def _cases(world: int) -> list:
         _case("gla causal fp32", "gla", True, gate="key_dim", dtype=torch.float32),
         _case("linear_elu causal fp32 bthd", "linear_elu", True, dtype=torch.float32, layout="bthd"),
         _case("simple_gla packed causal", "simple_gla", True, gate="head", B=1, cu=[0, 20, 31, t - 10, t]),
-        _case("cottention packed causal", "cottention", True, B=1, cu=[0, 33, t], params={"m": True}),
         _case("linear_elu grouped kv causal", "linear_elu", True, kv_heads=1),
         _case("retention unequal shards causal", "retention", True, lengths=[24 + 8 * (r % 2) for r in range(world)]),
     ]
@@ -82,7 +85,7 @@ def _lay(x, layout):
 def _op(case):
     spec = case["spec"]
     spec = attngen.load_spec(spec[0], causal=case["causal"], **spec[1]) if isinstance(spec, tuple) \
-        else attngen.load_spec(spec, causal=case["causal"])
+        else attngen.load_spec(spec, causal=case["causal"])  # a built-in name or a dict
     return attngen.compile(spec, backend="torch", layout=case["layout"])
 
 
@@ -117,7 +120,8 @@ def _check_cases(rank: int, world: int) -> list:
         # the reference: the op on the whole sequence, one process
         o_ref, ref = _run(op, case, q, k, v, gate, params, case["cu"], op)
         (o_ref * w).sum().backward()
-        sl = (lambda x: x[:, :, a:b])
+        def sl(x, a=a, b=b):
+            return x[:, :, a:b]
         shard_gate = None if gate is None else sl(gate)
         with count_traffic() as traffic:
             o, got = _run(op, case, sl(q), sl(k), sl(v), shard_gate, params, case["cu"],
@@ -132,7 +136,9 @@ def _check_cases(rank: int, world: int) -> list:
             else:
                 errs[f"d{n}"] = _rel(g, sl(ref[n].grad))
         kinds = sorted({c.kind for c in traffic.calls})
-        rows.append({"case": case["name"], "dtype": str(case["dtype"]), "errs": errs, "kinds": kinds})
+        nbytes = {c.kind: c.nbytes for c in traffic.calls}
+        rows.append({"case": case["name"], "dtype": str(case["dtype"]), "errs": errs, "kinds": kinds,
+                     "bytes": nbytes})
     return rows
 
 
@@ -218,13 +224,19 @@ def test_gates_and_parameters_get_gradients(spawned):
 
 
 def test_collectives_used(spawned):
+    """Bidirectional without a decay or packing: one all-reduce of the states; everything else one all-gather (and
+    the backward's reduce-scatter); the shapes checked first. The state's bytes: H x F x (Dv + 1) values per batch
+    row for linear_elu (F = D)."""
     world, ranks = spawned
+    cases = {c["name"]: c for c in _cases(world)}
     for c in ranks[0]["cases"]:
-        if c["case"] in ("linear_elu bidirectional", "cosformer M fixed bidirectional", "cottention bidirectional",
-                         "cosformer default M bidirectional"):
-            assert c["kinds"] == ["all_reduce", "all_reduce_grad", "meta"], c
-        else:
-            assert c["kinds"] == ["all_gather", "meta", "reduce_scatter"], c
+        case = cases[c["case"]]
+        summed = not case["causal"] and case["cu"] is None and case["spec"] != "retention"
+        assert c["kinds"] == (["all_reduce", "all_reduce_grad", "meta"] if summed
+                              else ["all_gather", "meta", "reduce_scatter"]), c
+    elu = next(c for c in ranks[0]["cases"] if c["case"] == "linear_elu causal")
+    assert elu["bytes"] == {"all_gather": 2 * H * D * (D + 1) * 8, "reduce_scatter": 2 * H * D * (D + 1) * 8,
+                            "meta": 9 * 8}
 
 
 def test_bad_inputs_are_refused_on_every_rank(spawned):
