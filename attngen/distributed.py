@@ -280,6 +280,8 @@ def cp_attention(op, q, k, v, *, group=None, cu_seqlens=None, **params):
                              f"{sum(lengths)} (the shards' lengths {lengths} added): pass the boundaries of the whole "
                              "packed sequence on every rank")
     shard = _shard(rank, world, lengths, cu)
+    if prepared["causal"] and world == 1:  # the whole sequence on one rank: the op itself
+        return op(q, k, v, cu_seqlens=cu_seqlens, **params)
     if prepared["causal"]:
         return _causal(op, prepared, shard, group, params)
     return _bidirectional(op, prepared, shard, group, params)

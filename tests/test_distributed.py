@@ -260,3 +260,16 @@ def test_without_a_process_group():
     from attngen.distributed import cp_attention
     with pytest.raises(InputError, match="not initialised"):
         cp_attention(op, x, x, x)
+
+
+def test_a_group_of_one_rank_is_the_op():
+    """World size 1 (a HashStore group in this process): the op's own output, causal and bidirectional."""
+    from attngen.distributed import cp_attention
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for causal in (True, False):
+            op = attngen.compile(attngen.load_spec("retention", causal=causal), backend="torch")
+            q, k, v = (torch.randn(1, H, 40, D, dtype=torch.float64) for _ in range(3))
+            assert _rel(cp_attention(op, q, k, v), op(q, k, v)) <= 1e-12
+    finally:
+        dist.destroy_process_group()
