@@ -13,7 +13,7 @@ import benchmarks.common
 import benchmarks.cpu
 from benchmarks.cli import main
 
-SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window"]
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window", "cp"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,6 +35,11 @@ def test_help(run, command):
     result = run(command, "--help")
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output and command in result.output and "--out" in result.output
+
+
+def test_cp_refuses_lengths_the_ranks_do_not_divide(run, tmp_path):
+    result = run("cp", "--world", "3", "--min-len", "1000", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "--min-len" in result.output and not list(tmp_path.iterdir())
 
 
 def test_an_unknown_benchmark_is_a_usage_error(run):
