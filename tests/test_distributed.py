@@ -25,9 +25,9 @@ ROPE = {"name": "rope_linear", "causal": True, "similarity": "dot(elu(q) + 1, el
 
 
 def _case(name, spec, causal, *, B=2, dtype=torch.float64, params=None, gate=None, cu=None, layout="bhtd",
-          kv_heads=H, lengths=None):
+          kv_heads=H, lengths=None, backend="torch"):
     return dict(name=name, spec=spec, causal=causal, B=B, dtype=dtype, params=params or {}, gate=gate, cu=cu,
-                layout=layout, kv_heads=kv_heads, lengths=lengths)
+                layout=layout, kv_heads=kv_heads, lengths=lengths, backend=backend)
 
 
 def _cases(world: int) -> list:
@@ -59,6 +59,12 @@ def _cases(world: int) -> list:
     return cases
 
 
+def _triton_cases(world: int) -> list:
+    """The generated kernels (under the Triton interpreter on a CPU): the middle ranks run the op twice."""
+    return [_case("retention causal triton", "retention", True, dtype=torch.float32, B=1, backend="triton",
+                  lengths=[16] * world)]
+
+
 def _inputs(case, world: int):
     """The whole sequence's inputs (the same on every rank: one seed per case) in bhtd, and the shard lengths."""
     gen = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()))
@@ -86,7 +92,7 @@ def _op(case):
     spec = case["spec"]
     spec = attngen.load_spec(spec[0], causal=case["causal"], **spec[1]) if isinstance(spec, tuple) \
         else attngen.load_spec(spec, causal=case["causal"])  # a built-in name or a dict
-    return attngen.compile(spec, backend="torch", layout=case["layout"])
+    return attngen.compile(spec, backend=case["backend"], layout=case["layout"])
 
 
 def _run(op, case, q, k, v, gate, params, cu, fn):
@@ -110,10 +116,10 @@ def _rel(out, ref) -> float:
     return float((out - ref).double().pow(2).mean().sqrt() / max(float(ref.double().pow(2).mean().sqrt()), 1e-2))
 
 
-def _check_cases(rank: int, world: int) -> list:
+def _check_cases(rank: int, world: int, cases: list) -> list:
     from attngen.distributed import count_traffic, cp_attention
     rows = []
-    for case in _cases(world):
+    for case in cases:
         op = _op(case)
         q, k, v, w, gate, params, lengths = _inputs(case, world)
         a, b = sum(lengths[:rank]), sum(lengths[:rank + 1])
@@ -173,11 +179,14 @@ def _check_errors(rank: int, world: int) -> list:
     return out
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
+def _worker(rank: int, world: int, port: int, folder: str, triton: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        result = {"cases": _check_cases(rank, world), "errors": _check_errors(rank, world)}
+        if triton:
+            result = {"cases": _check_cases(rank, world, _triton_cases(world))}
+        else:
+            result = {"cases": _check_cases(rank, world, _cases(world)), "errors": _check_errors(rank, world)}
     finally:
         dist.destroy_process_group()
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
@@ -260,6 +269,19 @@ def test_without_a_process_group():
     from attngen.distributed import cp_attention
     with pytest.raises(InputError, match="not initialised"):
         cp_attention(op, x, x, x)
+
+
+@pytest.mark.slow  # ~15-30 s: three ranks each loading the generated module and interpreting its kernels
+def test_the_generated_kernels_on_three_ranks(tmp_path):
+    """backend="triton": the op's first run (return_state) and second run (initial_state) on the middle rank."""
+    mp.spawn(_worker, args=(3, _free_port(), str(tmp_path), True), nprocs=3, join=True)
+    failures = []
+    for rank in range(3):
+        (c,) = json.loads((tmp_path / f"rank{rank}.json").read_text())["cases"]
+        assert {"o", "dq", "dk", "dv"} <= set(c["errs"]) and c["kinds"] == ["all_gather", "meta", "reduce_scatter"]
+        failures += [f"rank {rank}/3 {c['case']} {what}: {err:.3g}" for what, err in c["errs"].items()
+                     if not err <= TOL[c["dtype"]]]
+    assert not failures, "\n".join(failures)
 
 
 def test_a_group_of_one_rank_is_the_op():
