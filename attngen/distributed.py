@@ -146,18 +146,24 @@ class _Tie(torch.autograd.Function):
         return (grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
 
 
-def _all_gather(x: torch.Tensor, group, world: int) -> list:
+def _entering(x: torch.Tensor, grad: bool) -> torch.Tensor:
+    """``x`` in the autograd graph whenever the call needs gradients, even where this rank's payload needs none (k and
+    v frozen, the last rank's unused state): every rank must record the collective to enter its backward."""
+    return x.detach().requires_grad_() if grad and not x.requires_grad else x
+
+
+def _all_gather(x: torch.Tensor, group, world: int, grad: bool) -> list:
     """The tensors of every rank (rank order), differentiable: the backward sums each rank's gradient back to it."""
-    x = _Counted.apply(x.contiguous(), "all_gather", "reduce_scatter", world)
+    x = _Counted.apply(_entering(x.contiguous(), grad), "all_gather", "reduce_scatter", world)
     with warnings.catch_warnings():  # torch 2.13 points at the private _functional_collectives, whose backward (a
         # reduce_scatter_tensor) gloo does not run; this one's backward is an all-to-all plus a sum on gloo
         warnings.simplefilter("ignore", FutureWarning)
         return list(dist_fn.all_gather(x, group=group or dist.group.WORLD))
 
 
-def _all_reduce(x: torch.Tensor, group, world: int) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group, world: int, grad: bool) -> torch.Tensor:
     """The sum over the ranks, differentiable (the backward all-reduces the gradients)."""
-    x = _Counted.apply(x.contiguous(), "all_reduce", "all_reduce_grad", world)
+    x = _Counted.apply(_entering(x.contiguous(), grad), "all_reduce", "all_reduce_grad", world)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return dist_fn.all_reduce(x, group=group or dist.group.WORLD)
@@ -331,8 +337,11 @@ def _prepare(op, q, k, v, cu_seqlens, params: dict) -> dict:
             raise InputError(f"cp_attention: cu_seqlens {cu[:8]}...: expected 0 = cu[0] < cu[1] < ... < cu[N] = T")
         if qh.shape[0] != 1:
             raise InputError(f"cp_attention: cu_seqlens packs sequences along T with B = 1; found B = {qh.shape[0]}")
-    return {"causal": spec.causal, "plan": plan, "backend": resolve_backend(op.backend, qh.device), "qh": qh, "kh": kh,
-            "vh": vh, "gates": gates, "values": values}
+    # whether this call records a backward: the same on every rank when every rank passes the same kinds of arguments
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in (q, k, v, *params.values()))
+    return {"causal": spec.causal, "plan": plan, "grad": grad, "backend": resolve_backend(op.backend, qh.device),
+            "qh": qh, "kh": kh, "vh": vh, "gates": gates, "values": values}
 
 
 def _meta(prepared, error, cu_seqlens, device) -> torch.Tensor:
@@ -394,8 +403,6 @@ def _causal(op, p: dict, shard: _Shard, group, params: dict):
     zero = torch.zeros(batch, heads, width, dv + rowsum, dtype=dtype, device=qh.device)
     last = shard.rank == shard.world - 1
     out = None
-    grad = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in (qh, kh, vh, *params.values()))
     fast = p["backend"] == "torch" and plan.prologue is None
     if not last and shard.rank > 0 and fast:  # the state alone: K'^T diag(w) [V | 1], no output
         local = _local_state(op, p, shard, heads)
@@ -407,12 +414,10 @@ def _causal(op, p: dict, shard: _Shard, group, params: dict):
             local = torch.cat([local, (st.z[-1:] if shard.bounds is not None else st.z)[..., None]], -1)
     else:
         local = zero[-1:] if shard.bounds is not None else zero
-        if grad:
-            local = local.clone().requires_grad_()  # the exchange's backward must run on every rank
     logd = _log_decay_of_shard(op, p, heads)
     payload = [local.to(dtype).flatten()] + ([] if logd is None else [logd.to(dtype).flatten()])
     flat = torch.cat(payload)
-    gathered = _all_gather(flat, group, shard.world)
+    gathered = _all_gather(flat, group, shard.world, p["grad"])
     n_state = local.numel()
     states = [g[:n_state].view_as(local) for g in gathered]
     logds = None if logd is None else [g[n_state:].view_as(logd) for g in gathered]
@@ -499,7 +504,7 @@ def _bidirectional(op, p: dict, shard: _Shard, group, params: dict):
         lgs.append(log_decay(plan, env, h, qf) if decay else None)
     if not decay and shard.bounds is None:  # one total over every rank: an all-reduce
         qf, kf, vf = feats[0]
-        total = _all_reduce(kf.transpose(-1, -2) @ vf, group, shard.world)
+        total = _all_reduce(kf.transpose(-1, -2) @ vf, group, shard.world, p["grad"])
         return _layout(op, finish(qf @ total, plan.normalize).to(in_dtype))
     # the state of the last piece seen from the shard's end, and of the first piece seen from its start
     qf, kf, vf = feats[-1]
@@ -515,7 +520,7 @@ def _bidirectional(op, p: dict, shard: _Shard, group, params: dict):
     if decay:
         logd = (lgs[0] * t).reshape(1, h, 1).expand(b, h, fwd_local.shape[2])
         payload.append(logd.flatten())
-    gathered = _all_gather(torch.cat(payload), group, shard.world)
+    gathered = _all_gather(torch.cat(payload), group, shard.world, p["grad"])
     n = fwd_local.numel()
     fwds = [g[:n].view_as(fwd_local) for g in gathered]
     bwds = [g[n:2 * n].view_as(bwd_local) for g in gathered]
