@@ -6,10 +6,10 @@ constant-size states per call (LASP-2's scheme, Sun et al. 2025; docs/context_pa
 Rank r of the group holds the contiguous shard r of the sequence (positions offset_r .. offset_r + T_r - 1 with
 offset_r the sum of the earlier ranks' T; equal shards in the usual case) and gets the op's output on its shard.
 
-Causal specs with a recurrent state (op.capabilities.decodable) run through the op itself, twice:
- 1. the shard from a zero state at position offset_r, ``return_state=True``: its local state S_r (and z_r) and, from
-    the gates and the decay, the shard's log decay L_r (one number per state row: log gamma * T_r, the sum of the
-    shard's log gates);
+Causal specs with a recurrent state (plan.capabilities.decodable) run through the op itself:
+ 1. the shard's local state S_r (and z_r) from a zero state at position offset_r (the op with ``return_state=True``;
+    on the torch backend the middle ranks form the state alone, K'^T diag(w) [V | 1]) and, from the gates and the
+    decay, the shard's log decay L_r (one number per state row: log gamma * T_r, the sum of the shard's log gates);
  2. one all-gather of (S_r | z_r, L_r) over the group; rank r forms the state entering its shard,
     P_r = sum_{s<r} exp(L_{s+1} + ... + L_{r-1}) S_s, by Horner's rule (P_{s+1} = exp(L_s) P_s + S_s: every exponent
     <= 0, so no power of gamma above 1 and no cancelling cumulative sum), and runs the op on its shard again with
@@ -25,7 +25,8 @@ reduce-scatter of the state gradients, all-to-all plus a sum on gloo; the all-re
 the gates and the parameters of every rank. Packed sequences (``cu_seqlens`` of the whole sequence, the same on every
 rank, B = 1) reset the carried state at each sequence start. Specs without a linear form (softmax, general
 similarities) and states that depend on the final length (causal cosFormer with M = max(n_q, n_k)) are refused
-with an InputError naming the reason: their exchange would be the keys and values themselves (a ring).
+with an InputError naming the reason (a quadratic spec's exchange would be its keys and values: ring attention,
+which this module does not implement).
 
 ``count_traffic()`` records the bytes each rank hands to the collectives (forward and backward).
 """
@@ -383,7 +384,9 @@ def _log_decay_of_shard(op, p: dict, heads: int) -> torch.Tensor | None:
 
 
 def _causal(op, p: dict, shard: _Shard, group, params: dict):
-    """Two passes of the op: the shard's local state, then the output from the state carried into the shard."""
+    """The shard's local state (rank 0: the op from a zero state with return_state, which is also its output; the
+    middle ranks: the state alone on the torch backend, the op with return_state on the triton backend; the last
+    rank: none), the exchange, then the op from the state carried into the shard."""
     plan, qh, kh, vh = p["plan"], p["qh"], p["kh"], p["vh"]
     dtype = compute_dtype(qh.dtype)
     heads = _state_heads(plan, qh, kh)
