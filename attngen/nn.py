@@ -110,6 +110,7 @@ class Attention(nn.Module):
         self.params = nn.Module()  # the spec's parameters, under their own names: state_dict keys "params.<name>"
         values = default_parameters(spec, num_heads, dtype=dtype or torch.get_default_dtype(), device=device,
                                     head_dim=head_dim, names=[p.name for p in spec.parameters if not _is_scale(p)])
+        self._spec_names = tuple(values)
         for p in spec.parameters:
             if p.name not in values:
                 continue
@@ -135,7 +136,7 @@ class Attention(nn.Module):
 
     def spec_parameters(self) -> dict:
         """The spec's parameters and fixed tensors as the op takes them: {name: tensor}."""
-        return dict(self.params.named_parameters()) | dict(self.params.named_buffers())
+        return {name: getattr(self.params, name) for name in self._spec_names}
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, state=None,
                 use_cache: bool = False):
@@ -180,11 +181,11 @@ class Attention(nn.Module):
             gx = gx.view(b, t, h, d) if g.per == "key_dim" else gx.view(b, t, h)
             gates[g.name] = gx.transpose(1, 2) if self.layout == "bhtd" else gx  # in the op's layout
         kwargs = self.spec_parameters() | gates
+        if self.cache_kind == "kv" and state is not None:
+            _check_cache(state, self, x, packing)
         if self.cache_kind == "kv" and state is not None and state.k.shape[2] > 0:
-            o, new = self._decode_kv(q, k, v, state, kwargs, packing)
-        elif self.cache_kind == "kv":
-            if state is not None:
-                _check_cache(state, self, x, packing)
+            o, new = self._decode_kv(q, k, v, state, packing)
+        elif self.cache_kind == "kv":  # a whole sequence (an empty cache holds no token)
             o = self.op(*self._arranged(q, k, v), cu_seqlens=None if packing is None else packing[0], **kwargs)
             o = o.transpose(1, 2) if self.layout == "bhtd" else o
             new = _kv_from(k, v, packing, self.spec.hash) if use_cache else None
@@ -212,12 +213,11 @@ class Attention(nn.Module):
                              **kwargs), None
         return (o.transpose(1, 2) if self.layout == "bhtd" else o), (new if use_cache else None)
 
-    def _decode_kv(self, q, k, v, cache: KVCache, kwargs, packing):
+    def _decode_kv(self, q, k, v, cache: KVCache, packing):
         """One query token per sequence after the keys in ``cache``: the causal row at the last position attends
         every key, which is the bidirectional form of the spec over the cache (exact: the spec's scores do not
         depend on positions; rotary positions rotate q at pos here and the op rotates the cached keys from 0)."""
         b = cache.batch
-        _check_cache(cache, self, q, packing)
         if q.shape[1] != 1 or (packing is not None and q.shape[1] != b):
             raise InputError(f"Attention ({self.spec.name}): a KVCache continues one token per sequence, found "
                              f"{q.shape[1] if packing is None else q.shape[1]} tokens for {b} sequences. Fix: "
