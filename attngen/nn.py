@@ -218,11 +218,11 @@ class Attention(nn.Module):
         every key, which is the bidirectional form of the spec over the cache (exact: the spec's scores do not
         depend on positions; rotary positions rotate q at pos here and the op rotates the cached keys from 0)."""
         b = cache.batch
-        if q.shape[1] != 1 or (packing is not None and q.shape[1] != b):
+        lengths = [q.shape[1]] * b if packing is None else packing[1].tolist()
+        if any(n != 1 for n in lengths):
             raise InputError(f"Attention ({self.spec.name}): a KVCache continues one token per sequence, found "
-                             f"{q.shape[1] if packing is None else q.shape[1]} tokens for {b} sequences. Fix: "
-                             "pass one token per call after the prefill (a causal query block after cached keys "
-                             "is not supported)")
+                             f"{max(lengths)} tokens. Fix: pass one token per call after the prefill (a block of "
+                             "causal queries after cached keys is not supported; the prefill itself may be long)")
         if packing is not None:  # one token per sequence, packed: [1, B, ...] as [B, 1, ...]
             q, k, v = (x.transpose(0, 1) for x in (q, k, v))
         pos = cache.pos
@@ -343,9 +343,9 @@ def _appended(cache: KVCache, k, v) -> KVCache:
     rows = torch.arange(b, device=cache.k.device)
     out = []
     for old, new in ((cache.k, k), (cache.v, v)):
-        full = old.new_zeros(b, old.shape[1], length, old.shape[3])
-        full = torch.cat([old, full[:, :, old.shape[2]:]], 2) if length > old.shape[2] else old.clone()
-        out.append(_put(full, rows, pos, new[:, 0]))
+        grow = length - old.shape[2]
+        full = torch.cat([old, old.new_zeros(b, old.shape[1], grow, old.shape[3])], 2) if grow else old
+        out.append(_put(full, rows, pos, new[:, 0]))  # out of place: the old cache is unchanged
     return KVCache(out[0], out[1], cache.pos + 1, cache.spec_hash)
 
 
