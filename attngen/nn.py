@@ -151,6 +151,10 @@ class Attention(nn.Module):
             found = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"Attention: x: expected a tensor [B, T, E] with E = embed_dim = {self.embed_dim}, "
                              f"found {found}")
+        weight = self.q_proj.weight
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise InputError(f"Attention: x is {x.dtype} on {x.device}, the layer's weights {weight.dtype} on "
+                             f"{weight.device}; expected the same dtype and device. Fix: x.to(...) or layer.to(...)")
         if (state is not None or use_cache) and self.cache_kind is None:
             raise InputError(f"Attention ({self.spec.name}, {self.spec.mode}): "
                              f"{'state' if state is not None else 'use_cache=True'}: this layer has no decode "

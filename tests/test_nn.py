@@ -228,6 +228,8 @@ def test_bad_inputs_and_unsupported_caches_raise_input_error():
     layer = Attention("softmax", E, H)
     with pytest.raises(InputError, match=r"\[B, T, E\] with E = embed_dim = 32"):
         layer(torch.randn(2, 5, 16))
+    with pytest.raises(InputError, match="expected the same dtype and device"):
+        layer(torch.randn(2, 5, E, dtype=torch.float64))
     for spec, why in (("alibi", "depend on positions"), ("forgetting", "gates"), ("cosformer", "positions")):
         with pytest.raises(InputError, match=why):
             Attention(spec, E, H)(torch.randn(1, 3, E), use_cache=True)
