@@ -8,8 +8,8 @@ same rows as JSON (``.json``, always: machine, command, date, shapes and one obj
 ``plot=True`` two PNG plots (``-time.png``, ``-memory.png``: log-log, one line per series; matplotlib, the
 ``plot`` extra).
 
-Time: the median of torch.utils.benchmark's blocked_autorange (forward pass, torch.no_grad; CUDA synchronised by
-the Timer). Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the call; on a
+Time: the fastest block of torch.utils.benchmark's blocked_autorange, per call (forward pass, torch.no_grad; CUDA
+synchronised by the Timer): on a shared, noisy machine interference only adds time. Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the call; on a
 Linux CPU the peak resident set size of the call (VmHWM of /proc/self/status, reset through /proc/self/clear_refs
 before it, after malloc_trim) above the resident size before it. Elsewhere memory is not measured and the rows say
 so.
@@ -51,7 +51,7 @@ class Row:
     series: str
     kind: str  # "ordering" or "peer"
     T: int
-    ms: float | None  # median forward time in milliseconds; None: not measured (see note)
+    ms: float | None  # forward time in milliseconds (the fastest block, per call); None: not measured (see note)
     peak_mib: float | None  # peak memory of the call above what was held before it, MiB; None: not measured
     note: str = ""
 
@@ -242,7 +242,7 @@ def _measure(name, kind, fn, args, t, device, method, min_time, skip) -> Row:
         with torch.no_grad():
             fn(*args)  # warm-up: compiled plans, caches, lazy imports
             timer = torch_benchmark.Timer("fn(*args)", globals={"fn": fn, "args": args})
-            ms = timer.blocked_autorange(min_run_time=min_time).median * 1e3
+            ms = min(timer.blocked_autorange(min_run_time=min_time).times) * 1e3  # noise only adds time
             mib = peak_memory(lambda: fn(*args), device) / 2 ** 20 if method else None
     except (RuntimeError, PlanError, InputError, MemoryError) as exc:  # e.g. out of memory: a row that says so
         return Row(name, kind, t, None, None, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -265,7 +265,7 @@ def markdown(result: Result) -> str:
              f"{result.device})", "",
              f"- date: {result.date}", f"- machine: {result.machine}", f"- command: `{result.command}`",
              f"- shapes: B{result.batch} H{result.heads} D{result.head_dim}, {result.dtype}, forward only "
-             "(torch.no_grad); time: median of torch.utils.benchmark's blocked_autorange",
+             "(torch.no_grad); time: the fastest block of torch.utils.benchmark's blocked_autorange, per call",
              f"- memory: {result.memory}",
              "- series: " + ", ".join(f"{n} ({rows[(n, result.lengths[0])].kind})" for n in names), ""]
     for title, key, unit in (("Time", "ms", "ms"), ("Peak memory", "peak_mib", "MiB")):
@@ -302,12 +302,14 @@ def plot(result: Result, folder: Path) -> list:
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
     paths = []
-    for key, label, suffix in (("ms", "forward time (ms)", "time"), ("peak_mib", "peak memory (MiB)", "memory")):
+    for key, label, suffix in (("ms", "forward time (ms)", "time"), ("peak_mib", "peak memory of the call (MiB)", "memory")):
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         drawn = 0
         for name in result.series:
-            pts = [(r.T, getattr(r, key)) for r in result.rows if r.series == name and getattr(r, key) is not None]
+            # a log axis has no place for 0 (a call that grew the resident set by less than a page)
+            pts = [(r.T, getattr(r, key)) for r in result.rows
+                   if r.series == name and getattr(r, key) is not None and getattr(r, key) > 0]
             if not pts:
                 continue
             kind = next(r.kind for r in result.rows if r.series == name)
@@ -315,6 +317,8 @@ def plot(result: Result, folder: Path) -> list:
                     label=name if kind == "ordering" else f"{name} (peer)")
             drawn += 1
         ax.set_xscale("log", base=2)
+        ax.set_xticks(result.lengths, labels=[str(t) for t in result.lengths])  # the measured T, as numbers
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
         ax.set_ylabel(label)

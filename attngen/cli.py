@@ -275,9 +275,9 @@ def _use_interpreter_without_gpu():
 def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
     """Verify compiled ops against the reference.
 
-    Check each SPEC's compiled op (YAML files or built-in names, or --all) against the naive reference: the output
-    and every gradient, and the decode step of decodable specs. One progress line per spec and mode on stderr,
-    then the table of every case."""
+    Check the compiled op of each of SPECS (YAML files or built-in names, or --all) against the naive reference: the
+    output and every gradient, and the decode step of decodable specs. One progress line per spec and mode on
+    stderr, then the table of every case."""
     from attngen.verify import verify_cases
     backend = backend or "torch"
     if backend != "torch":
@@ -297,8 +297,9 @@ def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, se
 def build(ctx, specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out, standalone):
     """Write and verify SPECs' Triton modules.
 
-    Generate each SPEC's Triton module (where its plan has templates), write it to --out, and verify it (natively
-    on a GPU, under the Triton interpreter on a CPU) and the torch backend against the naive reference. With
+    Generate the Triton module of each of SPECS (where its plan has templates), write it to --out, and verify it
+    (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the naive reference.
+    With
     --plan ORDERING the modules hold only that ordering's kernels (what attngen.compile(spec, backend="triton",
     plan=ORDERING) runs) and every case runs it; --out must then name a folder (generated/ holds the planner's
     modules)."""
@@ -455,10 +456,11 @@ def bench(ctx, spec, lengths, mode, plans, peers, no_peers, backend, batch, head
           out, plot):
     """Time and memory of SPEC's orderings vs T.
 
-    Measure SPEC (a YAML file or built-in name) on this machine at each --seq-len: the forward time (median) and
-    peak memory of the op compiled with each ordering forced, beside the naive reference and PyTorch SDPA (exact
-    softmax of the same shape). Prints the Markdown table and writes it to --out with the same rows as JSON, and
-    with --plot the PNG plots. One progress line per measurement on stderr."""
+    Measure SPEC (a YAML file or built-in name) on this machine at each --seq-len: the forward time (the fastest
+    block of torch.utils.benchmark's blocked_autorange) and peak memory of the op compiled with each ordering
+    forced, beside the naive reference and PyTorch SDPA (exact softmax of the same shape). Prints the Markdown
+    tables and writes them to --out with the same rows as JSON (always), and with --plot the PNG plots. One
+    progress line per measurement on stderr."""
     from attngen import bench as stage
     from attngen.frontend.spec import load_spec
     if plot:
@@ -481,7 +483,7 @@ def bench(ctx, spec, lengths, mode, plans, peers, no_peers, backend, batch, head
 def _command_line(ctx, prog: str) -> str:
     """The command as the user could retype it: ``prog``, the arguments, and every option not left at its default."""
     import shlex
-    words = [prog]
+    words = prog.split()
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT or value is None:
