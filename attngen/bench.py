@@ -9,10 +9,10 @@ same rows as JSON (``.json``, always: machine, command, date, shapes and one obj
 ``plot`` extra).
 
 Time: the fastest block of torch.utils.benchmark's blocked_autorange, per call (forward pass, torch.no_grad; CUDA
-synchronised by the Timer): on a shared, noisy machine interference only adds time. Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the call; on a
-Linux CPU the peak resident set size of the call (VmHWM of /proc/self/status, reset through /proc/self/clear_refs
-before it, after malloc_trim) above the resident size before it. Elsewhere memory is not measured and the rows say
-so.
+synchronised by the Timer): on a shared, noisy machine interference only adds time. Peak memory: on CUDA
+torch.cuda.max_memory_allocated above what was allocated before the call; on a Linux CPU the peak resident set
+size of the call (VmHWM of /proc/self/status, reset through /proc/self/clear_refs before it, after malloc_trim)
+above the resident size before it. Elsewhere memory is not measured and the rows say so.
 """
 from __future__ import annotations
 
@@ -302,7 +302,8 @@ def plot(result: Result, folder: Path) -> list:
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
     paths = []
-    for key, label, suffix in (("ms", "forward time (ms)", "time"), ("peak_mib", "peak memory of the call (MiB)", "memory")):
+    panels = (("ms", "forward time (ms)", "time"), ("peak_mib", "peak memory of the call (MiB)", "memory"))
+    for key, label, suffix in panels:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         drawn = 0
