@@ -104,7 +104,8 @@ def orderings(spec: Spec, backend: str = "torch", head_dim: int = 64) -> list:
 
 
 def machine(device: torch.device) -> str:
-    """The CPU model, core count, torch and Python versions; the GPU's name on CUDA."""
+    """The CPU model, core count, load average (other work on a shared machine slows every series), torch and
+    Python versions; the GPU's name on CUDA."""
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -114,7 +115,9 @@ def machine(device: torch.device) -> str:
     except OSError:
         pass
     gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
-    return f"{gpu}{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
+    return (f"{gpu}{cpu}, {os.cpu_count()} cores{load}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def device_label(device: torch.device) -> str:
@@ -295,9 +298,10 @@ def check_plotting() -> None:
                          "(or run without --plot: the Markdown and JSON are written anyway)") from None
 
 
-def plot(result: Result, folder: Path) -> list:
-    """Two PNGs beside the Markdown: time and peak memory against T, log-log, one line per series (orderings solid,
-    peers dashed), titled with the spec, device and date. Returns their paths."""
+def plot(result: Result, folder: Path, name: str | None = None) -> list:
+    """Two PNGs beside the Markdown, ``<name>-time.png`` and ``<name>-memory.png`` (``name`` defaults to
+    stem(result)): time and peak memory against T, log-log, one line per series (orderings solid, peers dashed),
+    titled with the spec, device and date. Returns their paths."""
     check_plotting()
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
@@ -331,7 +335,7 @@ def plot(result: Result, folder: Path) -> list:
                     wrap=True)
         ax.set_title(f"{result.spec} ({result.mode}), {result.backend} backend on {result.device}, {result.date}\n"
                      f"B{result.batch} H{result.heads} D{result.head_dim} {result.dtype}", fontsize=10)
-        path = Path(folder) / f"{stem(result)}-{suffix}.png"
+        path = Path(folder) / f"{name or stem(result)}-{suffix}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
     return paths

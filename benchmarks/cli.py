@@ -63,13 +63,16 @@ def main(ctx, debug):
 @_max_len
 @_out
 @_spec
-def linear(max_len, out, spec_name):
+@click.option("--plot", is_flag=True, help="Also write -time.png and -memory.png beside the table (matplotlib: "
+                                         "pip install 'attngen[plot]').")
+def linear(max_len, out, spec_name, plot):
     """Causal linear plan vs reference and SDPA.
 
     Time and peak memory of the torch backend's causal linear plan against the naive reference and PyTorch
-    SDPA, T = 1k .. --max-len, each case in its own subprocess."""
+    SDPA, T = 1k .. --max-len, each case in its own subprocess. Writes the table, the same rows as JSON (the
+    format of `attngen bench`) and with --plot the PNGs of `attngen bench --plot`."""
     pipeline.plan(attngen.load_spec(spec_name, causal=True), force="linear")  # PlanError: no linear ordering
-    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
+    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out), plot=plot)
 
 
 @main.command("gpu", context_settings=CONTEXT)
