@@ -311,15 +311,15 @@ def plot(result: Result, folder: Path, name: str | None = None) -> list:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         drawn = 0
-        for name in result.series:
+        for series in result.series:
             # a log axis has no place for 0 (a call that grew the resident set by less than a page)
             pts = [(r.T, getattr(r, key)) for r in result.rows
-                   if r.series == name and getattr(r, key) is not None and getattr(r, key) > 0]
+                   if r.series == series and getattr(r, key) is not None and getattr(r, key) > 0]
             if not pts:
                 continue
-            kind = next(r.kind for r in result.rows if r.series == name)
+            kind = next(r.kind for r in result.rows if r.series == series)
             ax.plot(*zip(*pts), marker="o", linestyle="-" if kind == "ordering" else "--",
-                    label=name if kind == "ordering" else f"{name} (peer)")
+                    label=series if kind == "ordering" else f"{series} (peer)")
             drawn += 1
         ax.set_xscale("log", base=2)
         ax.set_xticks(result.lengths, labels=[str(t) for t in result.lengths])  # the measured T, as numbers
