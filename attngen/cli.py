@@ -221,7 +221,7 @@ def _verify(cases) -> list:
         results += mine
         done += len(group)
         failed = [c.id for c, r in zip(group, mine) if not r.passed]
-        verdict = (f"{len(group)} cases pass" if not failed else
+        verdict = (f"pass ({len(group)} cases)" if not failed else
                    f"FAIL: {len(failed)} of {len(group)} cases ({', '.join(failed)})")
         # one line per spec, to stderr (click.echo flushes it): progress that reads the same in a terminal and in
         # a CI log

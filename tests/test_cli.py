@@ -86,7 +86,7 @@ def test_verify_passes_with_exit_0(run):
     result = run("verify", "linear_elu", "--seq-len", "7", "--dtype", "float64")
     assert result.exit_code == 0, result.output
     assert "3 passed, 0 failed" in result.output  # causal, bidirectional, and the causal mode's decode step
-    assert "linear_elu (causal): 2 cases pass" in result.output
+    assert "linear_elu (causal): pass (2 cases)" in result.output
 
 
 def test_failed_verification_exits_1(run, monkeypatch):
@@ -239,7 +239,7 @@ def test_progress_is_one_line_per_spec_as_it_finishes(monkeypatch):
         "RUN linear_elu-causal-torch-auto-float64-T7", "RUN linear_elu-causal-torch-auto-float64-T7-step",
         "[1/2 specs, 2/3 cases] linear_elu (causal)", "RUN linear_elu-bidirectional-torch-auto-float64-T7",
         "[2/2 specs, 3/3 cases] linear_elu (bidirectional)"]
-    assert "linear_elu (causal): 2 cases pass in" in result.output
+    assert "linear_elu (causal): pass (2 cases) in" in result.output
 
 
 def test_progress_lines_reach_a_non_terminal_log_before_the_table():
