@@ -171,9 +171,9 @@ def minilm_model(attn_implementation: str = "sdpa"):
     return model.eval()
 
 
-@functools.lru_cache(maxsize=4)
-def _model(attn_implementation: str):
-    return minilm_model(attn_implementation)
+@functools.lru_cache(maxsize=1)
+def _model():
+    return minilm_model("sdpa")
 
 
 def _tokenizer(max_tokens: int):
@@ -222,7 +222,7 @@ def _forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, attn_impleme
              capture: bool = True) -> tuple[list, list, list]:
     """transformers' BertModel on the tokens; with ``capture``, every layer's q, k, v and attention output
     ([B, H, T, Dh], kept by forward hooks) and the hidden states."""
-    model = _model(attn_implementation)
+    model = _model()
     cfg = model.config
     heads = cfg.num_attention_heads
     dh = cfg.hidden_size // heads
@@ -243,9 +243,11 @@ def _forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, attn_impleme
             hooks.append(attn.register_forward_hook(
                 lambda mod, args, out, n=n: contexts.__setitem__(n, heads_of(out[0]))))
     try:
+        model.set_attn_implementation(attn_implementation)
         out = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids),
                     output_hidden_states=capture)
     finally:
+        model.set_attn_implementation("sdpa")
         for h in hooks:
             h.remove()
     hidden = list(out.hidden_states) if capture else [out.last_hidden_state]

@@ -232,3 +232,42 @@ def test_state_cache_refusals():
     ids, mask = _left_padded()
     with pytest.raises(InputError, match="never attended"):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache=cache, pad_token_id=0)
+
+
+def _realdata():
+    from benchmarks import realdata
+    if not realdata.available():
+        pytest.skip(f"needs the all-MiniLM-L6-v2 weights: {realdata.INSTALL_COMMAND}")
+    return realdata
+
+
+def test_minilm_sentence_embeddings_through_attngen_softmax():
+    """The real model (transformers' BertModel from the weights package): attngen's softmax in every layer gives
+    sentence-transformers-style embeddings with cosine >= 0.99999 to SDPA's, on a right-padded batch."""
+    realdata = _realdata()
+    texts = ["The cat sat on the mat.", "A recipe for bread: flour, water, salt and a long, patient rise.",
+             "Share prices dropped steeply this afternoon after the announcement.", "Hello"]
+    ref = realdata.sentence_embedding(texts)
+    mine = realdata.sentence_embedding(texts, attn_implementation=attngen.hf.register("softmax"))
+    assert torch.isfinite(mine).all() and mine.shape == ref.shape == (4, 384)
+    cos = (mine * ref).sum(1)
+    assert cos.min().item() >= 0.99999, cos.tolist()
+    # the check can fail: a variant that is not softmax in every layer is far from it
+    other = realdata.sentence_embedding(texts, attn_implementation=attngen.hf.register("linear_elu"))
+    assert (other * ref).sum(1).min().item() < 0.99
+
+
+def test_minilm_swap_report_runs(tmp_path):
+    realdata = _realdata()
+    from benchmarks import minilm_swap
+    names = list(minilm_swap.variants())
+    texts = ["The beans go in first along the fence, because they climb and the fence gives them a hold.",
+             "Carrots grow crooked and split when they meet a stone in the light soil of the old bed by the shed."]
+    path = minilm_swap.minilm_swap(out_dir=tmp_path, texts=texts, layers=[5], names=[names[1], names[2]],
+                                   echo=lambda *a: None)
+    text = path.read_text()
+    assert path.name.endswith("-minilm-swap.md") and realdata.INSTALL_COMMAND not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert len(rows) == 2 and "error" not in text
+    values = [float(x) for row in rows for cell in row.split("|")[2:-1] for x in cell.split("/")]
+    assert len(values) == 4 and all(-1.0 <= x <= 1.0 + 1e-6 for x in values), values
