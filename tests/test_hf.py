@@ -164,6 +164,15 @@ def test_state_cache_generate_equals_no_cache_and_memory_is_constant(spec):
     assert torch.equal(kv, plain)
 
 
+def test_state_cache_beam_search():
+    model = _llama()
+    model.set_attn_implementation(attngen.hf.register("linear_elu"))
+    ids, mask = _left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, cache=attngen.hf.StateCache(model), **kw),
+                       model.generate(ids, use_cache=False, **kw))
+
+
 def test_bert_right_padded_softmax_equals_sdpa():
     model = _bert()
     name = attngen.hf.register("softmax")
@@ -266,8 +275,21 @@ def test_minilm_swap_report_runs(tmp_path):
     path = minilm_swap.minilm_swap(out_dir=tmp_path, texts=texts, layers=[5], names=[names[1], names[2]],
                                    echo=lambda *a: None)
     text = path.read_text()
-    assert path.name.endswith("-minilm-swap.md") and realdata.INSTALL_COMMAND not in text
+    assert path.suffix == ".md" and path.stem.endswith("-minilm-swap") and realdata.INSTALL_COMMAND not in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "variant" not in line]
     assert len(rows) == 2 and "error" not in text
     values = [float(x) for row in rows for cell in row.split("|")[2:-1] for x in cell.split("/")]
     assert len(values) == 4 and all(-1.0 <= x <= 1.0 + 1e-6 for x in values), values
+
+
+def test_the_tutorial_runs(capsys):
+    """docs/tutorial.md: its Python blocks, in order, in one namespace (they assert what the text claims)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tutorial.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 4
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/tutorial.md", "exec"), namespace)
+    assert "linear" in capsys.readouterr().out
