@@ -142,10 +142,17 @@ def test_llama_generate_with_kv_cache_gives_sdpas_tokens():
     assert torch.equal(out[name, False], out["sdpa", True])
 
 
-@pytest.mark.parametrize("spec", ["linear_elu", attngen.load_spec("cosformer", M=64)])
+ROTARY_ELU = {"name": "rotary_elu", "causal": True, "similarity": "dot(elu(q) + 1, elu(k) + 1)",
+              "rotary": {"theta": 10000}, "normalize": {"kind": "rowsum", "eps": 1e-6, "eps_mode": "add"}}
+
+
+@pytest.mark.parametrize("spec", ["linear_elu", attngen.load_spec("cosformer", M=64), ROTARY_ELU],
+                         ids=["linear_elu", "cosformer_M64", "rotary_elu_kept"])
 def test_state_cache_generate_equals_no_cache_and_memory_is_constant(spec):
+    """Positions continue per sequence: cosFormer's angles and a spec's own rotary (kept with keep_rotary=True, on
+    top of Llama's) are evaluated at each sequence's own count, in the prefill and in every step."""
     model = _llama()
-    name = attngen.hf.register(spec, name="state_" + getattr(spec, "name", spec))
+    name = attngen.hf.register(spec, name="state_" + attngen.load_spec(spec).name, keep_rotary=isinstance(spec, dict))
     model.set_attn_implementation(name)
     ids, mask = _left_padded()
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False,
