@@ -41,6 +41,8 @@ _UNSUPPORTED_KWARGS = {
     "s_aux": "attention sinks (s_aux)",
     "position_bias": "an additive position bias (T5-style; use attngen's t5_bias spec)",
     "head_mask": "a head mask",
+    "cu_seq_lens_q": "packed sequences in flash-attention's varlen form (pad them into rows with an attention_mask)",
+    "cu_seq_lens_k": "packed sequences in flash-attention's varlen form (pad them into rows with an attention_mask)",
 }
 _REGISTRY: dict = {}  # name -> AttngenAttention
 _LOCK = threading.Lock()
