@@ -300,3 +300,29 @@ def test_the_tutorial_runs(capsys):
     for block in blocks:
         exec(compile(block, "docs/tutorial.md", "exec"), namespace)
     assert "linear" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, fast", [("llama", True), ("linear_elu", True), ("alibi", False),
+                                        (attngen.load_spec("cosformer", M=64), False)])
+def test_kv_cache_rows_are_the_causal_ops_last_rows(spec, fast):
+    """With a KV cache (fewer queries than keys) each new query is the last row of the causal op over its
+    sequence's real keys: checked against the op run on each whole sequence. Specs without positions take the
+    one-query path (fast), the others the zero-query front; both must agree with the whole-sequence op."""
+    attn = attngen.hf.registered(attngen.hf.register(spec, name="kv_rows"))
+    assert (attn.row_op() is not None) == fast
+    op = attn.op_for(True)
+    g = torch.Generator().manual_seed(3)
+    b, h, hkv, s, d = 3, 4, 2, 9, 16
+    key, value = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[2, :6] = False
+    for t in (1, 2):
+        query = torch.randn(b, h, t, d, generator=g)
+        out = attn.attend(op, query, key, value, mask, {}, True)
+        for n in range(b):
+            k, v = key[n:n + 1, :, mask[n]], value[n:n + 1, :, mask[n]]
+            q = torch.cat([torch.randn(1, h, k.shape[2] - t, d, generator=g), query[n:n + 1]], 2)
+            ref = op(q, k, v)[:, :, -t:]
+            assert torch.isfinite(out[n]).all()
+            assert (out[n:n + 1] - ref).abs().max().item() <= 1e-5, (spec, t, n)

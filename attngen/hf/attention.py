@@ -12,10 +12,12 @@ each sequence alone, and the output is scattered back with zeros at the padded p
 defined; flash-attention's re-pad writes zeros too). Positions the spec computes itself (a reweight in i, j, its own
 rotary) count from each sequence's first token.
 
-A KV cache (query length T < key length S) aligns the queries bottom-right: query t is key position S - T + t. The
-causal op is run on the whole sequence with zero queries in front of the new ones and the last T rows are kept:
-row i of a causal op reads only q_i and the keys and values up to i, so this is the cached computation exactly (at
-the cost of attending the whole sequence again). Specs whose math depends on the final length (cosFormer's default
+A KV cache (query length T < key length S) aligns the queries bottom-right: query t is key position S - T + t. One
+new token of a spec without positions (softmax, the model-rotated llama, linear_elu) attends all real keys of its
+sequence: the spec's bidirectional op with one query. Otherwise the causal op is run on the whole sequence with
+zero queries in front of the new ones and the last T rows are kept: row i of a causal op reads only q_i and the
+keys and values up to i, so this is the cached computation exactly (at the cost of attending the whole sequence
+again). Specs whose math depends on the final length (cosFormer's default
 M = max(n_q, n_k)) are refused there: the cached rows were computed at shorter lengths.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import yaml
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from attngen.errors import InputError, SpecError
+from attngen.errors import AttngenError, InputError, SpecError
 from attngen.frontend.spec import Spec, load_spec
 from attngen.op import compile as compile_op
 
@@ -102,6 +104,7 @@ class AttngenAttention:
         self.source, self.backend, self.keep_rotary, self.forced_mode = spec, backend, keep_rotary, mode
         self.name = None
         self._ops = {}  # causal flag -> compiled op
+        self._row_op = False  # the one-query decode op (None: the spec has positions; False: not decided yet)
         self.base = spec if isinstance(spec, Spec) else load_spec(spec)
         if self.base.gates:
             raise SpecError(f"{self.base.name} has gates ({', '.join(self.base.gate_names)}): transformers' attention "
@@ -135,6 +138,27 @@ class AttngenAttention:
         if causal not in self._ops:
             self._ops[causal] = compile_op(self.spec_for(causal), backend=self.backend)
         return self._ops[causal]
+
+    def row_op(self):
+        """The bidirectional op when one query over keys 0 .. S - 1 is exactly the causal op's last row (the spec's
+        math has no positions and no length, and is the same in both modes: softmax, the model-rotated llama,
+        linear_elu), else None. It lets a KV-cache decode step attend the cache once (O(S)) instead of again in
+        full."""
+        if self._row_op is False:
+            self._row_op = None
+            try:
+                causal, both = self.spec_for(True), self.spec_for(False)
+            except AttngenError:  # a spec with one mode only (conv_basis)
+                return None
+            a, b = causal.canonical(), both.canonical()
+            a.pop("causal")
+            b.pop("causal")
+            positions = {"i", "j"} & {str(x) for x in getattr(causal.similarity_expr, "free_symbols", ())}
+            if a == b and causal.reweight.strip() == "1" and causal.approx == "null" and causal.window is None \
+                    and not causal.terms and causal.rotary is None and not causal.max_length and not positions \
+                    and not length_dependent(causal):
+                self._row_op = self.op_for(False)
+        return self._row_op
 
     # -- the mask function (AttentionMaskInterface) -------------------------------------------------------------------
     def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -236,6 +260,12 @@ class AttngenAttention:
         if mask is not None and not bool(mask[:, s - t:].all()):
             raise InputError(f"{self.name}: with a KV cache the new tokens must not be padding (found padding in the "
                              "last query positions: right padding?). Fix: left-pad prompts for generation")
+        row = self.row_op() if t == 1 else None
+        if row is not None:  # one new token, a spec without positions: it attends every real key of its sequence
+            if mask is None:
+                return row(query, key, value, **params)
+            return torch.cat([row(query[b:b + 1], key[b:b + 1, :, mask[b]], value[b:b + 1, :, mask[b]], **params)
+                              for b in range(query.shape[0])])
         # bottom-right alignment: zero queries in front of the new ones, the causal op over the whole sequence,
         # the last t rows kept (exact: row i reads q_i and keys, values up to i only)
         front = query.new_zeros(query.shape[0], query.shape[1], s - t, query.shape[3])
