@@ -19,6 +19,7 @@ from attngen.runtime.state import check_decodable
 from benchmarks import cpu, gpu
 from benchmarks.common import WorkerError, decode, linear_scaling, write_result
 from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
+from benchmarks.minilm_swap import minilm_swap
 from benchmarks.sparse import sparse
 from benchmarks.toeplitz import toeplitz
 from benchmarks.window import window_scaling
@@ -162,6 +163,17 @@ def sparse_cmd(max_len, out):
     time per estimator x k (random and all-MiniLM-L6-v2 q, k, v), forward memory against T = 1k .. --max-len
     next to exact softmax."""
     sparse(max_len=max_len, out_dir=Path(out))
+
+
+@main.command("minilm-swap", context_settings=CONTEXT)
+@_out
+def minilm_swap_cmd(out):
+    """all-MiniLM-L6-v2 with attngen's attention: embedding cosine per layer swapped.
+
+    transformers' BertModel from the weights package (attngen.hf, docs/hf.md): attngen's softmax in every layer,
+    then cosformer, topk_sparse and conv_basis in one layer at a time; the cosine between each text's sentence
+    embedding and the unmodified model's (needs the weights: bash scripts/setup_bench.sh)."""
+    minilm_swap(out_dir=Path(out))
 
 
 @main.command("conv-basis", context_settings=CONTEXT)

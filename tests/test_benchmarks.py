@@ -13,7 +13,8 @@ import benchmarks.common
 import benchmarks.cpu
 from benchmarks.cli import main
 
-SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window"]
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window",
+               "minilm-swap"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
