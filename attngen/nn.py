@@ -30,9 +30,36 @@ from attngen.op import compile as compile_op
 from attngen.runtime.inputs import default_parameters
 from attngen.runtime.torch.common import rotate
 
-__all__ = ["Attention", "KVCache"]
+__all__ = ["Attention", "KVCache", "SpecParameters"]
 
 _POSITIONS = {I, J, N_Q, N_K}
+
+
+class SpecParameters(nn.Module):
+    """A spec's parameters as a module: learnable ones as nn.Parameters, ``learnable: false`` ones as buffers, under
+    their own names (state_dict keys ``<prefix>.<name>``), initialised from their ``init`` at ``heads`` heads and head
+    dim ``head_dim``; the per-call ``scale`` is left out (each call takes the op's default). ``values()`` is what the
+    op takes as keyword tensors. Used by Attention and by attngen.hf.add_parameters."""
+
+    def __init__(self, spec: Spec, heads: int, head_dim: int, *, dtype=None, device=None):
+        super().__init__()
+        values = default_parameters(spec, heads, dtype=dtype or torch.get_default_dtype(), device=device,
+                                    head_dim=head_dim, names=[p.name for p in spec.parameters if not _is_scale(p)])
+        self._names = tuple(values)
+        for p in spec.parameters:
+            if p.name not in values:
+                continue
+            try:
+                if p.learnable:
+                    self.register_parameter(p.name, nn.Parameter(values[p.name]))
+                else:
+                    self.register_buffer(p.name, values[p.name])
+            except KeyError as exc:  # a name torch.nn.Module reserves ("training", "forward", ...)
+                raise InputError(f"{spec.name}'s parameter {p.name!r} cannot be an attribute of an nn.Module ({exc}); "
+                                 "expected a name Module does not use. Fix: rename it in the spec") from None
+
+    def values(self) -> dict:
+        return {name: getattr(self, name) for name in self._names}
 
 
 @dataclass
@@ -107,22 +134,7 @@ class Attention(nn.Module):
         self.gate_proj = nn.ModuleDict({
             g.name: nn.Linear(embed_dim, num_heads * (head_dim if g.per == "key_dim" else 1), bias=True, **factory)
             for g in spec.gates})
-        self.params = nn.Module()  # the spec's parameters, under their own names: state_dict keys "params.<name>"
-        values = default_parameters(spec, num_heads, dtype=dtype or torch.get_default_dtype(), device=device,
-                                    head_dim=head_dim, names=[p.name for p in spec.parameters if not _is_scale(p)])
-        self._spec_names = tuple(values)
-        for p in spec.parameters:
-            if p.name not in values:
-                continue
-            try:
-                if p.learnable:
-                    self.params.register_parameter(p.name, nn.Parameter(values[p.name]))
-                else:
-                    self.params.register_buffer(p.name, values[p.name])
-            except KeyError as exc:  # a name torch.nn.Module reserves ("training", "forward", ...)
-                raise InputError(f"Attention: {spec.name}'s parameter {p.name!r} cannot be an attribute of an "
-                                 f"nn.Module ({exc}); expected a name Module does not use. Fix: rename it in the "
-                                 "spec") from None
+        self.params = SpecParameters(spec, num_heads, head_dim, dtype=dtype, device=device)
         self.op = compile_op(spec, backend=backend, plan=plan, layout=layout, chunk=chunk)
         self.cache_kind, self.cache_reason = _cache_kind(spec, self.op)
         # a query after cached keys is the last position: the bidirectional form of the spec over the cache
@@ -136,7 +148,7 @@ class Attention(nn.Module):
 
     def spec_parameters(self) -> dict:
         """The spec's parameters and fixed tensors as the op takes them: {name: tensor}."""
-        return {name: getattr(self.params, name) for name in self._spec_names}
+        return self.params.values()
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, state=None,
                 use_cache: bool = False):

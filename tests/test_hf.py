@@ -326,3 +326,50 @@ def test_kv_cache_rows_are_the_causal_ops_last_rows(spec, fast):
             ref = op(q, k, v)[:, :, -t:]
             assert torch.isfinite(out[n]).all()
             assert (out[n:n + 1] - ref).abs().max().item() <= 1e-5, (spec, t, n)
+
+
+TEMPERATURE = {"name": "temperature_softmax", "causal": True, "similarity": "exp(dot(q, k) * scale * t)",
+               "normalize": "rowsum", "parameters": {"t": {"shape": ["H"], "init": 1.0}}}
+
+
+def test_add_parameters_trains_the_specs_parameters_with_the_model():
+    """A per-head temperature t becomes a parameter of each attention module: at its init the logits are SDPA's; t = 2
+    on layer 0 gives SDPA's logits with that layer's scaling doubled; its gradient is the finite difference's."""
+    model = _llama().double()
+    ids, mask = _left_padded()
+    real = mask.bool()
+    name = attngen.hf.register(TEMPERATURE)
+    assert attngen.hf.add_parameters(model, name) == 2
+    names = [n for n, _ in model.named_parameters() if n.endswith("attngen_params.t")]
+    assert len(names) == 2 and "model.layers.0.self_attn.attngen_params.t" in model.state_dict()
+    t0 = model.model.layers[0].self_attn.attngen_params.t
+    assert t0.dtype == torch.float64 and t0.shape == (4,)
+    sdpa = _logits(model, "sdpa", ids, mask)
+    assert _max_err(_logits(model, name, ids, mask), sdpa, real) < TOL
+    with torch.no_grad():
+        t0.fill_(2.0)
+    ours = _logits(model, name, ids, mask)
+    assert _max_err(ours, sdpa, real) > 1e-2  # t is used
+    model.model.layers[0].self_attn.scaling *= 2.0
+    assert _max_err(ours, _logits(model, "sdpa", ids, mask), real) < TOL
+    model.model.layers[0].self_attn.scaling /= 2.0
+    model.set_attn_implementation(name)
+
+    def loss():
+        return model(input_ids=ids, attention_mask=mask).logits[real].square().mean()
+
+    model.zero_grad()
+    loss().backward()
+    h = int(t0.grad.abs().argmax())
+    grad = t0.grad[h].item()
+    with torch.no_grad():  # a central difference (Llama's rotary tables are float32: no smaller step)
+        t0[h] += 1e-3
+        up = loss().item()
+        t0[h] -= 2e-3
+        down = loss().item()
+        t0[h] += 1e-3
+    assert torch.isfinite(t0.grad).all() and abs(grad) > 1e-6
+    assert abs(grad - (up - down) / 2e-3) <= 1e-2 * abs(grad)
+    with pytest.raises(InputError, match="not an attn_implementation registered"):
+        attngen.hf.add_parameters(model, "sdpa")
+    attngen.hf.unregister(name)

@@ -17,7 +17,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised in a subprocess by tests/test_hf.py
     raise ImportError("attngen.hf needs transformers >= 5 (Hugging Face): pip install 'attngen[hf]'") from error
 
-from attngen.hf.attention import AttngenAttention, register, registered, unregister
+from attngen.hf.attention import AttngenAttention, add_parameters, register, registered, unregister
 from attngen.hf.cache import StateCache, StateLayer
 
-__all__ = ["register", "registered", "unregister", "AttngenAttention", "StateCache", "StateLayer"]
+__all__ = ["register", "registered", "unregister", "add_parameters", "AttngenAttention", "StateCache", "StateLayer"]

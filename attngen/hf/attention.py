@@ -32,9 +32,11 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 
 from attngen.errors import AttngenError, InputError, SpecError
 from attngen.frontend.spec import Spec, load_spec
+from attngen.nn import SpecParameters
 from attngen.op import compile as compile_op
 
 PREFIX = "attngen_"
+PARAMS_ATTR = "attngen_params"  # the SpecParameters submodule add_parameters gives an attention module
 STATE_LAYER_ATTR = "_attngen_state_layer"  # set by StateLayer.update on the key tensor it hands back
 _LENGTH_SYMBOLS = frozenset({"n", "n_q", "n_k"})
 _UNSUPPORTED_KWARGS = {
@@ -94,6 +96,38 @@ def unregister(name: str) -> None:
                              f"(registered: {sorted(_REGISTRY) or 'none'})")
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def add_parameters(model, name: str | None = None) -> int:
+    """Make the spec's parameters parameters of ``model``: every attention module of ``model`` (a transformers module
+    with ``layer_idx`` and ``scaling``, the ones that call the attention interface) gets a SpecParameters submodule
+    ``attngen_params`` (learnable ones as nn.Parameters, fixed ones as buffers, at the module's head count and head
+    dim, in its dtype and on its device), which the attention function registered as ``name`` (default: the model's
+    ``config._attn_implementation``) passes to the op on every call. They then train with the model, appear in its
+    state_dict and move with ``.to()``. Call it before building the optimizer. Returns the number of modules given
+    parameters; InputError when ``name`` is not attngen's or the model has no attention module."""
+    name = name if name is not None else getattr(getattr(model, "config", None), "_attn_implementation", None)
+    attn = _REGISTRY.get(name)
+    if attn is None:
+        raise InputError(f"add_parameters: {name!r} is not an attn_implementation registered by attngen.hf.register "
+                         f"(registered: {sorted(_REGISTRY) or 'none'}). Fix: name = attngen.hf.register(spec), then "
+                         "add_parameters(model, name)")
+    count = 0
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if not (hasattr(module, "layer_idx") and hasattr(module, "scaling") and config is not None):
+            continue
+        heads = config.num_attention_heads
+        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None) \
+            or config.hidden_size // heads
+        weight = next(module.parameters(), None)
+        factory = {} if weight is None else {"dtype": weight.dtype, "device": weight.device}
+        module.add_module(PARAMS_ATTR, SpecParameters(attn.base, heads, int(head_dim), **factory))
+        count += 1
+    if not count:
+        raise InputError(f"add_parameters: {type(model).__name__} has no attention module (a submodule with "
+                         "layer_idx, scaling and config, as transformers' attention classes have)")
+    return count
 
 
 class AttngenAttention:
@@ -209,6 +243,9 @@ class AttngenAttention:
                              f"{query.shape[1]} heads and key {key.shape[1]}")
         op = self.op_for(causal)
         params = self.scale_params(op.spec, query.shape[-1], scaling)
+        own = getattr(module, PARAMS_ATTR, None)
+        if own is not None:  # add_parameters: the module's own (trainable) values instead of the spec's init
+            params = {**own.values(), **params}
         mask = None if attention_mask is None else self._key_padding(attention_mask, query)
         layer = getattr(key, STATE_LAYER_ATTR, None)
         if layer is not None:  # attngen.hf.StateCache: the recurrent state carries the past tokens
