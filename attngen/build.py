@@ -29,15 +29,16 @@ class Module:
         return f"{self.spec.name}_{self.spec.mode}.py"
 
 
-def generate(spec: Spec) -> Module:
+def generate(spec: Spec, force=None) -> Module:
     """Render ``spec``'s Triton module, or say why its plan has no template (a spec with terms: its terms' modules,
-    in ``parts``)."""
+    in ``parts``). ``force`` names an ordering: the module then holds only that ordering's kernels, the module
+    ``attngen.compile(spec, backend="triton", plan=force)`` imports."""
     if spec.terms:
-        parts = tuple(generate(t.spec) for t in spec.terms)
+        parts = tuple(generate(t.spec, force) for t in spec.terms)
         return Module(spec, None, "; ".join(f"{m.spec.name}: {m.reason}" for m in parts if m.source is None),
                       parts=parts)
     try:
-        plan = pipeline.plan(spec, target="triton")
+        plan = pipeline.plan(spec, target="triton", force=force)
         source = pipeline.lower(plan)
     except PlanError as exc:
         return Module(spec, None, str(exc))

@@ -1,11 +1,13 @@
-"""The attngen command line: list, plan, verify, build, aot.
+"""The attngen command line (also ``python -m attngen``): list, plan, verify, build, aot, bench.
 
-Exit codes: 0 success, 1 a verification failed (aot: a kernel over shared memory or failing to compile), 2 bad
-input (one clear message; --debug shows the traceback).
+Every command has a summary of at most 45 characters (``attngen --help`` lists them whole) and every option a help
+text (tests/test_cli.py walks the command tree). Exit codes: 0 success, 1 a verification failed (aot: a kernel over
+shared memory or failing to compile), 2 bad input (one clear message; --debug shows the traceback).
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -47,7 +49,7 @@ class _Group(click.Group):
 def main(ctx, debug):
     """attngen: compile attention-variant specs into verified kernels.
 
-    SPEC is a YAML file or a built-in name (see `attngen list`)."""
+    SPEC is a YAML file or a built-in name (see `attngen list`). `python -m attngen` runs the same command."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
@@ -92,7 +94,10 @@ def _checked_lengths(text: str) -> list:
 
 @main.command("list", context_settings=CONTEXT)
 def list_cmd():
-    """List the built-in specs with their classes and chosen plans (d = 64)."""
+    """List the built-in specs and their plans.
+
+    Each built-in spec with its similarity and reweighting classes, the planner's choice (causal, head dim 64) and
+    its description."""
     from attngen import pipeline
     from attngen.frontend.spec import builtin_names, load_spec
     rows = []
@@ -114,7 +119,8 @@ def list_cmd():
 @click.argument("spec")
 @click.option("--seq-len", "-n", type=click.IntRange(1), default=4096, show_default=True,
               help="Length for the cost table.")
-@click.option("--head-dim", "-d", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--head-dim", "-d", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Head dim for the costs and the plan.")
 @click.option("--mode", type=click.Choice(["causal", "bidirectional"]), default=None,
               help="Override the spec's mode.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
@@ -125,7 +131,10 @@ def list_cmd():
 @click.option("--dot", "dot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the op graph in Graphviz DOT to this file (needs pydot: attngen[dot]).")
 def plan(spec, seq_len, head_dim, mode, sets, force, target, trace, dot_file):
-    """Show how the planner rewrote SPEC, the cost table, and the chosen ordering."""
+    """Show how the planner orders SPEC.
+
+    How the planner rewrote SPEC (a YAML file or built-in name), the cost table of its orderings, and the chosen
+    ordering."""
     from attngen import pipeline
     from attngen.frontend.spec import load_spec
     from attngen.graph import to_dot
@@ -158,16 +167,19 @@ def _verify_options(f):
     options = [
         click.option("--all", "all_specs", is_flag=True, help="All built-in specs."),
         click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both",
-                     show_default=True),
+                     show_default=True, help="Which modes of each spec (a gated spec is causal only)."),
         click.option("--backend", type=click.Choice(["torch", "triton", "auto"]), default=None,
                      help="verify: torch (default), triton or auto; build: both torch and triton (default), "
                           "or one of them."),
-        click.option("--plan", "force", default=None, help="Force an ordering (default: the planner's choice)."),
+        click.option("--plan", "force", default=None,
+                     help="Force an ordering (linear, quadratic, recurrent, fft) [default: the planner's choice]; "
+                          "build: the modules then hold only its kernels, and --out must be given."),
         click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float64", "float32", "float16"]),
                      help="Input dtypes (repeatable) [default: float64, float32]."),
         click.option("--seq-len", "lengths", default="7,63,200", show_default=True,
                      help="Comma-separated sequence lengths."),
-        click.option("--head-dim", type=click.IntRange(1, 1024), default=16, show_default=True),
+        click.option("--head-dim", type=click.IntRange(1, 1024), default=16, show_default=True,
+                     help="Head dim of the inputs."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant."),
     ]
     for option in reversed(options):
@@ -191,20 +203,30 @@ def _specs(names, all_specs, mode, sets) -> list:
 
 
 def _verify(cases) -> list:
-    """Run the cases (attngen.verify.Case), one progress line each; print the table; raise VerificationError on a
-    failure and a usage error when there is nothing to verify."""
+    """Run the cases (attngen.verify.Case), one progress line per spec and mode as its last case finishes; print the
+    table; raise VerificationError on a failure and a usage error when there is nothing to verify."""
     import torch
 
     from attngen.verify import run_case
     if not cases:
         raise click.UsageError("nothing to verify: no case matches the specs, backend and options given")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = []
-    for n, case in enumerate(cases, 1):
-        r = run_case(case, device=device)
-        results.append(r)
-        # one line per case, to stderr: progress that also reads well in a non-terminal log
-        click.echo(f"[{n}/{len(cases)}] {case.id}: {'pass' if r.passed else 'FAIL'}", err=True)
+    groups = _groups(cases)
+    results, done = [], 0
+    for n, group in enumerate(groups, 1):
+        start = time.perf_counter()
+        mine = []
+        for case in group:
+            mine.append(run_case(case, device=device))
+        results += mine
+        done += len(group)
+        failed = [c.id for c, r in zip(group, mine) if not r.passed]
+        verdict = (f"pass ({len(group)} cases)" if not failed else
+                   f"FAIL: {len(failed)} of {len(group)} cases ({', '.join(failed)})")
+        # one line per spec, to stderr (click.echo flushes it): progress that reads the same in a terminal and in
+        # a CI log
+        click.echo(f"[{n}/{len(groups)} specs, {done}/{len(cases)} cases] {group[0].spec.name} "
+                   f"({group[0].spec.mode}): {verdict} in {time.perf_counter() - start:.1f} s", err=True)
     rows = []
     for r in results:
         grads = [k for k in r.errors if k != "o"]
@@ -228,6 +250,17 @@ def _verify(cases) -> list:
     return results
 
 
+def _groups(cases) -> list:
+    """The cases in runs of the same spec (the same loaded Spec object: one spec in one mode)."""
+    out = []
+    for case in cases:
+        if out and out[-1][0].spec is case.spec:
+            out[-1].append(case)
+        else:
+            out.append([case])
+    return out
+
+
 def _use_interpreter_without_gpu():
     """On a machine without CUDA the Triton kernels run under the interpreter (must precede importing triton)."""
     import os
@@ -240,8 +273,11 @@ def _use_interpreter_without_gpu():
 @main.command(context_settings=CONTEXT)
 @_verify_options
 def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets):
-    """Check compiled ops against the naive reference: output and every gradient (and the decode step of
-    decodable specs)."""
+    """Verify compiled ops against the reference.
+
+    Check the compiled op of each of SPECS (YAML files or built-in names, or --all) against the naive reference: the
+    output and every gradient, and the decode step of decodable specs. One progress line per spec and mode on
+    stderr, then the table of every case."""
     from attngen.verify import verify_cases
     backend = backend or "torch"
     if backend != "torch":
@@ -257,24 +293,42 @@ def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, se
 @click.option("--standalone", is_flag=True,
               help="Also write the modules' shared host runtime to --out/attngen_host, so that they run without "
                    "attngen installed (put --out on sys.path).")
-def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out, standalone):
-    """Generate each SPEC's Triton module (where its plan has templates), write it to --out, and verify
-    it (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the
-    naive reference."""
+@click.pass_context
+def build(ctx, specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, sets, out, standalone):
+    """Write and verify SPECs' Triton modules.
+
+    Generate the Triton module of each of SPECS (where its plan has templates), write it to --out, and verify it
+    (natively on a GPU, under the Triton interpreter on a CPU) and the torch backend against the naive reference.
+    With
+    --plan ORDERING the modules hold only that ordering's kernels (what attngen.compile(spec, backend="triton",
+    plan=ORDERING) runs) and every case runs it; --out must then name a folder (generated/ holds the planner's
+    modules)."""
+    from attngen import pipeline
     from attngen.build import HOST_PACKAGE, generate, write, write_host
     from attngen.verify import build_cases
+    if force is not None and ctx.get_parameter_source("out") == click.core.ParameterSource.DEFAULT:
+        raise click.UsageError(f"--plan {force} writes modules that hold only the {force} ordering's kernels: give "
+                               "--out DIR for them (the default, generated/, holds the planner's modules, which a "
+                               "test checks byte for byte)")
     _use_interpreter_without_gpu()
     lens = _checked_lengths(lengths)
+    loaded = _specs(specs, all_specs, mode, sets)
+    if force is not None:  # an ordering a spec does not have: one PlanError before anything is written
+        for spec in loaded:
+            for s in [t.spec for t in spec.terms] or [spec]:
+                pipeline.plan(s, force=force)
+    forced = f" (plan {force} forced: only its kernels)" if force is not None else ""
     modules, refused = [], []
-    for spec in _specs(specs, all_specs, mode, sets):
-        module = generate(spec)
+    for spec in loaded:
+        module = generate(spec, force)
         modules.append(module)
         if module.parts:  # a spec with terms: one module per term, combined by the op
             for part in module.parts:
                 if part.source is None:
                     click.echo(f"{spec.name} ({spec.mode}): term {part.spec.name}: no Triton module: {part.reason}")
                 else:
-                    click.echo(f"{spec.name} ({spec.mode}): term {part.spec.name}: wrote {write(part, Path(out))}")
+                    click.echo(f"{spec.name} ({spec.mode}): term {part.spec.name}: wrote {write(part, Path(out))}"
+                               f"{forced}")
             if module.reason:
                 refused.append(module)
             continue
@@ -282,7 +336,7 @@ def build(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, set
             refused.append(module)
             click.echo(f"{spec.name} ({spec.mode}): no Triton module: {module.reason}")
             continue
-        click.echo(f"{spec.name} ({spec.mode}): wrote {write(module, Path(out))}")
+        click.echo(f"{spec.name} ({spec.mode}): wrote {write(module, Path(out))}{forced}")
     if standalone:
         write_host(Path(out))
         click.echo(f"the modules' shared host runtime: wrote {Path(out) / HOST_PACKAGE}")
@@ -303,7 +357,8 @@ def _names(text: str, name: str) -> list:
 @main.command(context_settings=CONTEXT)
 @click.argument("specs", nargs=-1)
 @click.option("--all", "all_specs", is_flag=True, help="All built-in specs (both modes; the gated ones causal only).")
-@click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both", show_default=True)
+@click.option("--mode", type=click.Choice(["both", "causal", "bidirectional"]), default="both", show_default=True,
+              help="Which modes of each spec (a gated spec is causal only).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
 @click.option("--arch", "archs", default="sm_90,sm_80", show_default=True, help="Comma-separated GPU archs.")
 @click.option("--head-dim", "head_dims", default="64,128", show_default=True, help="Comma-separated head dims.")
@@ -318,7 +373,9 @@ def _names(text: str, name: str) -> list:
 @click.option("--jobs", "-j", type=click.IntRange(1), default=None,
               help="Modules compiled at once [default: the CPU count].")
 def aot(specs, all_specs, mode, sets, archs, head_dims, dtypes, json_file, smem_limit, jobs):
-    """Compile the Triton kernels of SPECs (built-in names, YAML files or generated modules .py) ahead of time for
+    """Compile Triton kernels ahead of time.
+
+    Compile the Triton kernels of SPECS (built-in names, YAML files or generated modules .py) ahead of time for
     NVIDIA GPUs, without one, at the launch configurations the host uses (recorded by running the modules under
     the Triton interpreter, forward and backward). Prints registers, spill stores and shared memory per
     configuration. Exit 1 when a configuration needs more shared memory than the arch has (smem) or fails to
@@ -366,6 +423,80 @@ def aot(specs, all_specs, mode, sets, archs, head_dims, dtypes, json_file, smem_
         click.echo(f"attngen aot: {len(bad)} configurations are not ok ({sum(r.status == 'smem' for r in bad)} smem, "
                    f"{len(errors)} error)", err=True)
         sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("spec")
+@click.option("--seq-len", "-n", "lengths", default="256,512,1024,2048", show_default=True,
+              help="Comma-separated sequence lengths T.")
+@click.option("--mode", type=click.Choice(["causal", "bidirectional"]), default=None, help="Override the spec's mode.")
+@click.option("--plan", "plans", multiple=True,
+              help="An ordering to measure (repeatable) [default: every legal ordering but recurrent, which runs a "
+                   "whole sequence one token at a time].")
+@click.option("--peer", "peers", multiple=True, type=click.Choice(["reference", "sdpa"]),
+              help="A peer to measure beside (repeatable) [default: reference and sdpa].")
+@click.option("--no-peers", is_flag=True, help="Measure the orderings only.")
+@click.option("--backend", type=click.Choice(["torch", "triton"]), default="torch", show_default=True,
+              help="The backend whose orderings are measured (triton: on a CUDA GPU only).")
+@click.option("--batch", "-b", type=click.IntRange(1), default=1, show_default=True, help="Batch size B.")
+@click.option("--heads", type=click.IntRange(1), default=4, show_default=True, help="Heads H.")
+@click.option("--head-dim", "-d", type=click.IntRange(1, 1024), default=64, show_default=True, help="Head dim D.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
+              show_default=True, help="Input dtype.")
+@click.option("--min-time", type=click.FloatRange(0.001), default=0.2, show_default=True,
+              help="Seconds of timed runs per measurement (torch.utils.benchmark's blocked_autorange).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a constant, e.g. M=4096.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True,
+              help="Folder for <date>-<device>-bench-<spec>-<mode>.md and .json (and the PNGs).")
+@click.option("--plot", is_flag=True,
+              help="Also write -time.png and -memory.png: log-log against T, a line per ordering and peer "
+                   "(needs matplotlib: pip install 'attngen[plot]').")
+@click.pass_context
+def bench(ctx, spec, lengths, mode, plans, peers, no_peers, backend, batch, heads, head_dim, dtype, min_time, sets,
+          out, plot):
+    """Time and memory of SPEC's orderings vs T.
+
+    Measure SPEC (a YAML file or built-in name) on this machine at each --seq-len: the forward time (the fastest
+    block of torch.utils.benchmark's blocked_autorange) and peak memory of the op compiled with each ordering
+    forced, beside the naive reference and PyTorch SDPA (exact softmax of the same shape). Prints the Markdown
+    tables and writes them to --out with the same rows as JSON (always), and with --plot the PNG plots. One
+    progress line per measurement on stderr."""
+    from attngen import bench as stage
+    from attngen.frontend.spec import load_spec
+    if plot:
+        stage.check_plotting()  # before anything is measured
+    if no_peers and peers:
+        raise click.UsageError("--no-peers and --peer contradict each other: give one of them")
+    overrides = _overrides(sets)
+    if mode:
+        overrides["causal"] = mode == "causal"
+    loaded = load_spec(spec, **overrides)
+    result = stage.run(loaded, _int_list(lengths, "--seq-len"), backend=backend, series=plans,
+                       peers=() if no_peers else (peers or stage.PEERS), batch=batch, heads=heads,
+                       head_dim=head_dim, dtype=dtype, min_time=min_time, command=_command_line(ctx, "attngen bench"),
+                       echo=lambda line: click.echo(line, err=True))
+    click.echo(stage.markdown(result))
+    for path in stage.write(result, Path(out), with_plot=plot):
+        click.echo(f"written to {path}")
+
+
+def _command_line(ctx, prog: str) -> str:
+    """The command as the user could retype it: ``prog``, the arguments, and every option not left at its default."""
+    import shlex
+    words = prog.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT or value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            words += [param.opts[0]] if value else []
+        else:
+            for v in values:
+                words += [param.opts[0], str(v)]
+    return shlex.join(words)
 
 
 def _table(headers, rows):

@@ -90,7 +90,7 @@ class TermsOp:
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
-                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra))
+                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra), fuse=True)
 
     def init_state(self, *args, **kwargs):
         raise InputError(f"{self.spec.name}: a spec with terms has no recurrent state to decode with")
@@ -115,6 +115,11 @@ class TermsPlan:
         parts = [f"{self.spec.name} ({self.spec.mode}): {len(self.terms)} terms, O = "
                  + " + ".join(f"({t.coefficient}) * O_{i}" for i, t in enumerate(self.spec.terms))
                  + (" over a shared row sum" if self.spec.normalize.kind != "none" else "")]
+        head_dim = head_dim or self.head_dim
+        for group in terms_lib.batches(self.spec, terms_lib.slices(self.spec, head_dim)):
+            if len(group) > 1:
+                parts.append(f"terms {', '.join(map(str, group))} are one computation on slices of one width: the op "
+                             f"runs them as one call, their slices stacked along the head axis ({len(group)}H heads)")
         for i, (t, p) in enumerate(zip(self.spec.terms, self.terms)):
             cut = f", q and k dims [{t.slice[0]}, {t.slice[1]})" if t.slice else ""
             parts += ["", f"--- term {i}{cut} ---", p.explain(n, head_dim)]

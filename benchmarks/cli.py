@@ -20,6 +20,7 @@ from benchmarks import cpu, gpu
 from benchmarks.common import WorkerError, decode, linear_scaling, write_result
 from benchmarks.conv_basis import conv_basis_error, conv_basis_scaling
 from benchmarks.cp import cp_traffic
+from benchmarks.minilm_swap import minilm_swap
 from benchmarks.sparse import sparse
 from benchmarks.toeplitz import toeplitz
 from benchmarks.window import window_scaling
@@ -64,13 +65,16 @@ def main(ctx, debug):
 @_max_len
 @_out
 @_spec
-def linear(max_len, out, spec_name):
-    """Causal linear plan vs the naive reference and SDPA.
+@click.option("--plot", is_flag=True, help="Also write -time.png and -memory.png beside the table (matplotlib: "
+                                         "pip install 'attngen[plot]').")
+def linear(max_len, out, spec_name, plot):
+    """Causal linear plan vs reference and SDPA.
 
     Time and peak memory of the torch backend's causal linear plan against the naive reference and PyTorch
-    SDPA, T = 1k .. --max-len, each case in its own subprocess."""
+    SDPA, T = 1k .. --max-len, each case in its own subprocess. Writes the table, the same rows as JSON (the
+    format of `attngen bench`) and with --plot the PNGs of `attngen bench --plot`."""
     pipeline.plan(attngen.load_spec(spec_name, causal=True), force="linear")  # PlanError: no linear ordering
-    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out))
+    linear_scaling(spec_name=spec_name, max_len=max_len, out_dir=Path(out), plot=plot)
 
 
 @main.command("gpu", context_settings=CONTEXT)
@@ -80,7 +84,9 @@ def linear(max_len, out, spec_name):
 @click.option("--quick", is_flag=True, help="Only the first and the last shape (a short smoke run).")
 @_out
 def gpu_cmd(specs, repeats, quick, out):
-    """Generated Triton kernels vs fla-core and SDPA on a CUDA GPU (bf16, fwd and fwd+bwd, fla's shapes).
+    """Triton kernels vs fla-core and SDPA on a GPU.
+
+    Generated Triton kernels vs fla-core and SDPA on a CUDA GPU (bf16, fwd and fwd+bwd, fla's shapes).
 
     Writes <date>-<gpu>-gpu.md with the medians, the ratios attngen / peer and the memory floor of each
     row. Needs a CUDA GPU; fla-core is optional (missing peers are rows that say so; scripts/gpu_wheels.sh
@@ -108,7 +114,7 @@ def gpu_cmd(specs, repeats, quick, out):
 @click.option("--tokens", type=click.IntRange(1), default=200, show_default=True,
               help="Decode steps timed per case.")
 def cpu_cmd(max_len, out, threads, repeats, tokens):
-    """The torch backend vs its CPU peers, ratios in one run.
+    """The torch backend vs its CPU peers.
 
     Causal linear attention against a 20-line chunked loop and fla-core's naive functions (fwd, fwd+bwd, share
     of the matmul rate), retention against naive_chunk_simple_gla, softmax against SDPA, op.step against
@@ -160,6 +166,17 @@ def sparse_cmd(max_len, out):
     sparse(max_len=max_len, out_dir=Path(out))
 
 
+@main.command("minilm-swap", context_settings=CONTEXT)
+@_out
+def minilm_swap_cmd(out):
+    """all-MiniLM-L6-v2 with attngen's attention: embedding cosine per layer swapped.
+
+    transformers' BertModel from the weights package (attngen.hf, docs/hf.md): attngen's softmax in every layer,
+    then cosformer, topk_sparse and conv_basis in one layer at a time; the cosine between each text's sentence
+    embedding and the unmodified model's (needs the weights: bash scripts/setup_bench.sh)."""
+    minilm_swap(out_dir=Path(out))
+
+
 @main.command("conv-basis", context_settings=CONTEXT)
 @_max_len
 @_out
@@ -186,7 +203,7 @@ def conv_basis_error_cmd(out):
 @_max_len
 @_out
 def toeplitz_cmd(max_len, out):
-    """Toeplitz reweighting: FFT vs quadratic ordering.
+    """Toeplitz reweighting: FFT vs quadratic.
 
     A Toeplitz reweighting: the FFT ordering against the quadratic one, T = 256 .. --max-len, beside the
     cost model's crossover."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import attngen
+from attngen import bench
 from attngen.naive import reference
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds benchmarks/: the workers' PYTHONPATH
@@ -103,8 +104,11 @@ def _machine() -> str:
 
 
 def linear_scaling(spec_name="linear_elu", max_len=32768, out_dir=Path("bench/results"), b=1, h=8, d=64,
-                   sdpa_max=16384, repeats=5, echo=print) -> Path:
-    """Time and peak memory of the causal linear plan vs the reference and SDPA, T = 1k .. max_len."""
+                   sdpa_max=16384, repeats=5, echo=print, plot=False) -> Path:
+    """Time and peak memory of the causal linear plan vs the reference and SDPA, T = 1k .. max_len. Beside the
+    Markdown, the same rows as JSON (attngen.bench.Result) and with ``plot`` its PNGs (attngen.bench.plot)."""
+    if plot:
+        bench.check_plotting()  # before anything is measured
     lengths = [1024 << s for s in range(0, 10) if (1024 << s) <= max_len]
     rows = {}
     for t in lengths:
@@ -118,7 +122,30 @@ def linear_scaling(spec_name="linear_elu", max_len=32768, out_dir=Path("bench/re
     echo(" " * 60, end="\r")
     check_measured(rows, "linear")
     text = _report(rows, lengths, spec_name, b, h, d, max_len, repeats)
-    return write_result(text, out_dir, "cpu-linear-scaling", echo)
+    path = write_result(text, out_dir, "cpu-linear-scaling", echo)
+    result = _linear_result(rows, spec_name, b, h, d, max_len, repeats)
+    path.with_suffix(".json").write_text(result.to_json())
+    echo(f"written to {path.with_suffix('.json')}")
+    for png in bench.plot(result, path.parent, path.stem) if plot else []:
+        echo(f"written to {png}")
+    return path
+
+
+def _linear_result(rows, spec_name, b, h, d, max_len, repeats) -> bench.Result:
+    """The rows of `python -m benchmarks linear` as an attngen.bench.Result (its JSON and plots): time in ms and the
+    memory allocated at the peak (the table's first memory figure) in MiB."""
+    result = bench.Result(spec_name, "causal", "torch", "cpu", _machine(),
+                          f"python -m benchmarks linear --spec {spec_name} --max-len {max_len}",
+                          datetime.date.today().isoformat(), "float32", b, h, d,
+                          "peak RSS of the subprocess that ran the case minus its RSS after importing torch and "
+                          f"creating the inputs; time: the minimum of {repeats} repeats")
+    for (impl, t), r in sorted(rows.items(), key=lambda item: (item[0][1], IMPLS.index(item[0][0]))):
+        kind = "ordering" if impl == "attngen-linear" else "peer"
+        if r is None or "error" in r:
+            result.rows.append(bench.Row(impl, kind, t, None, None, (r or {}).get("error", "not run")))
+        else:
+            result.rows.append(bench.Row(impl, kind, t, r["seconds"] * 1e3, _net(r) / 2 ** 20))
+    return result
 
 
 def _fmt(r, key):

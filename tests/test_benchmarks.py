@@ -13,7 +13,8 @@ import benchmarks.common
 import benchmarks.cpu
 from benchmarks.cli import main
 
-SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window", "cp"]
+SUBCOMMANDS = ["linear", "decode", "sparse", "conv-basis", "conv-basis-error", "toeplitz", "gpu", "cpu", "window",
+               "minilm-swap", "cp"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -168,3 +169,28 @@ def test_cpu_writes_markdown_and_json_with_every_peer_agreeing(run, tmp_path):
 def test_cpu_refuses_bad_thread_counts(run, tmp_path):
     result = run("cpu", "--threads", "0,x", "--out", str(tmp_path))
     assert result.exit_code == 2 and not list(tmp_path.iterdir())
+
+
+def test_linear_writes_json_and_plots_of_its_rows(run, tmp_path, monkeypatch):
+    """`linear --plot` on stand-in workers (instant, their numbers chosen here): the JSON holds each worker's time
+    and memory allocated at the peak, the PNGs are images."""
+    import json
+
+    import matplotlib.image
+    seconds = {"attngen-linear": 0.002, "sdpa": 0.003, "reference": 0.005}
+
+    def fake(module, impl, spec_name, t, *rest):
+        row = {"impl": impl, "T": t, "seconds": seconds[impl], "peak_rss": 300 * 2 ** 20 + t * 2 ** 10,
+               "base_rss": 300 * 2 ** 20}
+        return [sys.executable, "-c", f"import json; print(json.dumps({row!r}))"]
+    monkeypatch.setattr(benchmarks.common, "worker_command", fake)
+    result = run("linear", "--max-len", "2048", "--out", str(tmp_path), "--plot")
+    assert result.exit_code == 0, result.output
+    md = next(tmp_path.glob("*-cpu-linear-scaling.md"))
+    data = json.loads(md.with_suffix(".json").read_text())
+    got = {(r["series"], r["T"]): (r["ms"], r["peak_mib"]) for r in data["rows"]}
+    assert got == {(impl, t): (pytest.approx(s * 1e3), pytest.approx(t / 1024)) for impl, s in seconds.items()
+                   for t in (1024, 2048)}
+    for kind in ("time", "memory"):
+        png = tmp_path / f"{md.stem}-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).ndim == 3

@@ -8,7 +8,7 @@ The layers, lowest first (a module may import its own layer and those below, nev
     2 ir                              7 approx/<kind>/
     3 passes/, graph                  8 op (compile, AttentionOp)
     4 codegen/                        9 naive (the reference), distributed (context parallelism)
-                                      10 verify, aot, nn (layers), hf (transformers)   11 cli
+                                      10 verify, aot, bench, nn (layers), hf (transformers)   11 cli
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ LAYERS = [  # (module prefix, layer): the longest matching prefix wins
     ("attngen.approx", 7),
     ("attngen.op", 8),
     ("attngen.naive", 9), ("attngen.distributed", 9),
-    ("attngen.verify", 10), ("attngen.aot", 10), ("attngen.nn", 10), ("attngen.hf", 10),
+    ("attngen.verify", 10), ("attngen.aot", 10), ("attngen.bench", 10), ("attngen.nn", 10), ("attngen.hf", 10),
     ("attngen.cli", 11), ("attngen.__main__", 11),
 ]
 FUNCTION_IMPORTS_ALLOWED = {"attngen.cli"}  # the CLI imports each command's stage on use (fast --help)

@@ -1,5 +1,9 @@
 """The main job's verifications as tests: `attngen build --all` runs exactly build_cases(builtin_modules()), so
-the main job and the test suite cannot disagree (each case here is one row of the main job's table)."""
+the main job and the test suite cannot disagree (each case here is one row of the main job's table).
+
+The cases carry the mark `mainjob`, deselected by default (pyproject.toml addopts): the README's first command runs
+exactly these cases, and CI runs it before the tests, so the default test run does not verify them twice.
+`pytest -m mainjob -n auto` runs them as tests."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on the CPU
@@ -23,6 +27,7 @@ def test_the_main_job_covers_every_builtin_backend_and_the_decode_step():
     assert any(c.plan == "quadratic" for c in CASES) and any(c.plan == "linear" for c in CASES)
 
 
+@pytest.mark.mainjob
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_main_job_case(case):
     res = run_case(case, device=DEVICE)

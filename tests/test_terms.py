@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import attngen
 from attngen.build import generate
 from attngen.naive import reference
+from attngen.runtime.terms import batches, slices
 from attngen.verify import run_case, verify_case, verify_cases
 
 D = 32
@@ -140,3 +141,37 @@ def test_triton_fwd_and_every_gradient(source, causal):
     for case in verify_cases([spec], "triton", dtypes=("float32",), lengths=(7, 70), head_dim=D):
         r = run_case(case, device=DEVICE)
         assert r.passed, (r.shape, r.errors)
+
+
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_terms_of_one_computation_run_as_one_call(layout):
+    """diff_attention's two softmax halves are one call on their slices stacked along the head axis (2H heads),
+    with GQA too; the result and every gradient equal the naive reference, which runs each term alone."""
+    op = attngen.compile("diff_attention", backend="torch", layout=layout)
+    calls = []
+    first = op.ops[0]
+    op.ops[0] = lambda q, k, v, **kw: calls.append(q.shape) or first(q, k, v, **kw)
+    q, k, v = inputs(t=33, h=4)
+    k, v = (k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_())  # 2 kv heads for 4 query heads
+    if layout == "bthd":
+        q, k, v = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+    lam = torch.tensor([0.3, 0.5, 0.7, 0.9], dtype=torch.float64, requires_grad=True)
+    out = op(q, k, v, lam=lam)
+    axis = 1 if layout == "bhtd" else 2
+    assert len(calls) == 1 and calls[0][axis] == 8 and calls[0][-1] == D // 2
+    ref = reference("diff_attention", layout=layout)(q, k, v, lam=lam)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(grads(out, [q, k, v, lam]), grads(ref, [q, k, v, lam])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    op.ops[0] = first
+    assert "one call" in op.plan.explain()
+
+
+def test_terms_with_head_dependent_expressions_are_not_stacked():
+    spec = attngen.load_spec({"name": "twoalibi", "causal": True, "terms": [
+        {"similarity": "exp(dot(q, k) / sqrt(d))", "reweight": "exp(-(h + 1) * (i - j) / H)", "normalize": "rowsum",
+         "slice": [0, "d/2"]},
+        {"similarity": "exp(dot(q, k) / sqrt(d))", "reweight": "exp(-(h + 1) * (i - j) / H)", "normalize": "rowsum",
+         "slice": ["d/2", "d"]}]})
+    assert batches(spec, slices(spec, 32)) == [[0], [1]]
+    assert batches(attngen.load_spec("diff_attention"), slices(attngen.load_spec("diff_attention"), 32)) == [[0, 1]]

@@ -13,6 +13,7 @@ Any expression key may hold ``{causal: ..., bidirectional: ...}``; the mode pick
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -390,12 +391,19 @@ def _read_text(text: str) -> tuple:
         return data, f"{text} (built-in {builtin[text].name})"
     if text.strip().lower().endswith(SUFFIXES):
         return _read_file(Path(text))
-    fix = "check the path, or run 'attngen list' for the built-in names"
+    fix = _did_you_mean(text, builtin) + "check the path, or run 'attngen list' for the built-in names"
     if "/" in text or "." in text or os.sep in text:  # meant as a path
         fix += (" (a string is read as a file only when it ends in .yaml or .yml; pass a pathlib.Path or use "
                 "load_spec_file for others)")
     raise SpecError(f"no spec file or built-in spec named {brief(text, 200)}", where=_where(text),
                     expected="a YAML file path or one of " + ", ".join(sorted(builtin)), fix=fix)
+
+
+def _did_you_mean(text: str, names) -> str:
+    """'did you mean 'x'? ' when ``text`` (a name, or a path whose stem) is close to built-in ``names``, else ''."""
+    stem = Path(text).stem if text.strip().lower().endswith(SUFFIXES) else text
+    close = difflib.get_close_matches(stem.strip().lower(), sorted(names), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(map(repr, close))}? Otherwise " if close else ""
 
 
 def _where(text: str) -> str:
@@ -413,7 +421,8 @@ def _read_file(path: Path) -> tuple:
     except FileNotFoundError:
         raise SpecError(f"no spec file or built-in spec named {brief(where, 200)}", where=_where(where),
                         expected="a YAML file path or one of " + ", ".join(builtin),
-                        fix="check the path, or run 'attngen list' for the built-in names") from None
+                        fix=_did_you_mean(path.name, builtin)
+                        + "check the path, or run 'attngen list' for the built-in names") from None
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte, no permission
         raise SpecError(f"cannot read the file: {type(exc).__name__}", where=_where(where)) from None
     if not stat.S_ISREG(info.st_mode):

@@ -1,7 +1,11 @@
 """Specs of several terms (docs/specs.md, "terms"): O = sum_t c_t O_t, each term's O_t from its own spec on its slice
 of q and k, or, with a shared normaliser, O = sum_t c_t N_t / (sum_t c_t Z_t (+) eps) with N_t, Z_t the term's
 unnormalised output and row sums (one run on [V | 1]). The op (each term an AttentionOp) and the naive reference
-(each term's reference) combine through the same function."""
+(each term's reference) combine through the same function.
+
+The op fuses what it can: terms whose specs are the same computation (differential attention's two softmax halves)
+over slices of one width run as one call on their slices stacked along the head axis (``batches``); the naive
+reference runs every term on its own."""
 from __future__ import annotations
 
 import torch
@@ -37,21 +41,62 @@ def coefficients(spec, values: dict, heads: int, head_dim: int, like: torch.Tens
     return [ev(t.coefficient_expr) for t in spec.terms]
 
 
-def combine(spec, q, k, v, values: dict, layout: str, run_term) -> torch.Tensor:
+def batchable(term) -> bool:
+    """Whether term's computation is the same on every head: no parameters, gates or expressions in h or H (stacking
+    its heads with another term's would change what h means)."""
+    s = term.spec
+    exprs = [s.similarity_expr, s.reweight_expr] + [c.expr for c in s.constants]
+    return not s.parameters and not s.gates and not any(e.has(HEAD) or e.has(HEADS) for e in exprs)
+
+
+def batches(spec, cuts: list) -> list:
+    """The terms grouped into calls: lists of term indices, each list one call. Terms whose specs are the same
+    computation (equal but for the name) over slices of one width share a call."""
+    groups, seen = [], {}
+    for n, (term, cut) in enumerate(zip(spec.terms, cuts)):
+        if not batchable(term):
+            groups.append([n])
+            continue
+        body = term.spec.canonical()
+        body.pop("name", None)
+        key = (repr(body), None if cut is None else cut[1] - cut[0])
+        if key in seen:
+            groups[seen[key]].append(n)
+        else:
+            seen[key] = len(groups)
+            groups.append([n])
+    return groups
+
+
+def combine(spec, q, k, v, values: dict, layout: str, run_term, fuse: bool = False) -> torch.Tensor:
     """O of a spec with terms for q, k, v in ``layout``: ``run_term(n, q_n, k_n, v_n, params_n)`` runs term n (its op
-    or its reference) on its slices of q and k."""
+    or its reference) on its slices of q and k. ``fuse``: terms of one computation (``batches``) run as one call of
+    the first one's ``run_term`` on their slices stacked along the head axis."""
     head_axis = 1 if layout == "bhtd" else 2
     heads, head_dim = q.shape[head_axis], q.shape[-1]
     cs = coefficients(spec, values, heads, head_dim, q)
+    cuts = slices(spec, head_dim)
     shared = spec.normalize.kind != "none"
     vv = torch.cat([v, torch.ones_like(v[..., :1])], -1) if shared else v
+    outs = {}
+    for group in (batches(spec, cuts) if fuse else [[n] for n in range(len(spec.terms))]):
+        parts = [(q, k) if cuts[n] is None else (q[..., cuts[n][0]:cuts[n][1]], k[..., cuts[n][0]:cuts[n][1]])
+                 for n in group]
+        first = spec.terms[group[0]]
+        params = {p: values[p] for p in first.spec.param_names if p in values}
+        if len(group) == 1:
+            outs[group[0]] = run_term(group[0], parts[0][0], parts[0][1], vv, params)
+            continue
+        qs = torch.cat([a for a, _ in parts], head_axis)
+        ks = torch.cat([b for _, b in parts], head_axis)
+        out = run_term(group[0], qs, ks, torch.cat([vv] * len(group), head_axis), params)
+        for n, o in zip(group, out.chunk(len(group), head_axis)):
+            outs[n] = o
     num = None
-    for n, (term, cut, c) in enumerate(zip(spec.terms, slices(spec, head_dim), cs)):
-        qn, kn = (q, k) if cut is None else (q[..., cut[0]:cut[1]], k[..., cut[0]:cut[1]])
-        out = run_term(n, qn, kn, vv, {p: values[p] for p in term.spec.param_names if p in values})
+    for n, c in enumerate(cs):
         if isinstance(c, torch.Tensor) and layout == "bthd":
             c = c.transpose(1, 2)
-        part = out * c
+        part = outs[n] * c
         num = part if num is None else num + part
     if not shared:
         return num
