@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.nn import functional as F
 
+from attngen.distributed import cp_attention
 from attngen.errors import InputError
 from attngen.frontend.expr import N_K, N_Q, I, J
 from attngen.frontend.spec import Spec, load_spec
@@ -98,12 +100,17 @@ class Attention(nn.Module):
     backend, plan, chunk: passed to attngen.compile ("auto": the generated Triton kernels for CUDA tensors,
     the torch backend otherwise).
     gate_logit_normalizer: a gate is logsigmoid(W x + b) / gate_logit_normalizer (fla's GLA layers use 16).
+    context_parallel: None, True (torch.distributed's default group) or a process group: x is this rank's
+        contiguous shard of the sequence and the op runs through attngen.distributed.cp_attention (separable specs;
+        docs/context_parallel.md). Then no attention_mask, state or use_cache; the weights' gradients are this rank's
+        share (sum them over the group, as for any sequence-sharded layer).
     device, dtype: of the projections and the spec's parameters (as torch.nn.Linear's factory arguments).
     """
 
     def __init__(self, spec, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, bias: bool = False, layout: str = "bthd", backend: str = "auto",
-                 plan=None, chunk: int | None = None, gate_logit_normalizer: float = 16.0, device=None, dtype=None):
+                 plan=None, chunk: int | None = None, gate_logit_normalizer: float = 16.0, context_parallel=None,
+                 device=None, dtype=None):
         super().__init__()
         spec = spec if isinstance(spec, Spec) else load_spec(spec)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -124,6 +131,10 @@ class Attention(nn.Module):
         if not gate_logit_normalizer > 0:
             raise InputError(f"Attention: gate_logit_normalizer={gate_logit_normalizer!r}; expected a number > 0 "
                              "(the gate is logsigmoid(W x + b) / gate_logit_normalizer)")
+        if not (context_parallel is None or context_parallel is True or isinstance(context_parallel, ProcessGroup)):
+            raise InputError(f"Attention: context_parallel={context_parallel!r}; expected None, True (the default "
+                             "process group) or a torch.distributed ProcessGroup")
+        self.context_parallel = context_parallel
         self.spec, self.embed_dim, self.num_heads, self.num_kv_heads = spec, embed_dim, num_heads, num_kv_heads
         self.head_dim, self.layout, self.gate_logit_normalizer = head_dim, layout, float(gate_logit_normalizer)
         factory = {"device": device, "dtype": dtype}
@@ -171,6 +182,11 @@ class Attention(nn.Module):
             raise InputError(f"Attention ({self.spec.name}, {self.spec.mode}): "
                              f"{'state' if state is not None else 'use_cache=True'}: this layer has no decode "
                              f"state: {self.cache_reason}")
+        if self.context_parallel is not None and (attention_mask is not None or state is not None or use_cache):
+            what = "attention_mask" if attention_mask is not None else "state" if state is not None else "use_cache"
+            raise InputError(f"Attention ({self.spec.name}): {what} with context_parallel: x is one rank's shard of "
+                             "whole sequences; padding, decode states and caches are per-device features. Fix: call "
+                             "without it, or build the layer without context_parallel")
         b, t, _ = x.shape
         tokens = _tokens(attention_mask, b, t, x.device)  # None: every position is a token
         if tokens is None:
@@ -199,7 +215,11 @@ class Attention(nn.Module):
         kwargs = self.spec_parameters() | gates
         if self.cache_kind == "kv" and state is not None:
             _check_cache(state, self, x, packing)
-        if self.cache_kind == "kv" and state is not None and state.k.shape[2] > 0:
+        if self.context_parallel is not None:  # this rank's shard (no state, cache or packing: forward refused them)
+            group = None if self.context_parallel is True else self.context_parallel
+            o = cp_attention(self.op, *self._arranged(q, k, v), group=group, **kwargs)
+            o, new = (o.transpose(1, 2) if self.layout == "bhtd" else o), None
+        elif self.cache_kind == "kv" and state is not None and state.k.shape[2] > 0:
             o, new = self._decode_kv(q, k, v, state, packing)
         elif self.cache_kind == "kv":  # a whole sequence (an empty cache holds no token)
             o = self.op(*self._arranged(q, k, v), cu_seqlens=None if packing is None else packing[0], **kwargs)

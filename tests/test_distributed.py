@@ -187,6 +187,41 @@ def _check_errors(rank: int, world: int) -> list:
     return out
 
 
+def _check_layers(rank: int, world: int) -> list:
+    """attngen.nn.Attention(context_parallel=True) on this rank's shard of x against the same layer (same weights)
+    on the whole x in this process: the output shard, dx and every weight's gradient summed over the ranks."""
+    from attngen.nn import Attention
+    rows = []
+    for name, layout in (("gla", "bthd"), ("retention", "bhtd"), ("linear_elu", "bthd")):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        whole = Attention(name, embed_dim=16, num_heads=H, num_kv_heads=H, layout=layout, backend="torch",
+                          dtype=torch.float64)
+        cp = Attention(name, embed_dim=16, num_heads=H, layout=layout, backend="torch", dtype=torch.float64,
+                       context_parallel=True)
+        cp.load_state_dict(whole.state_dict())
+        t = 16 * world
+        x = torch.randn(2, t, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        w = torch.randn(2, t, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        a, b = rank * 16, rank * 16 + 16
+        xw, xs = x.clone().requires_grad_(), x[:, a:b].clone().requires_grad_()
+        (whole(xw) * w).sum().backward()
+        o = cp(xs)
+        (o * w[:, a:b]).sum().backward()
+        errs = {"o": _rel(o.detach(), whole(x).detach()[:, a:b]), "dx": _rel(xs.grad, xw.grad[:, a:b])}
+        ref = dict(whole.named_parameters())
+        for n, p in cp.named_parameters():
+            g = p.grad.clone()
+            dist.all_reduce(g)  # each rank holds its shard's share of a weight's gradient
+            errs[f"d{n}"] = _rel(g, ref[n].grad)
+        try:
+            cp(xs, use_cache=True)
+            refused = None
+        except InputError as e:
+            refused = str(e)
+        rows.append({"case": name, "errs": errs, "refused": refused})
+    return rows
+
+
 def _worker(rank: int, world: int, port: int, folder: str, triton: bool = False) -> None:
     torch.set_num_threads(1)
     # a collective that one rank never enters fails after the timeout instead of hanging the test run
@@ -196,7 +231,8 @@ def _worker(rank: int, world: int, port: int, folder: str, triton: bool = False)
         if triton:
             result = {"cases": _check_cases(rank, world, _triton_cases(world))}
         else:
-            result = {"cases": _check_cases(rank, world, _cases(world)), "errors": _check_errors(rank, world)}
+            result = {"cases": _check_cases(rank, world, _cases(world)), "errors": _check_errors(rank, world),
+                      "layers": _check_layers(rank, world)}
     finally:
         dist.destroy_process_group()
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
@@ -271,6 +307,22 @@ def test_bad_inputs_are_refused_on_every_rank(spawned):
         assert got["after"] is None
     refused = ranks[0]["errors"][5]["raised"]
     assert "rank(s) [1] refused" in refused
+
+
+def test_the_nn_layer_with_context_parallel(spawned):
+    """attngen.nn.Attention(context_parallel=True): every rank's output shard, dx and the weights' gradients (q, k, v,
+    o and gate projections, the spec's parameters; summed over the ranks) equal the whole-sequence layer's."""
+    world, ranks = spawned
+    failures = []
+    for rank, result in enumerate(ranks):
+        assert [r["case"] for r in result["layers"]] == ["gla", "retention", "linear_elu"]
+        for r in result["layers"]:
+            assert {"o", "dx", "dq_proj.weight", "do_proj.weight"} <= set(r["errs"]), r
+            assert r["case"] != "gla" or "dgate_proj.g.weight" in r["errs"], r
+            assert r["refused"] is not None and "context_parallel" in r["refused"]
+            failures += [f"rank {rank}/{world} {r['case']} {what}: {err:.3g}" for what, err in r["errs"].items()
+                         if not err <= 1e-10]
+    assert not failures, "\n".join(failures)
 
 
 def test_without_a_process_group():
