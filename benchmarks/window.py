@@ -5,6 +5,11 @@ the table gives the forward (no autograd) and the forward + backward (o.sum().ba
 each the minimum of ``repeats`` rounds over every length (interleaved, so that a slow spell of a shared machine
 does not fall on one length), fp32 on this machine's CPU, and the ratio of the longest to the shortest
 length against the ratio of the lengths (8 for 4k -> 32k; full causal attention would be 64).
+
+``memory=True`` (`--memory`) adds what one forward + backward allocates, which a busy machine does not change:
+the tensors its ops create (counted under a TorchDispatchMode: every op output on a storage none of the op's
+inputs hold, so views and in-place results are not counted), their bytes, and the rise of the process's peak
+resident memory over the call (Linux: /proc/self/clear_refs resets VmHWM; elsewhere the column says n/a).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import attngen
 from attngen.runtime.torch.quadratic import BLOCK_Q, key_range
@@ -45,8 +52,49 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+class _Allocations(TorchDispatchMode):
+    """The tensors the ops run under it allocate: outputs on a storage that none of the op's inputs hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        held = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in held:
+                held.add(x.untyped_storage().data_ptr())
+                self.count += 1
+                self.bytes += x.untyped_storage().nbytes()
+        return out
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(field)
+
+
+def _memory(fn) -> tuple:
+    """(tensors allocated, their bytes, peak RSS rise in bytes or None where /proc/self has no VmHWM reset) of one
+    call of ``fn``."""
+    peak = None
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_bytes("VmRSS")
+        fn()
+        peak = _status_bytes("VmHWM") - before
+    except OSError:  # not Linux (or no permission): the column says n/a, it is not made up
+        pass
+    with _Allocations() as counted:
+        fn()
+    return counted.count, counted.bytes, peak
+
+
 def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, min_len=4096, max_len=32768, repeats=5,
-                   threads=None, command="python -m benchmarks window", echo=print) -> Path:
+                   threads=None, command="python -m benchmarks window", echo=print, memory=False) -> Path:
     if threads is not None:
         torch.set_num_threads(threads)
     spec = window_spec(window)
@@ -69,6 +117,7 @@ def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, mi
             with torch.no_grad():
                 fwd[t] = min(fwd[t], _best(lambda: op(*inputs[t]), 1))
             bwd[t] = min(bwd[t], _best(lambda: both(leaves[t]), 1))
+    mem = {t: _memory(lambda: both(leaves[t])) for t in lengths} if memory else {}
     rows = [(t, fwd[t], bwd[t]) for t in lengths]
     (t0, f0, b0), (t1, f1, b1) = rows[0], rows[-1]
     growth = t1 / t0
@@ -84,8 +133,15 @@ def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, mi
              f"length (linear: {growth:g}x; full causal attention: {growth**2:g}x); acceptance <= "
              f"{LIMIT * growth / 8:g}x: {verdict}", "",
              "| T | keys scored per query | forward ms | forward + backward ms | forward ms / 1k tokens | "
-             "fwd + bwd ms / 1k tokens |", "|---|---|---|---|---|---|"]
+             "fwd + bwd ms / 1k tokens |" + (" fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | "
+                                            "peak RSS rise MiB |" if memory else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|---|" if memory else "")]
     for t, fwd, both_ in rows:
-        lines.append(f"| {t} | {_keys_per_query(t, window):.1f} | {fwd * 1e3:.1f} | {both_ * 1e3:.1f} | "
-                     f"{fwd * 1e6 / t:.2f} | {both_ * 1e6 / t:.2f} |")
+        line = (f"| {t} | {_keys_per_query(t, window):.1f} | {fwd * 1e3:.1f} | {both_ * 1e3:.1f} | "
+                f"{fwd * 1e6 / t:.2f} | {both_ * 1e6 / t:.2f} |")
+        if memory:
+            count, size, peak = mem[t]
+            line += (f" {count} | {size / 2**20:.1f} | {size / 2**20 * 1024 / t:.2f} | "
+                     f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |")
+        lines.append(line)
     return write_result("\n".join(lines) + "\n", out_dir, "window", echo)

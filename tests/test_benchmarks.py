@@ -82,6 +82,33 @@ def test_window_writes_a_table(run, tmp_path):
     assert "- command: `python -m benchmarks window --min-len 256 --max-len 1024 --window 256 --heads 1 " in text
 
 
+def test_window_memory_columns(run, tmp_path):
+    result = run("window", "--min-len", "512", "--max-len", "1024", "--heads", "1", "--repeats", "1", "--memory",
+                 "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*-window.md")
+    text = path.read_text()
+    assert "| fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | peak RSS rise MiB |" in text
+    assert "--repeats 1 --memory`" in text
+    rows = {int(line.split("|")[1]): line.split("|")[7:11] for line in text.splitlines() if line.startswith("| 512 |")
+            or line.startswith("| 1024 |")}
+    counts = {t: int(r[0]) for t, r in rows.items()}
+    assert 0 < counts[512] < counts[1024]  # twice the query tiles, each recomputed in backward
+    assert all(float(r[1]) > 0 for r in rows.values())
+
+
+def test_allocation_counter_counts_new_storages_only():
+    import torch
+
+    from benchmarks.window import _Allocations
+    x = torch.zeros(1000)
+    with _Allocations() as counted:
+        y = x + 1  # a new tensor of 4000 bytes
+        x.add_(1)  # in place
+        y[10:].view(2, 495)  # views
+    assert (counted.count, counted.bytes) == (1, 4000)
+
+
 def test_decode_refuses_a_spec_without_a_state(run, tmp_path):
     result = run("decode", "--spec", "softmax", "--out", str(tmp_path))
     assert result.exit_code == 2
