@@ -339,6 +339,29 @@ def test_window_tiles_differentiate_any_subset_of_the_inputs(wanted):
     assert_close(f"d{wanted}", grads[0], grads[1], 1e-10)
 
 
+@pytest.mark.parametrize("base,causal", [(ALIBI, True), (SIGMOID, False), (GATED, True)])
+def test_window_tiles_second_derivatives_match_the_reference(base, causal):
+    """create_graph=True: the gradients of <dq, w> + <dk, w'> (+ the parameter's) with respect to q, k, v, do and
+    the parameters or the gate, float64, against the reference's."""
+    spec = windowed(base, 37, causal)
+    g = torch.Generator().manual_seed(3)
+    x = {n: torch.randn(1, 2, 140, 8, generator=g, dtype=torch.float64) for n in ("q", "k", "v", "do", "wq", "wk")}
+    params = {p.name: torch.full((2,), 0.3, dtype=torch.float64) if p.shape else torch.tensor(0.3).double()
+              for p in spec.parameters}
+    params |= {gate.name: -torch.rand(1, 2, 140, generator=g, dtype=torch.float64) * 0.2 for gate in spec.gates}
+    results = []
+    for fn in (attngen.compile(spec, backend="torch"), reference(spec)):
+        leaves = {n: t.clone().requires_grad_() for n, t in [*x.items(), *params.items()] if n not in ("wq", "wk")}
+        o = fn(leaves["q"], leaves["k"], leaves["v"], **{n: leaves[n] for n in params})
+        firsts = torch.autograd.grad(o, [leaves["q"], leaves["k"], *(leaves[n] for n in params)], leaves["do"],
+                                     create_graph=True)
+        penalty = (firsts[0] * x["wq"]).sum() + (firsts[1] * x["wk"]).sum() + sum(f.sum() for f in firsts[2:])
+        results.append(dict(zip(leaves, torch.autograd.grad(penalty, list(leaves.values())))))
+    assert set(results[0]) == {"q", "k", "v", "do"} | set(params)
+    for name in results[1]:
+        assert_close(f"d2 {name}", results[0][name], results[1][name], 1e-9)
+
+
 @pytest.mark.parametrize("base", [SOFTMAX, ALIBI])
 def test_window_tiles_keep_a_graph_of_constant_size(base):
     """The autograd graph of a windowed op holds the same nodes at T = 256 and T = 1024 (its inputs' preparation and

@@ -6,6 +6,10 @@ Each query tile runs under activation checkpointing, so autograd keeps one tile'
 
 A window (spec key ``window: N``, the pairs |i - j| < N) restricts each query tile to the keys its rows attend
 (key_range): the tiles outside are never visited, so the work is ~T * min(N, S) pairs, linear in T for a fixed N.
+With autograd a windowed plan runs in WindowTiles, which keeps only its inputs and recomputes each query tile in
+backward, adding the gradients into buffers allocated once, so that memory traffic is linear in T as well (a
+checkpoint per tile left autograd a slice's zero-filled gradient of the whole k and v per tile and per-tile
+pieces to join: linear work, but allocations of the whole input that made 32k tokens 17 % slower per token).
 
 With autograd, a row-sum-normalised tile forms its rows of A over all keys (the recomputation keeps them for
 the backward anyway) and divides through RowNormalize, whose backward takes the row term from the very
@@ -19,7 +23,6 @@ import functools
 from itertools import repeat
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attngen.frontend.expr import KE, QE, I, J, sides
@@ -88,7 +91,9 @@ class WindowTiles(torch.autograd.Function):
     with autograd (the body the unwindowed tiles recompute under checkpointing: _normalized_tile for a row-sum
     plan, else _query_tile), so it holds one tile's graph at a time. torch.autograd.grad of the tile gives its
     dq rows and the dk, dv (dG) of its keys, added into buffers allocated once: no gradient of a slice (a zero
-    tensor of the whole input per tile), no cat of per-tile pieces. Parameter gradients add up in float64.
+    tensor of the whole input per tile), no cat of per-tile pieces. Parameter gradients add up in float64. Under
+    create_graph=True the same recomputation runs on slices of the saved inputs, so the gradients it returns are
+    differentiable again (a gradient penalty, a Hessian-vector product).
 
     ``run`` is (plan, env, causal, names): ``names`` the symbols of env whose tensors are the trailing inputs."""
 
@@ -100,11 +105,15 @@ class WindowTiles(torch.autograd.Function):
         return _window_forward(plan, {**env, **dict(zip(names, values))}, causal, q, k, v, big)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do):
         plan, env, causal, names = ctx.run
         q, k, v, big, *values = ctx.saved_tensors
+        # create_graph=True (a second derivative): the tiles are recomputed on slices of the saved inputs, which
+        # then stay in the graph, and the gradients are differentiable (autograd.grad with create_graph)
+        higher = torch.is_grad_enabled()
+        leaf = _slice if higher else _leaf
         need_q, need_k, need_v, need_g, *need_p = ctx.needs_input_grad[1:]
+        need_x = {n for n, x in zip(("q", "k", "v", "g_rows", "g_cols"), (need_q, need_k, need_v, need_g, need_g)) if x}
         body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
         b, h, t, _ = q.shape
         s_len = k.shape[2]
@@ -119,18 +128,20 @@ class WindowTiles(torch.autograd.Function):
             if lo >= stop:  # rows that attend no key: 0 whatever the inputs
                 continue
             with torch.enable_grad():
-                xs = {"q": _leaf(q[:, :, i0:i1], need_q), "k": _leaf(k[:, :, lo:stop], need_k),
-                      "v": _leaf(v[:, :, lo:stop], need_v)}
+                xs = {"q": leaf(q[:, :, i0:i1], need_q), "k": leaf(k[:, :, lo:stop], need_k),
+                      "v": leaf(v[:, :, lo:stop], need_v)}
                 if big is not None:
-                    xs["g_rows"], xs["g_cols"] = _leaf(big[:, :, i0:i1], need_g), _leaf(big[:, :, lo:stop], need_g)
-                ps = [_leaf(x, n) for x, n in zip(values, need_p)]
+                    xs["g_rows"], xs["g_cols"] = leaf(big[:, :, i0:i1], need_g), leaf(big[:, :, lo:stop], need_g)
+                ps = [x if higher else _leaf(x, n) for x, n in zip(values, need_p)]
                 env4 = {**env, **dict(zip(names, ps))}
                 o = body(plan, env4, with_rank5(env4), causal, i0, lo, s_len, xs["q"], xs.get("g_rows"), xs["k"],
                          xs["v"], xs.get("g_cols"))
-                wrt = [(n, x) for n, x in [*xs.items(), *enumerate(ps)] if x.requires_grad]
+                wrt = [(n, x) for n, x in [*xs.items(), *enumerate(ps)] if x.requires_grad
+                       and (n in need_x if isinstance(n, str) else need_p[n])]
                 if not wrt:
                     continue
-                grads = torch.autograd.grad(o, [x for _, x in wrt], do[:, :, i0:i1], allow_unused=True)
+                grads = torch.autograd.grad(o, [x for _, x in wrt], do[:, :, i0:i1], allow_unused=True,
+                                            create_graph=higher)
             for (n, _), g in zip(wrt, grads):
                 if g is None:  # the tile's output does not depend on it (e.g. a parameter its keys never reach)
                     continue
@@ -152,6 +163,11 @@ class WindowTiles(torch.autograd.Function):
 def _leaf(x: torch.Tensor, grad: bool) -> torch.Tensor:
     """x cut from the graph: a leaf of the tile's recomputation that collects a gradient when ``grad``."""
     return x.detach().requires_grad_(grad)
+
+
+def _slice(x: torch.Tensor, grad: bool) -> torch.Tensor:
+    """x as it is (a second derivative differentiates through it; its gradient is taken only when ``grad``)."""
+    return x
 
 
 def key_range(i0: int, tq: int, s_len: int, causal: bool, window: int | None) -> tuple:
