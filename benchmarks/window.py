@@ -8,7 +8,8 @@ length against the ratio of the lengths (8 for 4k -> 32k; full causal attention 
 
 ``memory=True`` (`--memory`) adds what one forward + backward allocates, which a busy machine does not change:
 the tensors its ops create (counted under a TorchDispatchMode: every op output on a storage none of the op's
-inputs hold, so views and in-place results are not counted), their bytes, and the rise of the process's peak
+inputs hold, so views and in-place results are not counted), their bytes, the bytes of those of 1 MiB or more
+(tensors the size of a whole q, k or v: fresh pages for the allocator), and the rise of the process's peak
 resident memory over the call (Linux: /proc/self/clear_refs resets VmHWM; elsewhere the column says n/a).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from attngen.runtime.torch.quadratic import BLOCK_Q, key_range
 from benchmarks.common import _machine, write_result
 
 LIMIT = 9.0  # acceptance: time(T = 8 x T0) / time(T0) at most this (linear: 8; full attention: 64)
+LARGE = 2**20  # --memory: the bytes in tensors of 1 MiB or more, counted apart
 
 
 def window_spec(window: int):
@@ -53,11 +55,12 @@ def _best(fn, repeats: int) -> float:
 
 
 class _Allocations(TorchDispatchMode):
-    """The tensors the ops run under it allocate: outputs on a storage that none of the op's inputs hold."""
+    """The tensors the ops run under it allocate: outputs on a storage that none of the op's inputs hold; ``large``
+    the bytes of those of LARGE bytes or more (at 4k tokens and more, tensors the size of a whole input)."""
 
     def __init__(self):
         super().__init__()
-        self.count, self.bytes = 0, 0
+        self.count, self.bytes, self.large = 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -65,8 +68,10 @@ class _Allocations(TorchDispatchMode):
         for x in tree_leaves(out):
             if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in held:
                 held.add(x.untyped_storage().data_ptr())
+                size = x.untyped_storage().nbytes()
                 self.count += 1
-                self.bytes += x.untyped_storage().nbytes()
+                self.bytes += size
+                self.large += size if size >= LARGE else 0
         return out
 
 
@@ -78,8 +83,8 @@ def _status_bytes(field: str) -> int:
 
 
 def _memory(fn) -> tuple:
-    """(tensors allocated, their bytes, peak RSS rise in bytes or None where /proc/self has no VmHWM reset) of one
-    call of ``fn``."""
+    """(tensors allocated, their bytes, the bytes of those of LARGE bytes or more, peak RSS rise in bytes or None
+    where /proc/self has no VmHWM reset) of one call of ``fn``."""
     peak = None
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -90,7 +95,7 @@ def _memory(fn) -> tuple:
         pass
     with _Allocations() as counted:
         fn()
-    return counted.count, counted.bytes, peak
+    return counted.count, counted.bytes, counted.large, peak
 
 
 def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, min_len=4096, max_len=32768, repeats=5,
@@ -134,14 +139,14 @@ def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, mi
              f"{LIMIT * growth / 8:g}x: {verdict}", "",
              "| T | keys scored per query | forward ms | forward + backward ms | forward ms / 1k tokens | "
              "fwd + bwd ms / 1k tokens |" + (" fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | "
-                                            "peak RSS rise MiB |" if memory else ""),
-             "|---|---|---|---|---|---|" + ("---|---|---|---|" if memory else "")]
+                                            "MiB in tensors >= 1 MiB | peak RSS rise MiB |" if memory else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|---|---|" if memory else "")]
     for t, fwd, both_ in rows:
         line = (f"| {t} | {_keys_per_query(t, window):.1f} | {fwd * 1e3:.1f} | {both_ * 1e3:.1f} | "
                 f"{fwd * 1e6 / t:.2f} | {both_ * 1e6 / t:.2f} |")
         if memory:
-            count, size, peak = mem[t]
-            line += (f" {count} | {size / 2**20:.1f} | {size / 2**20 * 1024 / t:.2f} | "
+            count, size, large, peak = mem[t]
+            line += (f" {count} | {size / 2**20:.1f} | {size / 2**20 * 1024 / t:.2f} | {large / 2**20:.1f} | "
                      f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |")
         lines.append(line)
     return write_result("\n".join(lines) + "\n", out_dir, "window", echo)

@@ -88,13 +88,14 @@ def test_window_memory_columns(run, tmp_path):
     assert result.exit_code == 0, result.output
     (path,) = tmp_path.glob("*-window.md")
     text = path.read_text()
-    assert "| fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | peak RSS rise MiB |" in text
+    assert ("| fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | MiB in tensors >= 1 MiB | "
+            "peak RSS rise MiB |") in text
     assert "--repeats 1 --memory`" in text
-    rows = {int(line.split("|")[1]): line.split("|")[7:11] for line in text.splitlines() if line.startswith("| 512 |")
+    rows = {int(line.split("|")[1]): line.split("|")[7:12] for line in text.splitlines() if line.startswith("| 512 |")
             or line.startswith("| 1024 |")}
     counts = {t: int(r[0]) for t, r in rows.items()}
     assert 0 < counts[512] < counts[1024]  # twice the query tiles, each recomputed in backward
-    assert all(float(r[1]) > 0 for r in rows.values())
+    assert all(float(r[1]) > 0 and 0 <= float(r[3]) <= float(r[1]) for r in rows.values())
 
 
 def test_allocation_counter_counts_new_storages_only():
@@ -106,7 +107,8 @@ def test_allocation_counter_counts_new_storages_only():
         y = x + 1  # a new tensor of 4000 bytes
         x.add_(1)  # in place
         y[10:].view(2, 495)  # views
-    assert (counted.count, counted.bytes) == (1, 4000)
+        torch.ones(2**18 + 1)  # one of 1 MiB and more
+    assert (counted.count, counted.bytes, counted.large) == (2, 4000 + 4 * (2**18 + 1), 4 * (2**18 + 1))
 
 
 def test_decode_refuses_a_spec_without_a_state(run, tmp_path):
