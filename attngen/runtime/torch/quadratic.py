@@ -69,8 +69,11 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
 
 def _window_forward(plan, env: dict, causal: bool, q, k, v, big) -> torch.Tensor:
     """O of a windowed plan without autograd: each query tile on the keys key_range gives it (views of k, v and
-    G: no copy), written into one preallocated output; rows that attend no key are 0."""
-    tile = functools.partial(_query_tile, plan, env, with_rank5(env), causal)
+    G: no copy), written into one preallocated output; rows that attend no key are 0. A row-sum plan's tile forms
+    its scores over the window's keys at once (_normalized_tile: fewer, larger ops than key tile by key tile, and
+    the body its backward recomputes); others run _query_tile."""
+    body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
+    tile = functools.partial(body, plan, env, with_rank5(env), causal)
     b, h, t, _ = q.shape
     s_len = k.shape[2]
     out = q.new_empty(b, h, t, v.shape[-1] - (plan.normalize.kind == "rowsum"))  # [V | 1]: no ones column out
