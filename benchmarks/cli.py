@@ -218,7 +218,7 @@ def toeplitz_cmd(max_len, out):
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed rounds over the lengths.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's).")
 @click.option("--memory", is_flag=True, help="Also count what one forward + backward allocates (tensors, bytes, "
-              "peak RSS rise): unaffected by a busy machine.")
+              "bytes in tensors of 1 MiB and more): unaffected by a busy machine.")
 def window_cmd(min_len, max_len, out, window, heads, repeats, threads, memory):
     """Sliding window attention: time against T.
 

@@ -9,8 +9,8 @@ length against the ratio of the lengths (8 for 4k -> 32k; full causal attention 
 ``memory=True`` (`--memory`) adds what one forward + backward allocates, which a busy machine does not change:
 the tensors its ops create (counted under a TorchDispatchMode: every op output on a storage none of the op's
 inputs hold, so views and in-place results are not counted), their bytes, the bytes of those of 1 MiB or more
-(tensors the size of a whole q, k or v: fresh pages for the allocator), and the rise of the process's peak
-resident memory over the call (Linux: /proc/self/clear_refs resets VmHWM; elsewhere the column says n/a).
+(tensors the size of a whole q, k or v: fresh pages for the allocator). (A peak resident size is not given: the
+allocator keeps and reuses what earlier calls freed, so the process's peak RSS says little about one call.)
 """
 from __future__ import annotations
 
@@ -75,27 +75,11 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise KeyError(field)
-
-
 def _memory(fn) -> tuple:
-    """(tensors allocated, their bytes, the bytes of those of LARGE bytes or more, peak RSS rise in bytes or None
-    where /proc/self has no VmHWM reset) of one call of ``fn``."""
-    peak = None
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _status_bytes("VmRSS")
-        fn()
-        peak = _status_bytes("VmHWM") - before
-    except OSError:  # not Linux (or no permission): the column says n/a, it is not made up
-        pass
+    """(tensors allocated, their bytes, the bytes of those of LARGE bytes or more) of one call of ``fn``."""
     with _Allocations() as counted:
         fn()
-    return counted.count, counted.bytes, counted.large, peak
+    return counted.count, counted.bytes, counted.large
 
 
 def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, min_len=4096, max_len=32768, repeats=5,
@@ -139,14 +123,13 @@ def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, mi
              f"{LIMIT * growth / 8:g}x: {verdict}", "",
              "| T | keys scored per query | forward ms | forward + backward ms | forward ms / 1k tokens | "
              "fwd + bwd ms / 1k tokens |" + (" fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | "
-                                            "MiB in tensors >= 1 MiB | peak RSS rise MiB |" if memory else ""),
-             "|---|---|---|---|---|---|" + ("---|---|---|---|---|" if memory else "")]
+                                            "MiB in tensors >= 1 MiB |" if memory else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|---|" if memory else "")]
     for t, fwd, both_ in rows:
         line = (f"| {t} | {_keys_per_query(t, window):.1f} | {fwd * 1e3:.1f} | {both_ * 1e3:.1f} | "
                 f"{fwd * 1e6 / t:.2f} | {both_ * 1e6 / t:.2f} |")
         if memory:
-            count, size, large, peak = mem[t]
-            line += (f" {count} | {size / 2**20:.1f} | {size / 2**20 * 1024 / t:.2f} | {large / 2**20:.1f} | "
-                     f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |")
+            count, size, large = mem[t]
+            line += f" {count} | {size / 2**20:.1f} | {size / 2**20 * 1024 / t:.2f} | {large / 2**20:.1f} |"
         lines.append(line)
     return write_result("\n".join(lines) + "\n", out_dir, "window", echo)
