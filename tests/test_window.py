@@ -298,20 +298,22 @@ def test_torch_tiles_never_read_keys_outside_the_window(base, causal):
 # ---------------------------------------------------------------------------------------------
 # the torch backend's windowed autograd (WindowTiles: inputs saved, each tile recomputed in backward)
 # ---------------------------------------------------------------------------------------------
-TILE_CASES = [  # (spec, causal, window, t, s): several query tiles of 64, a partial last one, windows not multiples
-    # of 64 (the first key of a tile inside a key block), cross attention with tiles past the last key
-    (SOFTMAX, True, 100, 300, 300), (SOFTMAX, False, 70, 300, 300), (SOFTMAX, False, 50, 300, 130),
-    (RELU, True, 90, 260, 260), (RELU, False, 30, 200, 250), (SIGMOID, True, 100, 300, 300),
-    (ALIBI, False, 80, 260, 260), (ALIBI, True, 129, 300, 300), (DECAY, True, 65, 200, 200),
-    (GATED, True, 100, 300, 300),
+TILE_CASES = [  # (spec, causal, window, t, s, dtypes): several query tiles of 64, a partial last one, windows not
+    # multiples of 64 (the first key of a tile inside a key block), cross attention with a tile past the last key
+    (SOFTMAX, True, 100, 200, 200, True), (SOFTMAX, False, 70, 200, 200, False), (SOFTMAX, False, 50, 250, 100, False),
+    (RELU, True, 90, 200, 200, True), (RELU, False, 30, 200, 250, False), (SIGMOID, True, 100, 200, 200, False),
+    (ALIBI, False, 80, 200, 200, False), (ALIBI, True, 129, 200, 200, True), (DECAY, True, 65, 200, 200, False),
+    (GATED, True, 100, 200, 200, True),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("base,causal,window,t,s", TILE_CASES)
+@pytest.mark.parametrize("base,causal,window,t,s,dtype", [
+    (*case[:5], dtype) for case in TILE_CASES for dtype in ((torch.float64, torch.float32) if case[5] else
+                                                              (torch.float64,))])
 def test_window_tiles_output_and_every_gradient_match_the_reference(base, causal, window, t, s, dtype):
+    """float64 for every case, float32 (the dtype's tolerance against the reference) for four of them"""
     spec = windowed(base, window, causal)
-    result = verify_case(attngen.compile(spec, backend="torch"), spec, dtype=dtype, b=2, h=2, t=t, s=s, dk=16, dv=8)
+    result = verify_case(attngen.compile(spec, backend="torch"), spec, dtype=dtype, b=1, h=2, t=t, s=s, dk=16, dv=8)
     learnable = {f"d{p.name}" for p in spec.parameters if p.learnable} | {f"d{g.name}" for g in spec.gates}
     assert set(result.errors) == {"o", "dq", "dk", "dv"} | learnable
     check(result)
