@@ -218,15 +218,18 @@ def toeplitz_cmd(max_len, out):
 @click.option("--heads", type=click.IntRange(1), default=4, show_default=True, help="Heads H (B = 1, D = 64).")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed rounds over the lengths.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's).")
-def window_cmd(min_len, max_len, out, window, heads, repeats, threads):
+@click.option("--memory", is_flag=True, help="Also count what one forward + backward allocates (tensors, bytes, "
+              "bytes in tensors of 1 MiB and more): unaffected by a busy machine.")
+def window_cmd(min_len, max_len, out, window, heads, repeats, threads, memory):
     """Sliding window attention: time against T.
 
     A causal softmax spec with `window: N` on the torch backend: forward and forward + backward times,
     T = --min-len .. --max-len (doubling), and the ratio of the longest to the shortest (linear in T)."""
     command = (f"python -m benchmarks window --min-len {min_len} --max-len {max_len} --window {window} "
-               f"--heads {heads} --repeats {repeats}" + (f" --threads {threads}" if threads else ""))
+               f"--heads {heads} --repeats {repeats}" + (f" --threads {threads}" if threads else "")
+               + (" --memory" if memory else ""))
     window_scaling(out_dir=Path(out), window=window, h=heads, min_len=min_len, max_len=max_len, repeats=repeats,
-                   threads=threads, command=command, echo=click.echo)
+                   threads=threads, command=command, echo=click.echo, memory=memory)
 
 
 @main.command("cp", context_settings=CONTEXT)

@@ -5,6 +5,12 @@ the table gives the forward (no autograd) and the forward + backward (o.sum().ba
 each the minimum of ``repeats`` rounds over every length (interleaved, so that a slow spell of a shared machine
 does not fall on one length), fp32 on this machine's CPU, and the ratio of the longest to the shortest
 length against the ratio of the lengths (8 for 4k -> 32k; full causal attention would be 64).
+
+``memory=True`` (`--memory`) adds what one forward + backward allocates, which a busy machine does not change:
+the tensors its ops create (counted under a TorchDispatchMode: every op output on a storage none of the op's
+inputs hold, so views and in-place results are not counted), their bytes, the bytes of those of 1 MiB or more
+(tensors the size of a whole q, k or v: fresh pages for the allocator). (A peak resident size is not given: the
+allocator keeps and reuses what earlier calls freed, so the process's peak RSS says little about one call.)
 """
 from __future__ import annotations
 
@@ -13,12 +19,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import attngen
 from attngen.runtime.torch.quadratic import BLOCK_Q, key_range
 from benchmarks.common import _machine, write_result
 
 LIMIT = 9.0  # acceptance: time(T = 8 x T0) / time(T0) at most this (linear: 8; full attention: 64)
+LARGE = 2**20  # --memory: the bytes in tensors of 1 MiB or more, counted apart
 
 
 def window_spec(window: int):
@@ -45,8 +54,36 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+class _Allocations(TorchDispatchMode):
+    """The tensors the ops run under it allocate: outputs on a storage that none of the op's inputs hold; ``large``
+    the bytes of those of LARGE bytes or more (at 4k tokens and more, tensors the size of a whole input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.bytes, self.large = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        held = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in held:
+                held.add(x.untyped_storage().data_ptr())
+                size = x.untyped_storage().nbytes()
+                self.count += 1
+                self.bytes += size
+                self.large += size if size >= LARGE else 0
+        return out
+
+
+def _memory(fn) -> tuple:
+    """(tensors allocated, their bytes, the bytes of those of LARGE bytes or more) of one call of ``fn``."""
+    with _Allocations() as counted:
+        fn()
+    return counted.count, counted.bytes, counted.large
+
+
 def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, min_len=4096, max_len=32768, repeats=5,
-                   threads=None, command="python -m benchmarks window", echo=print) -> Path:
+                   threads=None, command="python -m benchmarks window", echo=print, memory=False) -> Path:
     if threads is not None:
         torch.set_num_threads(threads)
     spec = window_spec(window)
@@ -69,6 +106,7 @@ def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, mi
             with torch.no_grad():
                 fwd[t] = min(fwd[t], _best(lambda: op(*inputs[t]), 1))
             bwd[t] = min(bwd[t], _best(lambda: both(leaves[t]), 1))
+    mem = {t: _memory(lambda: both(leaves[t])) for t in lengths} if memory else {}
     rows = [(t, fwd[t], bwd[t]) for t in lengths]
     (t0, f0, b0), (t1, f1, b1) = rows[0], rows[-1]
     growth = t1 / t0
@@ -84,8 +122,14 @@ def window_scaling(out_dir=Path("bench/results"), window=256, b=1, h=4, d=64, mi
              f"length (linear: {growth:g}x; full causal attention: {growth**2:g}x); acceptance <= "
              f"{LIMIT * growth / 8:g}x: {verdict}", "",
              "| T | keys scored per query | forward ms | forward + backward ms | forward ms / 1k tokens | "
-             "fwd + bwd ms / 1k tokens |", "|---|---|---|---|---|---|"]
+             "fwd + bwd ms / 1k tokens |" + (" fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | "
+                                            "MiB in tensors >= 1 MiB |" if memory else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|---|" if memory else "")]
     for t, fwd, both_ in rows:
-        lines.append(f"| {t} | {_keys_per_query(t, window):.1f} | {fwd * 1e3:.1f} | {both_ * 1e3:.1f} | "
-                     f"{fwd * 1e6 / t:.2f} | {both_ * 1e6 / t:.2f} |")
+        line = (f"| {t} | {_keys_per_query(t, window):.1f} | {fwd * 1e3:.1f} | {both_ * 1e3:.1f} | "
+                f"{fwd * 1e6 / t:.2f} | {both_ * 1e6 / t:.2f} |")
+        if memory:
+            count, size, large = mem[t]
+            line += f" {count} | {size / 2**20:.1f} | {size / 2**20 * 1024 / t:.2f} | {large / 2**20:.1f} |"
+        lines.append(line)
     return write_result("\n".join(lines) + "\n", out_dir, "window", echo)

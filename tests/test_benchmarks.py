@@ -77,7 +77,8 @@ def test_toeplitz_writes_a_table(run, tmp_path):
 
 
 def test_window_writes_a_table(run, tmp_path):
-    result = run("window", "--min-len", "256", "--max-len", "1024", "--heads", "1", "--repeats", "1",
+    """(with --memory: the allocation columns)"""
+    result = run("window", "--min-len", "256", "--max-len", "1024", "--heads", "1", "--repeats", "1", "--memory",
                  "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     (path,) = tmp_path.glob("*-window.md")
@@ -85,6 +86,25 @@ def test_window_writes_a_table(run, tmp_path):
     assert "| 256 |" in text and "| 1024 |" in text and "| 2048 |" not in text
     assert "T = 1024 / T = 256: forward" in text and "window 256" in text
     assert "- command: `python -m benchmarks window --min-len 256 --max-len 1024 --window 256 --heads 1 " in text
+    assert "--repeats 1 --memory`" in text
+    assert "| fwd + bwd tensors allocated | MiB allocated | MiB / 1k tokens | MiB in tensors >= 1 MiB |" in text
+    rows = {t: line.split("|")[7:11] for line in text.splitlines() for t in (256, 1024) if line.startswith(f"| {t} |")}
+    counts = {t: int(r[0]) for t, r in rows.items()}
+    assert 0 < counts[256] < counts[1024]  # four times the query tiles, each recomputed in backward
+    assert all(float(r[1]) > 0 and 0 <= float(r[3]) <= float(r[1]) for r in rows.values())
+
+
+def test_allocation_counter_counts_new_storages_only():
+    import torch
+
+    from benchmarks.window import _Allocations
+    x = torch.zeros(1000)
+    with _Allocations() as counted:
+        y = x + 1  # a new tensor of 4000 bytes
+        x.add_(1)  # in place
+        y[10:].view(2, 495)  # views
+        torch.ones(2**18 + 1)  # one of 1 MiB and more
+    assert (counted.count, counted.bytes, counted.large) == (2, 4000 + 4 * (2**18 + 1), 4 * (2**18 + 1))
 
 
 def test_decode_refuses_a_spec_without_a_state(run, tmp_path):

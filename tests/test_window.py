@@ -296,6 +296,105 @@ def test_torch_tiles_never_read_keys_outside_the_window(base, causal):
 
 
 # ---------------------------------------------------------------------------------------------
+# the torch backend's windowed autograd (WindowTiles: inputs saved, each tile recomputed in backward)
+# ---------------------------------------------------------------------------------------------
+TILE_CASES = [  # (spec, causal, window, t, s, dtypes): several query tiles of 64, a partial last one, windows not
+    # multiples of 64 (the first key of a tile inside a key block), cross attention with a tile past the last key
+    (SOFTMAX, True, 100, 200, 200, True), (SOFTMAX, False, 70, 200, 200, False), (SOFTMAX, False, 50, 250, 100, False),
+    (RELU, True, 90, 200, 200, True), (RELU, False, 30, 200, 250, False), (SIGMOID, True, 100, 200, 200, False),
+    (ALIBI, False, 80, 200, 200, False), (ALIBI, True, 129, 200, 200, True), (DECAY, True, 65, 200, 200, False),
+    (GATED, True, 100, 200, 200, True),
+]
+
+
+@pytest.mark.parametrize("base,causal,window,t,s,dtype", [
+    (*case[:5], dtype) for case in TILE_CASES for dtype in ((torch.float64, torch.float32) if case[5] else
+                                                              (torch.float64,))])
+def test_window_tiles_output_and_every_gradient_match_the_reference(base, causal, window, t, s, dtype):
+    """float64 for every case, float32 (the dtype's tolerance against the reference) for four of them"""
+    spec = windowed(base, window, causal)
+    result = verify_case(attngen.compile(spec, backend="torch"), spec, dtype=dtype, b=1, h=2, t=t, s=s, dk=16, dv=8)
+    learnable = {f"d{p.name}" for p in spec.parameters if p.learnable} | {f"d{g.name}" for g in spec.gates}
+    assert set(result.errors) == {"o", "dq", "dk", "dv"} | learnable
+    check(result)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_based_hybrid_window_term_matches_the_reference(dtype):
+    spec = load_spec("based_hybrid")
+    check(verify_case(attngen.compile(spec, backend="torch"), spec, dtype=dtype, b=1, h=2, t=200, dk=16, dv=8))
+
+
+@pytest.mark.parametrize("wanted", ["q", "k", "v", "b"])
+def test_window_tiles_differentiate_any_subset_of_the_inputs(wanted):
+    """Only one of q, k, v and the parameter b needs a gradient: that one matches the reference, float64."""
+    spec = windowed(SIGMOID, 45, False)
+    op, ref = attngen.compile(spec, backend="torch"), reference(spec)
+    x = {n: torch.randn(1, 2, 150, 16, dtype=torch.float64) for n in "qkv"} | {"b": torch.tensor(0.3).double()}
+    do = torch.randn(1, 2, 150, 16, dtype=torch.float64)
+    grads = []
+    for fn in (op, ref):
+        leaves = {n: t.clone().requires_grad_(n == wanted) for n, t in x.items()}
+        fn(leaves["q"], leaves["k"], leaves["v"], b=leaves["b"]).backward(do)
+        assert all(leaves[n].grad is None for n in leaves if n != wanted)
+        grads.append(leaves[wanted].grad)
+    assert_close(f"d{wanted}", grads[0], grads[1], 1e-10)
+
+
+@pytest.mark.parametrize("base,causal", [(ALIBI, True), (SIGMOID, False), (GATED, True)])
+def test_window_tiles_second_derivatives_match_the_reference(base, causal):
+    """create_graph=True: the gradients of <dq, w> + <dk, w'> (+ the parameter's) with respect to q, k, v, do and
+    the parameters or the gate, float64, against the reference's."""
+    spec = windowed(base, 37, causal)
+    g = torch.Generator().manual_seed(3)
+    x = {n: torch.randn(1, 2, 140, 8, generator=g, dtype=torch.float64) for n in ("q", "k", "v", "do", "wq", "wk")}
+    params = {p.name: torch.full((2,), 0.3, dtype=torch.float64) if p.shape else torch.tensor(0.3).double()
+              for p in spec.parameters}
+    params |= {gate.name: -torch.rand(1, 2, 140, generator=g, dtype=torch.float64) * 0.2 for gate in spec.gates}
+    results = []
+    for fn in (attngen.compile(spec, backend="torch"), reference(spec)):
+        leaves = {n: t.clone().requires_grad_() for n, t in [*x.items(), *params.items()] if n not in ("wq", "wk")}
+        o = fn(leaves["q"], leaves["k"], leaves["v"], **{n: leaves[n] for n in params})
+        firsts = torch.autograd.grad(o, [leaves["q"], leaves["k"], *(leaves[n] for n in params)], leaves["do"],
+                                     create_graph=True)
+        penalty = (firsts[0] * x["wq"]).sum() + (firsts[1] * x["wk"]).sum() + sum(f.sum() for f in firsts[2:])
+        results.append(dict(zip(leaves, torch.autograd.grad(penalty, list(leaves.values())))))
+    assert set(results[0]) == {"q", "k", "v", "do"} | set(params)
+    for name in results[1]:
+        assert_close(f"d2 {name}", results[0][name], results[1][name], 1e-9)
+
+
+@pytest.mark.parametrize("base", [SOFTMAX, ALIBI])
+def test_window_tiles_keep_a_graph_of_constant_size(base):
+    """The autograd graph of a windowed op holds the same nodes at T = 256 and T = 1024 (its inputs' preparation and
+    one node for every tile), and that node saves only the inputs: nothing per tile, so memory is linear in T."""
+    spec = windowed(base, 100, True)
+    op = attngen.compile(spec, backend="torch")
+    sizes = []
+    for t in (256, 1024):
+        xs = [torch.randn(1, 2, t, 16, requires_grad=True) for _ in range(3)]
+        o = op(*xs)
+        nodes = _walk(o.grad_fn)
+        sizes.append(len(nodes))
+        tiles = [n for n in nodes if type(n).__name__ == "WindowTilesBackward"]
+        assert len(tiles) == 1
+        saved = [x for x in tiles[0].saved_tensors if x is not None]
+        assert sum(x.numel() for x in saved) <= 3 * 2 * t * 17 + 2 * 8  # q, k, [V | 1] (and a per-head slope)
+    assert sizes[0] == sizes[1]
+
+
+def _walk(node):
+    seen, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.append(n)
+        todo += [m for m, _ in n.next_functions]
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
 # the generated Triton kernels (under the interpreter on a CPU)
 # ---------------------------------------------------------------------------------------------
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

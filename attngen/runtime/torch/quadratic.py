@@ -6,6 +6,10 @@ Each query tile runs under activation checkpointing, so autograd keeps one tile'
 
 A window (spec key ``window: N``, the pairs |i - j| < N) restricts each query tile to the keys its rows attend
 (key_range): the tiles outside are never visited, so the work is ~T * min(N, S) pairs, linear in T for a fixed N.
+With autograd a windowed plan runs in WindowTiles, which keeps only its inputs and recomputes each query tile in
+backward, adding the gradients into buffers allocated once, so that memory traffic is linear in T as well (a
+checkpoint per tile left autograd a slice's zero-filled gradient of the whole k and v per tile and per-tile
+pieces to join: linear work, but allocations of the whole input that made 32k tokens 17 % slower per token).
 
 With autograd, a row-sum-normalised tile forms its rows of A over all keys (the recomputation keeps them for
 the backward anyway) and divides through RowNormalize, whose backward takes the row term from the very
@@ -36,29 +40,26 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     cumulative sum G of a per-head gate (causal): W gains exp(G_i - G_j), a softmax score G_i - G_j."""
     track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env), big)
                                             if x is not None)
+    if plan.spec.window is not None:  # the tiles in the window only, in preallocated buffers (WindowTiles)
+        if track:
+            names = [s for s, x in env.items() if isinstance(x, torch.Tensor) and x.requires_grad]
+            return WindowTiles.apply((plan, env, causal, names), q, k, v, big, *(env[s] for s in names))
+        return _window_forward(plan, env, causal, q, k, v, big)
     body = _normalized_tile if track and plan.normalize.kind == "rowsum" else _query_tile
     tile = functools.partial(body, plan, env, with_rank5(env), causal)
-    window = plan.spec.window
     s_len = k.shape[2]
-    # the tiles take their rows and keys from split blocks, not slices: the backward of a slice is a zero tensor of
-    # the whole input per tile (T / BLOCK_Q of them: quadratic in T), one split's is a single cat
+    # the tiles take their rows from split blocks, not slices: the backward of a slice is a zero tensor of the
+    # whole input per tile (T / BLOCK_Q of them: quadratic in T), one split's is a single cat
     rows = zip(q.split(BLOCK_Q, 2), big.split(BLOCK_Q, 2) if big is not None else repeat(None))
-    blocks = [x.split(BLOCK_K, 2) for x in (k, v, big) if x is not None] if window is not None else None
     outs = []
     for n, (q_tile, g_rows) in enumerate(rows):
         i0 = n * BLOCK_Q
-        lo, stop = key_range(i0, q_tile.shape[2], s_len, causal, window)
-        if lo >= stop:  # a window past the last key (cross attention): these rows attend nothing and give 0
+        lo, stop = key_range(i0, q_tile.shape[2], s_len, causal, None)
+        if lo >= stop:  # no key at all (S = 0)
             width = v.shape[-1] - (plan.normalize.kind == "rowsum")  # [V | 1]: the ones column is not an output
             outs.append(q_tile.new_zeros(*q_tile.shape[:3], width))
             continue
-        b0 = lo // BLOCK_K if window is not None else 0
-        if b0 == 0:  # every key from the first: k, v and G whole
-            args = (tile, i0, 0, s_len, q_tile, g_rows, k, v, big)
-        else:  # a window: the key blocks it intersects, joined inside the tile (recomputed, not kept)
-            parts = [x[b0:-(-stop // BLOCK_K)] for x in blocks]
-            args = (functools.partial(_joined, tile, len(parts[0])), i0, b0 * BLOCK_K, s_len, q_tile, g_rows,
-                    *[b for part in parts for b in part])
+        args = (tile, i0, 0, s_len, q_tile, g_rows, k, v, big)
         if track:  # recompute the tile's scores in backward instead of keeping them
             outs.append(checkpoint(*args, use_reentrant=False))
         else:
@@ -66,10 +67,110 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     return torch.cat(outs, 2)
 
 
-def _joined(tile, n: int, i0: int, j_start: int, s_len: int, q_tile, g_rows, *blocks):
-    """``tile`` on the keys j_start .. of ``blocks``: n key blocks, n value blocks (and n blocks of G), joined."""
-    k, v, *g = (torch.cat(blocks[a:a + n], 2) for a in range(0, len(blocks), n))
-    return tile(i0, j_start, s_len, q_tile, g_rows, k, v, g[0] if g else None)
+def _window_forward(plan, env: dict, causal: bool, q, k, v, big) -> torch.Tensor:
+    """O of a windowed plan without autograd: each query tile on the keys key_range gives it (views of k, v and
+    G: no copy), written into one preallocated output; rows that attend no key are 0. A row-sum plan's tile forms
+    its scores over the window's keys at once (_normalized_tile: fewer, larger ops than key tile by key tile, and
+    the body its backward recomputes); others run _query_tile."""
+    body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
+    tile = functools.partial(body, plan, env, with_rank5(env), causal)
+    b, h, t, _ = q.shape
+    s_len = k.shape[2]
+    out = q.new_empty(b, h, t, v.shape[-1] - (plan.normalize.kind == "rowsum"))  # [V | 1]: no ones column out
+    for i0 in range(0, t, BLOCK_Q):
+        i1 = min(t, i0 + BLOCK_Q)
+        lo, stop = key_range(i0, i1 - i0, s_len, causal, plan.spec.window)
+        if lo >= stop:  # a window past the last key (cross attention): these rows attend nothing and give 0
+            out[:, :, i0:i1] = 0
+            continue
+        g_rows, g_cols = (None, None) if big is None else (big[:, :, i0:i1], big[:, :, lo:stop])
+        out[:, :, i0:i1] = tile(i0, lo, s_len, q[:, :, i0:i1], g_rows, k[:, :, lo:stop], v[:, :, lo:stop], g_cols)
+    return out
+
+
+class WindowTiles(torch.autograd.Function):
+    """O of a windowed plan with autograd, in memory linear in T: the forward keeps only its inputs (q, k, [V | 1],
+    G and the environment's tensors that need a gradient), and the backward recomputes each query tile on its keys
+    with autograd (the body the unwindowed tiles recompute under checkpointing: _normalized_tile for a row-sum
+    plan, else _query_tile), so it holds one tile's graph at a time. torch.autograd.grad of the tile gives its
+    dq rows and the dk, dv (dG) of its keys, added into buffers allocated once: no gradient of a slice (a zero
+    tensor of the whole input per tile), no cat of per-tile pieces. Parameter gradients add up in float64. Under
+    create_graph=True the same recomputation runs on slices of the saved inputs, so the gradients it returns are
+    differentiable again (a gradient penalty, a Hessian-vector product).
+
+    ``run`` is (plan, env, causal, names): ``names`` the symbols of env whose tensors are the trailing inputs."""
+
+    @staticmethod
+    def forward(ctx, run, q, k, v, big, *values):
+        plan, env, causal, names = run
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, big, *values)
+        return _window_forward(plan, {**env, **dict(zip(names, values))}, causal, q, k, v, big)
+
+    @staticmethod
+    def backward(ctx, do):
+        plan, env, causal, names = ctx.run
+        q, k, v, big, *values = ctx.saved_tensors
+        # create_graph=True (a second derivative): the tiles are recomputed on slices of the saved inputs, which
+        # then stay in the graph, and the gradients are differentiable (autograd.grad with create_graph)
+        higher = torch.is_grad_enabled()
+        leaf = _slice if higher else _leaf
+        need_q, need_k, need_v, need_g, *need_p = ctx.needs_input_grad[1:]
+        need_x = {n for n, x in zip(("q", "k", "v", "g_rows", "g_cols"), (need_q, need_k, need_v, need_g, need_g)) if x}
+        body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
+        b, h, t, _ = q.shape
+        s_len = k.shape[2]
+        dq = torch.zeros_like(q) if need_q else None
+        dk = torch.zeros_like(k) if need_k else None
+        dv = torch.zeros_like(v) if need_v else None
+        dg = torch.zeros_like(big) if need_g else None
+        dps = [torch.zeros_like(x, dtype=torch.float64) if n else None for x, n in zip(values, need_p)]
+        for i0 in range(0, t, BLOCK_Q):
+            i1 = min(t, i0 + BLOCK_Q)
+            lo, stop = key_range(i0, i1 - i0, s_len, causal, plan.spec.window)
+            if lo >= stop:  # rows that attend no key: 0 whatever the inputs
+                continue
+            with torch.enable_grad():
+                xs = {"q": leaf(q[:, :, i0:i1], need_q), "k": leaf(k[:, :, lo:stop], need_k),
+                      "v": leaf(v[:, :, lo:stop], need_v)}
+                if big is not None:
+                    xs["g_rows"], xs["g_cols"] = leaf(big[:, :, i0:i1], need_g), leaf(big[:, :, lo:stop], need_g)
+                ps = [x if higher else _leaf(x, n) for x, n in zip(values, need_p)]
+                env4 = {**env, **dict(zip(names, ps))}
+                o = body(plan, env4, with_rank5(env4), causal, i0, lo, s_len, xs["q"], xs.get("g_rows"), xs["k"],
+                         xs["v"], xs.get("g_cols"))
+                wrt = [(n, x) for n, x in [*xs.items(), *enumerate(ps)] if x.requires_grad
+                       and (n in need_x if isinstance(n, str) else need_p[n])]
+                if not wrt:
+                    continue
+                grads = torch.autograd.grad(o, [x for _, x in wrt], do[:, :, i0:i1], allow_unused=True,
+                                            create_graph=higher)
+            for (n, _), g in zip(wrt, grads):
+                if g is None:  # the tile's output does not depend on it (e.g. a parameter its keys never reach)
+                    continue
+                if n == "q":
+                    dq[:, :, i0:i1] = g
+                elif n == "k":
+                    dk[:, :, lo:stop] += g
+                elif n == "v":
+                    dv[:, :, lo:stop] += g
+                elif n == "g_rows":
+                    dg[:, :, i0:i1] += g
+                elif n == "g_cols":
+                    dg[:, :, lo:stop] += g
+                else:
+                    dps[n] += g
+        return (None, dq, dk, dv, dg, *(None if d is None else d.to(x.dtype) for d, x in zip(dps, values)))
+
+
+def _leaf(x: torch.Tensor, grad: bool) -> torch.Tensor:
+    """x cut from the graph: a leaf of the tile's recomputation that collects a gradient when ``grad``."""
+    return x.detach().requires_grad_(grad)
+
+
+def _slice(x: torch.Tensor, grad: bool) -> torch.Tensor:
+    """x as it is (a second derivative differentiates through it; its gradient is taken only when ``grad``)."""
+    return x
 
 
 def key_range(i0: int, tq: int, s_len: int, causal: bool, window: int | None) -> tuple:
