@@ -27,7 +27,14 @@ from attngen.ir import DEFAULT_CHUNK, Ordering
 from attngen.runtime import prologue
 from attngen.runtime import state as state_lib
 from attngen.runtime import terms as terms_lib
-from attngen.runtime.inputs import check_cu_seqlens, check_gates, check_params, check_positions, check_qkv
+from attngen.runtime.inputs import (
+    check_cu_seqlens,
+    check_gates,
+    check_params,
+    check_positions,
+    check_qkv,
+    limit_closure,
+)
 from attngen.runtime.state import State, check_decodable
 from attngen.runtime.torch import backend as torch_backend
 from attngen.runtime.torch import packed
@@ -72,6 +79,9 @@ class TermsOp:
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
         self.head_dim = DEFAULT_HEAD_DIM  # the last call's (the terms' plans are at their slices' widths)
+        self._limit = limit_closure(spec)
+        self._slices = {}  # head dim -> the terms' slices (terms.slices: sympy, worked out outside any trace)
+        self._coefficients = terms_lib.coefficient_closures(spec)
 
     def __repr__(self) -> str:
         return f"TermsOp({self.spec.name!r} {self.spec.mode}, {len(self.ops)} terms, backend={self.backend!r})"
@@ -84,13 +94,16 @@ class TermsOp:
         if initial_state is not None or return_state:
             raise InputError(f"{self.spec.name}: a spec with terms has no single recurrent state (each term would "
                              "carry its own); call the op on whole sequences")
-        qh, _, _ = check_qkv(self.spec, q, k, v, self.layout)
-        self.head_dim = qh.shape[3]
+        qh, _, _ = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
+        head_dim = int(qh.shape[3])  # static under torch.compile: the slices and the terms' plans depend on it
+        self.head_dim = head_dim
+        _slices_ready(self, head_dim)
         gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
-        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
-                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra))
+                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra),
+                                 cuts=self._slices[head_dim], closures=self._coefficients)
 
     def init_state(self, *args, **kwargs):
         raise InputError(f"{self.spec.name}: a spec with terms has no recurrent state to decode with")
@@ -134,6 +147,7 @@ class AttentionOp:
         self.last_selection = None  # topk_sparse: the key blocks kept on the last call
         self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
         self._hot = None  # op.step's hot path: (input signature, the returned state's fingerprint, plan, params)
+        self._limit = limit_closure(spec)  # a length-dependent max_length's closure (evaluated under torch.compile)
         # validates a forced ordering (and, for triton, that the kernels can be generated) now
         self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
 
@@ -156,11 +170,11 @@ class AttentionOp:
         ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
         B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
         each sequence's positions start at 0 (or its initial state's pos)."""
-        qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
+        qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
         backend = resolve_backend(self.backend, qh.device)
         gates, gate = self._gates(params, qh)
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
-        plan = self._plan_for(backend, qh.shape[-1])
+        plan = self._planned(backend, int(qh.shape[-1]))
         self.plan = plan
         bounds = None
         if cu_seqlens is not None:
@@ -408,13 +422,37 @@ class AttentionOp:
         o, (S, z, pos) = out
         return o, State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
 
+    def _planned(self, backend: str, head_dim: int):
+        """The plan for a call: the planner runs outside any torch.compile trace (_plan_ready)."""
+        _plan_ready(self, backend, head_dim)
+        return self._plans[(backend, head_dim)]
+
     def _plan_for(self, backend: str, head_dim: int):
         key = (backend, head_dim)
         if key not in self._plans:
-            self._plans[key] = pipeline.plan(self.spec, target=backend, head_dim=head_dim,
-                                             chunk=self.chunk or DEFAULT_CHUNK,
-                                             force=self._force)
+            plan = pipeline.plan(self.spec, target=backend, head_dim=head_dim, chunk=self.chunk or DEFAULT_CHUNK,
+                                 force=self._force)
+            if backend == "torch":  # the closures its calls evaluate, translated now (torch_backend.lowered)
+                torch_backend.lowered(plan)
+            self._plans[key] = plan
         return self._plans[key]
+
+@torch.compiler.assume_constant_result
+def _slices_ready(op: TermsOp, head_dim: int) -> bool:
+    """The terms' slices at ``head_dim`` in op._slices (sympy: run as a constant under torch.compile, _plan_ready)."""
+    if head_dim not in op._slices:
+        op._slices[head_dim] = terms_lib.slices(op.spec, head_dim)
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _plan_ready(op: AttentionOp, backend: str, head_dim: int) -> bool:
+    """Plans ``op`` for a backend and head dim (op._plans). Under torch.compile the planner (sympy) must not be
+    traced: dynamo runs this function as it traces (a constant of the graph) and the plan is then read from
+    op._plans like any attribute, under dynamo's guards."""
+    op._plan_for(backend, head_dim)
+    return True
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend a call runs on: "auto" is triton for CUDA tensors, torch for any other device."""

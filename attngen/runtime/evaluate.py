@@ -15,8 +15,10 @@ from attngen.errors import PlanError
 from attngen.frontend.expr import (
     HEAD,
     HEADS,
+    KE,
     N_K,
     N_Q,
+    QE,
     D,
     Dot,
     Elu,
@@ -132,6 +134,19 @@ TABLE = {
 }
 
 
+class Arg:
+    """An argument of a reduction (dot, norm) as the ``dot`` / ``norm`` functions of an Evaluator receive it: the
+    expression, its closure and the vectors it reads ('q', 'k'), all worked out when the tree is translated, so
+    evaluating a reduction walks no sympy tree (and a torch.compile trace meets no sympy call)."""
+
+    __slots__ = ("expr", "fn", "sides", "free_symbols")
+
+    def __init__(self, expr, where: str):
+        self.expr, self.fn = expr, compiled(expr, where)
+        self.free_symbols = expr.free_symbols
+        self.sides = frozenset(s for s, e in (("q", QE), ("k", KE)) if e in self.free_symbols)
+
+
 class Evaluator:
     """Evaluates sympy trees; ``env`` maps symbols to tensors or numbers; ``dot(ev, a, b)`` / ``norm(ev, a)``
     evaluate the reductions, given this evaluator for their arguments (the caller decides how vectors are
@@ -145,12 +160,14 @@ class Evaluator:
         self.memo = {}  # closure -> value: a formula asked for twice (a factor shared by terms) runs once
 
     def __call__(self, expr):
-        return self.run(compiled(expr, self.where))
+        return self.run(expr)
 
     def run(self, fn):
         """The value of a closure from ``compiled`` (equal expressions share one: computed once per evaluator),
-        or of an expression."""
-        if isinstance(fn, sympy.Basic):
+        of a reduction's Arg, or of an expression."""
+        if type(fn) is Arg:
+            fn = fn.fn
+        elif isinstance(fn, sympy.Basic):
             fn = compiled(fn, self.where)
         if fn in self.memo:
             return self.memo[fn]
@@ -190,10 +207,10 @@ def _translate(expr, where: str):
         value = int(expr) if expr.is_Integer else float(expr)
         return lambda ev: value
     if isinstance(expr, Dot):
-        a, b = expr.args
+        a, b = (Arg(x, where) for x in expr.args)
         return lambda ev: ev.dot(ev, a, b)
     if isinstance(expr, Norm):
-        a = expr.args[0]
+        a = Arg(expr.args[0], where)
         return lambda ev: ev.norm(ev, a)
     if isinstance(expr, sympy.Piecewise):
         return _piecewise(expr, where)
