@@ -156,7 +156,10 @@ class Evaluator:
     runs those closures on this evaluator's env and walks no sympy tree."""
 
     def __init__(self, env: dict, dot=None, norm=None, where: str = "<expr>"):
-        self.env, self.dot, self.norm, self.where = env, dot, norm, where
+        # keyed by the symbols' names: a lookup compares strings, never sympy objects (two equal Symbols need not be
+        # one object, and a torch.compile trace would have to hash sympy objects to compare them)
+        self.env = {k if type(k) is str else k.name: v for k, v in env.items()}
+        self.dot, self.norm, self.where = dot, norm, where
         self.memo = {}  # closure -> value: a formula asked for twice (a factor shared by terms) runs once
 
     def __call__(self, expr):
@@ -174,7 +177,7 @@ class Evaluator:
         value = self.memo[fn] = fn(self)
         return value
 
-    def lookup(self, symbol):
+    def lookup(self, symbol: str):
         try:
             return self.env[symbol]
         except KeyError:
@@ -200,7 +203,8 @@ def compiled(expr, where: str = "<expr>"):
 
 def _translate(expr, where: str):
     if isinstance(expr, sympy.Symbol):
-        return lambda ev: ev.lookup(expr)
+        name = expr.name
+        return lambda ev: ev.lookup(name)
     if expr is sympy.pi:
         return lambda ev: math.pi
     if expr.is_Number or expr.is_NumberSymbol:

@@ -90,7 +90,7 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
     qev = row_evaluator(env, QE, q, I, i, where)
     kev = row_evaluator(env, KE, k, J, j, where)
     if positional and i is j:  # one position (decode): the key side's position factors are the query side's
-        kev.env[I], kev.memo, sides = i, qev.memo, shared
+        kev.env[I.name], kev.memo, sides = i, qev.memo, shared
     q_blocks = [_side(qev, scales, factors, q) for (scales, factors), _ in sides]
     k_blocks = [_side(kev, scales, factors, k) for _, (scales, factors) in sides]
     if len(sides) == 1:
