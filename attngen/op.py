@@ -13,6 +13,7 @@ it solved); "linear", "quadratic", "recurrent" or "fft" forces one ordering.
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -33,6 +34,7 @@ from attngen.runtime.inputs import (
     check_params,
     check_positions,
     check_qkv,
+    default_parameters,
     limit_closure,
 )
 from attngen.runtime.state import State, check_decodable
@@ -95,7 +97,7 @@ class TermsOp:
             raise InputError(f"{self.spec.name}: a spec with terms has no single recurrent state (each term would "
                              "carry its own); call the op on whole sequences")
         qh, _, _ = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
-        head_dim = int(qh.shape[3])  # static under torch.compile: the slices and the terms' plans depend on it
+        head_dim = _static(qh.shape[3])  # the slices and the terms' plans depend on it
         self.head_dim = head_dim
         _slices_ready(self, head_dim)
         gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
@@ -148,6 +150,7 @@ class AttentionOp:
         self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
         self._hot = None  # op.step's hot path: (input signature, the returned state's fingerprint, plan, params)
         self._limit = limit_closure(spec)  # a length-dependent max_length's closure (evaluated under torch.compile)
+        self._defaults = {}  # (H, d, dtype, device, names) -> the default tensors of those parameters
         # validates a forced ordering (and, for triton, that the kernels can be generated) now
         self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
 
@@ -173,8 +176,10 @@ class AttentionOp:
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
         backend = resolve_backend(self.backend, qh.device)
         gates, gate = self._gates(params, qh)
-        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
-        plan = self._planned(backend, int(qh.shape[-1]))
+        heads, head_dim = _static(qh.shape[1]), _static(qh.shape[3])
+        values = check_params(self.spec, params, heads, qh, head_dim=head_dim,
+                              defaults=lambda missing: self._default_values(heads, head_dim, qh, missing))
+        plan = self._planned(backend, head_dim)
         self.plan = plan
         bounds = None
         if cu_seqlens is not None:
@@ -422,6 +427,13 @@ class AttentionOp:
         o, (S, z, pos) = out
         return o, State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
 
+    def _default_values(self, heads: int, head_dim: int, like, missing: tuple) -> dict:
+        """The default tensors of the ``missing`` parameters at this size, dtype and device, evaluated once (outside
+        any torch.compile trace: _defaults_ready) and kept in self._defaults."""
+        key = (heads, head_dim, like.dtype, like.device, missing)
+        _defaults_ready(self, key)
+        return self._defaults[key]
+
     def _planned(self, backend: str, head_dim: int):
         """The plan for a call: the planner runs outside any torch.compile trace (_plan_ready)."""
         _plan_ready(self, backend, head_dim)
@@ -436,6 +448,24 @@ class AttentionOp:
                 torch_backend.lowered(plan)
             self._plans[key] = plan
         return self._plans[key]
+
+def _static(n) -> int:
+    """A size as a Python int; under torch.compile with dynamic shapes operator.index specialises a symbolic size
+    (a guard on its value: one graph per head dim), where int() would keep it symbolic."""
+    return operator.index(n)
+
+
+@torch.compiler.assume_constant_result
+def _defaults_ready(op: AttentionOp, key: tuple) -> bool:
+    """Parameter defaults for op._defaults[key] (sympy init expressions and a finiteness check: run as a constant
+    under torch.compile, _plan_ready). At most 64 sizes are kept."""
+    if key not in op._defaults:
+        heads, head_dim, dtype, device, names = key
+        if len(op._defaults) >= 64:
+            op._defaults.clear()
+        op._defaults[key] = default_parameters(op.spec, heads, dtype, device, head_dim=head_dim, names=names)
+    return True
+
 
 @torch.compiler.assume_constant_result
 def _slices_ready(op: TermsOp, head_dim: int) -> bool:

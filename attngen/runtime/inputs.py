@@ -123,10 +123,12 @@ def check_positions(spec: Spec, end, what: str | None = None, lengths: tuple | N
                        what=what or spec.name)
 
 
-def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None) -> dict:
+def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None,
+                 defaults=None) -> dict:
     """Fill defaults for missing parameters (their init at the call's head dim: ``head_dim``, default
     ``like.shape[-1]``, q's last dim for the [B, H, T, D] ``like`` every caller passes) and validate the given
-    ones."""
+    ones. ``defaults(missing)``: the missing parameters' default tensors (default_parameters' result, kept by the
+    caller: an op evaluates them once per size, outside any torch.compile trace)."""
     unknown = set(params) - set(spec.param_names)
     if unknown:
         raise InputError(f"unknown keyword(s) {sorted(unknown)} for {spec.name}; its parameters are "
@@ -135,8 +137,11 @@ def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_
         head_dim = int(like.shape[-1]) if like.dim() else None
     if head_dim is None or head_dim < 1:
         raise InputError(f"{spec.name}: head dim {head_dim}: expected q and k with a last dim >= 1")
-    missing = [p.name for p in spec.parameters if p.name not in params]
-    out = default_parameters(spec, heads, like.dtype, like.device, head_dim=head_dim, names=missing)
+    missing = tuple(p.name for p in spec.parameters if p.name not in params)
+    if defaults is not None:
+        out = dict(defaults(missing)) if missing else {}
+    else:
+        out = default_parameters(spec, heads, like.dtype, like.device, head_dim=head_dim, names=missing)
     for p in spec.parameters:
         if p.name in params:
             out[p.name] = validate.parameter(p.name, params[p.name], per_head=p.per_head, heads=heads, like=like,

@@ -43,7 +43,9 @@ def attention(plan, q, k, v, params: dict) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):  # per head (a parameter): into q, so its gradient flows
         q, scale = q * scale, 1.0
     causal = plan.spec.causal
-    gqa = k.shape[1] != h  # grouped KV heads: SDPA reads each group's k, v in place
+    # grouped KV heads: SDPA reads each group's k, v in place; a branch, not bool(): under torch.compile with
+    # symbolic head counts the comparison is a SymBool, which SDPA's enable_gqa does not take (the branch guards)
+    gqa = True if k.shape[1] != h else False
     if plan.sdpa.bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=float(scale), enable_gqa=gqa)
     i = torch.arange(t, dtype=dtype, device=q.device).view(1, 1, t, 1)
