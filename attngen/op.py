@@ -99,7 +99,7 @@ class TermsOp:
         qh, _, _ = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
         head_dim = _static(qh.shape[3])  # the slices and the terms' plans depend on it
         self.head_dim = head_dim
-        _slices_ready(self, head_dim)
+        _terms_ready(self, resolve_backend(self.backend, qh.device), head_dim)
         gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
@@ -446,6 +446,7 @@ class AttentionOp:
                                  force=self._force)
             if backend == "torch":  # the closures its calls evaluate, translated now (torch_backend.lowered)
                 torch_backend.lowered(plan)
+
             self._plans[key] = plan
         return self._plans[key]
 
@@ -468,10 +469,14 @@ def _defaults_ready(op: AttentionOp, key: tuple) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _slices_ready(op: TermsOp, head_dim: int) -> bool:
-    """The terms' slices at ``head_dim`` in op._slices (sympy: run as a constant under torch.compile, _plan_ready)."""
+def _terms_ready(op: TermsOp, backend: str, head_dim: int) -> bool:
+    """The terms' slices at ``head_dim`` in op._slices and every term's plan (and module) at its slice's width (sympy,
+    files: run as a constant under torch.compile, _plan_ready). All terms before the first runs: a trace reads the
+    shared tables (the generated modules' custom ops) once, so they must be complete by then."""
     if head_dim not in op._slices:
         op._slices[head_dim] = terms_lib.slices(op.spec, head_dim)
+    for term, cut in zip(op.ops, op._slices[head_dim]):
+        _plan_ready(term, backend, head_dim if cut is None else cut[1] - cut[0])
     return True
 
 
@@ -480,7 +485,9 @@ def _plan_ready(op: AttentionOp, backend: str, head_dim: int) -> bool:
     """Plans ``op`` for a backend and head dim (op._plans). Under torch.compile the planner (sympy) must not be
     traced: dynamo runs this function as it traces (a constant of the graph) and the plan is then read from
     op._plans like any attribute, under dynamo's guards."""
-    op._plan_for(backend, head_dim)
+    plan = op._plan_for(backend, head_dim)
+    if backend == "triton" and Ordering.TOPK_SPARSE not in (plan.choice.below, plan.choice.above):
+        triton_loader.load_module(plan)  # the generated module, imported here (kept in plan.memo), not in a trace
     return True
 
 
