@@ -258,14 +258,16 @@ def _detached(a):
 
 OPCHECK = [("linear_elu", ("fwd", "bwd", "qfwd", "qbwd")),  # linear chunked scan, quadratic tiles (row sums)
            ("retention", ("fwd", "bwd", "qfwd", "qbwd")),  # the decay class
-           ("simple_gla", ("fwd", "bwd", "qfwd", "qbwd")),  # a gate
+           ("simple_gla", ("fwd", "bwd")),  # a gate in the linear scan (its quadratic kernels are softmax's only)
+           ("forgetting", ("qfwd", "qbwd")),  # a gate in the flash kernels
+           ("t5_bias", ("qfwd", "qbwd")),  # a table parameter (its gradient by atomic adds)
            ("softmax", ("qfwd", "qbwd"))]  # the flash kernels (softmax has no linear ordering)
 
 
 @needs_triton
 @pytest.mark.parametrize("name,expect", OPCHECK, ids=[n for n, _ in OPCHECK])
 def test_opcheck_custom_ops(name, expect):
-    plans = ("linear", "quadratic") if "fwd" in expect else ("quadratic",)
+    plans = tuple(p for p, kind in (("linear", "fwd"), ("quadratic", "qfwd")) if kind in expect)
     _opcheck(_recorded_calls(name, plans), expect)
 
 
