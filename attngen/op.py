@@ -173,6 +173,10 @@ class AttentionOp:
         ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
         B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
         each sequence's positions start at 0 (or its initial state's pos)."""
+        if torch.compiler.is_compiling() and (initial_state is not None or return_state or cu_seqlens is not None):
+            raise InputError(f"{self.spec.name}: initial_state, return_state and cu_seqlens are not supported under "
+                             "torch.compile (states and packed boundaries are checked and split on the host); call "
+                             "the op eagerly for them (docs/api.md, 'torch.compile')")
         qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
         backend = resolve_backend(self.backend, qh.device)
         gates, gate = self._gates(params, qh)
@@ -486,6 +490,8 @@ def _plan_ready(op: AttentionOp, backend: str, head_dim: int) -> bool:
     traced: dynamo runs this function as it traces (a constant of the graph) and the plan is then read from
     op._plans like any attribute, under dynamo's guards."""
     plan = op._plan_for(backend, head_dim)
+    if plan.linear_terms:
+        _feature_width(plan, head_dim)  # the state's width (sympy, remembered in plan.memo)
     if backend == "triton" and Ordering.TOPK_SPARSE not in (plan.choice.below, plan.choice.above):
         triton_loader.load_module(plan)  # the generated module, imported here (kept in plan.memo), not in a trace
     return True

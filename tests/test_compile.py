@@ -199,6 +199,18 @@ def test_decay_check_under_compile():
         compiled(*qkv, gamma=bad)
 
 
+def test_states_refused_under_compile():
+    """initial_state / return_state / cu_seqlens are eager-only: under compile the op says so (dynamo wraps the
+    InputError raised while tracing in its Unsupported error, the message kept)."""
+    _, qkv, _, _, _, _ = _case("linear_elu", t=40)
+    op = attngen.compile("linear_elu", backend="torch")
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
+    for call in ({"return_state": True}, {"cu_seqlens": torch.tensor([0, 10, 40])}):
+        with pytest.raises(Exception, match="not supported under torch.compile"):
+            compiled(*qkv, **call)
+        op(*qkv, **call)  # eagerly they run
+
+
 # ---------------------------------------------------------------------------------------------
 # the triton backend's custom ops (under the interpreter on a CPU)
 # ---------------------------------------------------------------------------------------------
