@@ -304,6 +304,10 @@ class AttentionOp:
 
         Hot path: a call with no parameters, tensors of the same shapes, dtypes and devices as the previous call,
         and the State that call returned (its tensors untouched) skips the checks that call already made."""
+        if torch.compiler.is_compiling():
+            raise InputError(f"{self.spec.name}: op.step is not supported under torch.compile (its hot path keys "
+                             "on the identities of the state's tensors); call it eagerly (docs/api.md, "
+                             "'torch.compile')")
         hot = self._hot
         if hot is not None and not params and getattr(state, "checked", None) is hot[1] \
                 and hot[0] == _signature(q_t, k_t, v_t) and hot[1][1:4] == (id(state.S), id(state.z), id(state.pos)):

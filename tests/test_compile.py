@@ -200,8 +200,8 @@ def test_decay_check_under_compile():
 
 
 def test_states_refused_under_compile():
-    """initial_state / return_state / cu_seqlens are eager-only: under compile the op says so (dynamo wraps the
-    InputError raised while tracing in its Unsupported error, the message kept)."""
+    """initial_state / return_state / cu_seqlens and op.step are eager-only: under compile the op says so (dynamo
+    wraps the InputError raised while tracing in its Unsupported error, the message kept)."""
     _, qkv, _, _, _, _ = _case("linear_elu", t=40)
     op = attngen.compile("linear_elu", backend="torch")
     compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
@@ -209,6 +209,11 @@ def test_states_refused_under_compile():
         with pytest.raises(Exception, match="not supported under torch.compile"):
             compiled(*qkv, **call)
         op(*qkv, **call)  # eagerly they run
+    state = op.init_state(1, 2, 16, 16)
+    token = [x[:, :, :1] for x in qkv]
+    with pytest.raises(Exception, match="not supported under torch.compile"):
+        torch.compile(op.step, fullgraph=True, backend="aot_eager")(*token, state)
+    op.step(*token, state)
 
 
 # ---------------------------------------------------------------------------------------------
