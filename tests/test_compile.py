@@ -157,16 +157,19 @@ def test_dynamic_lengths_compile_once(name, causal):
 
 
 def test_dynamic_crossover_dispatch():
-    """A symbolic length is compared with the crossover (a guard): each side runs its own ordering, compiled."""
-    spec = attngen.load_spec("linear_elu")
+    """A symbolic length is compared with the crossover (a guard): each side of it runs its own ordering in its own
+    graph, equal to the eager op, and a second length above the crossover reuses the linear ordering's graph."""
+    spec = attngen.load_spec("polynomial2", causal=False)
     op = attngen.compile(spec, backend="torch")
     compiled = torch.compile(op, fullgraph=True, backend="aot_eager", dynamic=True)
-    below, above = 48, 72
-    assert op.ordering_for(16, below).value == "quadratic" and op.ordering_for(16, above).value == "linear"
-    for t in (below, above):
-        _, qkv, _, _, _, do = _case("linear_elu", t=t, seed=t)
+    graphs = []
+    for t in (64, 192, 224):
+        _, qkv, _, _, _, do = _case("polynomial2", False, t=t, seed=t)
         _compare(_run(compiled, qkv, {}, {}, set(), do), _run(op, qkv, {}, {}, set(), do), TOL["aot_eager"],
-                 f"linear_elu T{t}")
+                 f"polynomial2 T{t}")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert [op.ordering_for(16, t).value for t in (64, 192, 224)] == ["quadratic", "linear", "linear"]
+    assert graphs == [1, 2, 2], graphs
 
 
 def test_value_checks_under_compile():

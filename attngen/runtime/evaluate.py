@@ -7,6 +7,7 @@ once into nested closures (one per node), which later calls run.
 from __future__ import annotations
 
 import math
+import operator
 
 import sympy
 import torch
@@ -65,6 +66,8 @@ def _unary(tfn, pyfn):
 
 
 def _pow(base, exp):
+    if isinstance(exp, (int, torch.SymInt)):  # an integer exponent stays a Python int: dynamo with dynamic shapes
+        exp = operator.index(exp)  # would otherwise trace a closure's constant as a SymInt (no pow derivative)
     if not isinstance(base, torch.Tensor) and not isinstance(exp, torch.Tensor):
         return float(base) ** exp
     if isinstance(exp, (int, float)) and float(exp) == 0.5:
@@ -265,6 +268,9 @@ def _piecewise(expr, where: str):
 def scalar_env(spec, n_q: int, n_k: int, d: int, heads: int, params: dict, dtype, device) -> dict:
     """Values of the symbols that do not vary within a row: lengths, d, head index and count, parameters
     (per head as [1, H, 1, 1], scalars as 0-d tensors). Constants are substituted before evaluation."""
+    # d and H as Python ints: under torch.compile with symbolic shapes they are specialised (the op keys its plans
+    # on them) and stay out of the graph's arithmetic (a symbolic exponent such as d**-0.5 has no derivative there)
+    d, heads = operator.index(d), operator.index(heads)
     env = {N_Q: n_q, N_K: n_k, D: d, HEADS: heads,
            HEAD: torch.arange(heads, dtype=dtype, device=device).view(1, heads, 1, 1)}
     for p in spec.parameters:
