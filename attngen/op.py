@@ -496,8 +496,11 @@ def _plan_ready(op: AttentionOp, backend: str, head_dim: int) -> bool:
     plan = op._plan_for(backend, head_dim)
     if plan.linear_terms:
         _feature_width(plan, head_dim)  # the state's width (sympy, remembered in plan.memo)
-    if backend == "triton" and Ordering.TOPK_SPARSE not in (plan.choice.below, plan.choice.above):
-        triton_loader.load_module(plan)  # the generated module, imported here (kept in plan.memo), not in a trace
+    if backend == "triton" and Ordering.TOPK_SPARSE not in (plan.choice.below, plan.choice.above) \
+            and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        # the generated module, imported here (kept in plan.memo), not in a trace; only where its kernels can run
+        # (triton decides between compiled and interpreted kernels when the module is imported)
+        triton_loader.load_module(plan)
     return True
 
 
