@@ -12,6 +12,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run the tests marked slow (skipped otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes on 2 cores: inductor on every spec, opcheck on every module) are skipped unless
+    asked for, with --run-slow or a -m expression naming them: CI runs the plain `pytest -q -n auto`."""
+    if config.getoption("--run-slow") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or -m slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state, so a failure reproduces alone."""
