@@ -454,9 +454,9 @@ class AttentionOp:
                                  force=self._force)
             if backend == "torch":  # the closures its calls evaluate, translated now (torch_backend.lowered)
                 torch_backend.lowered(plan)
-
             self._plans[key] = plan
         return self._plans[key]
+
 
 def _static(n) -> int:
     """A size as a Python int; under torch.compile with dynamic shapes operator.index specialises a symbolic size
