@@ -281,6 +281,7 @@ def _detached(a):
 OPCHECK = [("linear_elu", ("fwd", "bwd", "qfwd", "qbwd")),  # linear chunked scan, quadratic tiles (row sums)
            ("retention", ("fwd", "bwd", "qfwd", "qbwd")),  # the decay class
            ("simple_gla", ("fwd", "bwd")),  # a gate in the linear scan (its quadratic kernels are softmax's only)
+           ("gla", ("fwd", "bwd")),  # a gate per key dimension (its gradient computed transposed)
            ("forgetting", ("qfwd", "qbwd")),  # a gate in the flash kernels
            ("t5_bias", ("qfwd", "qbwd")),  # a table parameter (its gradient by atomic adds)
            ("softmax", ("qfwd", "qbwd"))]  # the flash kernels (softmax has no linear ordering)

@@ -946,7 +946,8 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     if m.gate_dim:
         rev = rev.transpose(-1, -2)
     dparams = [(d.view(-1, H).sum(0) if p.dim() == 1 else d.sum()).to(p.dtype) for d, p in zip(dpar, params)]
-    return [dq, dk, dv, *dparams, rev.to(gate.dtype), *([ds0] if state else [])]
+    # the gate's gradient contiguous, as the fake kernel declares it (a per-key-dimension gate's is a transpose)
+    return [dq, dk, dv, *dparams, rev.to(gate.dtype).contiguous(), *([ds0] if state else [])]
 
 
 # ---------------------------------------------------------------------------------------------
