@@ -204,5 +204,5 @@ def allowed_pairs(spec: Spec, t: int, s: int, device):
 
 def _only(expr, sym) -> bool:
     other = KE if sym is QE else QE
-    fs = expr.free_symbols
+    fs = expr.free_symbols  # a sympy expression or a reduction's Arg
     return sym in fs and other not in fs

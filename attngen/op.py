@@ -13,6 +13,7 @@ it solved); "linear", "quadratic", "recurrent" or "fft" forces one ordering.
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -27,7 +28,15 @@ from attngen.ir import DEFAULT_CHUNK, Ordering
 from attngen.runtime import prologue
 from attngen.runtime import state as state_lib
 from attngen.runtime import terms as terms_lib
-from attngen.runtime.inputs import check_cu_seqlens, check_gates, check_params, check_positions, check_qkv
+from attngen.runtime.inputs import (
+    check_cu_seqlens,
+    check_gates,
+    check_params,
+    check_positions,
+    check_qkv,
+    default_parameters,
+    limit_closure,
+)
 from attngen.runtime.state import State, check_decodable
 from attngen.runtime.torch import backend as torch_backend
 from attngen.runtime.torch import packed
@@ -72,6 +81,10 @@ class TermsOp:
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
         self.head_dim = DEFAULT_HEAD_DIM  # the last call's (the terms' plans are at their slices' widths)
+        self._limit = limit_closure(spec)
+        self._slices = {}  # head dim -> the terms' slices (terms.slices: sympy, worked out outside any trace)
+        self._groups = {}  # head dim -> the terms run as one call (terms.batches)
+        self._coefficients = terms_lib.coefficient_closures(spec)
 
     def __repr__(self) -> str:
         return f"TermsOp({self.spec.name!r} {self.spec.mode}, {len(self.ops)} terms, backend={self.backend!r})"
@@ -84,13 +97,17 @@ class TermsOp:
         if initial_state is not None or return_state:
             raise InputError(f"{self.spec.name}: a spec with terms has no single recurrent state (each term would "
                              "carry its own); call the op on whole sequences")
-        qh, _, _ = check_qkv(self.spec, q, k, v, self.layout)
-        self.head_dim = qh.shape[3]
+        qh, _, _ = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
+        head_dim = _static(qh.shape[3])  # the slices and the terms' plans depend on it
+        self.head_dim = head_dim
+        _terms_ready(self, resolve_backend(self.backend, qh.device), head_dim)
         gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
-        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
-                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra), fuse=True)
+                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra),
+                                 cuts=self._slices[head_dim], closures=self._coefficients,
+                                 groups=self._groups[head_dim])
 
     def init_state(self, *args, **kwargs):
         raise InputError(f"{self.spec.name}: a spec with terms has no recurrent state to decode with")
@@ -139,6 +156,8 @@ class AttentionOp:
         self.last_selection = None  # topk_sparse: the key blocks kept on the last call
         self._plans = {}  # (backend, head dim) -> Plan (the costs, and so the crossover, depend on it)
         self._hot = None  # op.step's hot path: (input signature, the returned state's fingerprint, plan, params)
+        self._limit = limit_closure(spec)  # a length-dependent max_length's closure (evaluated under torch.compile)
+        self._defaults = {}  # (H, d, dtype, device, names) -> the default tensors of those parameters
         # validates a forced ordering (and, for triton, that the kernels can be generated) now
         self.plan = self._plan_for("torch" if backend == "auto" else backend, DEFAULT_HEAD_DIM)
 
@@ -161,11 +180,17 @@ class AttentionOp:
         ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
         B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
         each sequence's positions start at 0 (or its initial state's pos)."""
-        qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout)
+        if torch.compiler.is_compiling() and (initial_state is not None or return_state or cu_seqlens is not None):
+            raise InputError(f"{self.spec.name}: initial_state, return_state and cu_seqlens are not supported under "
+                             "torch.compile (states and packed boundaries are checked and split on the host); call "
+                             "the op eagerly for them (docs/api.md, 'torch.compile')")
+        qh, kh, vh = check_qkv(self.spec, q, k, v, self.layout, closure=self._limit)
         backend = resolve_backend(self.backend, qh.device)
         gates, gate = self._gates(params, qh)
-        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
-        plan = self._plan_for(backend, qh.shape[-1])
+        heads, head_dim = _static(qh.shape[1]), _static(qh.shape[3])
+        values = check_params(self.spec, params, heads, qh, head_dim=head_dim,
+                              defaults=lambda missing: self._default_values(heads, head_dim, qh, missing))
+        plan = self._planned(backend, head_dim)
         self.plan = plan
         bounds = None
         if cu_seqlens is not None:
@@ -286,6 +311,10 @@ class AttentionOp:
 
         Hot path: a call with no parameters, tensors of the same shapes, dtypes and devices as the previous call,
         and the State that call returned (its tensors untouched) skips the checks that call already made."""
+        if torch.compiler.is_compiling():
+            raise InputError(f"{self.spec.name}: op.step is not supported under torch.compile (its hot path keys "
+                             "on the identities of the state's tensors); call it eagerly (docs/api.md, "
+                             "'torch.compile')")
         hot = self._hot
         if hot is not None and not params and getattr(state, "checked", None) is hot[1] \
                 and hot[0] == _signature(q_t, k_t, v_t) and hot[1][1:4] == (id(state.S), id(state.z), id(state.pos)):
@@ -413,13 +442,75 @@ class AttentionOp:
         o, (S, z, pos) = out
         return o, State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
 
+    def _default_values(self, heads: int, head_dim: int, like, missing: tuple) -> dict:
+        """The default tensors of the ``missing`` parameters at this size, dtype and device, evaluated once (outside
+        any torch.compile trace: _defaults_ready) and kept in self._defaults."""
+        key = (heads, head_dim, like.dtype, like.device, missing)
+        _defaults_ready(self, key)
+        return self._defaults[key]
+
+    def _planned(self, backend: str, head_dim: int):
+        """The plan for a call: the planner runs outside any torch.compile trace (_plan_ready)."""
+        _plan_ready(self, backend, head_dim)
+        return self._plans[(backend, head_dim)]
+
     def _plan_for(self, backend: str, head_dim: int):
         key = (backend, head_dim)
         if key not in self._plans:
-            self._plans[key] = pipeline.plan(self.spec, target=backend, head_dim=head_dim,
-                                             chunk=self.chunk or DEFAULT_CHUNK,
-                                             force=self._force)
+            plan = pipeline.plan(self.spec, target=backend, head_dim=head_dim, chunk=self.chunk or DEFAULT_CHUNK,
+                                 force=self._force)
+            if backend == "torch":  # the closures its calls evaluate, translated now (torch_backend.lowered)
+                torch_backend.lowered(plan)
+            self._plans[key] = plan
         return self._plans[key]
+
+
+def _static(n) -> int:
+    """A size as a Python int; under torch.compile with dynamic shapes operator.index specialises a symbolic size
+    (a guard on its value: one graph per head dim), where int() would keep it symbolic."""
+    return operator.index(n)
+
+
+@torch.compiler.assume_constant_result
+def _defaults_ready(op: AttentionOp, key: tuple) -> bool:
+    """Parameter defaults for op._defaults[key] (sympy init expressions and a finiteness check: run as a constant
+    under torch.compile, _plan_ready). At most 64 sizes are kept."""
+    if key not in op._defaults:
+        heads, head_dim, dtype, device, names = key
+        if len(op._defaults) >= 64:
+            op._defaults.clear()
+        op._defaults[key] = default_parameters(op.spec, heads, dtype, device, head_dim=head_dim, names=names)
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _terms_ready(op: TermsOp, backend: str, head_dim: int) -> bool:
+    """The terms' slices at ``head_dim`` in op._slices and every term's plan (and module) at its slice's width (sympy,
+    files: run as a constant under torch.compile, _plan_ready). All terms before the first runs: a trace reads the
+    shared tables (the generated modules' custom ops) once, so they must be complete by then."""
+    if head_dim not in op._slices:
+        op._slices[head_dim] = terms_lib.slices(op.spec, head_dim)
+        op._groups[head_dim] = terms_lib.batches(op.spec, op._slices[head_dim])
+    for term, cut in zip(op.ops, op._slices[head_dim]):
+        _plan_ready(term, backend, head_dim if cut is None else cut[1] - cut[0])
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _plan_ready(op: AttentionOp, backend: str, head_dim: int) -> bool:
+    """Plans ``op`` for a backend and head dim (op._plans). Under torch.compile the planner (sympy) must not be
+    traced: dynamo runs this function as it traces (a constant of the graph) and the plan is then read from
+    op._plans like any attribute, under dynamo's guards."""
+    plan = op._plan_for(backend, head_dim)
+    if plan.linear_terms:
+        _feature_width(plan, head_dim)  # the state's width (sympy, remembered in plan.memo)
+    if backend == "triton" and Ordering.TOPK_SPARSE not in (plan.choice.below, plan.choice.above) \
+            and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        # the generated module, imported here (kept in plan.memo), not in a trace; only where its kernels can run
+        # (triton decides between compiled and interpreted kernels when the module is imported)
+        triton_loader.load_module(plan)
+    return True
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend a call runs on: "auto" is triton for CUDA tensors, torch for any other device."""

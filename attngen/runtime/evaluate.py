@@ -7,6 +7,7 @@ once into nested closures (one per node), which later calls run.
 from __future__ import annotations
 
 import math
+import operator
 
 import sympy
 import torch
@@ -15,8 +16,10 @@ from attngen.errors import PlanError
 from attngen.frontend.expr import (
     HEAD,
     HEADS,
+    KE,
     N_K,
     N_Q,
+    QE,
     D,
     Dot,
     Elu,
@@ -63,6 +66,8 @@ def _unary(tfn, pyfn):
 
 
 def _pow(base, exp):
+    if isinstance(exp, (int, torch.SymInt)):  # an integer exponent stays a Python int: dynamo with dynamic shapes
+        exp = operator.index(exp)  # would otherwise trace a closure's constant as a SymInt (no pow derivative)
     if not isinstance(base, torch.Tensor) and not isinstance(exp, torch.Tensor):
         return float(base) ** exp
     if isinstance(exp, (int, float)) and float(exp) == 0.5:
@@ -132,6 +137,19 @@ TABLE = {
 }
 
 
+class Arg:
+    """An argument of a reduction (dot, norm) as the ``dot`` / ``norm`` functions of an Evaluator receive it: the
+    expression, its closure and the vectors it reads ('q', 'k'), all worked out when the tree is translated, so
+    evaluating a reduction walks no sympy tree (and a torch.compile trace meets no sympy call)."""
+
+    __slots__ = ("expr", "fn", "sides", "free_symbols")
+
+    def __init__(self, expr, where: str):
+        self.expr, self.fn = expr, compiled(expr, where)
+        self.free_symbols = expr.free_symbols
+        self.sides = frozenset(s for s, e in (("q", QE), ("k", KE)) if e in self.free_symbols)
+
+
 class Evaluator:
     """Evaluates sympy trees; ``env`` maps symbols to tensors or numbers; ``dot(ev, a, b)`` / ``norm(ev, a)``
     evaluate the reductions, given this evaluator for their arguments (the caller decides how vectors are
@@ -141,23 +159,28 @@ class Evaluator:
     runs those closures on this evaluator's env and walks no sympy tree."""
 
     def __init__(self, env: dict, dot=None, norm=None, where: str = "<expr>"):
-        self.env, self.dot, self.norm, self.where = env, dot, norm, where
+        # keyed by the symbols' names: a lookup compares strings, never sympy objects (two equal Symbols need not be
+        # one object, and a torch.compile trace would have to hash sympy objects to compare them)
+        self.env = {k if type(k) is str else k.name: v for k, v in env.items()}
+        self.dot, self.norm, self.where = dot, norm, where
         self.memo = {}  # closure -> value: a formula asked for twice (a factor shared by terms) runs once
 
     def __call__(self, expr):
-        return self.run(compiled(expr, self.where))
+        return self.run(expr)
 
     def run(self, fn):
         """The value of a closure from ``compiled`` (equal expressions share one: computed once per evaluator),
-        or of an expression."""
-        if isinstance(fn, sympy.Basic):
+        of a reduction's Arg, or of an expression."""
+        if type(fn) is Arg:
+            fn = fn.fn
+        elif isinstance(fn, sympy.Basic):
             fn = compiled(fn, self.where)
         if fn in self.memo:
             return self.memo[fn]
         value = self.memo[fn] = fn(self)
         return value
 
-    def lookup(self, symbol):
+    def lookup(self, symbol: str):
         try:
             return self.env[symbol]
         except KeyError:
@@ -183,17 +206,18 @@ def compiled(expr, where: str = "<expr>"):
 
 def _translate(expr, where: str):
     if isinstance(expr, sympy.Symbol):
-        return lambda ev: ev.lookup(expr)
+        name = expr.name
+        return lambda ev: ev.lookup(name)
     if expr is sympy.pi:
         return lambda ev: math.pi
     if expr.is_Number or expr.is_NumberSymbol:
         value = int(expr) if expr.is_Integer else float(expr)
         return lambda ev: value
     if isinstance(expr, Dot):
-        a, b = expr.args
+        a, b = (Arg(x, where) for x in expr.args)
         return lambda ev: ev.dot(ev, a, b)
     if isinstance(expr, Norm):
-        a = expr.args[0]
+        a = Arg(expr.args[0], where)
         return lambda ev: ev.norm(ev, a)
     if isinstance(expr, sympy.Piecewise):
         return _piecewise(expr, where)
@@ -244,6 +268,9 @@ def _piecewise(expr, where: str):
 def scalar_env(spec, n_q: int, n_k: int, d: int, heads: int, params: dict, dtype, device) -> dict:
     """Values of the symbols that do not vary within a row: lengths, d, head index and count, parameters
     (per head as [1, H, 1, 1], scalars as 0-d tensors). Constants are substituted before evaluation."""
+    # d and H as Python ints: under torch.compile with symbolic shapes they are specialised (the op keys its plans
+    # on them) and stay out of the graph's arithmetic (a symbolic exponent such as d**-0.5 has no derivative there)
+    d, heads = operator.index(d), operator.index(heads)
     env = {N_Q: n_q, N_K: n_k, D: d, HEADS: heads,
            HEAD: torch.arange(heads, dtype=dtype, device=device).view(1, heads, 1, 1)}
     for p in spec.parameters:

@@ -11,7 +11,7 @@ from attngen.errors import InputError
 from attngen.frontend.expr import HEAD, HEADS, N_K, N_Q, D
 from attngen.frontend.spec import Spec
 from attngen.runtime import validate
-from attngen.runtime.evaluate import Evaluator
+from attngen.runtime.evaluate import Evaluator, compiled
 
 
 def default_parameters(spec: Spec, heads: int, dtype=torch.float32, device=None, *, head_dim: int | None = None,
@@ -72,21 +72,37 @@ def _normal(shape: tuple, seed: int) -> torch.Tensor:
     return _normal_cached(tuple(shape), seed).clone()
 
 
-def check_qkv(spec: Spec, q, k, v, layout: str, limits: validate.Limits = validate.TORCH):
+def check_qkv(spec: Spec, q, k, v, layout: str, limits: validate.Limits = validate.TORCH, closure=None):
     """Validate q, k, v (attngen.runtime.validate.qkv) and return them as [B, H, T, D] views (no copies); the
-    lengths T and S within the spec's max_length."""
+    lengths T and S within the spec's max_length (``closure``: see length_limit)."""
     qh, kh, vh = validate.qkv(q, k, v, layout, name=spec.name, causal=spec.causal, limits=limits)
-    check_positions(spec, max(qh.shape[2], kh.shape[2]), lengths=(qh.shape[2], kh.shape[2]))
+    if spec.length_limit is not None:
+        t, s = qh.shape[2], kh.shape[2]
+        check_positions(spec, max(t, s), lengths=(t, s), closure=closure)
     return qh, kh, vh
 
 
-def length_limit(spec: Spec, n_q: int, n_k: int) -> int | None:
+def length_limit(spec: Spec, n_q: int, n_k: int, closure=None) -> int | None:
     """The spec's max_length at lengths n_q, n_k (an int, or its expression in n_q, n_k evaluated and floored;
-    None: no limit)."""
+    None: no limit). ``closure``: the expression's (limit_closure), which a torch.compile trace evaluates on the
+    symbolic lengths instead of the sympy substitution."""
     limit = spec.length_limit
     if limit is None or isinstance(limit, int):
         return limit
+    if torch.compiler.is_compiling():
+        if closure is None:
+            raise InputError(f"{spec.name}: its max_length {limit} depends on the lengths; under torch.compile it "
+                             "is evaluated from the op's closure (call the op made by attngen.compile)")
+        value = Evaluator({N_Q: n_q, N_K: n_k}, where=f"{spec.where}: max_length").run(closure)
+        return value if isinstance(value, (int, torch.SymInt)) else math.floor(value)
     return _limit_at(limit, n_q, n_k)
+
+
+def limit_closure(spec: Spec):
+    """The closure of a length-dependent max_length (attngen.runtime.evaluate.compiled), else None: an op keeps it
+    for its calls under torch.compile (length_limit)."""
+    limit = spec.length_limit
+    return None if limit is None or isinstance(limit, int) else compiled(limit, f"{spec.where}: max_length")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -95,21 +111,24 @@ def _limit_at(limit, n_q: int, n_k: int) -> int:
     return math.floor(float(limit.subs({N_Q: n_q, N_K: n_k})))
 
 
-def check_positions(spec: Spec, end, what: str | None = None, lengths: tuple | None = None) -> None:
+def check_positions(spec: Spec, end, what: str | None = None, lengths: tuple | None = None, closure=None) -> None:
     """InputError when positions 0 .. end - 1 (``end`` an int or per-sequence tensor) pass spec's max_length,
     a length-dependent one evaluated at ``lengths`` (n_q, n_k; default: the longest end for both)."""
     if spec.length_limit is None:
         return
     if lengths is None:
-        last = int(end.max()) if isinstance(end, torch.Tensor) else int(end)
+        last = int(end.max()) if isinstance(end, torch.Tensor) else end
         lengths = (last, last)
-    validate.positions(end, max_length=length_limit(spec, *lengths), spec=spec.name, what=what or spec.name)
+    validate.positions(end, max_length=length_limit(spec, *lengths, closure=closure), spec=spec.name,
+                       what=what or spec.name)
 
 
-def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None) -> dict:
+def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_dim: int | None = None,
+                 defaults=None) -> dict:
     """Fill defaults for missing parameters (their init at the call's head dim: ``head_dim``, default
     ``like.shape[-1]``, q's last dim for the [B, H, T, D] ``like`` every caller passes) and validate the given
-    ones."""
+    ones. ``defaults(missing)``: the missing parameters' default tensors (default_parameters' result, kept by the
+    caller: an op evaluates them once per size, outside any torch.compile trace)."""
     unknown = set(params) - set(spec.param_names)
     if unknown:
         raise InputError(f"unknown keyword(s) {sorted(unknown)} for {spec.name}; its parameters are "
@@ -118,8 +137,11 @@ def check_params(spec: Spec, params: dict, heads: int, like: torch.Tensor, head_
         head_dim = int(like.shape[-1]) if like.dim() else None
     if head_dim is None or head_dim < 1:
         raise InputError(f"{spec.name}: head dim {head_dim}: expected q and k with a last dim >= 1")
-    missing = [p.name for p in spec.parameters if p.name not in params]
-    out = default_parameters(spec, heads, like.dtype, like.device, head_dim=head_dim, names=missing)
+    missing = tuple(p.name for p in spec.parameters if p.name not in params)
+    if defaults is not None:
+        out = dict(defaults(missing)) if missing else {}
+    else:
+        out = default_parameters(spec, heads, like.dtype, like.device, head_dim=head_dim, names=missing)
     for p in spec.parameters:
         if p.name in params:
             out[p.name] = validate.parameter(p.name, params[p.name], per_head=p.per_head, heads=heads, like=like,

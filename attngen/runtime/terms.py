@@ -12,7 +12,7 @@ import torch
 
 from attngen.errors import InputError
 from attngen.frontend.expr import HEAD, HEADS, D
-from attngen.runtime.evaluate import Evaluator, parameter_value
+from attngen.runtime.evaluate import Evaluator, compiled, parameter_value
 
 
 def slices(spec, head_dim: int) -> list:
@@ -30,15 +30,15 @@ def slices(spec, head_dim: int) -> list:
     return out
 
 
-def coefficients(spec, values: dict, heads: int, head_dim: int, like: torch.Tensor) -> list:
+def coefficients(spec, values: dict, heads: int, head_dim: int, like: torch.Tensor, closures=None) -> list:
     """Each term's coefficient: a number, or a [1, H, 1, 1] tensor when it depends on the head (differentiable in
-    the parameters it uses)."""
+    the parameters it uses). ``closures``: the coefficients' (coefficient_closures), translated beforehand."""
     env = {D: head_dim, HEADS: heads, HEAD: torch.arange(heads, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)}
     for p in spec.parameters:
         if p.kind == "scalar" and p.name in values:
             env[p.symbol] = parameter_value(p, values[p.name].to(like.dtype), 4)
     ev = Evaluator(env, where=f"{spec.where}: terms")
-    return [ev(t.coefficient_expr) for t in spec.terms]
+    return [ev.run(c) for c in closures] if closures is not None else [ev(t.coefficient_expr) for t in spec.terms]
 
 
 def batchable(term) -> bool:
@@ -68,18 +68,26 @@ def batches(spec, cuts: list) -> list:
     return groups
 
 
-def combine(spec, q, k, v, values: dict, layout: str, run_term, fuse: bool = False) -> torch.Tensor:
+def coefficient_closures(spec) -> list:
+    """The terms' coefficients translated into closures (attngen.runtime.evaluate.compiled), once per op."""
+    return [compiled(t.coefficient_expr, f"{spec.where}: terms") for t in spec.terms]
+
+
+def combine(spec, q, k, v, values: dict, layout: str, run_term, cuts: list | None = None,
+            closures: list | None = None, groups: list | None = None) -> torch.Tensor:
     """O of a spec with terms for q, k, v in ``layout``: ``run_term(n, q_n, k_n, v_n, params_n)`` runs term n (its op
-    or its reference) on its slices of q and k. ``fuse``: terms of one computation (``batches``) run as one call of
-    the first one's ``run_term`` on their slices stacked along the head axis."""
+    or its reference) on its slices of q and k. ``cuts`` (slices(spec, head dim)) and ``closures``
+    (coefficient_closures(spec)): worked out beforehand by the op (a torch.compile trace then meets no sympy).
+    ``groups`` (batches(spec, cuts)): terms of one computation run as one call of the first one's ``run_term`` on
+    their slices stacked along the head axis; None runs every term alone (the naive reference)."""
     head_axis = 1 if layout == "bhtd" else 2
     heads, head_dim = q.shape[head_axis], q.shape[-1]
-    cs = coefficients(spec, values, heads, head_dim, q)
-    cuts = slices(spec, head_dim)
+    cs = coefficients(spec, values, heads, head_dim, q, closures)
+    cuts = cuts if cuts is not None else slices(spec, head_dim)
     shared = spec.normalize.kind != "none"
     vv = torch.cat([v, torch.ones_like(v[..., :1])], -1) if shared else v
     outs = {}
-    for group in (batches(spec, cuts) if fuse else [[n] for n in range(len(spec.terms))]):
+    for group in (groups if groups is not None else [[n] for n in range(len(spec.terms))]):
         parts = [(q, k) if cuts[n] is None else (q[..., cuts[n][0]:cuts[n][1]], k[..., cuts[n][0]:cuts[n][1]])
                  for n in group]
         first = spec.terms[group[0]]

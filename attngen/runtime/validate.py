@@ -103,10 +103,14 @@ def gate(name: str, value, *, per_dim: bool, shape: tuple, layout: str, like: to
         raise InputError(f"{spec}: gate {name!r} is on {value.device}, the inputs on {like.device}. Fix: move it "
                          f"with .to({str(like.device)!r})")
     bad = value.detach()
-    if bool(((bad > 0) | ~torch.isfinite(bad)).any()):
-        raise InputError(f"{spec}: gate {name!r} holds values > 0 or not finite (largest {float(bad.max()):.4g}); "
-                         "expected log-space gates g <= 0 (a decay factor exp(g) in (0, 1]), e.g. "
-                         "torch.nn.functional.logsigmoid(x)")
+    bad = ((bad > 0) | ~torch.isfinite(bad)).any()
+    expected = ("expected log-space gates g <= 0 (a decay factor exp(g) in (0, 1]), e.g. "
+                "torch.nn.functional.logsigmoid(x)")
+    if torch.compiler.is_compiling():  # a graph has no data-dependent branch: the check is an assertion in it
+        torch._assert_async(~bad, f"{spec}: gate {name!r} holds values > 0 or not finite; {expected}")
+    elif bool(bad):
+        raise InputError(f"{spec}: gate {name!r} holds values > 0 or not finite (largest "
+                         f"{float(value.detach().max()):.4g}); {expected}")
     return value.transpose(1, 2) if layout == "bthd" else value
 
 
@@ -136,7 +140,8 @@ def positions(end, *, max_length: int | None, spec: str, what: str) -> None:
     a tensor of per-sequence ends (its largest is read: one device sync, for specs that declare a limit)."""
     if max_length is None:
         return
-    last = int(end.max()) if isinstance(end, torch.Tensor) else int(end)
+    # a length stays a SymInt under torch.compile (int() would specialise the graph on it); the comparison guards
+    last = int(end.max()) if isinstance(end, torch.Tensor) else end if isinstance(end, torch.SymInt) else int(end)
     if last > max_length:
         raise InputError(f"{what}: positions up to {last - 1}, but spec {spec!r} declares max_length {max_length} "
                          f"(positions 0 .. {max_length - 1}); past it its position terms leave the range they "

@@ -10,14 +10,10 @@ column, decay rate) and divides by the row sum at the end.
 """
 from __future__ import annotations
 
-import dataclasses
-
-import sympy
 import torch
 
 from attngen.errors import PlanError
-from attngen.frontend.expr import QE
-from attngen.ir import Ordering, PositionTerm, ReweightClass, SimilarityClass
+from attngen.ir import Ordering, ReweightClass, SimilarityClass
 from attngen.runtime.evaluate import Evaluator
 from attngen.runtime.torch import fft as torch_fft
 from attngen.runtime.torch import linear as torch_linear
@@ -30,13 +26,13 @@ from attngen.runtime.torch.common import (
     finish,
     grouped,
     log_decay,
+    lowered,
     symbol_env,
     token_decay,
     with_ones,
 )
 from attngen.runtime.torch.gated import decay_factor, gated_recurrent, gated_scan
 
-_ONE = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))
 CHUNK = 32  # the causal scan's chunk when the op names none: measured fastest on a CPU (benchmarks cpu)
 
 
@@ -60,14 +56,13 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     if ordering is Ordering.QUADRATIC:
         big = None if gate is None else gate.to(q.dtype).cumsum(2)
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big).to(in_dtype)
+    low = lowered(plan)
     if ordering is Ordering.FFT:
-        blocks = [(term, _ONE) for term in plan.similarity.terms]
-        qf, kf = feature_maps(blocks, env, q, k, spec.where)
-        acc = torch_fft.toeplitz(qf, kf, v, plan.reweight.kernel, env, spec.causal, spec.where)
+        qf, kf = feature_maps(low.fft, env, q, k, spec.where)
+        acc = torch_fft.toeplitz(qf, kf, v, low.kernel, env, spec.causal, spec.where)
     else:
-        blocks = [(term.feature, term.position) for term in plan.linear_terms]
         causal = spec.causal and ordering is not Ordering.RECURRENT
-        blocks, scale = _query_scale(blocks, env) if causal and gate is None else (blocks, 1.0)
+        blocks, scale = _query_scale(low, env) if causal and gate is None else (low.linear, 1.0)
         qf, kf = feature_maps(blocks, env, q, k, spec.where)
         # the scans need gamma in (0, 1]; the quadratic ordering evaluates W directly and needs no check
         lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
@@ -145,7 +140,7 @@ def step(plan, q, k, v, params: dict, s: torch.Tensor, z: torch.Tensor | None, s
         env, blocks, gamma = plan.memo[key]
     else:
         env = symbol_env(plan, 1, 1, h, d, params, dtype, q.device)
-        blocks = tuple((term.feature, term.position) for term in plan.linear_terms)
+        blocks = lowered(plan).linear
         gamma = None if plan.reweight.decay is None else torch.exp(log_decay(plan, env, h, q))  # [1, H, 1, 1]
         if constant:
             plan.memo[key] = env, blocks, gamma
@@ -181,27 +176,25 @@ def _linear_inputs(plan, q, k, v, params, start, scaled: bool = False):
     q, k, v = (x.to(dtype) for x in (q, k, v))
     b, h, t, d = q.shape
     env = symbol_env(plan, t, k.shape[2], h, d, params, dtype, q.device)
-    blocks = [(term.feature, term.position) for term in plan.linear_terms]
-    blocks, scale = _query_scale(blocks, env) if scaled else (blocks, 1.0)
+    low = lowered(plan)
+    blocks, scale = _query_scale(low, env) if scaled else (low.linear, 1.0)
     qf, kf = feature_maps(blocks, env, q, k, plan.spec.where, start=start)
     lg = log_decay(plan, env, h, q) if plan.reweight.decay is not None else None
     return qf, kf, with_ones(v, plan.normalize), lg, scale
 
 
-def _query_scale(blocks, env: dict) -> tuple:
-    """(blocks, 1.0), or, when the one block's query features are a number c times q itself (dot(q, k)/sqrt(d),
-    retention), (the block without c, c): the scan applies c inside its products instead of a pass over q."""
-    if len(blocks) != 1:
-        return blocks, 1.0
-    feature, position = blocks[0]
-    if tuple(feature.q_factors) != (QE,) or feature.q_scale != 1 or position.f_i != 1:
-        return blocks, 1.0
+def _query_scale(low, env: dict) -> tuple:
+    """(the linear blocks' Sides, 1.0), or, when the one block's query features are a number c times q itself
+    (dot(q, k)/sqrt(d), retention), (the block without c, c): the scan applies c inside its products instead of a
+    pass over q. ``low``: the plan's Lowered (the block without c and c's closures worked out there)."""
+    if low.scaled is None:
+        return low.linear, 1.0
+    bare, position_coeff, feature_coeff = low.scaled
     ev = Evaluator(env, where="query scale")
-    c = ev(position.coeff) * ev(feature.coeff)
+    c = ev.run(position_coeff) * ev.run(feature_coeff)
     if isinstance(c, torch.Tensor):  # per head (a parameter): stays in Q'
-        return blocks, 1.0
-    one = sympy.Integer(1)
-    return [(dataclasses.replace(feature, coeff=one), dataclasses.replace(position, coeff=one))], float(c)
+        return low.linear, 1.0
+    return bare, float(c)
 
 
 def _check_ordering(plan, ordering: Ordering) -> None:

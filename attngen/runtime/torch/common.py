@@ -7,6 +7,7 @@ Per-head values (the head index h, per-head parameters) are [1, H, 1, 1].
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import sympy
@@ -14,7 +15,10 @@ import torch
 
 from attngen.errors import InputError
 from attngen.frontend.expr import KE, QE, Elem, I, J
+from attngen.ir import PositionTerm, ReweightClass, SimilarityClass
 from attngen.runtime.evaluate import Evaluator, compiled, scalar_env
+
+FFT_POSITION = PositionTerm(sympy.Integer(1), sympy.Integer(1), sympy.Integer(1))  # the FFT ordering's blocks
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,7 +75,7 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
 
     ``start`` [B] (int64) shifts the positions of each sequence: i = start + arange(T), likewise j (a
     continuation from a recurrent state); the position factors are then [B, 1, T, 1]."""
-    sides, shared, positional = _sides(tuple(blocks))
+    sides, shared, positional = blocks if type(blocks) is Sides else _sides(tuple(blocks))
     i = j = None
     if positional:
         t, s = q.shape[2], k.shape[2]
@@ -86,12 +90,22 @@ def feature_maps(blocks, env: dict, q: torch.Tensor, k: torch.Tensor, where: str
     qev = row_evaluator(env, QE, q, I, i, where)
     kev = row_evaluator(env, KE, k, J, j, where)
     if positional and i is j:  # one position (decode): the key side's position factors are the query side's
-        kev.env[I], kev.memo, sides = i, qev.memo, shared
+        kev.env[I.name], kev.memo, sides = i, qev.memo, shared
     q_blocks = [_side(qev, scales, factors, q) for (scales, factors), _ in sides]
     k_blocks = [_side(kev, scales, factors, k) for _, (scales, factors) in sides]
     if len(sides) == 1:
         return q_blocks[0], k_blocks[0]
     return torch.cat(q_blocks, -1), torch.cat(k_blocks, -1)
+
+
+class Sides(tuple):
+    """_sides' result (closures per block, the same at i = j, whether any formula uses the positions): passed to
+    feature_maps in place of the blocks, it skips the per-call lookup."""
+
+
+def sides_of(blocks) -> Sides:
+    """The closures of ``blocks`` (see _sides), worked out now (once per plan: Lowered)."""
+    return Sides(_sides(tuple(blocks)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,28 +141,96 @@ def _full(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 def log_decay(plan, env: dict, heads: int, like: torch.Tensor) -> torch.Tensor:
-    """log(gamma) of the plan's decay as [1, H, 1, 1]; InputError unless 0 < gamma <= 1 for every head.
+    """log(gamma) of the plan's decay as [1, H, 1, 1]; InputError unless 0 < gamma <= 1 for every head (under
+    torch.compile: a RuntimeError with the same message from an assertion in the graph, torch._assert_async).
 
-    The log is taken symbolically first, so gamma = exp(-slope) gives -slope exactly (no underflow)."""
-    gamma = plan.reweight.decay.gamma
+    The log is taken symbolically first (Lowered), so gamma = exp(-slope) gives -slope exactly (no underflow)."""
+    low = lowered(plan)
     ev = Evaluator(env, where=f"{plan.spec.where}: decay rate")
-    log_expr = _log_of(gamma)
-    lg = None
-    if not log_expr.has(sympy.I):
-        lg = torch.broadcast_to(as_tensor(ev(log_expr), like), (1, heads, 1, 1))
+    if low.log_gamma is not None:
+        lg = torch.broadcast_to(as_tensor(ev.run(low.log_gamma), like), (1, heads, 1, 1))
         ok = torch.isfinite(lg) & (lg <= 0)
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph: the check runs in it
+            torch._assert_async(ok.all(), f"{plan.spec.name}: {low.decay_message}")
+            return lg
         if bool(ok.all()):
             return lg
-    values = torch.broadcast_to(as_tensor(ev(gamma), like), (1, heads, 1, 1)).detach().flatten().tolist()
-    raise InputError(f"{plan.spec.name}: the decay rate gamma = {sympy.sstr(gamma)} must lie in (0, 1] for every "
-                     f"head; found {[round(g, 6) for g in values]}. gamma > 1 grows without bound and gamma <= 0 "
-                     "has no stable scan: keep a learnable gamma in range (e.g. gamma = sigmoid(x))")
+    elif torch.compiler.is_compiling():  # a log with I: gamma is negative whatever the values
+        raise InputError(f"{plan.spec.name}: {low.decay_message}")
+    values = torch.broadcast_to(as_tensor(ev.run(low.gamma), like), (1, heads, 1, 1)).detach().flatten().tolist()
+    raise InputError(f"{plan.spec.name}: {low.decay_message}; found {[round(g, 6) for g in values]}")
 
 
 @functools.lru_cache(maxsize=256)
 def _log_of(gamma):
     """log(gamma) expanded symbolically (gamma = exp(-slope) gives -slope), once per decay expression."""
     return sympy.expand_log(sympy.log(gamma), force=True)
+
+
+def lowered(plan) -> "Lowered":
+    """The plan's Lowered (kept in plan.memo): built on the first call, eagerly; attngen.compile builds it with the
+    plan, so that a torch.compile trace of the op only reads it."""
+    low = plan.memo.get("torch")
+    if low is None:
+        low = plan.memo["torch"] = Lowered(plan)
+    return low
+
+
+class Lowered:
+    """What the torch backend evaluates for a plan, translated once from its sympy expressions into closures
+    (attngen.runtime.evaluate): a call, and a torch.compile trace of it, runs closures and walks no sympy tree.
+
+    linear: the feature maps' Sides of the linear terms; scaled: (Sides without the query number c, c's closures)
+    when the one block's query features are c times q (backend._query_scale), else None; fft: the Sides of the
+    similarity terms (FFT ordering); gamma, log_gamma: the decay rate and its logarithm; similarity (the score of an
+    exp similarity), log_weight (an exp reweighting folded into the score; None when 0), weight: the quadratic
+    ordering's closures; sdpa_scale, sdpa_bias, sdpa_learned (the parameters the bias reads): the SDPA delegation's;
+    kernel: the Toeplitz kernel h(t)."""
+
+    def __init__(self, plan):
+        where = plan.spec.where
+        c = functools.partial(_closure, where=where)
+        blocks = [(t.feature, t.position) for t in plan.linear_terms]
+        self.linear = sides_of(blocks) if blocks else None
+        self.scaled = None
+        if len(blocks) == 1:
+            feature, position = blocks[0]
+            if tuple(feature.q_factors) == (QE,) and feature.q_scale == 1 and position.f_i == 1:
+                one = sympy.Integer(1)
+                bare = [(dataclasses.replace(feature, coeff=one), dataclasses.replace(position, coeff=one))]
+                self.scaled = sides_of(bare), c(position.coeff), c(feature.coeff)
+        self.fft = None
+        if plan.reweight.kernel is not None and plan.similarity.terms:
+            self.fft = sides_of([(term, FFT_POSITION) for term in plan.similarity.terms])
+        self.kernel = c(plan.reweight.kernel)
+        decay = plan.reweight.decay
+        self.gamma = self.log_gamma = None
+        self.decay_text = self.decay_message = ""
+        if decay is not None:
+            log_expr = _log_of(decay.gamma)
+            self.gamma = c(decay.gamma)
+            self.log_gamma = None if log_expr.has(sympy.I) else c(log_expr)
+            self.decay_text = f"gamma = {sympy.sstr(decay.gamma)}"
+            self.decay_message = (f"the decay rate {self.decay_text} must lie in (0, 1] for every head. gamma > 1 "
+                                  "grows without bound and gamma <= 0 has no stable scan: keep a learnable gamma in "
+                                  "range (e.g. gamma = sigmoid(x))")
+        exp_class = plan.similarity.kind is SimilarityClass.EXP
+        self.similarity = c(plan.similarity.score if exp_class else plan.similarity.expr)
+        log_weight = plan.reweight.log_weight
+        fold = exp_class and log_weight is not None
+        self.fold = fold
+        self.log_weight = c(log_weight) if fold and log_weight != 0 else None
+        self.weighted = plan.reweight.kind is not ReweightClass.NONE and not fold
+        self.weight = c(plan.reweight.expr) if self.weighted else None
+        sdpa = plan.sdpa
+        self.sdpa_scale = c(sdpa.scale) if sdpa is not None else None
+        self.sdpa_bias = c(sdpa.bias) if sdpa is not None and sdpa.bias is not None else None
+        self.sdpa_learned = tuple(p.name for p in plan.spec.parameters
+                                  if sdpa is not None and sdpa.bias is not None and p.symbol in sdpa.bias.free_symbols)
+
+
+def _closure(expr, where: str):
+    return None if expr is None else compiled(expr, where)
 
 
 def with_ones(v: torch.Tensor, normalize) -> torch.Tensor:

@@ -18,9 +18,9 @@ def fft_length(n: int) -> int:
 def toeplitz(qf, kf, v, kernel, env: dict, causal: bool, where: str) -> torch.Tensor:
     """Unnormalised O [B, H, T, E] for Q' [B, H, T, F], K' [B, H, S, F], V [B, H, S, E].
 
-    ``kernel`` is h(t) in T_DIFF. The circular convolution has length >= T + S - 1, so the lags
-    t in [-(S-1), T-1] never wrap onto each other; causal keeps h on t >= 0 only. Memory is
-    T * F * E per head (the cost model weighs it against the quadratic plan)."""
+    ``kernel`` is h(t) in T_DIFF (or its closure: attngen.runtime.evaluate.compiled). The circular convolution
+    has length >= T + S - 1, so the lags t in [-(S-1), T-1] never wrap onto each other; causal keeps h on t >= 0
+    only. Memory is T * F * E per head (the cost model weighs it against the quadratic plan)."""
     t, s = qf.shape[2], kf.shape[2]
     n = fft_length(t + s - 1)
     h_pos = _kernel_values(kernel, env, torch.arange(t), qf, where)  # lags 0 .. T-1
@@ -40,6 +40,6 @@ def toeplitz(qf, kf, v, kernel, env: dict, causal: bool, where: str) -> torch.Te
 def _kernel_values(kernel, env: dict, lags: torch.Tensor, like: torch.Tensor, where: str) -> torch.Tensor:
     """h at the given lags as [1, H or 1, len(lags), 1]."""
     lag = lags.to(dtype=like.dtype, device=like.device).view(1, 1, -1, 1)
-    value = as_tensor(Evaluator({**env, T_DIFF: lag}, where=f"{where}: Toeplitz kernel")(kernel), like)
+    value = as_tensor(Evaluator({**env, T_DIFF: lag}, where=f"{where}: Toeplitz kernel").run(kernel), like)
     heads = value.shape[1] if value.dim() == 4 else 1
     return torch.broadcast_to(value, (1, heads, lag.shape[2], 1))

@@ -25,13 +25,14 @@ from itertools import repeat
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from attngen.frontend.expr import KE, QE, I, J, sides
-from attngen.ir import ReweightClass, SimilarityClass
+from attngen.frontend.expr import KE, QE, I, J
+from attngen.ir import SimilarityClass
 from attngen.runtime.evaluate import Evaluator
-from attngen.runtime.torch.common import as_tensor, finish, with_rank5
+from attngen.runtime.torch.common import as_tensor, finish, lowered, with_rank5
 
 BLOCK_Q = 64  # query rows per tile
 BLOCK_K = 64  # key columns per tile
+Q_ONLY, K_ONLY = frozenset("q"), frozenset("k")
 WIDE_COLUMNS = 512  # RowNormalize's backward works in float64 on this many key columns at a time
 
 
@@ -229,12 +230,8 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: in
     rows."""
     b, h, tq, _ = q_tile.shape
     exp_class = plan.similarity.kind is SimilarityClass.EXP
-    sim_expr = plan.similarity.score if exp_class else plan.similarity.expr
-    log_weight = plan.reweight.log_weight
-    fold = exp_class and log_weight is not None  # W = exp(log W) folds into the score
-    if fold and log_weight == 0:
-        log_weight = None
-    weighted = plan.reweight.kind is not ReweightClass.NONE and not fold
+    low = lowered(plan)  # closures: the score (sim_expr), log W folded into it (fold), W (weighted)
+    sim_expr, log_weight, fold, weighted = low.similarity, low.log_weight, low.fold, low.weighted
     acc = q_tile.new_zeros(b, h, tq, v.shape[-1])  # [Tq, E]
     row_max = q_tile.new_full((b, h, tq, 1), float("-inf")) if exp_class else None
     i = torch.arange(i0, i0 + tq, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, tq, 1)
@@ -255,7 +252,7 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: in
             if gate is not None:
                 scores = scores + gate
             if fold and log_weight is not None:
-                scores = scores + as_tensor(wev(log_weight), scores)
+                scores = scores + as_tensor(wev.run(log_weight), scores)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             # the max only shifts the exponent and cancels in num / den: no gradient flows through it
@@ -264,11 +261,11 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: in
                 new_max = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
             p = torch.exp(scores - new_max)
             if weighted:
-                p = p * as_tensor(wev(plan.reweight.expr), p)
+                p = p * as_tensor(wev.run(low.weight), p)
             acc = acc * torch.exp(row_max - new_max) + p @ v[:, :, a0:a1]
             row_max = new_max
         else:
-            a = scores * as_tensor(wev(plan.reweight.expr), scores) if weighted else scores
+            a = scores * as_tensor(wev.run(low.weight), scores) if weighted else scores
             if allowed is not None:
                 a = torch.where(allowed, a, torch.zeros_like(a))
             acc = acc + a @ v[:, :, a0:a1]
@@ -287,12 +284,8 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_star
     hold the keys j_start .. (see _query_tile)."""
     tq = q_tile.shape[2]
     exp_class = plan.similarity.kind is SimilarityClass.EXP
-    sim_expr = plan.similarity.score if exp_class else plan.similarity.expr
-    log_weight = plan.reweight.log_weight
-    fold = exp_class and log_weight is not None
-    if fold and log_weight == 0:
-        log_weight = None
-    weighted = plan.reweight.kind is not ReweightClass.NONE and not fold
+    low = lowered(plan)  # closures: the score (sim_expr), log W folded into it, W (weighted)
+    sim_expr, log_weight, weighted = low.similarity, low.log_weight, low.weighted
     i = torch.arange(i0, i0 + tq, dtype=q_tile.dtype, device=q_tile.device).view(1, 1, tq, 1)
     window = plan.spec.window
     lo, stop = key_range(i0, tq, s_len, causal, window)
@@ -312,7 +305,7 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_star
     row_max = None
     if exp_class:
         if log_weight is not None:
-            scores = scores + as_tensor(wev(log_weight), scores).to(scores.dtype)
+            scores = scores + as_tensor(wev.run(log_weight), scores).to(scores.dtype)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         row_max = scores.amax(-1, keepdim=True).detach()  # cancels in the normalisation
@@ -320,9 +313,9 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_star
             row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
         a = torch.exp(scores - row_max)
         if weighted:
-            a = a * as_tensor(wev(plan.reweight.expr), a).to(a.dtype)
+            a = a * as_tensor(wev.run(low.weight), a).to(a.dtype)
     else:
-        a = scores * as_tensor(wev(plan.reweight.expr), scores).to(scores.dtype) if weighted else scores
+        a = scores * as_tensor(wev.run(low.weight), scores).to(scores.dtype) if weighted else scores
         if allowed is not None:
             a = torch.where(allowed, a, torch.zeros_like(a))
     norm = plan.normalize
@@ -387,12 +380,12 @@ def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
     tk = k_tile.shape[2]
     cache = {}
 
-    def dot(ev, a, bb):
-        if sides(a) == {"k"} and sides(bb) == {"q"}:
+    def dot(ev, a, bb):  # a, bb: Args (attngen.runtime.evaluate)
+        if a.sides == K_ONLY and bb.sides == Q_ONLY:
             a, bb = bb, a
-        key = (a, bb)
+        key = (a.fn, bb.fn)
         if key not in cache:
-            if sides(a) == {"q"} and sides(bb) == {"k"}:
+            if a.sides == Q_ONLY and bb.sides == K_ONLY:
                 ea, eb = as_tensor(ev(a), q_tile), as_tensor(ev(bb), q_tile)
                 width = max(ea.shape[-1], eb.shape[-1])  # d, or F of a matmul(W, q)
                 ea = torch.broadcast_to(ea, (b, h, tq, 1, width))[:, :, :, 0]
@@ -406,4 +399,4 @@ def pair_values(expr, env5: dict, q_tile, k_tile, where: str) -> torch.Tensor:
         return torch.linalg.vector_norm(as_tensor(ev(a), q_tile), dim=-1, keepdim=True)
 
     ev = Evaluator({**env5, QE: q_tile[:, :, :, None, :], KE: k_tile[:, :, None, :, :]}, dot, norm, where=where)
-    return torch.broadcast_to(as_tensor(ev(expr), q_tile), (b, h, tq, tk, 1))[..., 0]
+    return torch.broadcast_to(as_tensor(ev.run(expr), q_tile), (b, h, tq, tk, 1))[..., 0]

@@ -18,8 +18,6 @@ derivations section 4.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -104,12 +102,23 @@ def _chunks(x, t0: int, c: int, g: int):
     return x[:, :, t0:t0 + g * c].contiguous().view(b, h, g, c, d)
 
 
+def _memo(make):
+    """``make(c, g)`` remembered per (c, g) for one call (a plain dict: torch.compile traces it, not an lru_cache)."""
+    cache = {}
+
+    def get(c, g):
+        if (c, g) not in cache:
+            cache[c, g] = make(c, g)
+        return cache[c, g]
+    return get
+
+
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qf, kf, v, lg, initial, chunk: int, strict: bool, scale: float):
         b, h, t, f = qf.shape
         e = v.shape[-1]
-        weights = functools.lru_cache(maxsize=None)(lambda c, g: _Weights(lg, c, g, strict, qf))
+        weights = _memo(lambda c, g: _Weights(lg, c, g, strict, qf))
         out = qf.new_empty(b, h, t, e)
         state = qf.new_zeros(b, h, f, e) if initial is None else initial.to(qf.dtype)
         starts = []
@@ -128,7 +137,7 @@ class _Scan(torch.autograd.Function):
         qf, kf, v, lg, initial, *starts = ctx.saved_tensors
         b, h, t, f = qf.shape
         e = v.shape[-1]
-        weights = functools.lru_cache(maxsize=None)(lambda c, g: _Weights(lg, c, g, ctx.strict, qf))
+        weights = _memo(lambda c, g: _Weights(lg, c, g, ctx.strict, qf))
         dout = torch.zeros_like(v) if dout is None else dout  # groups are made contiguous one at a time
         grad = qf.new_zeros(b, h, f, e) if dfinal is None else dfinal.to(qf.dtype).clone()
         dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)

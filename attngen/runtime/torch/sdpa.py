@@ -11,7 +11,7 @@ from attngen.errors import PlanError
 from attngen.frontend.expr import I, J
 from attngen.ir import SDPA_BIAS_LIMIT
 from attngen.runtime.evaluate import Evaluator
-from attngen.runtime.torch.common import as_tensor, compute_dtype, symbol_env
+from attngen.runtime.torch.common import as_tensor, compute_dtype, lowered, symbol_env
 
 
 def fits(plan, q: torch.Tensor, k: torch.Tensor, params: dict) -> bool:
@@ -26,8 +26,7 @@ def fits(plan, q: torch.Tensor, k: torch.Tensor, params: dict) -> bool:
                         "tiled quadratic ordering (the planning pass 'delegate' routes it there)")
     if plan.sdpa.bias is None:
         return True
-    learned = torch.is_grad_enabled() and any(params[p.name].requires_grad for p in plan.spec.parameters
-                                              if p.symbol in plan.sdpa.bias.free_symbols)
+    learned = torch.is_grad_enabled() and any(params[name].requires_grad for name in lowered(plan).sdpa_learned)
     return not learned and q.shape[1] * q.shape[2] * k.shape[2] <= SDPA_BIAS_LIMIT
 
 
@@ -39,18 +38,21 @@ def attention(plan, q, k, v, params: dict) -> torch.Tensor:
     s = k.shape[2]
     env = symbol_env(plan, t, s, h, d, params, dtype, q.device)
     where = plan.spec.where
-    scale = Evaluator(env, where=f"{where}: score scale")(plan.sdpa.scale)
+    low = lowered(plan)
+    scale = Evaluator(env, where=f"{where}: score scale").run(low.sdpa_scale)
     if isinstance(scale, torch.Tensor):  # per head (a parameter): into q, so its gradient flows
         q, scale = q * scale, 1.0
     causal = plan.spec.causal
-    gqa = k.shape[1] != h  # grouped KV heads: SDPA reads each group's k, v in place
+    # grouped KV heads: SDPA reads each group's k, v in place; a branch, not bool(): under torch.compile with
+    # symbolic head counts the comparison is a SymBool, which SDPA's enable_gqa does not take (the branch guards)
+    gqa = True if k.shape[1] != h else False
     if plan.sdpa.bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=float(scale), enable_gqa=gqa)
     i = torch.arange(t, dtype=dtype, device=q.device).view(1, 1, t, 1)
     j = torch.arange(s, dtype=dtype, device=q.device).view(1, 1, 1, s)
     if causal:
         j = torch.minimum(j, i)  # masked pairs take the diagonal's value: finite, then -inf below
-    bias = torch.broadcast_to(as_tensor(Evaluator({**env, I: i, J: j}, where=f"{where}: reweight")(plan.sdpa.bias),
+    bias = torch.broadcast_to(as_tensor(Evaluator({**env, I: i, J: j}, where=f"{where}: reweight").run(low.sdpa_bias),
                                         q), (1, h, t, s))
     if causal:
         allowed = torch.arange(s, device=q.device).view(1, s) <= torch.arange(t, device=q.device).view(t, 1)

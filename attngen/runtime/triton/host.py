@@ -946,7 +946,8 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     if m.gate_dim:
         rev = rev.transpose(-1, -2)
     dparams = [(d.view(-1, H).sum(0) if p.dim() == 1 else d.sum()).to(p.dtype) for d, p in zip(dpar, params)]
-    return [dq, dk, dv, *dparams, rev.to(gate.dtype), *([ds0] if state else [])]
+    # the gate's gradient contiguous, as the fake kernel declares it (a per-key-dimension gate's is a transpose)
+    return [dq, dk, dv, *dparams, rev.to(gate.dtype).contiguous(), *([ds0] if state else [])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -956,7 +957,8 @@ def _fwd_fake(m: Module, q, k, v, params, layout, state, cu, return_state):
     (B, H, T, K), V = _bhtd(q, layout).shape, v.shape[3]
     o = q.new_empty((B, T, H, V) if layout == "bthd" else (B, H, T, V))
     dtype = state[0].dtype if state else torch.float32
-    st = zt = q.new_empty((0,), dtype=dtype)
+    # four outputs, four tensors: outputs that alias each other would not match the real kernel's (opcheck)
+    st, zt = q.new_empty((0,), dtype=dtype), q.new_empty((0,), dtype=dtype)
     if return_state:
         n, f = _sequences(B, cu), m.feature_width(K)
         st = q.new_empty((n, H, f, V), dtype=dtype)

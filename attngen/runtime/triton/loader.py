@@ -42,7 +42,15 @@ def cache_key(plan) -> str:
 
 
 def load_module(plan):
-    """The imported generated module of ``plan`` (rendered and written on first use)."""
+    """The imported generated module of ``plan`` (rendered and written on first use; kept in plan.memo, so that a
+    call, or a torch.compile trace of one, finds it with no file or hash work once attngen.compile has loaded it)."""
+    module = plan.memo.get("triton_module")
+    if module is None:
+        module = plan.memo["triton_module"] = _load(plan)
+    return module
+
+
+def _load(plan):
     key = cache_key(plan)
     with _LOCK:
         if key in _MODULES:
