@@ -41,7 +41,10 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     cumulative sum G of a per-head gate (causal): W gains exp(G_i - G_j), a softmax score G_i - G_j."""
     track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env), big)
                                             if x is not None)
-    if plan.spec.window is not None:  # the tiles in the window only, in preallocated buffers (WindowTiles)
+    window = plan.spec.window
+    # the tiles in the window only, in preallocated buffers (WindowTiles); under torch.compile (whose dynamo does not
+    # trace WindowTiles' backward: it calls torch.autograd.grad) the checkpointed tile loop below, on the window's keys
+    if window is not None and not torch.compiler.is_compiling():
         if track:
             names = [s for s, x in env.items() if isinstance(x, torch.Tensor) and x.requires_grad]
             return WindowTiles.apply((plan, env, causal, names), q, k, v, big, *(env[s] for s in names))
@@ -55,12 +58,16 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     outs = []
     for n, (q_tile, g_rows) in enumerate(rows):
         i0 = n * BLOCK_Q
-        lo, stop = key_range(i0, q_tile.shape[2], s_len, causal, None)
-        if lo >= stop:  # no key at all (S = 0)
+        lo, stop = key_range(i0, q_tile.shape[2], s_len, causal, window)
+        if lo >= stop:  # no key at all (S = 0, or a window past the last key)
             width = v.shape[-1] - (plan.normalize.kind == "rowsum")  # [V | 1]: the ones column is not an output
             outs.append(q_tile.new_zeros(*q_tile.shape[:3], width))
             continue
-        args = (tile, i0, 0, s_len, q_tile, g_rows, k, v, big)
+        if window is None:
+            args = (tile, i0, 0, s_len, q_tile, g_rows, k, v, big)
+        else:  # compiled: the window's keys as slices (the graph, not Python, holds their backward)
+            args = (tile, i0, lo, s_len, q_tile, g_rows, k[:, :, lo:stop], v[:, :, lo:stop],
+                    None if big is None else big[:, :, lo:stop])
         if track:  # recompute the tile's scores in backward instead of keeping them
             outs.append(checkpoint(*args, use_reentrant=False))
         else:
