@@ -169,7 +169,9 @@ def sparse_cmd(max_len, out):
 @main.command("minilm-swap", context_settings=CONTEXT)
 @_out
 def minilm_swap_cmd(out):
-    """all-MiniLM-L6-v2 with attngen's attention: embedding cosine per layer swapped.
+    """MiniLM embeddings, variants swapped in.
+
+    all-MiniLM-L6-v2 with attngen's attention, the embedding cosine per layer swapped.
 
     transformers' BertModel from the weights package (attngen.hf, docs/hf.md): attngen's softmax in every layer,
     then cosformer, topk_sparse and conv_basis in one layer at a time; the cosine between each text's sentence
@@ -241,7 +243,9 @@ def window_cmd(min_len, max_len, out, window, heads, repeats, threads, memory):
 @click.option("--repeats", type=click.IntRange(1), default=1, show_default=True, help="Timed runs per case.")
 @_out
 def cp_cmd(world, min_len, max_len, heads, head_dim, repeats, out):
-    """Context parallelism: bytes per rank per layer against T.
+    """Context parallelism: bytes per rank.
+
+    Bytes per rank per layer against T.
 
     cp_attention (attngen.distributed) on --world gloo ranks of this CPU, forward and backward, T = --min-len ..
     --max-len total (doubling): the bytes each rank hands to each collective, which should not change with T,

@@ -567,6 +567,8 @@ def load_and_plan(source):
 @example(spec={**BASE, "constants": {"c0": "n"}, "reweight": "exp(" * 17 + "min(i, sqrt(c0))" + ")" * 17})
 @example(spec={**BASE, "constants": {"c0": "n"}, "reweight": "tanh(" * 10 + "min(i, sqrt(c0))" + ")" * 10})
 @example(spec={**BASE, "name": "x" * 300})
+@example(spec={"name": "t", "similarity": "exp(min(n, c0))", "constants": {"c0": "(relu(sigmoid(1)))**1"},
+               "reweight": "i", "causal": False})  # Min(n, Relu(number)) was sympy's "not comparable" ValueError
 @example(spec={**BASE, "reweight": "cos(i + j + n_q*i + n_k*j + d*i)*sin(h*j + H*i + i*j + i**2)"})
 def test_generated_specs_load_and_plan_or_are_refused_quickly(spec):
     load_and_plan(spec)

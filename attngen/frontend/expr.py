@@ -60,7 +60,7 @@ class Relu(Function):
 
     @classmethod
     def eval(cls, x):
-        if x.is_Number:
+        if x.is_number and x.is_comparable:  # a number or a numeric expression (relu(sigmoid(1)))
             return sympy.Max(x, 0)
 
     def fdiff(self, argindex=1):
@@ -74,7 +74,7 @@ class Elu(Function):
 
     @classmethod
     def eval(cls, x):
-        if x.is_Number:
+        if x.is_number and x.is_comparable:
             return x if x > 0 else sympy.exp(x) - 1
 
     def fdiff(self, argindex=1):

@@ -1000,6 +1000,10 @@ class _Bounds:
                             fix="nest fewer functions through the constants")
         try:
             value = substitute(expr, self.values) if used else expr
+        except (TypeError, ValueError) as exc:  # sympy refusing a node the substituted numbers make (min of x, y)
+            raise SpecError(f"with the constants substituted, an expression cannot be formed: {exc}", where=where,
+                            key=key, expected="expressions sympy can build from the constants' values",
+                            fix="simplify the constants this expression uses") from None
         except OutOfRange:
             raise SpecError("with the constants substituted, a numeric value is beyond float64", where=where, key=key,
                             expected="numeric values within 1e-300 .. 1e300 in magnitude") from None
