@@ -3,7 +3,9 @@
 Kernel variable names the slots refer to (per side s = q or k, kernel conventions of fla):
     b_<s>    the raw block [BT, BK] (fp32)          b_t<s>  positions i or j [BT] (fp32)
     b_<s>r<n> a row reduction [BT] (norm / dot)      f_nq, f_nk, f_d, f_h, f_H  n_q, n_k, d, h, H
-    b_par_<p> the value of parameter p
+    b_par_<p> the value of parameter p: a number, or (a vector parameter [Dk] / [H, Dk]) its row [BK], which an
+             element formula reads as b_par_<p>[None, :]
+    b_dpar_<p> the program's partial sum of d loss / d p: [rows] for a number (summed when stored), [BK] for a vector
 """
 from __future__ import annotations
 
@@ -40,6 +42,20 @@ class Feature:
     scale_grads: tuple  # of ScaleGrad
     cols: str = "BK"  # columns of its block: BK, or BK * BK for a tensor square
     power2: "Power2 | None" = None  # the second factor of a tensor square (None: power <= 1)
+    dparams: tuple = ()  # of FeatureParam: the parameters the feature map uses (fused: gradients in-kernel)
+
+
+@dataclass(frozen=True)
+class FeatureParam:
+    """d feature / d parameter p of one feature block, printed: ``dphi`` the derivative of its element formula
+    [BT, BK] (None when zero), ``dpower`` that of a tensor square's second factor (None when zero or no square),
+    ``dscale`` that of its row scale [BT] outside the row reductions (None when zero). ``vector``: p is a vector
+    parameter (element m of the formula reads element m of p), so its gradient is summed over the rows only."""
+    name: str
+    vector: bool
+    dphi: str | None
+    dpower: str | None = None
+    dscale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,15 +80,21 @@ class ParamGrad:
 
 def params(spec) -> list:
     """The parameters' slots; ``buckets``: NB of a table parameter [H, NB] / [NB] (0 for the others)."""
-    return [{"name": p.name, "per_head": p.per_head if p.kind == "table" else bool(p.shape), "symbol": p.symbol,
+    return [{"name": p.name, "per_head": p.per_head, "symbol": p.symbol, "vector": p.kind == "vector",
              "default": default(p), "learnable": p.learnable, "buckets": p.buckets} for p in spec.parameters]
+
+
+def param_names(params: list) -> dict:
+    """Kernel names of the parameters in printed formulas: b_par_<p>, a vector's row as b_par_<p>[None, :]."""
+    return {p["symbol"]: f"b_par_{p['name']}" + ("[None, :]" if p["vector"] else "") for p in params}
 
 
 class Side:
     """The feature blocks of one side (q or k): deduplicated element maps with their row scales."""
 
-    def __init__(self, s: str, names: dict, where: str):
+    def __init__(self, s: str, names: dict, where: str, params: list = ()):
         self.s, self.where = s, where
+        self.params = [p for p in params if not p["buckets"]]  # the parameters a feature map may use
         self.elem = QE if s == "q" else KE
         self.pos = I if s == "q" else J
         self.names = dict(names)
@@ -118,7 +140,8 @@ class Side:
         # a tensor square's gradient needs both factors' derivatives, printed even when zero
         dphi_code = pr(dphi) if power2 or dphi != 0 else None
         if scale == 1:
-            return Feature(i, width, pr(phi), dphi_code, None, (), **extra)
+            return Feature(i, width, pr(phi), dphi_code, None, (),
+                           dparams=self._dparams(phi, factors, scale), **extra)
         reds = sorted(scale.atoms(Norm, Dot), key=sympy.default_sort_key)
         dummies = {r: sympy.Dummy(f"r{n}") for n, r in enumerate(reds)}
         flat = scale.xreplace(dummies)
@@ -133,7 +156,33 @@ class Side:
             if dscale != 0:
                 grads.append(ScaleGrad(self.printer("row scale derivative", row_vars)(dscale),
                                        self._dreduction(r, col_vars[r])))
-        return Feature(i, width, pr(phi), dphi_code, scale_code, tuple(grads), **extra)
+        return Feature(i, width, pr(phi), dphi_code, scale_code, tuple(grads),
+                       dparams=self._dparams(phi, factors, scale), **extra)
+
+    def _dparams(self, phi, factors, scale) -> tuple:
+        """The derivatives by every parameter the feature map uses (element formula, a tensor square's second
+        factor, the row scale outside its reductions; a parameter inside a row reduction is refused there)."""
+        second = factors[1] if factors is not None and len(factors) == 2 else None
+        out = []
+        for p in self.params:
+            sym = p["symbol"]
+            dphi = sympy.diff(phi, sym)
+            dpower = sympy.diff(second, sym) if second is not None else sympy.Integer(0)
+            flat = scale.xreplace({r: sympy.Dummy() for r in scale.atoms(Norm, Dot)}) if scale != 1 else scale
+            dscale = sympy.diff(flat, sym) if scale != 1 else sympy.Integer(0)
+            if dphi == 0 and dpower == 0 and dscale == 0:
+                continue
+            if p["vector"] and dscale != 0:
+                raise PlanError(f"{self.where}: the vector parameter {p['name']} in the row scale "
+                                f"{sympy.sstr(scale)} of {self.s}")
+            what = f"derivative by {p['name']} of the feature map of {self.s}"
+            pr = self.printer(what)
+            rows = {r: f"b_{self.s}r{self.reduction(r).i}" for r in scale.atoms(Norm, Dot)} if scale != 1 else {}
+            out.append(FeatureParam(
+                p["name"], p["vector"], pr(dphi) if dphi != 0 else None, pr(dpower) if dpower != 0 else None,
+                self.printer(f"derivative by {p['name']} of the row scale of {self.s}", rows)(sympy.diff(scale, sym))
+                if dscale != 0 else None))
+        return tuple(out)
 
     def reduction(self, node) -> Reduction:
         if node not in self.reductions:

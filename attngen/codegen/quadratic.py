@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import sympy
 from sympy import Add
 
-from attngen.codegen.features import SCALARS, Side
+from attngen.codegen.features import SCALARS, Side, param_names
+from attngen.codegen.features import params as param_slots
 from attngen.codegen.printer import TritonPrinter, print_t5_bucket
 from attngen.errors import PlanError
 from attngen.frontend.expr import KE, QE, D, Dot, I, J, Lookup, Norm, sides
@@ -39,6 +40,16 @@ class Map:
     i: int
     code: str  # the map of the raw block b_q / b_k
     grad: str | None  # d loss / d element from the accumulator b_d<s>a<i> (None: the map is constant)
+    dparams: tuple = ()  # of MapParam: the parameters the map uses
+
+
+@dataclass(frozen=True)
+class MapParam:
+    """d map / d parameter, printed over the block [rows, BK]; ``vector``: a vector parameter, whose gradient is
+    summed over the rows only (element m of the map reads element m of it)."""
+    name: str
+    vector: bool
+    code: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,7 @@ def tile_slots(plan: Plan) -> dict:
         expr = sim.score
         if rw.log_weight is not None:  # W = exp(log W) folds into the score
             expr, weight = (expr + rw.log_weight if rw.log_weight != 0 else expr), None
-    tile = _Tile(where, params)
+    tile = _Tile(where, params, param_slots(spec))
     tables = {p.symbol: p for p in spec.parameters if p.kind == "table"}
     shown, shown_weight = expr, weight  # as the header says them (with lookup(...), not the tile's b_lk<n>)
     expr, weight = tile.lookups(expr, tables), None if weight is None else tile.lookups(weight, tables)
@@ -185,8 +196,11 @@ def describe(plan: Plan, slots: dict) -> list:
 class _Tile:
     """Collects the tile quantities of one expression and prints over them."""
 
-    def __init__(self, where: str, params: dict):
+    def __init__(self, where: str, params: dict, slots: list = ()):
         self.where, self.params = where, params
+        # the parameters an element map may use (numbers and vectors): fused, their gradients reduced in-kernel
+        self.map_params = [p for p in slots if not p["buckets"]]
+        self.map_names = {**SCALARS, **param_names(self.map_params)}
         # the row reductions are printed exactly as in the linear kernels
         self.sides = {s: Side(s, dict(SCALARS), where) for s in ("q", "k")}
         self.maps = {"q": [], "k": []}  # of Map
@@ -274,19 +288,25 @@ class _Tile:
         if formula in self._map_index[s]:
             return self._map_index[s][formula]
         elem = QE if s == "q" else KE
-        extra = formula.free_symbols - {elem} - set(SCALARS)
+        extra = formula.free_symbols - {elem} - set(self.map_names)
         if extra:
             raise PlanError(f"{self.where}: the element map {sympy.sstr(formula)} of {s} uses "
-                            f"{', '.join(sorted(map(str, extra)))}; the Triton quadratic kernels take parameters "
-                            "and positions outside dot() / norm() only")
-        names = {**SCALARS, elem: f"b_{s}"}
+                            f"{', '.join(sorted(map(str, extra)))}; the Triton quadratic kernels take number and "
+                            "vector parameters in element maps, positions outside dot() / norm() only")
+        names = {**self.map_names, elem: f"b_{s}"}
         pr = TritonPrinter(names, self.where, f"element map of {s}")
+        dparams = []
+        for p in self.map_params:
+            d = sympy.diff(formula, p["symbol"])
+            if d != 0:
+                what = f"derivative by {p['name']} of the element map of {s}"
+                dparams.append(MapParam(p["name"], p["vector"], TritonPrinter(names, self.where, what)(d)))
         i = len(self.maps[s])
         code = f"b_{s}" if formula == elem else f"tl.where(m_{s}d, {pr(formula)}, 0.0)"
         deriv = sympy.diff(formula, elem)
         acc = f"b_d{s}a{i}"
         grad = None if deriv == 0 else acc if deriv == 1 else f"{acc} * ({pr(deriv)})"
-        self.maps[s].append(Map(i, code, grad))
+        self.maps[s].append(Map(i, code, grad, tuple(dparams)))
         self._map_index[s][formula] = i
         return i
 

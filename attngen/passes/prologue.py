@@ -1,9 +1,12 @@
 """The feature prologue of the Triton target: feature maps its templates cannot form, computed before the kernels.
 
 The generated kernels print a feature map element by element from the q or k block they hold, with the row
-reductions norm and dot of that block. A feature map with a matrix product (``matmul(W, q)``), a softmax over the
-vector, ``mean`` / ``sum``, reductions nested in reductions, or any parameter is instead evaluated by the torch
-evaluator (autograd gives the parameters' gradients), and the kernels run the *core* spec on those feature rows:
+reductions norm and dot of that block, and read number parameters ([] / [H]) and vector ones ([Dk] / [H, Dk], a
+row of the block's width) inside the element formulas of a dot of q and k, their gradients reduced in-kernel. A
+feature map with a matrix product (``matmul(W, q)``), a softmax over the vector, ``mean`` / ``sum``, reductions
+nested in reductions, or a parameter elsewhere inside a reduction (norm(g * q), a matrix) is instead evaluated by
+the torch evaluator (autograd gives the parameters' gradients), and the kernels run the *core* spec on those
+feature rows:
 
     similarity  c * dot(a(q), b(k))**2          core: c * dot(q', k')**2        q' = a(q), k' = b(k)
     similarity  dot(a1(q), b1(k)) + c dot(a2(q), b2(k))     core: dot(q', k')   q' = [a1(q) | c a2(q)], k' = [b1 | b2]
@@ -64,14 +67,26 @@ class Prologue:
 
 
 def needs_prologue(spec: Spec) -> bool:
-    return bool(_prologue_nodes(_similarity(spec), _parameter_symbols(spec)))
+    return bool(_prologue_nodes(_similarity(spec), _parameter_symbols(spec), _fusable_symbols(spec)))
+
+
+def fused_parameters(spec: Spec) -> list:
+    """The parameters the Triton kernels evaluate inside feature maps (numbers and vectors in the element formulas
+    of a dot of q and k), when no prologue is needed: their gradients are reduced in-kernel."""
+    if needs_prologue(spec):
+        return []
+    inner = set()
+    for node in sympy.preorder_traversal(_similarity(spec)):
+        if isinstance(node, REDUCTIONS):
+            inner |= set().union(*(a.free_symbols for a in node.args if isinstance(a, sympy.Basic)))
+    return [p.name for p in spec.parameters if p.symbol in inner]
 
 
 def split(spec: Spec) -> Prologue | None:
     """The spec's prologue and core for the Triton target, or None when the kernels can form its feature maps."""
     params = _parameter_symbols(spec)
     expr = _similarity(spec)
-    nodes = _prologue_nodes(expr, params)
+    nodes = _prologue_nodes(expr, params, _fusable_symbols(spec))
     if not nodes:
         return None
     where = spec.where
@@ -122,16 +137,28 @@ def _parameter_symbols(spec: Spec) -> set:
     return {p.symbol for p in spec.parameters}
 
 
-def _prologue_nodes(expr, params: set) -> list:
-    """The outermost reductions whose arguments the kernels cannot print: they hold a parameter, a vector map
-    (matmul, softmax) or another reduction, or are mean / sum."""
+def _fusable_symbols(spec: Spec) -> set:
+    """The parameters the kernels can read inside a feature map: numbers ([] / [H]) and vectors ([Dk] / [H, Dk])."""
+    return {p.symbol for p in spec.parameters if p.kind in ("scalar", "vector")}
+
+
+def _pair_dot(e) -> bool:
+    """Whether ``e`` is dot(a(q), b(k)): one argument a formula of q only, the other of k only."""
+    return isinstance(e, Dot) and {frozenset(sides(a)) for a in e.args} == {frozenset({"q"}), frozenset({"k"})}
+
+
+def _prologue_nodes(expr, params: set, fusable: set = frozenset()) -> list:
+    """The outermost reductions whose arguments the kernels cannot print: they hold a vector map (matmul, softmax)
+    or another reduction, are mean / sum, or hold a parameter, except number and vector parameters (``fusable``)
+    in the element formulas of a dot of q and k (the kernels evaluate those, attngen.codegen.features)."""
     out = []
 
     def walk(e):
         if isinstance(e, REDUCTIONS):
             inner = [a for a in e.args if isinstance(a, sympy.Basic)]
-            if isinstance(e, (Mean, Total)) or any(a.free_symbols & params or a.has(*VECTOR_FUNCTIONS, *REDUCTIONS)
-                                                   for a in inner):
+            used = set().union(*(a.free_symbols & params for a in inner))
+            if isinstance(e, (Mean, Total)) or any(a.has(*VECTOR_FUNCTIONS, *REDUCTIONS) for a in inner) or (
+                    used and not (used <= fusable and _pair_dot(e))):
                 out.append(e)
             return
         for a in e.args:
