@@ -70,16 +70,23 @@ def needs_prologue(spec: Spec) -> bool:
     return bool(_prologue_nodes(_similarity(spec), _parameter_symbols(spec), _fusable_symbols(spec)))
 
 
-def fused_parameters(spec: Spec) -> list:
-    """The parameters the Triton kernels evaluate inside feature maps (numbers and vectors in the element formulas
-    of a dot of q and k), when no prologue is needed: their gradients are reduced in-kernel."""
+def fused(spec: Spec) -> str:
+    """What the Triton kernels evaluate inside their feature maps beyond the element functions they always print:
+    the parameters and the row reductions in the element formulas of the dots of q and k (one line; '' when there
+    are none, or when the spec needs a prologue)."""
     if needs_prologue(spec):
-        return []
-    inner = set()
+        return ""
+    params = _parameter_symbols(spec)
+    pairs, names = [], set()
     for node in sympy.preorder_traversal(_similarity(spec)):
-        if isinstance(node, REDUCTIONS):
-            inner |= set().union(*(a.free_symbols for a in node.args if isinstance(a, sympy.Basic)))
-    return [p.name for p in spec.parameters if p.symbol in inner]
+        if _pair_dot(node) and any(a.free_symbols & params or a.has(*REDUCTIONS) for a in node.args):
+            a, b = node.args if sides(node.args[0]) == {"q"} else node.args[::-1]
+            pairs.append(f"{_formula(a)} of q, {_formula(b)} of k")
+            names |= {p.name for p in spec.parameters if p.symbol in a.free_symbols | b.free_symbols}
+    if not pairs:
+        return ""
+    read = f"; parameters {', '.join(sorted(names))} read in-kernel, their gradients reduced there" if names else ""
+    return f"feature maps fused into the kernels (no prologue): {'; '.join(dict.fromkeys(pairs))}{read}"
 
 
 def split(spec: Spec) -> Prologue | None:
@@ -201,10 +208,19 @@ def _sum_of(add, dots: set) -> bool:
 
 
 NAMES = {"Dot(q_e, k_e)": "dot(q, k)", "Relu": "relu", "Elu": "elu", "Sigmoid": "sigmoid"}
+FORMULA_NAMES = {**NAMES, "Mean": "mean", "Total": "sum", "Norm": "norm", "Dot": "dot", "q_e": "q", "k_e": "k"}
 
 
 def _source(expr) -> str:
     text = sympy.sstr(expr)
     for a, b in NAMES.items():
+        text = text.replace(a, b)
+    return text
+
+
+def _formula(expr) -> str:
+    """An element formula as a spec writes it (q, mean(q), ...)."""
+    text = sympy.sstr(expr)
+    for a, b in FORMULA_NAMES.items():
         text = text.replace(a, b)
     return text
