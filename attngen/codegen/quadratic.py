@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import sympy
 from sympy import Add
 
-from attngen.codegen.features import SCALARS, Side, param_names
+from attngen.codegen.features import ROW_REDUCTIONS, SCALARS, Side, outermost, param_names
 from attngen.codegen.features import params as param_slots
 from attngen.codegen.printer import TritonPrinter, print_t5_bucket
 from attngen.errors import PlanError
@@ -41,6 +41,7 @@ class Map:
     code: str  # the map of the raw block b_q / b_k
     grad: str | None  # d loss / d element from the accumulator b_d<s>a<i> (None: the map is constant)
     dparams: tuple = ()  # of MapParam: the parameters the map uses
+    chain: object = None  # features.Chain: the row reductions inside the map (None: none)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ def tile_slots(plan: Plan) -> dict:
     }
     pairs = [Pair(n, qm, km, pr(sympy.diff(flat, d))) for n, (d, qm, km) in enumerate(tile.pairs)]
     sides_ = {s: {"maps": tile.maps[s], "reductions": [
-        RowReduction(r.i, r.value, pr(sympy.diff(flat, d)), dred) for r, d, dred in tile.reductions[s]]}
+        RowReduction(r.i, r.value, pr(sympy.diff(flat, d)), dred) for r, d, dred in tile.reductions[s].values()],
+        # every row reduction of the side: the tile's and those inside its element maps (inner ones first)
+        "all_reductions": sorted(tile.sides[s].reductions.values(), key=lambda r: r.i)}
         for s in ("q", "k")}
     grads = []
     for p in spec.parameters:
@@ -202,11 +205,13 @@ class _Tile:
         self.map_params = [p for p in slots if not p["buckets"]]
         self.map_names = {**SCALARS, **param_names(self.map_params)}
         # the row reductions are printed exactly as in the linear kernels
-        self.sides = {s: Side(s, dict(SCALARS), where) for s in ("q", "k")}
+        self.map_params = [p for p in slots if not p["buckets"]]
+        self.map_names = {**SCALARS, **param_names(self.map_params)}
+        self.sides = {s: Side(s, self.map_names, where, self.map_params) for s in ("q", "k")}
         self.maps = {"q": [], "k": []}  # of Map
         self._map_index = {"q": {}, "k": {}}  # formula -> index
         self.pairs = []  # (dummy, q map index, k map index)
-        self.reductions = {"q": [], "k": []}  # (Reduction, dummy, dred code)
+        self.reductions = {"q": {}, "k": {}}  # reduction index -> (Reduction, dummy, dred code)
         self.dummies = {}  # reduction node -> dummy
         self.names = dict(SCALARS)
         self.names.update({sym: f"b_par_{name}" for sym, name in params.items()})
@@ -240,8 +245,8 @@ class _Tile:
     def full(self, code: str, expr) -> str:
         """``code`` as a full [BM, BN] tile: rows (i, q-row quantities) times columns (j, k-row ones)."""
         syms = sympy.sympify(expr).free_symbols
-        rows = {I} | {d for _, d, _ in self.reductions["q"]}
-        cols = {J} | {d for _, d, _ in self.reductions["k"]}
+        rows = {I} | {d for _, d, _ in self.reductions["q"].values()}
+        cols = {J} | {d for _, d, _ in self.reductions["k"].values()}
         pairs = {d for d, _, _ in self.pairs} | set(self.lookup_dummies.values())
         if syms & pairs or (syms & rows and syms & cols):
             return code
@@ -250,11 +255,11 @@ class _Tile:
     def flatten(self, expr):
         """``expr`` with every reduction replaced by a dummy tile quantity (registered here)."""
         expr = _bilinear(sympy.sympify(expr), self.where)
-        nodes = sorted(expr.atoms(Dot, Norm), key=sympy.default_sort_key)
+        nodes = outermost(expr)
         for node in nodes:
-            if any(a.has(Dot, Norm) for a in node.args):
-                raise PlanError(f"{self.where}: the nested reduction {sympy.sstr(node)} is not supported by the "
-                                "Triton quadratic kernels")
+            if sides(node) != {"q", "k"} and any(a.has(*ROW_REDUCTIONS) for a in node.args):
+                raise PlanError(f"{self.where}: the nested reduction {sympy.sstr(node)} outside a dot of q and k is "
+                                "not supported by the Triton quadratic kernels")
             self.dummies[node] = self._quantity(node)
         flat = expr.xreplace(self.dummies)
         stray = flat.free_symbols & {QE, KE}
@@ -268,9 +273,9 @@ class _Tile:
             s = who.pop()
             red = self.sides[s].reduction(node)
             d = sympy.Dummy(f"{s}r{red.i}", real=True)
-            if red.i == len(self.reductions[s]):
+            if red.i not in self.reductions[s]:
                 dred = self.sides[s]._dreduction(node, f"b_{s}r{red.i}[:, None]")
-                self.reductions[s].append((red, d, dred))
+                self.reductions[s][red.i] = (red, d, dred)
                 self.names[d] = f"b_{s}r{red.i}" + ("[:, None]" if s == "q" else "[None, :]")
             return self.reductions[s][red.i][1]
         if not isinstance(node, Dot) or who != {"q", "k"}:
@@ -293,20 +298,21 @@ class _Tile:
             raise PlanError(f"{self.where}: the element map {sympy.sstr(formula)} of {s} uses "
                             f"{', '.join(sorted(map(str, extra)))}; the Triton quadratic kernels take number and "
                             "vector parameters in element maps, positions outside dot() / norm() only")
-        names = {**self.map_names, elem: f"b_{s}"}
-        pr = TritonPrinter(names, self.where, f"element map of {s}")
+        side = self.sides[s]
+        flat = side.flat(formula)  # its row reductions (mean(q), ...) computed before the map, chained after
+        pr = side.printer("element map")
         dparams = []
         for p in self.map_params:
-            d = sympy.diff(formula, p["symbol"])
+            d = sympy.diff(flat, p["symbol"])
             if d != 0:
-                what = f"derivative by {p['name']} of the element map of {s}"
-                dparams.append(MapParam(p["name"], p["vector"], TritonPrinter(names, self.where, what)(d)))
+                dparams.append(MapParam(p["name"], p["vector"], side.printer(f"derivative by {p['name']} of the "
+                                                                              "element map")(d)))
         i = len(self.maps[s])
-        code = f"b_{s}" if formula == elem else f"tl.where(m_{s}d, {pr(formula)}, 0.0)"
-        deriv = sympy.diff(formula, elem)
+        code = f"b_{s}" if formula == elem else f"tl.where(m_{s}d, {pr(flat)}, 0.0)"
+        deriv = sympy.diff(flat, elem)
         acc = f"b_d{s}a{i}"
         grad = None if deriv == 0 else acc if deriv == 1 else f"{acc} * ({pr(deriv)})"
-        self.maps[s].append(Map(i, code, grad, tuple(dparams)))
+        self.maps[s].append(Map(i, code, grad, tuple(dparams), side.chain(flat)))
         self._map_index[s][formula] = i
         return i
 

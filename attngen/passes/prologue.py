@@ -33,6 +33,7 @@ from attngen.frontend.expr import (
     Dot,
     Mean,
     Total,
+    VecMax,
     sides,
     vector_width,
 )
@@ -155,17 +156,12 @@ def _pair_dot(e) -> bool:
 
 
 def _prologue_nodes(expr, params: set, fusable: set = frozenset()) -> list:
-    """The outermost reductions whose arguments the kernels cannot print: they hold a vector map (matmul, softmax)
-    or another reduction, are mean / sum, or hold a parameter, except number and vector parameters (``fusable``)
-    in the element formulas of a dot of q and k (the kernels evaluate those, attngen.codegen.features)."""
+    """The outermost reductions whose arguments the kernels cannot print (``_fused``)."""
     out = []
 
     def walk(e):
         if isinstance(e, REDUCTIONS):
-            inner = [a for a in e.args if isinstance(a, sympy.Basic)]
-            used = set().union(*(a.free_symbols & params for a in inner))
-            if isinstance(e, (Mean, Total)) or any(a.has(*VECTOR_FUNCTIONS, *REDUCTIONS) for a in inner) or (
-                    used and not (used <= fusable and _pair_dot(e))):
+            if not _fused(e, params, fusable):
                 out.append(e)
             return
         for a in e.args:
@@ -174,6 +170,28 @@ def _prologue_nodes(expr, params: set, fusable: set = frozenset()) -> list:
 
     walk(expr)
     return out
+
+
+def _fused(node, params: set, fusable: set) -> bool:
+    """Whether the kernels form the reduction ``node`` themselves. A dot of q and k: its element formulas may hold
+    number and vector parameters (``fusable``) and row reductions of their own side, nested too (mean(q),
+    norm(q - mean(q)), ...), no vector map (matmul, softmax). Any other reduction (a row scale, norm(q - k)): a
+    plain element formula, no parameter or reduction inside, mean / sum of one side only."""
+    inner = [a for a in node.args if isinstance(a, sympy.Basic)]
+    if any(a.has(*VECTOR_FUNCTIONS, VecMax) for a in inner):
+        return False
+    used = set().union(*(a.free_symbols & params for a in inner))
+    if _pair_dot(node):
+        return used <= fusable and all(_one_sided_reductions(a) for a in inner)
+    if used or any(a.has(*REDUCTIONS) for a in inner):
+        return False
+    return not isinstance(node, (Mean, Total)) or len(sides(node)) == 1
+
+
+def _one_sided_reductions(formula) -> bool:
+    """Whether every reduction inside an element formula of one side reduces rows of that side."""
+    side = sides(formula)
+    return all(sides(n) == side for n in sympy.preorder_traversal(formula) if isinstance(n, REDUCTIONS))
 
 
 def _oriented(dot, refuse) -> tuple:
