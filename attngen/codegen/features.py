@@ -61,6 +61,8 @@ class Feature:
     dparams: tuple = ()  # of FeatureParam: the parameters the feature map uses (fused: gradients in-kernel)
     chain: "Chain | None" = None  # the row reductions inside phi (None: none)
     chain2: "Chain | None" = None  # those inside a tensor square's second factor
+    same: bool = False  # a tensor square of one factor (its reductions chained once)
+    scale_chain: "Chain | None" = None  # the row scale's reductions when they hold parameters or reductions
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Chain:
     seeds: tuple
     zeros: tuple
     steps: tuple
+    rows: bool = False  # seeds of a row formula: c_n = g d phi / d r_n, g a row (no sum over the elements)
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,11 @@ class Side:
         self.dummies = {}  # reduction node -> its symbol in flattened element formulas
         self.features = {}  # (scale, factor) -> Feature
 
-    def printer(self, what, extra=None) -> TritonPrinter:
-        # a reduction's symbol in an element formula is its row [rows] broadcast along the columns
-        cols = {d: f"b_{self.s}r{self.reductions[n].i}[:, None]" for n, d in self.dummies.items()}
+    def printer(self, what, extra=None, rows=False) -> TritonPrinter:
+        # a reduction's symbol in an element formula is its row [rows] broadcast along the columns (``rows``: in
+        # a row formula, the row itself)
+        tail = "" if rows else "[:, None]"
+        cols = {d: f"b_{self.s}r{self.reductions[n].i}{tail}" for n, d in self.dummies.items()}
         return TritonPrinter({**self.names, **cols, **(extra or {})}, self.where, f"{what} of {self.s}")
 
     def flat(self, expr):
@@ -160,8 +165,9 @@ class Side:
             self.reduction(node)
         return expr.xreplace({n: self.dummies[n] for n in nodes})
 
-    def chain(self, flat) -> "Chain | None":
-        """The reverse pass over the reductions of a flattened element formula (None when it has none)."""
+    def chain(self, flat, rows=False) -> "Chain | None":
+        """The reverse pass over the reductions of a flattened element formula (None when it has none); ``rows``:
+        of a row formula (a row scale), whose upstream gradient is a row [rows]."""
         by_dummy = {d: n for n, d in self.dummies.items()}
         direct = [by_dummy[d] for d in sorted(flat.free_symbols & set(by_dummy), key=sympy.default_sort_key)]
         if not direct:
@@ -175,7 +181,8 @@ class Side:
             todo += [by_dummy[d] for d in closure[node].free_symbols & set(by_dummy)]
         order = sorted(closure, key=lambda n: -self.reductions[n].i)  # outermost first (registered last)
         pr = self.printer("row reduction derivative")
-        seeds = tuple((self.reductions[n].i, pr(sympy.diff(flat, self.dummies[n]))) for n in direct)
+        pr_seed = self.printer("row reduction derivative", rows=rows)
+        seeds = tuple((self.reductions[n].i, pr_seed(sympy.diff(flat, self.dummies[n]))) for n in direct)
         zeros = tuple(self.reductions[n].i for n in order if n not in direct)
         steps = []
         for node in order:
@@ -189,7 +196,7 @@ class Side:
             params = tuple((p["name"], p["vector"], pr(sympy.diff(u, p["symbol"]))) for p in self.params
                            if sympy.diff(u, p["symbol"]) != 0)
             steps.append(ChainStep(r.i, fprime, pr(dx) if dx != 0 else None, inner, params))
-        return Chain(seeds, zeros, tuple(steps))
+        return Chain(seeds, zeros, tuple(steps), rows)
 
     def _summand(self, node):
         """u_e of a reduction r = F(sum_e u_e), flattened: mean / sum of a -> a, norm(a) -> a**2, dot(a, b) -> a b."""
@@ -230,12 +237,22 @@ class Side:
             width = "d2"
             factors = (phi, second)
         extra = dict(cols="BK * BK", power2=power2) if power2 else {}
-        extra.update(chain=self.chain(phi), chain2=self.chain(second) if second is not None else None)
+        # a square of one factor (e = h, ReBased's) chains its reductions once, with the upstream G h + G^T e
+        same = second is not None and second == phi
+        extra.update(chain=self.chain(phi), chain2=self.chain(second) if second is not None and not same else None,
+                     same=same)
         # a tensor square's gradient needs both factors' derivatives, printed even when zero
         dphi_code = pr(dphi) if power2 or dphi != 0 else None
         if scale == 1:
             return Feature(i, width, pr(phi), dphi_code, None, (),
                            dparams=self._dparams(phi, factors, scale), **extra)
+        param_syms = {p["symbol"] for p in self.params}
+        if any(a.has(*ROW_REDUCTIONS) or a.free_symbols & param_syms for r in outermost(scale) for a in r.args):
+            # reductions with parameters or reductions inside (norm(g q), ...): chained like an element formula's
+            flat = self.flat(scale)
+            return Feature(i, width, pr(phi), dphi_code, self.printer("row scale", rows=True)(flat), (),
+                           dparams=self._dparams(phi, factors, scale), scale_chain=self.chain(flat, rows=True),
+                           **extra)
         reds = sorted(scale.atoms(*ROW_REDUCTIONS), key=sympy.default_sort_key)
         dummies = {r: sympy.Dummy(f"r{n}") for n, r in enumerate(reds)}
         flat = scale.xreplace(dummies)
@@ -262,7 +279,7 @@ class Side:
             sym = p["symbol"]
             dphi = sympy.diff(phi, sym)
             dpower = sympy.diff(second, sym) if second is not None else sympy.Integer(0)
-            flat = scale.xreplace({r: sympy.Dummy() for r in scale.atoms(*ROW_REDUCTIONS)}) if scale != 1 else scale
+            flat = self.flat(scale) if scale != 1 else scale
             dscale = sympy.diff(flat, sym) if scale != 1 else sympy.Integer(0)
             if dphi == 0 and dpower == 0 and dscale == 0:
                 continue
@@ -271,10 +288,9 @@ class Side:
                                 f"{sympy.sstr(scale)} of {self.s}")
             what = f"derivative by {p['name']} of the feature map of {self.s}"
             pr = self.printer(what)
-            rows = {r: f"b_{self.s}r{self.reduction(r).i}" for r in scale.atoms(*ROW_REDUCTIONS)} if scale != 1 else {}
             out.append(FeatureParam(
                 p["name"], p["vector"], pr(dphi) if dphi != 0 else None, pr(dpower) if dpower != 0 else None,
-                self.printer(f"derivative by {p['name']} of the row scale of {self.s}", rows)(sympy.diff(scale, sym))
+                self.printer(f"derivative by {p['name']} of the row scale", rows=True)(dscale)
                 if dscale != 0 else None))
         return tuple(out)
 

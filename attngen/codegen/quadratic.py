@@ -59,7 +59,8 @@ class RowReduction:
     i: int
     value: str  # [rows] code
     dexpr: str  # d tile expression / d reduction, [BM, BN] (or broadcastable)
-    dred: str  # d reduction / d element, [rows, BK]
+    dred: str | None  # d reduction / d element, [rows, BK] (None: chained, ``chain``)
+    chain: object = None  # features.Chain of a reduction with parameters or reductions inside (norm(g q), ...)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def tile_slots(plan: Plan) -> dict:
     }
     pairs = [Pair(n, qm, km, pr(sympy.diff(flat, d))) for n, (d, qm, km) in enumerate(tile.pairs)]
     sides_ = {s: {"maps": tile.maps[s], "reductions": [
-        RowReduction(r.i, r.value, pr(sympy.diff(flat, d)), dred) for r, d, dred in tile.reductions[s].values()],
+        RowReduction(r.i, r.value, pr(sympy.diff(flat, d)), *dred) for r, d, dred in tile.reductions[s].values()],
         # every row reduction of the side: the tile's and those inside its element maps (inner ones first)
         "all_reductions": sorted(tile.sides[s].reductions.values(), key=lambda r: r.i)}
         for s in ("q", "k")}
@@ -257,9 +258,6 @@ class _Tile:
         expr = _bilinear(sympy.sympify(expr), self.where)
         nodes = outermost(expr)
         for node in nodes:
-            if sides(node) != {"q", "k"} and any(a.has(*ROW_REDUCTIONS) for a in node.args):
-                raise PlanError(f"{self.where}: the nested reduction {sympy.sstr(node)} outside a dot of q and k is "
-                                "not supported by the Triton quadratic kernels")
             self.dummies[node] = self._quantity(node)
         flat = expr.xreplace(self.dummies)
         stray = flat.free_symbols & {QE, KE}
@@ -274,7 +272,12 @@ class _Tile:
             red = self.sides[s].reduction(node)
             d = sympy.Dummy(f"{s}r{red.i}", real=True)
             if red.i not in self.reductions[s]:
-                dred = self.sides[s]._dreduction(node, f"b_{s}r{red.i}[:, None]")
+                side = self.sides[s]
+                params = {p["symbol"] for p in self.map_params}
+                if any(a.has(*ROW_REDUCTIONS) or a.free_symbols & params for a in node.args):  # chained
+                    dred = (None, side.chain(side.flat(node), rows=True))
+                else:
+                    dred = (side._dreduction(node, f"b_{s}r{red.i}[:, None]"), None)
                 self.reductions[s][red.i] = (red, d, dred)
                 self.names[d] = f"b_{s}r{red.i}" + ("[:, None]" if s == "q" else "[None, :]")
             return self.reductions[s][red.i][1]
