@@ -1,6 +1,8 @@
 """Feature maps fused into the Triton kernels (attngen/codegen/features.py): number ([] / [H]) and vector ([Dk] /
 [H, Dk]) parameters inside the element formulas of a dot of q and k, read in-kernel with their gradients reduced
-there, instead of the feature prologue (attngen/passes/prologue.py), which keeps what the kernels still cannot form.
+there, and row reductions (mean, sum, norm, dot of one side) inside those formulas, nested too, chained in the
+backward; instead of the feature prologue (attngen/passes/prologue.py), which keeps what the kernels still cannot
+form (matmul, softmax).
 
 Each generated module is checked by attngen.verify against the float64 naive reference on the output and every
 gradient, the parameters' included, through each kernel path (the fused and the chunk-parallel causal scans, the
@@ -34,7 +36,21 @@ SPECS = {
     "decay": {"name": "decay", "similarity": "dot(elu(q * t) + 1, g * k)", "reweight": "gamma**(i - j)",
               "normalize": {"kind": "none"}, "constants": {"gamma": 0.9},
               "parameters": {"t": {"shape": [], "init": 0.5}, "g": {"shape": ["Dk"], "init": 1}}},
+    # row reductions inside the element formulas: nested (layer norm), with parameters, one-sided dots and sums
+    "center": {"name": "center", "similarity": "dot(q - mean(q), k - mean(k)) / 4", "normalize": {"kind": "none"}},
+    "unit": {"name": "unit", "similarity": "dot(g * q / norm(g * q), k / norm(k))**2", "normalize": ROWSUM,
+             "parameters": {"g": {"shape": ["H", "Dk"], "init": 1}}},
+    "sums": {"name": "sums", "similarity": "dot(relu(q) / (1 + sum(relu(q * t))), k / sqrt(dot(k, k) + t))",
+             "normalize": {"kind": "none"}, "parameters": {"t": {"shape": [], "init": 1}}},
+    # row scales outside the dot: a mean, a norm with a vector parameter
+    "mean_scale": {"name": "mean_scale", "similarity": "dot(q, k) / (1 + mean(q)**2)", "normalize": {"kind": "none"}},
+    "norm_scale": {"name": "norm_scale", "similarity": "dot(q, k) / norm(g * q)", "normalize": {"kind": "none"},
+                   "parameters": {"g": {"shape": ["Dk"], "init": 1}}},
+    # rotary positions applied before the fused feature map
+    "rotary": {"name": "rotary", "similarity": "dot(elu(g * q) + 1, elu(g * k) + 1)", "rotary": True,
+               "normalize": ROWSUM, "parameters": {"g": {"shape": ["H", "Dk"], "init": 1}}},
 }
+DESCRIBED = {"temperature", "affine", "square", "decay", "unit", "sums", "rotary"}  # maps inside the dots
 
 
 def load(key, causal=True):
@@ -49,16 +65,28 @@ def test_fused_plans_have_no_prologue_and_say_so(key):
     source = pipeline.lower(plan)
     assert "Feature prologue" not in source
     names = sorted(p.name for p in spec.parameters)
-    if key != "scale":  # (its parameter is in a row scale outside the dot: never a prologue, not a fused map)
+    if key in DESCRIBED:  # (the others' parameters and reductions are in row scales outside the dots)
         assert plan.fused.startswith("feature maps fused into the kernels") and "fused:" in plan.explain()
-        assert f"parameters {', '.join(names)} read in-kernel" in plan.fused
         assert "# Fused feature maps" in source
+        if names:
+            assert f"parameters {', '.join(names)} read in-kernel" in plan.fused
     for p in names:  # each parameter's gradient is reduced in the kernels
         assert f"b_dpar_{p} += " in source and f"tl.store(dpar_{p}" in source
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_rebased_runs_without_a_prologue(causal):
+    """ReBased's layer norm (mean, nested mean) and its affine map (gamma, beta [Dk]) are fused."""
+    spec = attngen.load_spec("rebased", causal=causal)
+    plan = pipeline.plan(spec, target="triton")
+    assert plan.prologue is None and "mean(q)" in plan.fused and "parameters beta, gamma" in plan.fused
+    source = pipeline.lower(plan)
+    assert "/ f_d" in source and "b_qc" in source and "b_dpar_gamma += " in source  # means, chained adjoints
+
+
 def test_what_the_kernels_cannot_form_keeps_the_prologue():
-    for similarity in ("dot(norm(g * q) * q, k)", "dot(g * q, g * q) + dot(q, k)", "dot(matmul(W, q), matmul(W, k))"):
+    for similarity in ("dot(softmax(g * q), k)", "dot(q, k) / norm(q - g * k)", "dot(matmul(W, q), matmul(W, k))",
+                       "dot(q, k) * mean(q * k)"):
         spec = attngen.load_spec({"name": "x", "similarity": similarity, "constants": {"F": 16},
                                   "parameters": {"g": {"shape": ["Dk"], "init": 1},
                                                  "W": {"shape": ["F", "Dk"], "init": "eye"}}})
@@ -87,6 +115,11 @@ def check(spec, force, scan, t, dtype=torch.float32, monkeypatch=None):
     ("affine", False, "linear", "auto"), ("affine", False, "quadratic", "auto"),
     ("square", True, "linear", "auto"), ("square", False, "quadratic", "auto"),
     ("scale", True, "linear", "fused"), ("decay", True, "linear", "auto"),
+    ("center", True, "linear", "parallel"), ("center", False, "quadratic", "auto"),
+    ("unit", False, "linear", "auto"), ("unit", True, "quadratic", "auto"), ("sums", True, "quadratic", "auto"),
+    ("mean_scale", True, "linear", "fused"), ("norm_scale", False, "linear", "auto"),
+    ("norm_scale", False, "quadratic", "auto"), ("rotary", True, "linear", "auto"),
+    ("rotary", True, "quadratic", "auto"),
 ])
 def test_fused_parameters_fwd_and_every_gradient(key, causal, force, scan, monkeypatch):
     check(load(key, causal), force, scan, 70, monkeypatch=monkeypatch)

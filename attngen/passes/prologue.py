@@ -173,19 +173,20 @@ def _prologue_nodes(expr, params: set, fusable: set = frozenset()) -> list:
 
 
 def _fused(node, params: set, fusable: set) -> bool:
-    """Whether the kernels form the reduction ``node`` themselves. A dot of q and k: its element formulas may hold
-    number and vector parameters (``fusable``) and row reductions of their own side, nested too (mean(q),
-    norm(q - mean(q)), ...), no vector map (matmul, softmax). Any other reduction (a row scale, norm(q - k)): a
-    plain element formula, no parameter or reduction inside, mean / sum of one side only."""
+    """Whether the kernels form the reduction ``node`` themselves. A dot of q and k, or a row reduction of one side
+    (a row scale): its element formulas may hold number and vector parameters (``fusable``) and row reductions of
+    their own side, nested too (mean(q), norm(q - mean(q)), ...), no vector map (matmul, softmax). A reduction
+    of q and k together (norm(q - k), expanded into dots): a plain element formula, no parameter or reduction
+    inside, not mean / sum."""
     inner = [a for a in node.args if isinstance(a, sympy.Basic)]
     if any(a.has(*VECTOR_FUNCTIONS, VecMax) for a in inner):
         return False
     used = set().union(*(a.free_symbols & params for a in inner))
     if _pair_dot(node):
         return used <= fusable and all(_one_sided_reductions(a) for a in inner)
-    if used or any(a.has(*REDUCTIONS) for a in inner):
-        return False
-    return not isinstance(node, (Mean, Total)) or len(sides(node)) == 1
+    if len(sides(node)) == 1:  # a row reduction of one side (a row scale): the same as an element formula's
+        return used <= fusable and _one_sided_reductions(node)
+    return not used and not any(a.has(*REDUCTIONS) for a in inner) and not isinstance(node, (Mean, Total))
 
 
 def _one_sided_reductions(formula) -> bool:

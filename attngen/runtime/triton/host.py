@@ -1145,9 +1145,9 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
             *lengths, cols.shape[-1] if sparse else 0, **meta)
     else:
         m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
-            qh, kh, vh, doh, stat, delta, dqh, *pf, *dparq, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
+            qh, kh, vh, doh, stat, delta, dqh, *gq, *pf, *dparq, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
         m.quadratic.bwd_dkv[(NKB, B * H)](
-            qh, kh, vh, doh, stat, delta, dkh, dvh, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh), *lengths,
+            qh, kh, vh, doh, stat, delta, dkh, dvh, *gk, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh), *lengths,
             **meta)
     dparams = []
     for r, p, part, partq in zip(records, params, dpar, dparq):
