@@ -271,8 +271,9 @@ class Side:
                        dparams=self._dparams(phi, factors, scale), **extra)
 
     def _dparams(self, phi, factors, scale) -> tuple:
-        """The derivatives by every parameter the feature map uses (element formula, a tensor square's second
-        factor, the row scale outside its reductions; a parameter inside a row reduction is refused there)."""
+        """The derivatives by every parameter the feature map uses directly (element formula, a tensor square's
+        second factor, the row scale outside its reductions), its row reductions held fixed: a parameter inside a
+        reduction reaches the gradient through the reduction's chain step (Side.chain)."""
         second = factors[1] if factors is not None and len(factors) == 2 else None
         out = []
         for p in self.params:
@@ -334,6 +335,7 @@ class Side:
             d = pr(sympy.diff(args[0], self.elem))
             return f"{d} / f_d" if isinstance(node, Mean) else d
         return pr(sympy.diff(args[0] * args[1], self.elem))
+
 
 def default(p):
     """A parameter's default in the module record: a number, a lambda of the head dim d (an init in d only, such
