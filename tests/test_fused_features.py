@@ -84,6 +84,17 @@ def test_rebased_runs_without_a_prologue(causal):
     assert "/ f_d" in source and "b_qc" in source and "b_dpar_gamma += " in source  # means, chained adjoints
 
 
+def test_computed_features_keep_fp32_operands_for_half_inputs(monkeypatch):
+    """A module whose feature maps are computed in the kernels never rounds them to half for a tl.dot: ReBased in
+    fp16, causal, 63 tokens (the first rows' gradients are dominated by the row sum's eps) lost 5x the accuracy of
+    the same-dtype reference with fp16 operands."""
+    plan = pipeline.plan("rebased", target="triton")
+    source = pipeline.lower(plan)
+    assert "fp32_features=True" in source and "DT = tl.float32" in source and "DT = q.dtype" not in source
+    assert "fp32_features" not in pipeline.lower(pipeline.plan("based", target="triton"))  # raw q, k: half operands
+    check(attngen.load_spec("rebased"), "quadratic", "auto", 63, torch.float16, monkeypatch)
+
+
 def test_what_the_kernels_cannot_form_keeps_the_prologue():
     for similarity in ("dot(softmax(g * q), k)", "dot(q, k) / norm(q - g * k)", "dot(matmul(W, q), matmul(W, k))",
                        "dot(q, k) * mean(q * k)"):

@@ -102,6 +102,7 @@ def fill_slots(m: Module) -> Module:
         "prologue_lines": textwrap.wrap(plan.prologue.describe(), 110) if plan.prologue is not None else [],
         # parameters and row reductions the kernels evaluate inside their feature maps (no prologue)
         "fused_lines": textwrap.wrap(plan.fused, 110),
+        "fp32_features": bool(plan.fused),  # those feature maps keep fp32 dot operands (kernel_macros.j2 scalars)
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

@@ -123,6 +123,7 @@ class Module:
     gate: Optional[str] = None  # the keyword of a gate (log decays [B, H, T]): an input of every call
     gate_dim: bool = False  # the gate is per key dimension ([B, H, T, Dk], GLA)
     rotary: Optional[float] = None  # theta of rotary positions (RoPE, rotate-half pairs), applied in the kernels
+    fp32_features: bool = False  # feature maps computed in the kernels: fp32 dot operands for half inputs too
 
     def limit(self, n_q, n_k):
         """max_length at lengths n_q, n_k (None: no limit)."""
@@ -386,12 +387,14 @@ def _strides(*xs):
 FP32_PRECISION = "ieee"  # tl.dot's input_precision for fp32 inputs: "ieee" (exact products) or "tf32" / "tf32x3"
 
 
-def _precision(x):
+def _precision(x, m: Module):
     """input_precision of every tl.dot: FP32_PRECISION for fp32 inputs (set it to "tf32" for tensor cores at
-    fp32's range and 10 mantissa bits); fp16 / bf16 operands ignore it (their own tensor-core path)."""
+    fp32's range and 10 mantissa bits), and for every input of a module whose feature maps are computed in the
+    kernels (fp32_features: its dot operands stay fp32, the features are not rounded to half); fp16 / bf16
+    operands ignore it (their own tensor-core path)."""
     if FP32_PRECISION not in ("ieee", "tf32", "tf32x3"):
         raise InputError(f"host.FP32_PRECISION = {FP32_PRECISION!r}: expected 'ieee', 'tf32' or 'tf32x3'")
-    return FP32_PRECISION if x.dtype == torch.float32 else "tf32"
+    return FP32_PRECISION if x.dtype == torch.float32 or m.fp32_features else "tf32"
 
 
 def _params_f32(params):
@@ -553,21 +556,21 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
             T, S, H, float(T), float(S), float(K), float(H),
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
     if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT) \
             or kh.shape[1] != H:  # grouped KV heads: the chunk kernels read them
-        meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+        meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
     m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W,
+        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W,
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
 
@@ -610,7 +613,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         s_dd = B * H * T
     else:
         delta, s_dd = den, 0
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
     if m.causal:
@@ -759,7 +762,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
     s0, _, pos = _state_args(m, state, q)
@@ -800,7 +803,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     use_dst = dst is not None
     dst = dst.contiguous() if use_dst else _dummy(q)
     cu_arg = cu if cu is not None else _dummy(q)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     scans = (0, 1) if decay.two_sided else (0,)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
@@ -897,7 +900,7 @@ def _gated_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gate,))
     return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
 
@@ -916,7 +919,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n = _sequences(B, cu)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, T, K), dkh, q)
     ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
@@ -1088,7 +1091,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
         extra = (*gc, *_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
         flags = {}
     m.quadratic.fwd[(triton.cdiv(T, BM), B * H)](
-        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts, **flags)
+        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q, m), **opts, **flags)
     if wide:
         return o.to(q.dtype), stat, o
     return o, stat, _empty((0,), q, torch.float32)
@@ -1131,7 +1134,7 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
              for r in records]
     pf = _params_f32(params)
     lengths = (T, S, H, groups, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts)
+    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q, m), **opts)
     if m.quadratic.flash:
         sparse = tab is not None
         rows = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
