@@ -1049,16 +1049,18 @@ def _linear_ops(m: Module):
 # ---------------------------------------------------------------------------------------------
 # the quadratic ordering: launch drivers, block-sparse tables, custom ops
 # ---------------------------------------------------------------------------------------------
-def _qblocks(t, s, dk, dv, block):
+def _qblocks(t, s, dk, dv, block, fp32_operands=False):
     """BM, BN, BK, BV and the launch options of the quadratic kernels: a tile of BM query rows and BN keys (both
     ``block`` in the block-sparse mode). 8 warps for tiles of 128 x 128 or head dims of 128 and more (the score
     tile and the [BM, BK] / [BN, BV] accumulators stay in registers), and 2 pipeline stages (not 3) for
-    128 x 128 tiles at those head dims, which fits sm_80's 163 KB of shared memory."""
+    128 x 128 tiles at those head dims, which fits sm_80's 163 KB of shared memory. ``fp32_operands`` (a module
+    with feature maps computed in the kernels, Module.fp32_features): half the tile from head dim 128 on (its dq
+    kernel needed 196608 B of shared memory on sm_80 at 64 x 64)."""
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     if block:
         bm = bn = block
     else:
-        top = QBLOCK if max(bk, bv) <= 128 else QBLOCK // 2
+        top = QBLOCK if max(bk, bv) < 128 or max(bk, bv) == 128 and not fp32_operands else QBLOCK // 2
         bm, bn = min(top, max(16, triton.next_power_of_2(t))), min(top, max(16, triton.next_power_of_2(s)))
     wide, big = max(bk, bv) >= 128, bm * bn >= 128 * 128
     return bm, bn, bk, bv, dict(num_warps=8 if wide or big else 4, num_stages=2 if wide and big else 3)
@@ -1075,7 +1077,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
     wide = m.qstat and q.dtype != torch.float32
     o, oh = _like_layout(B, H, T, V, q, layout, torch.float32 if wide else None)
     stat = _empty((B, H, T) if m.qstat else (0,), q, torch.float32)
-    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
+    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block, m.fp32_features)
     lengths = (T, S, H, H // kh.shape[1], float(T), float(S), float(K), float(H))
     gc = ()
     if m.gate is not None:  # the score gains G_i - G_j: G the cumulative sum of the gate (params[-1])
@@ -1105,7 +1107,7 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
-    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
+    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block, m.fp32_features)
     NKB = triton.cdiv(S, BN)
     gq = gk = ()
     if m.gate is not None:  # dL/dG_i = sum_j dS_ij - sum_j dS_ji: row sums (dq programs), column sums (dkv ones)
