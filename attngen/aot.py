@@ -311,9 +311,10 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
     def rand(*shape, dtype=torch.float32, grad=True):
         return (0.5 * torch.randn(*shape, generator=gen)).to(dtype).requires_grad_(grad)
 
-    def params(grad=True, b=1, t=LENGTH):
+    def params(grad=True, b=1, t=LENGTH, dk=None):
         d = tag["head_dim"]
-        out = {p.name: torch.full(tuple(HEADS if x == "H" else x for x in p.shape),  # [H], [], a table [H, NB]
+        # [H], [], a table [H, NB], a vector [H, Dk] / [Dk] at the call's head dim dk
+        out = {p.name: torch.full(p.sized(HEADS, dk or d),
                                   0.5 if p.default is None else p.default(d) if callable(p.default) else p.default,
                                   requires_grad=grad) for p in m.params}
         if m.gate is not None:  # log decays <= 0, [B, H, T] (per key dimension: [B, H, T, Dk])
@@ -353,10 +354,10 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
             chunked = m.linear is not None and m.linear.chunked is not None
             if m.linear is not None:
                 order = dict(crossover=0.0) if both else {}
-                call("linear", lambda: backward(attention(*qkv(dk=dk), **order, **params())))
+                call("linear", lambda: backward(attention(*qkv(dk=dk), **order, **params(dk=dk))))
                 if chunked:  # the chunk-parallel scan, which the host picks for long sequences
                     mod.host.SCAN = "parallel"
-                    call("parallel", lambda: backward(attention(*qkv(dk=dk), **order, **params())))
+                    call("parallel", lambda: backward(attention(*qkv(dk=dk), **order, **params(dk=dk))))
                     mod.host.SCAN = "fused"
             if m.stateful:
                 width = m.feature_width(dk)
@@ -367,12 +368,12 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
 
                 def stateful(cu, n):
                     o, (s, z, _) = attention(*qkv(dk=dk), initial_state=state(n), return_state=True, cu_seqlens=cu,
-                                             **params())
+                                             **params(dk=dk))
                     backward(o, s, z)
 
                 cu = torch.tensor([0, 40, LENGTH], dtype=torch.int64)
                 call("state", lambda: stateful(None, 1))
-                call("varlen", lambda: backward(attention(*qkv(dk=dk), cu_seqlens=cu, **params())))
+                call("varlen", lambda: backward(attention(*qkv(dk=dk), cu_seqlens=cu, **params(dk=dk))))
                 call("varlen+state", lambda: stateful(cu, 2))
                 if chunked:
                     mod.host.SCAN = "parallel"
@@ -383,7 +384,7 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
                     def decode():
                         s, z, _ = state(2)
                         step(*qkv(b=2, t=1, dk=dk, grad=False), s.detach(), None if z is None else z.detach(),
-                             torch.tensor([5, 9], dtype=torch.int64), **params(grad=False, b=2, t=1))
+                             torch.tensor([5, 9], dtype=torch.int64), **params(grad=False, b=2, t=1, dk=dk))
                     call("step", decode)
             if sparse is not None:
                 for block in (b for b in SPARSE_BLOCKS if b <= m.quadratic.sparse_max_block):

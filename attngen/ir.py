@@ -289,6 +289,7 @@ class Plan:
     # triton target: feature maps the kernels cannot form (attngen.passes.prologue.Prologue); the plan is then the
     # plan of the prologue's core spec, whose q and k are the feature rows
     prologue: object = None
+    fused: str = ""  # triton target: the parameters and reductions its kernels evaluate inside feature maps (one line)
     trace: tuple = field(compare=False, repr=False, default=())  # (stage, pass, what it did) per pass
     memo: dict = field(compare=False, repr=False, default_factory=dict)  # per-call values worked out once
 
@@ -327,6 +328,8 @@ class Plan:
         lines = [f"plan for {spec.name} ({spec.mode}), spec hash {spec.hash}, from {spec.where}", "", "derivation:"]
         if self.prologue is not None:  # the plan below is the core spec's, on the feature rows
             lines[1:1] = ["", f"prologue: {self.prologue.describe()}"]
+        elif self.fused:
+            lines[1:1] = ["", f"fused: {self.fused}"]
         for i, s in enumerate(self.derivation, 1):
             lines.append(f"  {i}. {s.name}: {s.detail}")
         if self.linear_terms:

@@ -68,7 +68,7 @@ def plan(spec, *, target: str = "torch", head_dim: int = 64, chunk: int = DEFAUL
     return Plan(spec=spec, similarity=x.similarity, reweight=x.reweight, normalize=x.normalize,
                 linear_terms=x.linear_terms, candidates=x.candidates, choice=x.choice, derivation=x.steps,
                 head_dim=head_dim, chunk=chunk, capabilities=x.capabilities, estimator=x.estimator, target=target,
-                sdpa=x.sdpa,
+                sdpa=x.sdpa, fused=prologue.fused(spec) if generator is not None else "",
                 trace=tuple(rows))
 
 

@@ -924,3 +924,79 @@ def test_s9_softmax_gate_gradient():
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dbig = ds.sum(1) - ds.sum(0)
     close(dbig.flip(0).cumsum(0).flip(0), dgate)
+
+
+# ---------------------------------------------------------------------------------------------
+# section 10: parameters and row reductions inside a feature map
+# ---------------------------------------------------------------------------------------------
+def test_s10_parameters_in_a_feature_map():
+    """dp = sum g dphi/dp (a number), dp_e = sum_t g_te dphi_te/dp_e (a vector), and a row scale's dp."""
+    g = gen(40)
+    x, up = randn(g, T, D), randn(g, T, D)  # up: the gradient reaching the feature block
+    t, w, b = torch.tensor(0.7, dtype=DT), randn(g, D), randn(g, D)
+    leaves = [p.clone().requires_grad_() for p in (t, w, b)]
+    lt, lw, lb = leaves
+
+    def phi(x, t, w, b):  # elu(t w x + b) + 1, times the row scale 1 / (t |x| + 1)
+        row = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return (torch.nn.functional.elu(t * w * x + b) + 1) / (t * row + 1)
+    ref = grads((phi(x, lt, lw, lb) * up).sum(), *leaves)
+    z = t * w * x + b
+    delu = torch.where(z > 0, 1.0, torch.exp(z))  # elu'(z)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    scale = 1 / (t * norm + 1)
+    gs = up * scale  # the gradient reaching the element formula
+    big_g = (up * (torch.nn.functional.elu(z) + 1)).sum(-1, keepdim=True)  # the gradient reaching the scale
+    dt = (gs * delu * w * x).sum() + (big_g * (-norm / (t * norm + 1) ** 2)).sum()
+    dw = (gs * delu * t * x).sum(0)
+    db = (gs * delu).sum(0)
+    for mine, want in zip((dt, dw, db), ref):
+        close(mine, want)
+
+
+def reverse_pass(x, up, gamma):
+    """ReBased's phi = gamma (x - m) / sqrt(v + eps) + beta, m = mean(x), v = mean((x - m)**2), backward by the
+    adjoints of section 10 (r1 = m read by v and phi, r2 = v read by phi), never autograd."""
+    eps, d = 1e-5, x.shape[-1]
+    m = x.mean(-1, keepdim=True)
+    v = ((x - m) ** 2).mean(-1, keepdim=True)
+    s = 1 / torch.sqrt(v + eps)
+    dx = up * gamma * s  # direct: d phi / dx_e with m, v fixed
+    c_m = (up * -gamma * s).sum(-1, keepdim=True)  # seeds: sum_e g_e d phi_e / d r
+    c_v = (up * gamma * (x - m) * -0.5 * s ** 3).sum(-1, keepdim=True)
+    cp = c_v / d  # v (outermost): u = (x - m)**2, F' = 1/d
+    dx = dx + cp * 2 * (x - m)
+    c_m = c_m + (cp * -2 * (x - m)).sum(-1, keepdim=True)
+    dx = dx + c_m / d  # m: u = x, F' = 1/d
+    dgamma = (up * (x - m) * s).sum(0)
+    dbeta = up.sum(0)
+    return dx, dgamma, dbeta
+
+
+def test_s10_nested_row_reductions():
+    g = gen(41)
+    x, up = randn(g, T, D), randn(g, T, D)
+    gamma, beta = randn(g, D) + 1.5, randn(g, D)
+    leaves = [p.clone().requires_grad_() for p in (x, gamma, beta)]
+    ln = torch.nn.functional.layer_norm(leaves[0], (D,), eps=1e-5) * leaves[1] + leaves[2]
+    ref = grads((ln * up).sum(), *leaves)
+    mine = reverse_pass(x, up, gamma)
+    for a, b in zip(mine, ref):
+        close(a, b)
+    # the closed form of the layer norm's gradient
+    z = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    gg = gamma * up
+    closed = (gg - gg.mean(-1, keepdim=True) - z * (gg * z).mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    close(closed, ref[0])
+    # norm(w x) inside the formula: phi = w x / norm(w x), u = (w x)**2, F' = 1 / (2 r)
+    w = randn(g, D)
+    lx, lw = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = grads(((lw * lx / torch.linalg.vector_norm(lw * lx, dim=-1, keepdim=True)) * up).sum(), lx, lw)
+    r = torch.linalg.vector_norm(w * x, dim=-1, keepdim=True)
+    c = (up * -w * x / r ** 2).sum(-1, keepdim=True)  # seed: d phi_e / d r = -w_e x_e / r**2
+    cp = c * 0.5 / r
+    dx = up * w / r + cp * 2 * w * w * x
+    dw = (up * x / r + cp * 2 * w * x * x).sum(0)
+    close(dx, ref[0])
+    close(dw, ref[1])

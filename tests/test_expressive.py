@@ -156,13 +156,16 @@ def test_prologue_plan_and_refusals():
     plan = pipeline.plan("hedgehog", target="triton", head_dim=D)
     assert plan.prologue is not None and plan.spec.similarity == "dot(q, k)"
     assert plan.prologue.width(D) == 64 and "prologue" in plan.explain()
-    assert pipeline.plan("rebased", target="triton").spec.similarity == "dot(q, k)**2"
+    square = {"name": "x", "similarity": "dot(softmax(q), softmax(k))**2"}
+    assert pipeline.plan(square, target="triton").spec.similarity == "dot(q, k)**2"
+    rebased = pipeline.plan("rebased", target="triton")  # its layer norm and affine map are fused: no prologue
+    assert rebased.prologue is None and rebased.spec.similarity == attngen.load_spec("rebased").similarity
     assert pipeline.plan("cosformer", target="triton").prologue is None  # printable feature maps stay fused
     with pytest.raises(attngen.PlanError, match="q or k also appear outside those dots"):
-        pipeline.plan({"name": "x", "similarity": "dot(g * q, k) + dot(q, k)",
+        pipeline.plan({"name": "x", "similarity": "dot(softmax(g * q), k) + dot(q, k)",
                        "parameters": {"g": {"shape": ["Dk"], "init": 1}}}, target="triton")
     with pytest.raises(attngen.PlanError, match="rotary positions"):
-        pipeline.plan({"name": "x", "similarity": "dot(g * q, k)", "rotary": True,
+        pipeline.plan({"name": "x", "similarity": "dot(softmax(g * q), k)", "rotary": True,
                        "parameters": {"g": {"shape": ["Dk"], "init": 1}}}, target="triton")
 
 

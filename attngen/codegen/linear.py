@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy
 
-from attngen.codegen.features import SCALARS, ParamGrad, Side
+from attngen.codegen.features import SCALARS, ParamGrad, Side, param_names
 from attngen.codegen.features import params as param_slots
 from attngen.codegen.printer import TritonPrinter
 from attngen.errors import PlanError
@@ -26,8 +26,8 @@ def linear_slots(plan: Plan) -> dict:
     spec = plan.spec
     params = param_slots(spec)
     names = dict(SCALARS)
-    names.update({p["symbol"]: f"b_par_{p['name']}" for p in params})
-    sides = {s: Side(s, names, spec.where) for s in ("q", "k")}
+    names.update(param_names(params))
+    sides = {s: Side(s, names, spec.where, params) for s in ("q", "k")}
     terms, offset = [], []
     for r, lt in enumerate(plan.linear_terms):
         f, pos = lt.feature, lt.position
@@ -113,15 +113,15 @@ def check_linear(plan: Plan):
                             "decay or row sums, per key dimension over one feature block); use backend='torch'")
     if plan.normalize.kind not in ("none", "rowsum"):
         raise PlanError(f"{where}: normalisation {plan.normalize.kind!r} has no linear kernel")
-    params = {p.symbol for p in spec.parameters}
+    unfused = {p.symbol for p in spec.parameters if p.kind not in ("scalar", "vector")}
     for lt in plan.linear_terms:
         f = lt.feature
         if f.power > 2:
             raise PlanError(f"{where}: the feature term {f.describe()} is a tensor power (width d**{f.power}); "
                             "the Triton backend generates tensor powers up to 2 (width d**2) only")
         for e in (*f.q_factors, *f.k_factors, f.q_scale, f.k_scale):
-            if e.free_symbols & params:
-                raise PlanError(f"{where}: {sympy.sstr(e)} uses a learnable parameter inside a feature map; "
-                                "the Triton backend supports parameters in position factors and coefficients only")
+            if e.free_symbols & unfused:
+                raise PlanError(f"{where}: {sympy.sstr(e)} uses a matrix or table parameter inside a feature map; "
+                                "the Triton kernels fuse number and vector parameters there only")
         if f.coeff.has(QE, KE, I, J) or lt.position.f_i.has(J) or lt.position.g_j.has(I):
             raise PlanError(f"{where}: {lt.feature.describe()} x {lt.position.describe()} is not separable")

@@ -100,6 +100,9 @@ def fill_slots(m: Module) -> Module:
         "rotary": spec.rotary is not None,
         # a feature prologue (attngen.passes.prologue): the op computes q', k' before these kernels
         "prologue_lines": textwrap.wrap(plan.prologue.describe(), 110) if plan.prologue is not None else [],
+        # parameters and row reductions the kernels evaluate inside their feature maps (no prologue)
+        "fused_lines": textwrap.wrap(plan.fused, 110),
+        "fp32_features": bool(plan.fused),  # those feature maps keep fp32 dot operands (kernel_macros.j2 scalars)
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import sympy
 from sympy import Add
 
-from attngen.codegen.features import SCALARS, Side
+from attngen.codegen.features import ROW_REDUCTIONS, SCALARS, Side, outermost, param_names
+from attngen.codegen.features import params as param_slots
 from attngen.codegen.printer import TritonPrinter, print_t5_bucket
 from attngen.errors import PlanError
 from attngen.frontend.expr import KE, QE, D, Dot, I, J, Lookup, Norm, sides
@@ -39,6 +40,17 @@ class Map:
     i: int
     code: str  # the map of the raw block b_q / b_k
     grad: str | None  # d loss / d element from the accumulator b_d<s>a<i> (None: the map is constant)
+    dparams: tuple = ()  # of MapParam: the parameters the map uses
+    chain: object = None  # features.Chain: the row reductions inside the map (None: none)
+
+
+@dataclass(frozen=True)
+class MapParam:
+    """d map / d parameter, printed over the block [rows, BK]; ``vector``: a vector parameter, whose gradient is
+    summed over the rows only (element m of the map reads element m of it)."""
+    name: str
+    vector: bool
+    code: str
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,8 @@ class RowReduction:
     i: int
     value: str  # [rows] code
     dexpr: str  # d tile expression / d reduction, [BM, BN] (or broadcastable)
-    dred: str  # d reduction / d element, [rows, BK]
+    dred: str | None  # d reduction / d element, [rows, BK] (None: chained, ``chain``)
+    chain: object = None  # features.Chain of a reduction with parameters or reductions inside (norm(g q), ...)
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,7 @@ def tile_slots(plan: Plan) -> dict:
         expr = sim.score
         if rw.log_weight is not None:  # W = exp(log W) folds into the score
             expr, weight = (expr + rw.log_weight if rw.log_weight != 0 else expr), None
-    tile = _Tile(where, params)
+    tile = _Tile(where, params, param_slots(spec))
     tables = {p.symbol: p for p in spec.parameters if p.kind == "table"}
     shown, shown_weight = expr, weight  # as the header says them (with lookup(...), not the tile's b_lk<n>)
     expr, weight = tile.lookups(expr, tables), None if weight is None else tile.lookups(weight, tables)
@@ -127,7 +140,9 @@ def tile_slots(plan: Plan) -> dict:
     }
     pairs = [Pair(n, qm, km, pr(sympy.diff(flat, d))) for n, (d, qm, km) in enumerate(tile.pairs)]
     sides_ = {s: {"maps": tile.maps[s], "reductions": [
-        RowReduction(r.i, r.value, pr(sympy.diff(flat, d)), dred) for r, d, dred in tile.reductions[s]]}
+        RowReduction(r.i, r.value, pr(sympy.diff(flat, d)), *dred) for r, d, dred in tile.reductions[s].values()],
+        # every row reduction of the side: the tile's and those inside its element maps (inner ones first)
+        "all_reductions": sorted(tile.sides[s].reductions.values(), key=lambda r: r.i)}
         for s in ("q", "k")}
     grads = []
     for p in spec.parameters:
@@ -185,14 +200,19 @@ def describe(plan: Plan, slots: dict) -> list:
 class _Tile:
     """Collects the tile quantities of one expression and prints over them."""
 
-    def __init__(self, where: str, params: dict):
+    def __init__(self, where: str, params: dict, slots: list = ()):
         self.where, self.params = where, params
+        # the parameters an element map may use (numbers and vectors): fused, their gradients reduced in-kernel
+        self.map_params = [p for p in slots if not p["buckets"]]
+        self.map_names = {**SCALARS, **param_names(self.map_params)}
         # the row reductions are printed exactly as in the linear kernels
-        self.sides = {s: Side(s, dict(SCALARS), where) for s in ("q", "k")}
+        self.map_params = [p for p in slots if not p["buckets"]]
+        self.map_names = {**SCALARS, **param_names(self.map_params)}
+        self.sides = {s: Side(s, self.map_names, where, self.map_params) for s in ("q", "k")}
         self.maps = {"q": [], "k": []}  # of Map
         self._map_index = {"q": {}, "k": {}}  # formula -> index
         self.pairs = []  # (dummy, q map index, k map index)
-        self.reductions = {"q": [], "k": []}  # (Reduction, dummy, dred code)
+        self.reductions = {"q": {}, "k": {}}  # reduction index -> (Reduction, dummy, dred code)
         self.dummies = {}  # reduction node -> dummy
         self.names = dict(SCALARS)
         self.names.update({sym: f"b_par_{name}" for sym, name in params.items()})
@@ -226,8 +246,8 @@ class _Tile:
     def full(self, code: str, expr) -> str:
         """``code`` as a full [BM, BN] tile: rows (i, q-row quantities) times columns (j, k-row ones)."""
         syms = sympy.sympify(expr).free_symbols
-        rows = {I} | {d for _, d, _ in self.reductions["q"]}
-        cols = {J} | {d for _, d, _ in self.reductions["k"]}
+        rows = {I} | {d for _, d, _ in self.reductions["q"].values()}
+        cols = {J} | {d for _, d, _ in self.reductions["k"].values()}
         pairs = {d for d, _, _ in self.pairs} | set(self.lookup_dummies.values())
         if syms & pairs or (syms & rows and syms & cols):
             return code
@@ -236,11 +256,8 @@ class _Tile:
     def flatten(self, expr):
         """``expr`` with every reduction replaced by a dummy tile quantity (registered here)."""
         expr = _bilinear(sympy.sympify(expr), self.where)
-        nodes = sorted(expr.atoms(Dot, Norm), key=sympy.default_sort_key)
+        nodes = outermost(expr)
         for node in nodes:
-            if any(a.has(Dot, Norm) for a in node.args):
-                raise PlanError(f"{self.where}: the nested reduction {sympy.sstr(node)} is not supported by the "
-                                "Triton quadratic kernels")
             self.dummies[node] = self._quantity(node)
         flat = expr.xreplace(self.dummies)
         stray = flat.free_symbols & {QE, KE}
@@ -254,9 +271,14 @@ class _Tile:
             s = who.pop()
             red = self.sides[s].reduction(node)
             d = sympy.Dummy(f"{s}r{red.i}", real=True)
-            if red.i == len(self.reductions[s]):
-                dred = self.sides[s]._dreduction(node, f"b_{s}r{red.i}[:, None]")
-                self.reductions[s].append((red, d, dred))
+            if red.i not in self.reductions[s]:
+                side = self.sides[s]
+                params = {p["symbol"] for p in self.map_params}
+                if any(a.has(*ROW_REDUCTIONS) or a.free_symbols & params for a in node.args):  # chained
+                    dred = (None, side.chain(side.flat(node), rows=True))
+                else:
+                    dred = (side._dreduction(node, f"b_{s}r{red.i}[:, None]"), None)
+                self.reductions[s][red.i] = (red, d, dred)
                 self.names[d] = f"b_{s}r{red.i}" + ("[:, None]" if s == "q" else "[None, :]")
             return self.reductions[s][red.i][1]
         if not isinstance(node, Dot) or who != {"q", "k"}:
@@ -274,19 +296,26 @@ class _Tile:
         if formula in self._map_index[s]:
             return self._map_index[s][formula]
         elem = QE if s == "q" else KE
-        extra = formula.free_symbols - {elem} - set(SCALARS)
+        extra = formula.free_symbols - {elem} - set(self.map_names)
         if extra:
             raise PlanError(f"{self.where}: the element map {sympy.sstr(formula)} of {s} uses "
-                            f"{', '.join(sorted(map(str, extra)))}; the Triton quadratic kernels take parameters "
-                            "and positions outside dot() / norm() only")
-        names = {**SCALARS, elem: f"b_{s}"}
-        pr = TritonPrinter(names, self.where, f"element map of {s}")
+                            f"{', '.join(sorted(map(str, extra)))}; the Triton quadratic kernels take number and "
+                            "vector parameters in element maps, positions outside dot() / norm() only")
+        side = self.sides[s]
+        flat = side.flat(formula)  # its row reductions (mean(q), ...) computed before the map, chained after
+        pr = side.printer("element map")
+        dparams = []
+        for p in self.map_params:
+            d = sympy.diff(flat, p["symbol"])
+            if d != 0:
+                dparams.append(MapParam(p["name"], p["vector"], side.printer(f"derivative by {p['name']} of the "
+                                                                              "element map")(d)))
         i = len(self.maps[s])
-        code = f"b_{s}" if formula == elem else f"tl.where(m_{s}d, {pr(formula)}, 0.0)"
-        deriv = sympy.diff(formula, elem)
+        code = f"b_{s}" if formula == elem else f"tl.where(m_{s}d, {pr(flat)}, 0.0)"
+        deriv = sympy.diff(flat, elem)
         acc = f"b_d{s}a{i}"
         grad = None if deriv == 0 else acc if deriv == 1 else f"{acc} * ({pr(deriv)})"
-        self.maps[s].append(Map(i, code, grad))
+        self.maps[s].append(Map(i, code, grad, tuple(dparams), side.chain(flat)))
         self._map_index[s][formula] = i
         return i
 

@@ -38,11 +38,13 @@ def template_hash() -> str:
 
 def render(template: str, slots: dict) -> str:
     """The text of ``template`` with its slots filled, trailing spaces and the blank lines that macro calls
-    leave inside function bodies removed."""
+    leave inside function bodies (and beyond two before top-level code) removed."""
     text = environment().get_template(template).render(**slots)
     text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return _BLANK_IN_BODY.sub("\n", text)
+    return _BLANKS_AT_TOP.sub("\n\n\n", _BLANK_IN_BODY.sub("\n", text))
 
 
 # macro calls leave blank lines inside function bodies; a blank line before an indented line goes
 _BLANK_IN_BODY = re.compile(r"\n(?:[ \t]*\n)+(?=[ \t]+\S)")
+# and at a function's end (a macro with nothing to write): at most two blank lines before top-level code
+_BLANKS_AT_TOP = re.compile(r"\n{4,}(?=\S)")

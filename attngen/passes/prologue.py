@@ -1,9 +1,12 @@
 """The feature prologue of the Triton target: feature maps its templates cannot form, computed before the kernels.
 
 The generated kernels print a feature map element by element from the q or k block they hold, with the row
-reductions norm and dot of that block. A feature map with a matrix product (``matmul(W, q)``), a softmax over the
-vector, ``mean`` / ``sum``, reductions nested in reductions, or any parameter is instead evaluated by the torch
-evaluator (autograd gives the parameters' gradients), and the kernels run the *core* spec on those feature rows:
+reductions norm and dot of that block, and read number parameters ([] / [H]) and vector ones ([Dk] / [H, Dk], a
+row of the block's width) inside the element formulas of a dot of q and k, their gradients reduced in-kernel. A
+feature map with a matrix product (``matmul(W, q)``), a softmax over the vector, ``mean`` / ``sum``, reductions
+nested in reductions, or a parameter elsewhere inside a reduction (norm(g * q), a matrix) is instead evaluated by
+the torch evaluator (autograd gives the parameters' gradients), and the kernels run the *core* spec on those
+feature rows:
 
     similarity  c * dot(a(q), b(k))**2          core: c * dot(q', k')**2        q' = a(q), k' = b(k)
     similarity  dot(a1(q), b1(k)) + c dot(a2(q), b2(k))     core: dot(q', k')   q' = [a1(q) | c a2(q)], k' = [b1 | b2]
@@ -30,6 +33,7 @@ from attngen.frontend.expr import (
     Dot,
     Mean,
     Total,
+    VecMax,
     sides,
     vector_width,
 )
@@ -64,14 +68,33 @@ class Prologue:
 
 
 def needs_prologue(spec: Spec) -> bool:
-    return bool(_prologue_nodes(_similarity(spec), _parameter_symbols(spec)))
+    return bool(_prologue_nodes(_similarity(spec), _parameter_symbols(spec), _fusable_symbols(spec)))
+
+
+def fused(spec: Spec) -> str:
+    """What the Triton kernels evaluate inside their feature maps beyond the element functions they always print:
+    the parameters and the row reductions in the element formulas of the dots of q and k (one line; '' when there
+    are none, or when the spec needs a prologue)."""
+    if needs_prologue(spec):
+        return ""
+    params = _parameter_symbols(spec)
+    pairs, names = [], set()
+    for node in sympy.preorder_traversal(_similarity(spec)):
+        if _pair_dot(node) and any(a.free_symbols & params or a.has(*REDUCTIONS) for a in node.args):
+            a, b = node.args if sides(node.args[0]) == {"q"} else node.args[::-1]
+            pairs.append(f"{_formula(a)} of q, {_formula(b)} of k")
+            names |= {p.name for p in spec.parameters if p.symbol in a.free_symbols | b.free_symbols}
+    if not pairs:
+        return ""
+    read = f"; parameters {', '.join(sorted(names))} read in-kernel, their gradients reduced there" if names else ""
+    return f"feature maps fused into the kernels (no prologue): {'; '.join(dict.fromkeys(pairs))}{read}"
 
 
 def split(spec: Spec) -> Prologue | None:
     """The spec's prologue and core for the Triton target, or None when the kernels can form its feature maps."""
     params = _parameter_symbols(spec)
     expr = _similarity(spec)
-    nodes = _prologue_nodes(expr, params)
+    nodes = _prologue_nodes(expr, params, _fusable_symbols(spec))
     if not nodes:
         return None
     where = spec.where
@@ -122,16 +145,23 @@ def _parameter_symbols(spec: Spec) -> set:
     return {p.symbol for p in spec.parameters}
 
 
-def _prologue_nodes(expr, params: set) -> list:
-    """The outermost reductions whose arguments the kernels cannot print: they hold a parameter, a vector map
-    (matmul, softmax) or another reduction, or are mean / sum."""
+def _fusable_symbols(spec: Spec) -> set:
+    """The parameters the kernels can read inside a feature map: numbers ([] / [H]) and vectors ([Dk] / [H, Dk])."""
+    return {p.symbol for p in spec.parameters if p.kind in ("scalar", "vector")}
+
+
+def _pair_dot(e) -> bool:
+    """Whether ``e`` is dot(a(q), b(k)): one argument a formula of q only, the other of k only."""
+    return isinstance(e, Dot) and {frozenset(sides(a)) for a in e.args} == {frozenset({"q"}), frozenset({"k"})}
+
+
+def _prologue_nodes(expr, params: set, fusable: set = frozenset()) -> list:
+    """The outermost reductions whose arguments the kernels cannot print (``_fused``)."""
     out = []
 
     def walk(e):
         if isinstance(e, REDUCTIONS):
-            inner = [a for a in e.args if isinstance(a, sympy.Basic)]
-            if isinstance(e, (Mean, Total)) or any(a.free_symbols & params or a.has(*VECTOR_FUNCTIONS, *REDUCTIONS)
-                                                   for a in inner):
+            if not _fused(e, params, fusable):
                 out.append(e)
             return
         for a in e.args:
@@ -140,6 +170,29 @@ def _prologue_nodes(expr, params: set) -> list:
 
     walk(expr)
     return out
+
+
+def _fused(node, params: set, fusable: set) -> bool:
+    """Whether the kernels form the reduction ``node`` themselves. A dot of q and k, or a row reduction of one side
+    (a row scale): its element formulas may hold number and vector parameters (``fusable``) and row reductions of
+    their own side, nested too (mean(q), norm(q - mean(q)), ...), no vector map (matmul, softmax). A reduction
+    of q and k together (norm(q - k), expanded into dots): a plain element formula, no parameter or reduction
+    inside, not mean / sum."""
+    inner = [a for a in node.args if isinstance(a, sympy.Basic)]
+    if any(a.has(*VECTOR_FUNCTIONS, VecMax) for a in inner):
+        return False
+    used = set().union(*(a.free_symbols & params for a in inner))
+    if _pair_dot(node):
+        return used <= fusable and all(_one_sided_reductions(a) for a in inner)
+    if len(sides(node)) == 1:  # a row reduction of one side (a row scale): the same as an element formula's
+        return used <= fusable and _one_sided_reductions(node)
+    return not used and not any(a.has(*REDUCTIONS) for a in inner) and not isinstance(node, (Mean, Total))
+
+
+def _one_sided_reductions(formula) -> bool:
+    """Whether every reduction inside an element formula of one side reduces rows of that side."""
+    side = sides(formula)
+    return all(sides(n) == side for n in sympy.preorder_traversal(formula) if isinstance(n, REDUCTIONS))
 
 
 def _oriented(dot, refuse) -> tuple:
@@ -174,10 +227,19 @@ def _sum_of(add, dots: set) -> bool:
 
 
 NAMES = {"Dot(q_e, k_e)": "dot(q, k)", "Relu": "relu", "Elu": "elu", "Sigmoid": "sigmoid"}
+FORMULA_NAMES = {**NAMES, "Mean": "mean", "Total": "sum", "Norm": "norm", "Dot": "dot", "q_e": "q", "k_e": "k"}
 
 
 def _source(expr) -> str:
     text = sympy.sstr(expr)
     for a, b in NAMES.items():
+        text = text.replace(a, b)
+    return text
+
+
+def _formula(expr) -> str:
+    """An element formula as a spec writes it (q, mean(q), ...)."""
+    text = sympy.sstr(expr)
+    for a, b in FORMULA_NAMES.items():
         text = text.replace(a, b)
     return text

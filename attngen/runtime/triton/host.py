@@ -35,18 +35,25 @@ QBLOCK = 64  # query rows and key columns of a quadratic tile (half that for hea
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
-    """A parameter: shape [H] (per_head) or [], or a table [H, buckets] / [buckets] (read by lookup in the quadratic
+    """A parameter: shape [H] (per_head) or [], a vector [H, Dk] / [Dk] (``vector``: one value per element of q and
+    k, read by the fused feature maps), or a table [H, buckets] / [buckets] (read by lookup in the quadratic
     kernels), and its default: a number (every entry), a function of the head dim (the per-call scale's
     1/sqrt(d)), or None (required)."""
     name: str
     per_head: bool = False
     default: object = None
     buckets: int = 0
+    vector: bool = False
 
     @property
     def shape(self) -> tuple:
-        """Its shape with H as the string 'H'."""
-        return (("H",) if self.per_head else ()) + ((self.buckets,) if self.buckets else ())
+        """Its shape with H as the string 'H' (and the head dim as 'Dk')."""
+        return (("H",) if self.per_head else ()) + (("Dk",) if self.vector else ()) + \
+            ((self.buckets,) if self.buckets else ())
+
+    def sized(self, heads: int, head_dim: int) -> tuple:
+        """Its shape at H = heads, Dk = head_dim."""
+        return tuple(heads if s == "H" else head_dim if s == "Dk" else s for s in self.shape)
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class Module:
     gate: Optional[str] = None  # the keyword of a gate (log decays [B, H, T]): an input of every call
     gate_dim: bool = False  # the gate is per key dimension ([B, H, T, Dk], GLA)
     rotary: Optional[float] = None  # theta of rotary positions (RoPE, rotate-half pairs), applied in the kernels
+    fp32_features: bool = False  # feature maps computed in the kernels: fp32 dot operands for half inputs too
 
     def limit(self, n_q, n_k):
         """max_length at lengths n_q, n_k (None: no limit)."""
@@ -301,10 +309,9 @@ def _params(m: Module, values, heads, like):
             if p.default is None:
                 raise InputError(f"{m.spec}: parameter {p.name!r} has no constant default; pass {p.name}=tensor")
             default = p.default(like.shape[-1]) if callable(p.default) else p.default  # a function of the head dim
-            shape = tuple(heads if s == "H" else s for s in p.shape)
-            value = torch.full(shape, default, dtype=torch.float32, device=like.device)
+            value = torch.full(p.sized(heads, like.shape[-1]), default, dtype=torch.float32, device=like.device)
         out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec,
-                                      shape=tuple(heads if s == "H" else s for s in p.shape) if p.buckets else None))
+                                      shape=p.sized(heads, like.shape[-1]) if p.buckets or p.vector else None))
     return out
 
 
@@ -380,12 +387,14 @@ def _strides(*xs):
 FP32_PRECISION = "ieee"  # tl.dot's input_precision for fp32 inputs: "ieee" (exact products) or "tf32" / "tf32x3"
 
 
-def _precision(x):
+def _precision(x, m: Module):
     """input_precision of every tl.dot: FP32_PRECISION for fp32 inputs (set it to "tf32" for tensor cores at
-    fp32's range and 10 mantissa bits); fp16 / bf16 operands ignore it (their own tensor-core path)."""
+    fp32's range and 10 mantissa bits), and for every input of a module whose feature maps are computed in the
+    kernels (fp32_features: its dot operands stay fp32, the features are not rounded to half); fp16 / bf16
+    operands ignore it (their own tensor-core path)."""
     if FP32_PRECISION not in ("ieee", "tf32", "tf32x3"):
         raise InputError(f"host.FP32_PRECISION = {FP32_PRECISION!r}: expected 'ieee', 'tf32' or 'tf32x3'")
-    return FP32_PRECISION if x.dtype == torch.float32 else "tf32"
+    return FP32_PRECISION if x.dtype == torch.float32 or m.fp32_features else "tf32"
 
 
 def _params_f32(params):
@@ -547,21 +556,21 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
             T, S, H, float(T), float(S), float(K), float(H),
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
     if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT) \
             or kh.shape[1] != H:  # grouped KV heads: the chunk kernels read them
-        meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+        meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
     m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W,
+        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W,
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
 
@@ -604,13 +613,12 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         s_dd = B * H * T
     else:
         delta, s_dd = den, 0
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
     if m.causal:
         n, F = _sequences(B, cu), m.feature_width(K)
-        dpar_q = [_empty((NV * n * H,), q, torch.float32) for _ in params]
-        dpar_k = [_empty((NV * n * H,), q, torch.float32) for _ in params]
+        dpar_q, dpar_k = _dpar(m, params, NV * n * H, q), _dpar(m, params, NV * n * H, q)
         s0, z0, pos = _state_args(m, state, q)
         ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
         dz0 = _empty((NV, *state[1].shape), state[1]) if state and m.normalised else _dummy(q)  # per V block
@@ -629,7 +637,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
             m.linear.chunked.dh[(NV, n * H)](
                 qh, doh, den, delta, s_dd, pos, cu_arg, co, g, gz, dst, dzt, ds0, dz0, *rot, *pf, *_strides(qh, doh),
                 *lengths, **meta, USE_DST=use_dst, **flags)
-            dpar_q = [_empty((NV * NC * H,), q, torch.float32) for _ in params]
+            dpar_q = _dpar(m, params, NV * NC * H, q)
             dpar_k = [torch.zeros_like(a) for a in dpar_q]
             m.linear.chunked.dqkv[(NV, NC, H)](
                 qh, kh, vh, doh, den, delta, s_dd, dq_to, dk_to, dvh, h, hz, g, gz, pos, cu_arg, ci, *rot, *pf,
@@ -644,8 +652,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
                 *_strides(qh, kh, vh, doh, dk_to, dvh), s_dkn, *lengths, **meta, USE_DST=use_dst, **flags)
         dstate = ([ds0, dz0.sum(0)] if m.normalised else [ds0]) if state else []
     else:
-        dpar_q = [_empty((NV * B * H,), q, torch.float32) for _ in params]
-        dpar_k = [_empty((NV * B * H,), q, torch.float32) for _ in params]
+        dpar_q, dpar_k = _dpar(m, params, NV * B * H, q), _dpar(m, params, NV * B * H, q)
         lengths = (T, S, H, float(T), float(S), float(K), float(H))
         m.linear.bwd_dq[(NV, B * H)](
             qh, kh, vh, doh, den, delta, s_dd, dq_to, *pf, *dpar_q, *_strides(qh, kh, vh, doh, dq_to), s_dqn, *lengths,
@@ -658,11 +665,25 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         if buf is not None:
             out.copy_(buf.sum(0))
     dk, dv = _group_sum(dk, dkh, k, layout, groups), _group_sum(dv, dvh, v, layout, groups)
-    dparams = []
-    for p, a, b in zip(params, dpar_q, dpar_k):
-        total = (a + b).view(-1, H).sum(0)  # [H]
-        dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+    dparams = [_dpar_total(r, p, a + b, H, K) for r, p, a, b in zip(m.params, params, dpar_q, dpar_k)]
     return [dq, dk, dv, *dparams, *dstate]
+
+
+def _dpar(m: Module, params, slots: int, like) -> list:
+    """Per parameter, a buffer for the partial sums of its gradient that ``slots`` programs store (a vector
+    parameter's: K entries each, K = like's head dim)."""
+    return [_empty((slots * (like.shape[-1] if r.vector else 1),), like, torch.float32)
+            for r in m.params[:len(params)]]
+
+
+def _dpar_total(r: Param, p, part, H: int, K: int):
+    """A parameter's gradient from the programs' partial sums ``part`` (slots ordered with the head fastest):
+    summed over the programs, and over the heads for a parameter shared by them."""
+    if r.vector:
+        total = part.view(-1, H, K).sum(0)  # [H, K]
+        return (total if p.dim() == 2 else total.sum(0)).to(p.dtype)
+    total = part.view(-1, H).sum(0)  # [H]
+    return (total if p.dim() == 1 else total.sum()).to(p.dtype)
 
 
 def _kv_grads(B, H, S, K, V, k, v, layout, groups):
@@ -741,7 +762,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
     s0, _, pos = _state_args(m, state, q)
@@ -782,7 +803,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     use_dst = dst is not None
     dst = dst.contiguous() if use_dst else _dummy(q)
     cu_arg = cu if cu is not None else _dummy(q)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     scans = (0, 1) if decay.two_sided else (0,)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
@@ -797,7 +818,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
                                      ds0, use_dst, gam, n, meta)
     else:
         dlg = _empty((len(scans), NV * n * H), q, torch.float32)
-        dpar = [[_empty((NV * n * H,), q, torch.float32) for _ in params] for _ in range(2 * len(scans))]
+        dpar = [_dpar(m, params, NV * n * H, q) for _ in range(2 * len(scans))]
     for rev in scans:
         last = rev == scans[-1]
         if last:
@@ -819,11 +840,11 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     dlg_total = dlg.sum(0).view(-1, H).sum(0)  # [H] dL/dlog(gamma)
     dparams = []
     for i, p in enumerate(params):
-        total = sum(d[i] for d in dpar).view(-1, H).sum(0)  # [H]
+        total = _dpar_total(m.params[i], p, sum(d[i] for d in dpar), H, K)
         name = m.params[i].name
-        if name in decay.params:
-            total = total + dlg_total * dlg_dpar[decay.params.index(name)]
-        dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+        if name in decay.params:  # a number parameter [H] or []
+            total = total + _dpar_total(m.params[i], p, dlg_total * dlg_dpar[decay.params.index(name)], H, K)
+        dparams.append(total)
     return [dq, dk, dv, *dparams, *([ds0] if state else [])]
 
 
@@ -850,7 +871,7 @@ def _decay_chunk_bwd(m: Module, qh, kh, vh, doh, dq_to, dk_to, dvh, s_dqn, s_dkn
         qh, doh, none, none, 0, pos, cu_arg, co, g, none, dst, none, ds0, none, gam, *rot, *_params_f32(params),
         *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
     dlg = _empty((1, NV * NC * H), like, torch.float32)
-    dpar = [[_empty((NV * NC * H,), like, torch.float32) for _ in params]]
+    dpar = [_dpar(m, params, NV * NC * H, like)]
     m.linear.chunked.dqkv[(NV, NC, H)](
         qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gam, *rot, dlg,
         *_params_f32(params), *dpar[0], *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths,
@@ -879,7 +900,7 @@ def _gated_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gate,))
     return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
 
@@ -898,7 +919,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n = _sequences(B, cu)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q), num_warps=W)
+    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, T, K), dkh, q)
     ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
@@ -920,7 +941,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
         *_strides(qh, doh), *lengths, **meta, USE_DST=use_dst, **flags)
     # dL/dG_t ([B, H, T, K] per key dimension), the V blocks added atomically
     dbig = torch.zeros((B, H, T, K) if m.gate_dim else (B, H, T), dtype=torch.float32, device=like.device)
-    dpar = [_empty((NV * NC * H,), like, torch.float32) for _ in params]
+    dpar = _dpar(m, params, NV * NC * H, like)
     m.linear.chunked.dqkv[(NV, NC, H)](
         qh, kh, vh, doh, none, none, 0, dq_to, dk_to, dvh, h, hz, g, none, pos, cu_arg, ci, gate, *rot, dbig,
         *_params_f32(params), *dpar, *_strides(qh, kh, vh, doh, dq_to, dk_to, dvh), s_dqn, s_dkn, *lengths,
@@ -945,7 +966,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
         rev = rev - nxt[..., ends[seq]]
     if m.gate_dim:
         rev = rev.transpose(-1, -2)
-    dparams = [(d.view(-1, H).sum(0) if p.dim() == 1 else d.sum()).to(p.dtype) for d, p in zip(dpar, params)]
+    dparams = [_dpar_total(r, p, d, H, K) for r, d, p in zip(m.params, dpar, params)]
     # the gate's gradient contiguous, as the fake kernel declares it (a per-key-dimension gate's is a transpose)
     return [dq, dk, dv, *dparams, rev.to(gate.dtype).contiguous(), *([ds0] if state else [])]
 
@@ -1030,16 +1051,18 @@ def _linear_ops(m: Module):
 # ---------------------------------------------------------------------------------------------
 # the quadratic ordering: launch drivers, block-sparse tables, custom ops
 # ---------------------------------------------------------------------------------------------
-def _qblocks(t, s, dk, dv, block):
+def _qblocks(t, s, dk, dv, block, fp32_operands=False):
     """BM, BN, BK, BV and the launch options of the quadratic kernels: a tile of BM query rows and BN keys (both
     ``block`` in the block-sparse mode). 8 warps for tiles of 128 x 128 or head dims of 128 and more (the score
     tile and the [BM, BK] / [BN, BV] accumulators stay in registers), and 2 pipeline stages (not 3) for
-    128 x 128 tiles at those head dims, which fits sm_80's 163 KB of shared memory."""
+    128 x 128 tiles at those head dims, which fits sm_80's 163 KB of shared memory. ``fp32_operands`` (a module
+    with feature maps computed in the kernels, Module.fp32_features): half the tile from head dim 128 on (its dq
+    kernel needed 196608 B of shared memory on sm_80 at 64 x 64)."""
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     if block:
         bm = bn = block
     else:
-        top = QBLOCK if max(bk, bv) <= 128 else QBLOCK // 2
+        top = QBLOCK if max(bk, bv) < 128 or max(bk, bv) == 128 and not fp32_operands else QBLOCK // 2
         bm, bn = min(top, max(16, triton.next_power_of_2(t))), min(top, max(16, triton.next_power_of_2(s)))
     wide, big = max(bk, bv) >= 128, bm * bn >= 128 * 128
     return bm, bn, bk, bv, dict(num_warps=8 if wide or big else 4, num_stages=2 if wide and big else 3)
@@ -1056,7 +1079,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
     wide = m.qstat and q.dtype != torch.float32
     o, oh = _like_layout(B, H, T, V, q, layout, torch.float32 if wide else None)
     stat = _empty((B, H, T) if m.qstat else (0,), q, torch.float32)
-    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
+    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block, m.fp32_features)
     lengths = (T, S, H, H // kh.shape[1], float(T), float(S), float(K), float(H))
     gc = ()
     if m.gate is not None:  # the score gains G_i - G_j: G the cumulative sum of the gate (params[-1])
@@ -1072,7 +1095,7 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
         extra = (*gc, *_params_f32(params), *_strides(qh, kh, vh, oh), *lengths)
         flags = {}
     m.quadratic.fwd[(triton.cdiv(T, BM), B * H)](
-        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts, **flags)
+        qh, kh, vh, oh, stat, *extra, K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q, m), **opts, **flags)
     if wide:
         return o.to(q.dtype), stat, o
     return o, stat, _empty((0,), q, torch.float32)
@@ -1086,7 +1109,7 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     qh, kh, vh, doh, oh = (_bhtd(x, layout) for x in (q, k, v, do, o))
     B, H, T, K = qh.shape
     S, V = kh.shape[2], vh.shape[3]
-    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block)
+    BM, BN, BK, BV, opts = _qblocks(T, S, K, V, block, m.fp32_features)
     NKB = triton.cdiv(S, BN)
     gq = gk = ()
     if m.gate is not None:  # dL/dG_i = sum_j dS_ij - sum_j dS_ji: row sums (dq programs), column sums (dkv ones)
@@ -1109,35 +1132,39 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
         dv, dvh = _like_layout(B, H, S, V, v, layout)
     records = m.params[:len(params)]
     dpar = [torch.zeros((B * H * r.buckets,), dtype=torch.float32, device=q.device) if r.buckets else
-            _empty((B * H * NKB,), q, torch.float32) for r in records]
+            _empty((B * H * NKB * (K if r.vector else 1),), q, torch.float32) for r in records]
+    NQB = triton.cdiv(T, BM)  # the dq programs' partial sums (the q side's element maps): none for a table
+    dparq = [_dummy(q) if r.buckets else _empty((B * H * NQB * (K if r.vector else 1),), q, torch.float32)
+             for r in records]
     pf = _params_f32(params)
     lengths = (T, S, H, groups, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q), **opts)
+    meta = dict(K=K, V=V, BM=BM, BN=BN, BK=BK, BV=BV, PREC=_precision(q, m), **opts)
     if m.quadratic.flash:
         sparse = tab is not None
         rows = tab if sparse else torch.zeros(1, dtype=torch.int32, device=q.device)
         cols = _key_table(tab, NKB) if sparse else rows
         meta.update(SPARSE=sparse)
         m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
-            qh, kh, vh, doh, stat, delta, dqh, rows, *gq, *pf, *_strides(qh, kh, vh, doh, dqh), *lengths,
+            qh, kh, vh, doh, stat, delta, dqh, rows, *gq, *pf, *dparq, *_strides(qh, kh, vh, doh, dqh), *lengths,
             rows.shape[-1] if sparse else 0, **meta)
         m.quadratic.bwd_dkv[(NKB, B * H)](
             qh, kh, vh, doh, stat, delta, dkh, dvh, cols, *gk, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh),
             *lengths, cols.shape[-1] if sparse else 0, **meta)
     else:
         m.quadratic.bwd_dq[(triton.cdiv(T, BM), B * H)](
-            qh, kh, vh, doh, stat, delta, dqh, *pf, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
+            qh, kh, vh, doh, stat, delta, dqh, *gq, *pf, *dparq, *_strides(qh, kh, vh, doh, dqh), *lengths, **meta)
         m.quadratic.bwd_dkv[(NKB, B * H)](
-            qh, kh, vh, doh, stat, delta, dkh, dvh, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh), *lengths,
+            qh, kh, vh, doh, stat, delta, dkh, dvh, *gk, *pf, *dpar, *_strides(qh, kh, vh, doh, dkh, dvh), *lengths,
             **meta)
     dparams = []
-    for r, p, part in zip(records, params, dpar):
+    for r, p, part, partq in zip(records, params, dpar, dparq):
         if r.buckets:
             total = part.view(B, H, r.buckets).sum(0)  # [H, NB]
             dparams.append((total if r.per_head else total.sum(0)).to(p.dtype))
             continue
-        total = part.view(B, H, NKB).sum((0, 2))  # [H]
-        dparams.append((total if p.dim() == 1 else total.sum()).to(p.dtype))
+        width = (K,) if r.vector else ()
+        total = part.view(B, H, NKB, *width).sum((0, 2)) + partq.view(B, H, NQB, *width).sum((0, 2))  # [H(, K)]
+        dparams.append((total if r.per_head else total.sum(0)).to(p.dtype))
     if m.gate is not None:  # dg_s = sum_(t >= s) dL/dG_t (docs/derivations.md section 9)
         dparams.append((dgr - dgc).flip(-1).cumsum(-1).flip(-1).to(gate.dtype))
     if groups > 1:
