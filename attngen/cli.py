@@ -262,7 +262,8 @@ def _groups(cases) -> list:
 
 
 def _use_interpreter_without_gpu():
-    """On a machine without CUDA the Triton kernels run under the interpreter (must precede importing triton)."""
+    """On a machine without CUDA the Triton kernels run under the interpreter. It must precede importing triton, which
+    importing attngen.op does (torch._dynamo imports it): call this before importing attngen.op or attngen.verify."""
     import os
 
     import torch
@@ -278,10 +279,10 @@ def verify(specs, all_specs, mode, backend, force, dtypes, lengths, head_dim, se
     Check the compiled op of each of SPECS (YAML files or built-in names, or --all) against the naive reference: the
     output and every gradient, and the decode step of decodable specs. One progress line per spec and mode on
     stderr, then the table of every case."""
-    from attngen.verify import verify_cases
     backend = backend or "torch"
     if backend != "torch":
-        _use_interpreter_without_gpu()
+        _use_interpreter_without_gpu()  # before attngen.verify: importing torch._dynamo (attngen.op) imports triton
+    from attngen.verify import verify_cases
     _verify(verify_cases(_specs(specs, all_specs, mode, sets), backend, force, dtypes,
                          _checked_lengths(lengths), head_dim))
 
@@ -303,6 +304,7 @@ def build(ctx, specs, all_specs, mode, backend, force, dtypes, lengths, head_dim
     --plan ORDERING the modules hold only that ordering's kernels (what attngen.compile(spec, backend="triton",
     plan=ORDERING) runs) and every case runs it; --out must then name a folder (generated/ holds the planner's
     modules)."""
+    _use_interpreter_without_gpu()  # before attngen.verify: importing torch._dynamo (attngen.op) imports triton
     from attngen import pipeline
     from attngen.build import HOST_PACKAGE, generate, write, write_host
     from attngen.verify import build_cases
@@ -310,7 +312,6 @@ def build(ctx, specs, all_specs, mode, backend, force, dtypes, lengths, head_dim
         raise click.UsageError(f"--plan {force} writes modules that hold only the {force} ordering's kernels: give "
                                "--out DIR for them (the default, generated/, holds the planner's modules, which a "
                                "test checks byte for byte)")
-    _use_interpreter_without_gpu()
     lens = _checked_lengths(lengths)
     loaded = _specs(specs, all_specs, mode, sets)
     if force is not None:  # an ordering a spec does not have: one PlanError before anything is written
