@@ -103,17 +103,21 @@ def orderings(spec: Spec, backend: str = "torch", head_dim: int = 64) -> list:
     return [o.value for o in legal]
 
 
-def machine(device: torch.device) -> str:
-    """The CPU model, core count, load average (other work on a shared machine slows every series), torch and
-    Python versions; the GPU's name on CUDA."""
-    cpu = platform.processor() or "cpu"
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform.processor() elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "cpu"
+
+
+def machine(device: torch.device) -> str:
+    """The CPU model, core count, load average (other work on a shared machine slows every series), torch and
+    Python versions; the GPU's name on CUDA."""
+    cpu = cpu_name()
     gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     return (f"{gpu}{cpu}, {os.cpu_count()} cores{load}, torch {torch.__version__}, "

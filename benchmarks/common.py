@@ -92,15 +92,7 @@ def write_result(text: str, out_dir: Path, name: str, echo=print) -> Path:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{bench.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def linear_scaling(spec_name="linear_elu", max_len=32768, out_dir=Path("bench/results"), b=1, h=8, d=64,
