@@ -1057,7 +1057,7 @@ def _qblocks(t, s, dk, dv, block, fp32_operands=False):
     tile and the [BM, BK] / [BN, BV] accumulators stay in registers), and 2 pipeline stages (not 3) for
     128 x 128 tiles at those head dims, which fits sm_80's 163 KB of shared memory. ``fp32_operands`` (a module
     with feature maps computed in the kernels, Module.fp32_features): half the tile from head dim 128 on (its dq
-    kernel needed 196608 B of shared memory on sm_80 at 64 x 64)."""
+    kernel needed 196608 B of shared memory on sm_80 at 64 x 64) and 8 warps."""
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     if block:
         bm = bn = block
@@ -1065,7 +1065,10 @@ def _qblocks(t, s, dk, dv, block, fp32_operands=False):
         top = QBLOCK if max(bk, bv) < 128 or max(bk, bv) == 128 and not fp32_operands else QBLOCK // 2
         bm, bn = min(top, max(16, triton.next_power_of_2(t))), min(top, max(16, triton.next_power_of_2(s)))
     wide, big = max(bk, bv) >= 128, bm * bn >= 128 * 128
-    return bm, bn, bk, bv, dict(num_warps=8 if wide or big else 4, num_stages=2 if wide and big else 3)
+    # fp32 operands hold twice the registers of half ones: 8 warps (at head dim 64 with 4 warps the forward
+    # spilled 16 KB on sm_90)
+    return bm, bn, bk, bv, dict(num_warps=8 if wide or big or fp32_operands else 4,
+                                num_stages=2 if wide and big else 3)
 
 
 def _qfwd(m: Module, q, k, v, params, layout, tab, block):
