@@ -174,8 +174,10 @@ def _verify_options(f):
         click.option("--plan", "force", default=None,
                      help="Force an ordering (linear, quadratic, recurrent, fft) [default: the planner's choice]; "
                           "build: the modules then hold only its kernels, and --out must be given."),
-        click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float64", "float32", "float16"]),
-                     help="Input dtypes (repeatable) [default: float64, float32]."),
+        click.option("--dtype", "dtypes", multiple=True,
+                     type=click.Choice(["float64", "float32", "float16", "bfloat16"]),
+                     help="Input dtypes (repeatable) [default: float64, float32 on torch; float32, float16 on "
+                          "triton]; bfloat16 on triton needs a GPU."),
         click.option("--seq-len", "lengths", default="7,63,200", show_default=True,
                      help="Comma-separated sequence lengths."),
         click.option("--head-dim", type=click.IntRange(1, 1024), default=16, show_default=True,
@@ -211,6 +213,9 @@ def _verify(cases) -> list:
     if not cases:
         raise click.UsageError("nothing to verify: no case matches the specs, backend and options given")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and any(c.dtype == "bfloat16" and c.backend != "torch" for c in cases):
+        raise click.UsageError("--dtype bfloat16 on the triton backend needs a CUDA GPU: Triton's interpreter "
+                               "computes bf16 tl.dot wrongly on a CPU; verify bfloat16 there with --backend torch")
     groups = _groups(cases)
     results, done = [], 0
     for n, group in enumerate(groups, 1):
