@@ -32,7 +32,7 @@ from attngen.op import compile as compile_op
 from attngen.runtime.inputs import default_parameters
 from attngen.runtime.torch.common import rotate
 
-__all__ = ["Attention", "KVCache", "SpecParameters"]
+__all__ = ["Attention", "GateProjections", "KVCache", "SpecParameters"]
 
 _POSITIONS = {I, J, N_Q, N_K}
 
@@ -62,6 +62,36 @@ class SpecParameters(nn.Module):
 
     def values(self) -> dict:
         return {name: getattr(self, name) for name in self._names}
+
+
+class GateProjections(nn.ModuleDict):
+    """A spec's gates from hidden states, as fla's gated layers form them: one ``nn.Linear`` per gate (with a bias,
+    E -> H per head, E -> H·D per key dimension), ``g = logsigmoid(x W^T + b) / gate_logit_normalizer`` (<= 0).
+    A ModuleDict under the gates' names (state_dict keys ``<prefix>.<gate>.weight``, ``.bias``); calling it on x
+    [B, T, E] returns {gate: [B, T, H] or [B, T, H, D]} (the "bthd" layout). Used by Attention and by
+    attngen.hf.add_gates."""
+
+    def __init__(self, spec: Spec, embed_dim: int, heads: int, head_dim: int, *, gate_logit_normalizer: float = 16.0,
+                 dtype=None, device=None):
+        normalizer = _normalizer(gate_logit_normalizer, "GateProjections")
+        super().__init__({
+            g.name: nn.Linear(embed_dim, heads * (head_dim if g.per == "key_dim" else 1), bias=True, device=device,
+                              dtype=dtype)
+            for g in spec.gates})
+        self.per = {g.name: g.per for g in spec.gates}
+        self.heads, self.head_dim, self.gate_logit_normalizer = heads, head_dim, normalizer
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, gate_logit_normalizer={self.gate_logit_normalizer:g}"
+
+    def forward(self, x: torch.Tensor) -> dict:
+        b, t = x.shape[:2]
+        out = {}
+        for name, proj in self.items():
+            g = F.logsigmoid(proj(x)) / self.gate_logit_normalizer
+            out[name] = g.view(b, t, self.heads, self.head_dim) if self.per[name] == "key_dim" \
+                else g.view(b, t, self.heads)
+        return out
 
 
 @dataclass
@@ -128,9 +158,7 @@ class Attention(nn.Module):
         if layout not in LAYOUTS:
             raise InputError(f"Attention: layout={layout!r}; expected 'bthd' ([B, T, H, D], no copy) or 'bhtd' "
                              "([B, H, T, D])")
-        if not gate_logit_normalizer > 0:
-            raise InputError(f"Attention: gate_logit_normalizer={gate_logit_normalizer!r}; expected a number > 0 "
-                             "(the gate is logsigmoid(W x + b) / gate_logit_normalizer)")
+        gate_logit_normalizer = _normalizer(gate_logit_normalizer, "Attention")
         if not (context_parallel is None or context_parallel is True or isinstance(context_parallel, ProcessGroup)):
             raise InputError(f"Attention: context_parallel={context_parallel!r}; expected None, True (the default "
                              "process group) or a torch.distributed ProcessGroup")
@@ -142,9 +170,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
-        self.gate_proj = nn.ModuleDict({
-            g.name: nn.Linear(embed_dim, num_heads * (head_dim if g.per == "key_dim" else 1), bias=True, **factory)
-            for g in spec.gates})
+        self.gate_proj = GateProjections(spec, embed_dim, num_heads, head_dim,
+                                         gate_logit_normalizer=gate_logit_normalizer, **factory)
         self.params = SpecParameters(spec, num_heads, head_dim, dtype=dtype, device=device)
         self.op = compile_op(spec, backend=backend, plan=plan, layout=layout, chunk=chunk)
         self.cache_kind, self.cache_reason = _cache_kind(spec, self.op)
@@ -207,11 +234,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, h, d)
         k = self.k_proj(x).view(b, t, hkv, d)
         v = self.v_proj(x).view(b, t, hkv, d)
-        gates = {}
-        for g in self.spec.gates:
-            gx = F.logsigmoid(self.gate_proj[g.name](x)) / self.gate_logit_normalizer
-            gx = gx.view(b, t, h, d) if g.per == "key_dim" else gx.view(b, t, h)
-            gates[g.name] = gx.transpose(1, 2) if self.layout == "bhtd" else gx  # in the op's layout
+        gates = {name: g.transpose(1, 2) if self.layout == "bhtd" else g  # in the op's layout
+                 for name, g in self.gate_proj(x).items()}
         kwargs = self.spec_parameters() | gates
         if self.cache_kind == "kv" and state is not None:
             _check_cache(state, self, x, packing)
@@ -286,6 +310,17 @@ class Attention(nn.Module):
 def _positive(name: str, n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"Attention: {name}={n!r}; expected a positive integer")
+
+
+def _normalizer(value, where: str) -> float:
+    try:
+        ok = not isinstance(value, bool) and float(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{where}: gate_logit_normalizer={value!r}; expected a number > 0 (the gate is "
+                         "logsigmoid(W x + b) / gate_logit_normalizer)")
+    return float(value)
 
 
 def _is_scale(p) -> bool:

@@ -19,24 +19,32 @@ zero queries in front of the new ones and the last T rows are kept: row i of a c
 keys and values up to i, so this is the cached computation exactly (at the cost of attending the whole sequence
 again). Specs whose math depends on the final length (cosFormer's default
 M = max(n_q, n_k)) are refused there: the cached rows were computed at shorter lengths.
+
+Gates: the interface passes no gate tensors, so ``add_gates`` gives every attention module an
+``attngen.nn.GateProjections`` and a forward pre-hook that forms the gates from the module's input hidden states and
+leaves them on the module for this call's attention function, which takes them (packed with the tokens under padding,
+one per new token in a StateCache step). A post-hook makes gates that no attngen function read an InputError.
 """
 from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 import yaml
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from attngen.errors import AttngenError, InputError, SpecError
+from attngen.errors import AttngenError, InputError
 from attngen.frontend.spec import Spec, load_spec
-from attngen.nn import SpecParameters
+from attngen.nn import GateProjections, SpecParameters
 from attngen.op import compile as compile_op
 
 PREFIX = "attngen_"
 PARAMS_ATTR = "attngen_params"  # the SpecParameters submodule add_parameters gives an attention module
+GATES_ATTR = "attngen_gates"  # the GateProjections submodule add_gates gives an attention module
+PENDING_ATTR = "_attngen_pending_gates"  # this call's gates {name: [B, T, H(, D)]}, set by the pre-hook, taken once
 STATE_LAYER_ATTR = "_attngen_state_layer"  # set by StateLayer.update on the key tensor it hands back
 _LENGTH_SYMBOLS = frozenset({"n", "n_q", "n_k"})
 _UNSUPPORTED_KWARGS = {
@@ -49,6 +57,7 @@ _UNSUPPORTED_KWARGS = {
     "cu_seq_lens_k": "packed sequences in flash-attention's varlen form (pad them into rows with an attention_mask)",
 }
 _REGISTRY: dict = {}  # name -> AttngenAttention
+_GATE_HOOKS = weakref.WeakKeyDictionary()  # attention module -> (registered name, its two hook handles)
 _LOCK = threading.Lock()
 
 
@@ -64,8 +73,9 @@ def register(spec, name: str | None = None, *, backend: str = "auto", keep_rotar
     ``mode``: None follows the model (``is_causal``), "causal" or "bidirectional" forces one (e.g. a causal-only
     approximation inside an encoder: a different model, for experiments).
 
-    Refused here (SpecError / InputError): gated specs (the interface passes no per-token gate tensors), an unknown
-    mode. Registering a name again replaces the previous registration."""
+    Gated specs (gla, simple_gla, forgetting) register here but run only in a model given gate projections by
+    ``add_gates(model, name)`` (without them a call is an InputError naming add_gates). Refused here: an unknown
+    mode (InputError). Registering a name again replaces the previous registration."""
     if mode not in (None, "causal", "bidirectional"):
         raise InputError(f"register: mode={mode!r}; expected None (follow the model's is_causal), 'causal' or "
                          "'bidirectional'")
@@ -89,13 +99,17 @@ def registered(name: str) -> "AttngenAttention | None":
 
 
 def unregister(name: str) -> None:
-    """Remove a name ``register`` added (a model still set to it then fails in transformers' own lookup)."""
+    """Remove a name ``register`` added (a model still set to it then fails in transformers' own lookup), and the
+    forward hooks ``add_gates`` installed for it (the gate projections stay in their models, weights and all)."""
     with _LOCK:
         if _REGISTRY.pop(name, None) is None:
             raise InputError(f"unregister: {name!r} was not registered by attngen.hf.register "
                              f"(registered: {sorted(_REGISTRY) or 'none'})")
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)
+        for module, (hooked, _) in list(_GATE_HOOKS.items()):
+            if hooked == name:
+                _remove_hooks(module)
 
 
 def add_parameters(model, name: str | None = None) -> int:
@@ -112,7 +126,76 @@ def add_parameters(model, name: str | None = None) -> int:
         raise InputError(f"add_parameters: {name!r} is not an attn_implementation registered by attngen.hf.register "
                          f"(registered: {sorted(_REGISTRY) or 'none'}). Fix: name = attngen.hf.register(spec), then "
                          "add_parameters(model, name)")
+    modules = _attention_modules(model, "add_parameters")
+    for module, heads, head_dim, factory in modules:
+        module.add_module(PARAMS_ATTR, SpecParameters(attn.base, heads, head_dim, **factory))
+    return len(modules)
+
+
+def add_gates(model, name: str | None = None, *, gate_logit_normalizer: float = 16.0) -> int:
+    """Give every attention module of ``model`` the gates of the gated spec registered as ``name`` (default: the
+    model's ``config._attn_implementation``): an ``attngen.nn.GateProjections`` submodule ``attngen_gates`` (one
+    ``nn.Linear`` with a bias per gate, hidden size -> H per head or H·D per key dimension, at the module's query
+    heads, head dim, dtype and device; ``g = logsigmoid(x W^T + b) / gate_logit_normalizer``, as attngen.nn.Attention
+    and fla's gated layers form them) and two forward hooks: a pre-hook that computes the gates from the module's
+    input ``hidden_states`` (keyword or first positional argument) and leaves them for this call's attention
+    function, and a post-hook that makes gates no attngen attention function read an InputError.
+
+    The projections train with the model, are saved in its state_dict (``model.layers.0.self_attn.attngen_gates.g.
+    weight``) and move with ``.to()``; call it before building the optimizer. A module that already has
+    ``attngen_gates`` of the same shapes (after ``unregister`` removed the hooks) keeps its weights and gets its hooks
+    back; other shapes are an InputError (``remove_gates`` first). Returns the number of modules; InputError when
+    ``name`` is not attngen's, its spec has no gates, or the model has no attention module."""
+    name = name if name is not None else getattr(getattr(model, "config", None), "_attn_implementation", None)
+    attn = _REGISTRY.get(name)
+    if attn is None:
+        raise InputError(f"add_gates: {name!r} is not an attn_implementation registered by attngen.hf.register "
+                         f"(registered: {sorted(_REGISTRY) or 'none'}). Fix: name = attngen.hf.register('gla'), then "
+                         "add_gates(model, name)")
+    spec = attn.base
+    if not spec.gates:
+        raise InputError(f"add_gates: {spec.name} (registered as {name!r}) has no gates; expected a spec with "
+                         "`gates:` (gla, simple_gla, forgetting, ...)")
+    modules = _attention_modules(model, "add_gates")
+    plans = []
+    for module, heads, head_dim, factory in modules:
+        hidden = int(module.config.hidden_size)
+        new = GateProjections(spec, hidden, heads, head_dim, gate_logit_normalizer=gate_logit_normalizer, **factory)
+        old = getattr(module, GATES_ATTR, None)
+        if old is not None and not _same_gates(old, new):
+            raise InputError(f"add_gates: {type(module).__name__} (layer {module.layer_idx}) already has gates "
+                             f"{_describe(old)}; {spec.name} needs {_describe(new)}. Fix: "
+                             "attngen.hf.remove_gates(model) first (it drops their weights)")
+        plans.append((module, new if old is None else None))
+    for module, new in plans:
+        if new is not None:
+            module.add_module(GATES_ATTR, new)
+        _remove_hooks(module)
+        handles = (module.register_forward_pre_hook(_gates_pre_hook, with_kwargs=True),
+                   module.register_forward_hook(_gates_post_hook))
+        _GATE_HOOKS[module] = (name, handles)
+    return len(plans)
+
+
+def remove_gates(model) -> int:
+    """Remove what ``add_gates`` gave ``model``: the ``attngen_gates`` submodules (their weights with them) and the
+    hooks. Returns the number of modules; InputError when none had gates."""
     count = 0
+    for module in list(model.modules()):
+        if GATES_ATTR in module._modules or module in _GATE_HOOKS:
+            _remove_hooks(module)
+            module._modules.pop(GATES_ATTR, None)
+            module.__dict__.pop(PENDING_ATTR, None)
+            count += 1
+    if not count:
+        raise InputError(f"remove_gates: {type(model).__name__} has no gates from attngen.hf.add_gates")
+    return count
+
+
+def _attention_modules(model, where: str) -> list:
+    """(module, query heads, head dim, {dtype, device}) of every attention module of ``model``: the transformers
+    modules with layer_idx, scaling and config, the ones that call the attention interface."""
+    out = []
     for module in model.modules():
         config = getattr(module, "config", None)
         if not (hasattr(module, "layer_idx") and hasattr(module, "scaling") and config is not None):
@@ -122,12 +205,57 @@ def add_parameters(model, name: str | None = None) -> int:
             or config.hidden_size // heads
         weight = next(module.parameters(), None)
         factory = {} if weight is None else {"dtype": weight.dtype, "device": weight.device}
-        module.add_module(PARAMS_ATTR, SpecParameters(attn.base, heads, int(head_dim), **factory))
-        count += 1
-    if not count:
-        raise InputError(f"add_parameters: {type(model).__name__} has no attention module (a submodule with "
+        out.append((module, int(heads), int(head_dim), factory))
+    if not out:
+        raise InputError(f"{where}: {type(model).__name__} has no attention module (a submodule with "
                          "layer_idx, scaling and config, as transformers' attention classes have)")
-    return count
+    return out
+
+
+def _same_gates(a: GateProjections, b: GateProjections) -> bool:
+    return a.per == b.per and a.gate_logit_normalizer == b.gate_logit_normalizer \
+        and all(a[n].weight.shape == b[n].weight.shape for n in a.per)
+
+
+def _describe(gates: GateProjections) -> str:
+    return ", ".join(f"{n} [{gates[n].in_features} -> {gates[n].out_features}]" for n in gates.per) + \
+        f" / {gates.gate_logit_normalizer:g}"
+
+
+def _remove_hooks(module) -> None:
+    entry = _GATE_HOOKS.pop(module, None)
+    if entry is not None:
+        for handle in entry[1]:
+            handle.remove()
+    module.__dict__.pop(PENDING_ATTR, None)
+
+
+def _gates_pre_hook(module, args, kwargs):
+    """Forward pre-hook of add_gates: this call's gates from the module's input hidden states [B, T, E]."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    gates = getattr(module, GATES_ATTR, None)
+    if gates is None:
+        return None
+    width = next(iter(gates.values())).in_features
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != width:
+        found = f"shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise InputError(f"attngen.hf gates of {type(module).__name__} (layer {module.layer_idx}): expected the "
+                         f"module's input hidden_states [B, T, {width}] (keyword hidden_states= or the first "
+                         f"positional argument), found {found}")
+    module.__dict__[PENDING_ATTR] = gates(hidden)
+    return None
+
+
+def _gates_post_hook(module, args, output):
+    """Forward hook of add_gates: gates left unread mean the module ran another attention function without them."""
+    if module.__dict__.pop(PENDING_ATTR, None) is not None:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        hooked = _GATE_HOOKS.get(module, (None,))[0]
+        raise InputError(f"{type(module).__name__} (layer {module.layer_idx}) has gates from attngen.hf.add_gates "
+                         f"({hooked!r}) but its attention function ({impl!r}) did not read them: the layer ran "
+                         f"without its gates. Fix: model.set_attn_implementation({hooked!r}), or "
+                         "attngen.hf.remove_gates(model) to run the model without gates")
+    return None
 
 
 class AttngenAttention:
@@ -140,11 +268,6 @@ class AttngenAttention:
         self._ops = {}  # causal flag -> compiled op
         self._row_op = False  # the one-query decode op (None: the spec has positions; False: not decided yet)
         self.base = spec if isinstance(spec, Spec) else load_spec(spec)
-        if self.base.gates:
-            raise SpecError(f"{self.base.name} has gates ({', '.join(self.base.gate_names)}): transformers' attention "
-                            "interface passes no per-token gate tensors", where="attngen.hf.register",
-                            expected="a spec without gates",
-                            fix="call the op yourself in a custom attention module (attngen.compile)")
         if mode is not None:
             self.spec_for(mode == "causal")  # a SpecError now for a mode the spec does not have
 
@@ -246,13 +369,48 @@ class AttngenAttention:
         own = getattr(module, PARAMS_ATTR, None)
         if own is not None:  # add_parameters: the module's own (trainable) values instead of the spec's init
             params = {**own.values(), **params}
+        gates = self.gates_of(module, op.spec, query)
         mask = None if attention_mask is None else self._key_padding(attention_mask, query)
         layer = getattr(key, STATE_LAYER_ATTR, None)
         if layer is not None:  # attngen.hf.StateCache: the recurrent state carries the past tokens
-            out = layer.attend(self, op, query, key, value, mask, params)
+            out = layer.attend(self, op, query, key, value, mask, params, gates)
         else:
-            out = self.attend(op, query, key, value, mask, params, causal)
+            out = self.attend(op, query, key, value, mask, params, causal, gates)
         return out.transpose(1, 2).contiguous(), None
+
+    def gates_of(self, module, spec: Spec, query) -> dict:
+        """This call's gates in the op's layout ({name: [B, H, T] or [B, H, T, D]}), taken from the module (add_gates'
+        pre-hook left them there); {} for a spec without gates. InputError when they are missing or do not fit."""
+        pending = getattr(module, "__dict__", {}).pop(PENDING_ATTR, None)
+        where = f"{self.name}: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+        if not spec.gates:
+            if pending is not None:
+                raise InputError(f"{where} has gates from attngen.hf.add_gates ({', '.join(pending)}) but "
+                                 f"{spec.name} has none. Fix: attngen.hf.remove_gates(model), or register the gated "
+                                 "spec the gates were added for")
+            return {}
+        if pending is None:
+            if getattr(module, GATES_ATTR, None) is None:
+                raise InputError(f"{where}: {spec.name} has gates ({', '.join(spec.gate_names)}), and transformers' "
+                                 "attention interface passes no gate tensors; the module has no gate projections. "
+                                 f"Fix: attngen.hf.add_gates(model, {self.name!r}) (before building the optimizer)")
+            raise InputError(f"{where} has gate projections but no hook computed this call's gates (unregister or "
+                             f"remove_gates removed it). Fix: attngen.hf.add_gates(model, {self.name!r}) again (it "
+                             "keeps the projections' weights)")
+        b, h, t, d = query.shape
+        if set(pending) != set(spec.gate_names):
+            raise InputError(f"{where}: the module's gates are {sorted(pending)}, {spec.name} needs "
+                             f"{list(spec.gate_names)}. Fix: attngen.hf.remove_gates(model), then add_gates again")
+        out = {}
+        for g in spec.gates:
+            x = pending[g.name]
+            want = (b, t, h, d) if g.per == "key_dim" else (b, t, h)
+            if tuple(x.shape) != want:
+                raise InputError(f"{where}: gate {g.name} ({g.per}) has shape {tuple(x.shape)}; expected {want} "
+                                 f"[B, T, H{', D' if g.per == 'key_dim' else ''}] for query {tuple(query.shape)}. "
+                                 "Fix: attngen.hf.remove_gates(model), then add_gates for this spec")
+            out[g.name] = x.transpose(1, 2)  # the op's layout: [B, H, T(, D)]
+        return out
 
     def _key_padding(self, mask, query):
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype != torch.bool \
@@ -276,11 +434,17 @@ class AttngenAttention:
                          f"(its formula is fixed; the default 1/sqrt(d) = {head_dim ** -0.5:.6g} is the only scaling "
                          "it can honour). Fix: write `* scale` into the spec's similarity (docs/specs.md)")
 
-    def attend(self, op, query, key, value, mask, params: dict, causal: bool):
-        """[B, H, T, Dv]: the op on query, key, value with key padding ``mask`` (bool [B, S] or None)."""
+    def attend(self, op, query, key, value, mask, params: dict, causal: bool, gates: dict | None = None):
+        """[B, H, T, Dv]: the op on query, key, value with key padding ``mask`` (bool [B, S] or None) and the
+        queries' ``gates``."""
         t, s = query.shape[2], key.shape[2]
         if t == s:
-            return run_padded(op, query, key, value, mask, params)
+            return run_padded(op, query, key, value, mask, params, gates)
+        if gates:
+            raise InputError(f"{self.name}: {op.spec.name} has gates, and a KV cache ({t} queries after {s} keys) "
+                             "holds keys and values but not the past tokens' gates. Fix: generate with "
+                             "cache=attngen.hf.StateCache(model) (a recurrent state carries the gates' decay: gla, "
+                             "simple_gla) or with use_cache=False")
         if not causal:  # cross attention or a bidirectional cache: each sequence with its own keys
             if mask is None:
                 return op(query, key, value, **params)
@@ -310,13 +474,14 @@ class AttngenAttention:
         return full[:, :, s - t:]
 
 
-def run_padded(op, query, key, value, mask, params: dict, **extra):
-    """The op over query, key, value [B, *, T, *] with key padding ``mask`` (bool [B, T] or None; queries are padded
-    like the keys): the tokens packed into one B = 1 batch with cu_seqlens, the outputs scattered back (zeros at
-    padding). With ``extra`` (initial_state, return_state) the op's (o, state) is returned, the state one per
-    sequence."""
+def run_padded(op, query, key, value, mask, params: dict, gates: dict | None = None, **extra):
+    """The op over query, key, value [B, *, T, *] and ``gates`` ([B, H, T] or [B, H, T, D]) with key padding ``mask``
+    (bool [B, T] or None; queries are padded like the keys): the tokens packed into one B = 1 batch with cu_seqlens,
+    the outputs scattered back (zeros at padding). With ``extra`` (initial_state, return_state) the op's (o, state) is
+    returned, the state one per sequence."""
+    gates = gates or {}
     if mask is None:
-        return op(query, key, value, **params, **extra)
+        return op(query, key, value, **params, **gates, **extra)
     b, t = mask.shape
     lengths = mask.sum(1)
     if bool((lengths == 0).any()):
@@ -326,7 +491,8 @@ def run_padded(op, query, key, value, mask, params: dict, **extra):
     idx = mask.reshape(-1).nonzero().flatten()
     cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int64)
     qp, kp, vp = (pack(x, idx) for x in (query, key, value))
-    out = op(qp, kp, vp, cu_seqlens=cu, **params, **extra)
+    gp = {n: pack(g, idx) if g.dim() == 4 else pack(g.unsqueeze(-1), idx).squeeze(-1) for n, g in gates.items()}
+    out = op(qp, kp, vp, cu_seqlens=cu, **params, **gp, **extra)
     o, state = out if extra.get("return_state") else (out, None)
     o = unpack(o, idx, b, t)
     return (o, state) if extra.get("return_state") else o

@@ -56,8 +56,9 @@ class StateLayer(CacheLayerMixin):
         self._pending = key_states
         return key_states, value_states
 
-    def attend(self, attn, op, query, key, value, mask, params: dict):
-        """Called by the attention function on the keys this layer handed back: [B, H, T, Dv] from the state."""
+    def attend(self, attn, op, query, key, value, mask, params: dict, gates: dict | None = None):
+        """Called by the attention function on the keys this layer handed back: [B, H, T, Dv] from the state
+        (``gates``: the new tokens' gates, [B, H, T] or [B, H, T, D])."""
         if key is not self._pending:
             raise InputError("attngen.hf.StateCache: the keys reached the attention function out of order")
         self._pending = None
@@ -71,16 +72,17 @@ class StateLayer(CacheLayerMixin):
                              f"{self.seen} consumed plus {t} new")
         new = None if mask is None else mask[:, self.seen:]
         if self.state is None:
-            o, state = run_padded(op, query, key, value, new, params, return_state=True)
+            o, state = run_padded(op, query, key, value, new, params, gates, return_state=True)
         else:
             if new is not None and not bool(new.all()):
                 raise InputError(f"{attn.name}: padding among the new tokens after the prefill; StateCache keeps one "
                                  "state per sequence and expects every continuation token to be real. Fix: left-pad "
                                  "the prompts")
             if t == 1:
-                o, state = op.step(query, key, value, self.state, **params)
+                o, state = op.step(query, key, value, self.state, **params, **(gates or {}))
             else:
-                o, state = op(query, key, value, initial_state=self.state, return_state=True, **params)
+                o, state = op(query, key, value, initial_state=self.state, return_state=True, **params,
+                              **(gates or {}))
         self.state, self.seen = state, self.seen + t
         return o
 
