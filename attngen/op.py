@@ -23,8 +23,8 @@ from attngen.approx.conv_basis import execute as conv_basis
 from attngen.approx.topk_sparse import execute as topk_sparse
 from attngen.approx.topk_sparse.attend import run_triton as run_triton_sparse
 from attngen.errors import InputError, PlanError
-from attngen.frontend.spec import Spec, load_spec
-from attngen.ir import DEFAULT_CHUNK, Ordering
+from attngen.frontend.spec import Spec, load_spec, shared_exp_terms
+from attngen.ir import DEFAULT_CHUNK, Ordering, is_softmax
 from attngen.runtime import prologue
 from attngen.runtime import state as state_lib
 from attngen.runtime import terms as terms_lib
@@ -80,6 +80,11 @@ class TermsOp:
     def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk):
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
+        for n in shared_exp_terms(spec):  # they run as softmaxes returning their log row sums: refused now if not
+            try:
+                _check_lse(self.ops[n].plan, 1, False)
+            except PlanError as exc:
+                raise PlanError(f"{spec.name}: terms[{n}] under the shared normaliser: {exc}") from None
         self.head_dim = DEFAULT_HEAD_DIM  # the last call's (the terms' plans are at their slices' widths)
         self._limit = limit_closure(spec)
         self._slices = {}  # head dim -> the terms' slices (terms.slices: sympy, worked out outside any trace)
@@ -105,7 +110,8 @@ class TermsOp:
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
-                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra),
+                                 lambda n, qn, kn, vn, ps, lse: self.ops[n](qn, kn, vn, **ps, **gates, **extra,
+                                                                                    return_lse=lse),
                                  cuts=self._slices[head_dim], closures=self._coefficients,
                                  groups=self._groups[head_dim])
 
@@ -166,9 +172,14 @@ class AttentionOp:
         return (f"AttentionOp({self.spec.name!r} {self.spec.mode}, backend={self.backend!r}{force}, "
                 f"layout={self.layout!r})")
 
-    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, **params):
+    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, return_lse=False,
+                 **params):
         """o [B, H, T, Dv] ("bhtd") or [B, T, H, Dv] ("bthd"); parameters are keyword tensors named as in
         the spec ([H] per head or [] scalar) and default to their ``init``.
+
+        ``return_lse=True`` (a softmax: exp(score) with a row sum and no eps, the quadratic ordering) returns
+        ``(o, lse)``: lse the log row sum log sum_j W_ij exp(s_ij) [B, H, T] ("bhtd") or [B, T, H] ("bthd"), float32
+        (float64 for float64 inputs), -inf on rows that attend no key; gradients flow back through it too.
 
         State passing (causal separable specs whose terms do not depend on the final length): with
         ``initial_state`` (a State of batch B) the positions of sequence b continue from its ``pos`` and
@@ -199,6 +210,8 @@ class AttentionOp:
                 raise InputError(f"cu_seqlens: packed sequences need the key length to equal the query length "
                                  f"(found {qh.shape[2]} and {kh.shape[2]})")
         stateful = initial_state is not None or return_state
+        if return_lse:
+            _check_lse(plan, kh.shape[2], stateful)
         state = None
         if stateful:
             check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
@@ -213,6 +226,10 @@ class AttentionOp:
         if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
             qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
+        if return_lse:
+            o, lse = self._run_lse(backend, plan, qh, kh, vh, values, gates, bounds)
+            o = o.to(out_dtype)
+            return (o.transpose(1, 2), lse.transpose(1, 2)) if self.layout == "bthd" else (o, lse)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton" and bounds is not None and not stateful and not plan.linear_terms:
@@ -244,6 +261,21 @@ class AttentionOp:
             self._record(info)
         o = o.to(out_dtype).transpose(1, 2) if self.layout == "bthd" else o.to(out_dtype)
         return (o, state) if return_state else o
+
+    def _run_lse(self, backend, plan, qh, kh, vh, values, gates: dict, bounds) -> tuple:
+        """(o [B, H, T, Dv], lse [B, H, T]) of a softmax plan's quadratic ordering (_check_lse); packed sequences
+        one at a time (each from position 0)."""
+        if bounds is not None:
+            pieces = [self._run_lse(backend, plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
+                                    {n: x[:, :, a:b] for n, x in gates.items()}, None)
+                      for a, b in zip(bounds[:-1], bounds[1:])]
+            return torch.cat([o for o, _ in pieces], 2), torch.cat([lse for _, lse in pieces], 2)
+        if backend == "triton":
+            if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InputError(_TRITON_CPU.format(device=qh.device.type))
+            return triton_loader.run_lse(plan, qh, kh, vh, values | gates, layout="bhtd")
+        gate = gates.get(self.spec.gate.name) if self.spec.gate is not None else None
+        return torch_backend.run(plan, Ordering.QUADRATIC, qh, kh, vh, values, self.chunk, gate=gate, lse=True)
 
     def _run_torch(self, plan, qh, kh, vh, values, info: dict, gate=None):
         """The ordering the planner picks for this key length: an approximation's execution, or the exact
@@ -518,6 +550,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _check_lse(plan, length: int, stateful: bool) -> None:
+    """return_lse needs a softmax (exp(score), a row sum without eps) run by the exact quadratic ordering, which keeps
+    the running max and sum its log row sum comes from: InputError with a state, PlanError otherwise."""
+    spec = plan.spec
+    if stateful:
+        raise InputError(f"{spec.name}: return_lse with initial_state / return_state: a log row sum comes from the "
+                         "quadratic ordering, which has no recurrent state; call the op on whole sequences")
+    if not is_softmax(plan.similarity, plan.normalize):
+        kind, norm = plan.similarity.kind.value, plan.normalize
+        raise PlanError(f"{spec.where}: return_lse needs a softmax, an exp(score) similarity with normalize: rowsum "
+                        f"and no eps; {spec.name} ({spec.mode}) has the similarity {spec.similarity} (class {kind}) "
+                        f"and normalize {norm.kind} (eps {norm.eps:g}). Fix: write the similarity as exp(score) with "
+                        "a score separable into q and k features")
+    ordering = plan.choice.ordering_for(length)
+    if ordering is not Ordering.QUADRATIC:
+        raise PlanError(f"{spec.where}: return_lse is computed by the quadratic ordering, and {spec.name} "
+                        f"({spec.mode}) runs {ordering.value} at key length {length}; compile with plan='quadratic'")
 
 
 def _feature_width(plan, head_dim: int) -> int:
