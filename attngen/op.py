@@ -81,10 +81,14 @@ class TermsOp:
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
         for n in shared_exp_terms(spec):  # they run as softmaxes returning their log row sums: refused now if not
-            try:
-                _check_lse(self.ops[n].plan, 1, False)
-            except PlanError as exc:
-                raise PlanError(f"{spec.name}: terms[{n}] under the shared normaliser: {exc}") from None
+            plan = self.ops[n].plan
+            if not is_softmax(plan.similarity, plan.normalize):
+                raise PlanError(f"{spec.where}: {spec.name} terms[{n}]: an exp term under the shared normaliser runs "
+                                "as a softmax that returns its log row sum (the running max and sum of the quadratic "
+                                "ordering), which needs exp(score) with a score separable into q and k features; "
+                                f"the similarity {spec.terms[n].spec.similarity} is of class "
+                                f"{plan.similarity.kind.value}. Fix: give each term its own normalize (no shared "
+                                "one), or write the score as a sum of products of q and k features")
         self.head_dim = DEFAULT_HEAD_DIM  # the last call's (the terms' plans are at their slices' widths)
         self._limit = limit_closure(spec)
         self._slices = {}  # head dim -> the terms' slices (terms.slices: sympy, worked out outside any trace)
@@ -138,6 +142,13 @@ class TermsPlan:
         parts = [f"{self.spec.name} ({self.spec.mode}): {len(self.terms)} terms, O = "
                  + " + ".join(f"({t.coefficient}) * O_{i}" for i, t in enumerate(self.spec.terms))
                  + (" over a shared row sum" if self.spec.normalize.kind != "none" else "")]
+        exps = shared_exp_terms(self.spec)
+        if exps:
+            parts.append(f"term(s) {', '.join(map(str, exps))} (exp) run as softmaxes returning their log row sums "
+                         "lse_t (the quadratic ordering: the torch backend's tiles, not SDPA; the flash kernels); the "
+                         "others return [N_t | Z_t]; combined with one shift per row, M = max_t lse_t: "
+                         "O = sum_t c_t N_t e^-M / (sum_t c_t Z_t e^-M + eps e^-M), N_t e^-M = o_t e^(lse_t - M) "
+                         "(docs/specs.md, 'terms')")
         head_dim = head_dim or self.head_dim
         for group in terms_lib.batches(self.spec, terms_lib.slices(self.spec, head_dim)):
             if len(group) > 1:
