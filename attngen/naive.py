@@ -98,7 +98,7 @@ def _shared_rowsum(spec: Spec, q, k, v, values: dict, gates: dict, layout: str):
     norm = spec.normalize
     shifts = [s for _, _, s in parts if s is not None]
     top = torch.stack(shifts).amax(0) if shifts else None  # [B, H, T, 1]
-    floor = [0.0] * (len(shifts) < len(parts)) + [math.log(norm.eps)] * (norm.eps > 0)
+    floor = [0.0] * (len(shifts) < len(parts)) + ([math.log(norm.eps)] if norm.eps > 0 else [])
     if floor:
         top = torch.full_like(vh[..., :1], max(floor)) if top is None else top.clamp_min(max(floor))
     total = 0

@@ -141,7 +141,7 @@ def _shared_exp(spec, outs: dict, cs: list, with_lse: set, layout: str) -> torch
     lses = {n: outs[n][1].to(dtype).unsqueeze(-1) for n in with_lse}  # [.., T, 1] in the layout of o
     top = torch.stack(list(lses.values())).amax(0).detach()
     norm = spec.normalize
-    floor = [0.0] * (len(with_lse) < len(spec.terms)) + [math.log(norm.eps)] * (norm.eps > 0)
+    floor = [0.0] * (len(with_lse) < len(spec.terms)) + ([math.log(norm.eps)] if norm.eps > 0 else [])
     if floor:
         top = top.clamp_min(max(floor))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # every lse -inf (no key), no floor
