@@ -1,7 +1,10 @@
 """Specs of several terms (docs/specs.md, "terms"): O = sum_t c_t O_t, each term's O_t from its own spec on its slice
 of q and k, or, with a shared normaliser, O = sum_t c_t N_t / (sum_t c_t Z_t (+) eps) with N_t, Z_t the term's
-unnormalised output and row sums (one run on [V | 1]). The op (each term an AttentionOp) and the naive reference
-(each term's reference) combine through the same function.
+unnormalised output and row sums (one run on [V | 1]); an exp(score) term gives its softmax output o_t and log row
+sum lse_t instead (N_t = o_t e^lse_t, Z_t = e^lse_t), combined with one shift per row so that nothing overflows
+(_shared_exp). The op (each term an AttentionOp) and the naive reference (each term's reference) combine through the
+same function, except for exp terms under a shared normaliser, which the reference evaluates directly
+(attngen.naive).
 
 The op fuses what it can: terms whose specs are the same computation (differential attention's two softmax halves)
 over slices of one width run as one call on their slices stacked along the head axis (``batches``); the naive
