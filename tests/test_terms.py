@@ -420,3 +420,32 @@ def test_return_lse_is_the_log_row_sum_and_differentiable(backend, dtype, tol, w
         ((o * do.to(dtype=dt, device=dev)).sum() + (lse * dl.to(dtype=lse.dtype, device=dev)).sum()).backward()
         results.append({"o": o.detach(), "lse": lse.detach()} | {f"d{n}": x.grad for n, x in zip("qkv", xs)})
     assert_all_close(results[1], results[0], tol)
+
+
+def test_opcheck_of_the_flash_ops_with_a_log_row_sum_gradient():
+    """The quadratic backward custom op called with the log-sum-exp's gradient (dstat) passes torch.library.opcheck
+    (schema, fake tensors, dispatch), as it is called when a loss reads lse."""
+    from attngen.runtime.triton import host
+    op = attngen.compile("softmax", backend="triton")
+    q, k, v = (x.float().to(DEVICE) for x in inputs(t=20, d=16))
+    op(q, k, v)  # the module's custom ops exist now
+    calls, real = {}, dict(host._OPS)
+
+    def recorder(key, custom_op):
+        def run(*args):
+            calls.setdefault(key, args)
+            return custom_op(*args)
+        return run
+    host._OPS.update({key: recorder(key, custom_op) for key, custom_op in real.items()})
+    try:
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, lse = op(*xs, return_lse=True)
+        (o.sum() + lse.sum()).backward()
+    finally:
+        host._OPS.update(real)
+    (key, args), = [(key, args) for key, args in calls.items() if key.endswith("_qbwd")]
+    assert isinstance(args[-1], torch.Tensor) and args[-1].shape == lse.shape  # dstat reached the backward op
+    result = torch.library.opcheck(real[key], tuple(a.detach() if isinstance(a, torch.Tensor) else
+                                                     [x.detach() for x in a] if isinstance(a, list) else a
+                                                     for a in args))
+    assert set(result.values()) == {"SUCCESS"}, result
