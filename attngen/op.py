@@ -114,8 +114,8 @@ class TermsOp:
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
-                                 lambda n, qn, kn, vn, ps, lse: self.ops[n](qn, kn, vn, **ps, **gates, **extra,
-                                                                                    return_lse=lse),
+                                 lambda n, qn, kn, vn, ps, lse: (self.ops[n].softmax_lse if lse else self.ops[n])(
+                                     qn, kn, vn, **ps, **gates, **extra),
                                  cuts=self._slices[head_dim], closures=self._coefficients,
                                  groups=self._groups[head_dim])
 
@@ -202,6 +202,17 @@ class AttentionOp:
         ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
         B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
         each sequence's positions start at 0 (or its initial state's pos)."""
+        return self._call(q, k, v, initial_state, return_state, cu_seqlens, "output" if return_lse else None, params)
+
+    def softmax_lse(self, q, k, v, *, cu_seqlens=None, **params) -> tuple:
+        """(o, lse) as ``op(q, k, v, return_lse=True)`` gives them, but o in the compute dtype (float32 for fp16 / bf16
+        inputs: the flash kernels' fp32 copy, the torch tiles' own), for a caller that combines several such pairs
+        and rounds once (the terms of a shared normaliser: attngen.runtime.terms)."""
+        return self._call(q, k, v, None, False, cu_seqlens, "compute", params)
+
+    def _call(self, q, k, v, initial_state, return_state, cu_seqlens, lse, params: dict):
+        """The body of __call__; ``lse``: None, "output" (return_lse: o in q's dtype) or "compute" (softmax_lse)."""
+        return_lse = lse is not None
         if torch.compiler.is_compiling() and (initial_state is not None or return_state or cu_seqlens is not None):
             raise InputError(f"{self.spec.name}: initial_state, return_state and cu_seqlens are not supported under "
                              "torch.compile (states and packed boundaries are checked and split on the host); call "
@@ -238,9 +249,9 @@ class AttentionOp:
             qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if return_lse:
-            o, lse = self._run_lse(backend, plan, qh, kh, vh, values, gates, bounds)
-            o = o.to(out_dtype)
-            return (o.transpose(1, 2), lse.transpose(1, 2)) if self.layout == "bthd" else (o, lse)
+            o, log_sum = self._run_lse(backend, plan, qh, kh, vh, values, gates, bounds)
+            o = o.to(out_dtype) if lse == "output" else o
+            return (o.transpose(1, 2), log_sum.transpose(1, 2)) if self.layout == "bthd" else (o, log_sum)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton" and bounds is not None and not stateful and not plan.linear_terms:
@@ -274,8 +285,8 @@ class AttentionOp:
         return (o, state) if return_state else o
 
     def _run_lse(self, backend, plan, qh, kh, vh, values, gates: dict, bounds) -> tuple:
-        """(o [B, H, T, Dv], lse [B, H, T]) of a softmax plan's quadratic ordering (_check_lse); packed sequences
-        one at a time (each from position 0)."""
+        """(o [B, H, T, Dv], lse [B, H, T]) of a softmax plan's quadratic ordering (_check_lse), o in the compute dtype;
+        packed sequences one at a time (each from position 0)."""
         if bounds is not None:
             pieces = [self._run_lse(backend, plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
                                     {n: x[:, :, a:b] for n, x in gates.items()}, None)

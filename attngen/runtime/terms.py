@@ -113,7 +113,7 @@ def combine(spec, q, k, v, values: dict, layout: str, run_term, cuts: list | Non
         for n, o in zip(group, pieces):
             outs[n] = o
     if with_lse:
-        return _shared_exp(spec, outs, cs, with_lse, layout)
+        return _shared_exp(spec, outs, cs, with_lse, layout, v.dtype)
     num = None
     for n, c in enumerate(cs):
         if isinstance(c, torch.Tensor) and layout == "bthd":
@@ -128,7 +128,7 @@ def combine(spec, q, k, v, values: dict, layout: str, run_term, cuts: list | Non
     return num[..., :-1] / z
 
 
-def _shared_exp(spec, outs: dict, cs: list, with_lse: set, layout: str) -> torch.Tensor:
+def _shared_exp(spec, outs: dict, cs: list, with_lse: set, layout: str, out_dtype) -> torch.Tensor:
     """O = sum_t c_t N_t / (sum_t c_t Z_t + eps) (eps clamped with eps_mode clamp) where the exp terms gave
     (o_t, lse_t), N_t = o_t exp(lse_t) and Z_t = exp(lse_t), and the others [N_t | Z_t]. One shift per row,
     M = max(lse_t over the exp terms, 0 when a term has no exp, log(eps) when eps > 0) (0 where that is -inf: no
@@ -137,10 +137,11 @@ def _shared_exp(spec, outs: dict, cs: list, with_lse: set, layout: str) -> torch
             / (sum_exp c_t e^(lse_t - M) + sum_other c_t Z_t e^-M + eps e^-M)
     with every exponent <= 0 (no overflow at any score). M carries no gradient (it cancels); lse_t does: its gradient
     enters each term's backward as dlse (flash-style: ds_ij gains p_ij dlse_i). Rows with nothing to divide (no term
-    attends them, eps = 0) give 0. Computed in float32 at least (fp16 / bf16 outputs, fp32 log row sums)."""
-    some = next(iter(outs.values()))
-    like = some[0] if isinstance(some, tuple) else some
-    dtype = torch.promote_types(like.dtype, torch.float32)
+    attends them, eps = 0) give 0. The terms' outputs come in the compute dtype (AttentionOp.softmax_lse: float32
+    for half inputs); the combination, a few elementwise ops per output, runs in float64 for float32 / float64
+    outputs (float32 for half ones) and is rounded once to ``out_dtype``: in float32 its rounding alone reached 5x the
+    torch backend's error on a coefficient's gradient that cancels to ~0 (T = 1, where O = V up to eps)."""
+    dtype = torch.float64 if out_dtype in (torch.float32, torch.float64) else torch.float32
     lses = {n: outs[n][1].to(dtype).unsqueeze(-1) for n in with_lse}  # [.., T, 1] in the layout of o
     top = torch.stack(list(lses.values())).amax(0).detach()
     norm = spec.normalize
@@ -167,4 +168,4 @@ def _shared_exp(spec, outs: dict, cs: list, with_lse: set, layout: str) -> torch
     eps = norm.eps * torch.exp(-top)
     den = torch.maximum(den, eps) if norm.eps_mode == "clamp" else den + eps
     den = torch.where(empty & (den == 0), torch.ones_like(den), den)
-    return (num / den).to(like.dtype)
+    return (num / den).to(out_dtype)

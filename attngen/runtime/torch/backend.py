@@ -44,7 +44,7 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
     plan's chunk size (default CHUNK, sized for a CPU); ``gate`` the spec's gate [B, H, T] or [B, H, T, Dk] (log
     space). Computes in fp32 (fp64 for fp64 inputs). ``lse`` (a softmax plan, the quadratic ordering: the caller
-    checks): (o, lse) with lse [B, H, T] the log row sum in the compute dtype, from the tiles (not SDPA)."""
+    checks): (o, lse) with lse [B, H, T] the log row sum, both in the compute dtype, from the tiles (not SDPA)."""
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
@@ -56,9 +56,8 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     h = q.shape[1]
     if ordering is Ordering.QUADRATIC:
         big = None if gate is None else gate.to(q.dtype).cumsum(2)
-        if lse:
-            o, log_sum = torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big, lse=True)
-            return o.to(in_dtype), log_sum
+        if lse:  # o in the compute dtype: the caller rounds (a combination of several terms rounds once)
+            return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big, lse=True)
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big).to(in_dtype)
     low = lowered(plan)
     if ordering is Ordering.FFT:

@@ -271,10 +271,12 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
 
 
 def attention_lse(m: Module, q, k, v, layout="bhtd", params=None):
-    """(o, lse) of a softmax module's quadratic (flash) kernels: o as ``attention`` returns it and lse [B, H, T]
-    fp32, the log row sum log sum_j W_ij exp(s_ij) the forward saves for its backward (-inf on rows that attend no
-    key; the kernels store +inf there, which zeroes exp(s - lse) in the backward). Gradients flow back through lse:
-    its gradient dlse_i adds p_ij dlse_i to ds_ij, i.e. the backward's D_i = dO_i . O_i becomes D_i - dlse_i."""
+    """(o, lse) of a softmax module's quadratic (flash) kernels: o as ``attention`` returns it, but in fp32 for
+    fp16 / bf16 inputs (the copy the forward keeps for its backward: a caller combining several outputs rounds
+    once; its gradient joins do's), and lse [B, H, T] fp32, the log row sum log sum_j W_ij exp(s_ij) the forward
+    saves for its backward (-inf on rows that attend no key; the kernels store +inf there, which zeroes
+    exp(s - lse) in the backward). Gradients flow back through lse: its gradient dlse_i adds p_ij dlse_i to ds_ij,
+    i.e. the backward's D_i = dO_i . O_i becomes D_i - dlse_i."""
     if m.quadratic is None or not m.quadratic.flash:
         raise InputError(f"{m.spec}: a log row sum (lse) is kept by the flash kernels of a softmax module (an exp "
                          "similarity with a row sum and no eps); this module has none")
@@ -282,8 +284,8 @@ def attention_lse(m: Module, q, k, v, layout="bhtd", params=None):
     B, H, T, K = qh.shape
     validate.positions(max(T, kh.shape[2]), max_length=m.limit(T, kh.shape[2]), spec=m.spec, what=m.spec)
     ps = _params(m, params, H, q) + _gate(m, params, (B, H, T, K), layout, q)
-    o, stat, _ = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
-    return o, torch.where(stat == float("inf"), float("-inf"), stat)
+    o, stat, wide = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
+    return (wide if wide.numel() else o), torch.where(stat == float("inf"), float("-inf"), stat)
 
 
 def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
@@ -1262,7 +1264,9 @@ def _qbackward(m: Module, ctx, do, dstat, dwide):
     params = rest[:ctx.n_params]
     tab = rest[ctx.n_params] if ctx.sparse else None
     do = torch.zeros(o.shape, dtype=q.dtype, device=q.device) if do is None else do
-    # the log-sum-exp's gradient (attention_lse hands it out; unused, it is None or zeros)
+    if dwide is not None and dwide.numel():
+        do = (do.float() + dwide.float()).to(q.dtype)
+    # the fp32 copy of o and the log-sum-exp: attention_lse hands them out (unused: None or zeros)
     dstat = dstat if m.quadratic.flash and dstat is not None and dstat.numel() else None
     grads = _OPS[m.op_name + "_qbwd"](do, q, k, v, o, stat, list(params), ctx.layout, tab, ctx.block, dstat)
     return grads[0], grads[1], grads[2], list(grads[3:]), None, None, None
