@@ -6,12 +6,16 @@ broadcast tensors [B, H, T, S, D], masks, normalises and multiplies by V. Run it
 """
 from __future__ import annotations
 
+import functools
+import math
+import operator
+
 import sympy
 import torch
 
 from attngen.errors import InputError, PlanError
 from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, I, J
-from attngen.frontend.spec import Spec, load_spec
+from attngen.frontend.spec import Spec, load_spec, shared_exp_terms
 from attngen.runtime import terms as terms_lib
 from attngen.runtime.evaluate import Evaluator, parameter_value
 from attngen.runtime.inputs import check_gates, check_params, check_qkv
@@ -23,6 +27,7 @@ def reference(spec, layout: str = "bhtd"):
 
     if spec.terms:  # each term's own reference on its slices, combined (attngen.runtime.terms)
         refs = [reference(t.spec, layout) for t in spec.terms]
+        direct = bool(shared_exp_terms(spec))
 
         def run_terms(q, k, v, *, initial_state=None, return_state=False, **params):
             if initial_state is not None or return_state:
@@ -30,8 +35,10 @@ def reference(spec, layout: str = "bhtd"):
             qh, _, _ = check_qkv(spec, q, k, v, layout)
             gates = {n: params.pop(n) for n in spec.gate_names if n in params}
             values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+            if direct:  # exp terms under the shared row sum: every A_t materialised, no log-sum-exp
+                return _shared_rowsum(spec, q, k, v, values, gates, layout)
             return terms_lib.combine(spec, q, k, v, values, layout,
-                                     lambda n, qn, kn, vn, ps: refs[n](qn, kn, vn, **ps, **gates))
+                                     lambda n, qn, kn, vn, ps, _: refs[n](qn, kn, vn, **ps, **gates))
 
         run_terms.spec = spec
         return run_terms
@@ -39,19 +46,71 @@ def reference(spec, layout: str = "bhtd"):
     def run(q, k, v, *, initial_state=None, return_state=False, **params):
         if initial_state is not None or return_state:
             raise InputError("the naive reference has no recurrent state; call it on the whole sequence")
-        qh, kh, vh = check_qkv(spec, q, k, v, layout)
-        gates = check_gates(spec, {n: params.pop(n) for n in spec.gate_names if n in params}, layout, qh)
-        values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
-        groups = qh.shape[1] // kh.shape[1]  # grouped KV heads: query head h reads kv head h // groups
-        if groups > 1:
-            kh, vh = (x.repeat_interleave(groups, dim=1) for x in (kh, vh))
-        if spec.rotary is not None:
-            qh, kh = (_rotated(x, spec.rotary.theta) for x in (qh, kh))
+        qh, kh, vh, values, gates = _prepared(spec, q, k, v, params, layout)
         out = attention_matrix_apply(spec, qh, kh, vh, values, gates=gates)
         return out.transpose(1, 2) if layout == "bthd" else out
 
     run.spec = spec
     return run
+
+
+def _prepared(spec: Spec, q, k, v, params: dict, layout: str) -> tuple:
+    """q, k, v as [B, H, T, D] (k, v repeated per query head for grouped KV heads, q and k rotated for rotary
+    positions), the parameters' values and the gates, checked: what the reference of one spec evaluates."""
+    params = dict(params)
+    qh, kh, vh = check_qkv(spec, q, k, v, layout)
+    gates = check_gates(spec, {n: params.pop(n) for n in spec.gate_names if n in params}, layout, qh)
+    values = check_params(spec, params, qh.shape[1], qh, head_dim=qh.shape[3])
+    groups = qh.shape[1] // kh.shape[1]  # grouped KV heads: query head h reads kv head h // groups
+    if groups > 1:
+        kh, vh = (x.repeat_interleave(groups, dim=1) for x in (kh, vh))
+    if spec.rotary is not None:
+        qh, kh = (_rotated(x, spec.rotary.theta) for x in (qh, kh))
+    return qh, kh, vh, values, gates
+
+
+def _shared_rowsum(spec: Spec, q, k, v, values: dict, gates: dict, layout: str):
+    """O = sum_t c_t A_t V / (sum_t c_t A_t 1 + eps) (eps clamped instead with eps_mode clamp) of a spec with terms
+    under a shared row sum that has exp(score) terms, evaluated directly: every A_t [B, H, T, S] is materialised on
+    the term's slices of q and k. An exp term's A_t = W exp(score - m_t) comes out of attention_matrix shifted by its
+    own row max m_t (rows with no allowed key: m_t = 0, A_t = 0); all A_t are brought to one shift per row,
+    M = max(m_t over the exp terms, 0 when a term has no exp, log(eps) when eps > 0), which cancels between the
+    numerator and the denominator: exp terms are multiplied by exp(m_t - M), the others and eps by exp(-M), so no
+    exp overflows. Rows that no term attends (a window, cross attention) give 0, as for one spec."""
+    head_axis = 1 if layout == "bhtd" else 2
+    heads, head_dim = q.shape[head_axis], q.shape[-1]
+    cs = terms_lib.coefficients(spec, values, heads, head_dim, q)
+    cuts = terms_lib.slices(spec, head_dim)
+    exp_terms = set(shared_exp_terms(spec))
+    parts, rows, vh = [], [], None
+    for n, (term, cut) in enumerate(zip(spec.terms, cuts)):
+        qn, kn = (q, k) if cut is None else (q[..., cut[0]:cut[1]], k[..., cut[0]:cut[1]])
+        ps = {p: values[p] for p in term.spec.param_names if p in values}
+        qh, kh, vh, tvalues, tgates = _prepared(term.spec, qn, kn, v, ps | gates, layout)
+        if n in exp_terms:
+            a, shift = attention_matrix(term.spec, qh, kh, tvalues, gates=tgates, shifted=True)
+        else:
+            a, shift = attention_matrix(term.spec, qh, kh, tvalues, gates=tgates), None
+        parts.append((cs[n], a, shift))  # a coefficient per head is [1, H, 1, 1], as A [B, H, T, S]
+        allowed = allowed_pairs(term.spec, qh.shape[2], kh.shape[2], q.device)
+        rows.append(None if allowed is None else allowed.any(-1)[:, None])  # [T, 1]: the rows the term attends
+    attended = None if any(r is None for r in rows) else functools.reduce(operator.or_, rows)
+    norm = spec.normalize
+    shifts = [s for _, _, s in parts if s is not None]
+    top = torch.stack(shifts).amax(0) if shifts else None  # [B, H, T, 1]
+    floor = [0.0] * (len(shifts) < len(parts)) + ([math.log(norm.eps)] if norm.eps > 0 else [])
+    if floor:
+        top = torch.full_like(vh[..., :1], max(floor)) if top is None else top.clamp_min(max(floor))
+    total = 0
+    for c, a, s in parts:
+        total = total + c * a * torch.exp((s if s is not None else 0) - top)
+    den = total.sum(-1, keepdim=True)
+    eps = norm.eps * torch.exp(-top)
+    den = torch.maximum(den, eps) if norm.eps_mode == "clamp" else den + eps
+    if attended is not None:
+        den = torch.where(attended, den, torch.ones_like(den))
+    out = (total @ vh) / den
+    return out.transpose(1, 2) if layout == "bthd" else out
 
 
 def _rotated(x, theta: float):
@@ -66,9 +125,11 @@ def _rotated(x, theta: float):
     return torch.cat([z.real, z.imag, x[..., 2 * half:].to(torch.float64)], -1).to(x.dtype)
 
 
-def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None, gates=None):
+def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None, gates=None, shifted=False):
     """A(i, j) = mask * W(i, j) * s(q_i, k_j) as a [B, H, T, S] tensor (softmax scores stabilised by the
-    row max, which cancels in the normalisation).
+    row max, which cancels in the normalisation). ``shifted`` (softmax-family specs): (A, m) with m [B, H, T, 1]
+    the row max A was divided by (its exp: A is exp(-m) times the true W exp(score); 0 on rows with no allowed
+    key), for a caller that normalises several such A together (a shared row sum of terms).
 
     For the references of approximations (attngen.verify): ``modify`` maps the score [B, H, T, S] of a
     softmax-family spec (s = exp(score), or normalize: softmax) to the score the approximation uses;
@@ -130,13 +191,16 @@ def attention_matrix(spec: Spec, q, k, params: dict, *, modify=None, keep=None, 
         top = sim.amax(dim=3, keepdim=True).detach()
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no allowed key: 0, not NaN
         sim = torch.exp(sim - top)
+    elif shifted:
+        raise PlanError(f"{spec.where}: a row shift needs a softmax-family spec (similarity exp(score) with a row sum "
+                        f"and no eps); {spec.name} has the similarity {spec.similarity}")
     a = (torch.as_tensor(weight, dtype=q.dtype, device=q.device) * sim)
     a = a.expand(b, h, t, s_len, 1)[..., 0]
     if allowed is not None:
         a = torch.where(allowed, a, torch.zeros((), dtype=a.dtype, device=a.device))
     if keep is not None:
         a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
-    return a
+    return (a, top.expand(b, h, t, 1, 1)[..., 0]) if shifted else a
 
 
 def _gate_differences(spec: Spec, gates: dict, q):

@@ -23,8 +23,8 @@ from attngen.approx.conv_basis import execute as conv_basis
 from attngen.approx.topk_sparse import execute as topk_sparse
 from attngen.approx.topk_sparse.attend import run_triton as run_triton_sparse
 from attngen.errors import InputError, PlanError
-from attngen.frontend.spec import Spec, load_spec
-from attngen.ir import DEFAULT_CHUNK, Ordering
+from attngen.frontend.spec import Spec, load_spec, shared_exp_terms
+from attngen.ir import DEFAULT_CHUNK, Ordering, is_softmax
 from attngen.runtime import prologue
 from attngen.runtime import state as state_lib
 from attngen.runtime import terms as terms_lib
@@ -80,6 +80,15 @@ class TermsOp:
     def __init__(self, spec: Spec, backend: str, plan, layout: str, chunk):
         self.spec, self.backend, self.layout, self.chunk = spec, backend, layout, chunk
         self.ops = [AttentionOp(t.spec, backend, plan, layout, chunk) for t in spec.terms]
+        for n in shared_exp_terms(spec):  # they run as softmaxes returning their log row sums: refused now if not
+            plan = self.ops[n].plan
+            if not is_softmax(plan.similarity, plan.normalize):
+                raise PlanError(f"{spec.where}: {spec.name} terms[{n}]: an exp term under the shared normaliser runs "
+                                "as a softmax that returns its log row sum (the running max and sum of the quadratic "
+                                "ordering), which needs exp(score) with a score separable into q and k features; "
+                                f"the similarity {spec.terms[n].spec.similarity} is of class "
+                                f"{plan.similarity.kind.value}. Fix: give each term its own normalize (no shared "
+                                "one), or write the score as a sum of products of q and k features")
         self.head_dim = DEFAULT_HEAD_DIM  # the last call's (the terms' plans are at their slices' widths)
         self._limit = limit_closure(spec)
         self._slices = {}  # head dim -> the terms' slices (terms.slices: sympy, worked out outside any trace)
@@ -105,7 +114,8 @@ class TermsOp:
         values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
-                                 lambda n, qn, kn, vn, ps: self.ops[n](qn, kn, vn, **ps, **gates, **extra),
+                                 lambda n, qn, kn, vn, ps, lse: (self.ops[n].softmax_lse if lse else self.ops[n])(
+                                     qn, kn, vn, **ps, **gates, **extra),
                                  cuts=self._slices[head_dim], closures=self._coefficients,
                                  groups=self._groups[head_dim])
 
@@ -132,6 +142,13 @@ class TermsPlan:
         parts = [f"{self.spec.name} ({self.spec.mode}): {len(self.terms)} terms, O = "
                  + " + ".join(f"({t.coefficient}) * O_{i}" for i, t in enumerate(self.spec.terms))
                  + (" over a shared row sum" if self.spec.normalize.kind != "none" else "")]
+        exps = shared_exp_terms(self.spec)
+        if exps:
+            parts.append(f"term(s) {', '.join(map(str, exps))} (exp) run as softmaxes returning their log row sums "
+                         "lse_t (the quadratic ordering: the torch backend's tiles, not SDPA; the flash kernels); the "
+                         "others return [N_t | Z_t]; combined with one shift per row, M = max_t lse_t: "
+                         "O = sum_t c_t N_t e^-M / (sum_t c_t Z_t e^-M + eps e^-M), N_t e^-M = o_t e^(lse_t - M) "
+                         "(docs/specs.md, 'terms')")
         head_dim = head_dim or self.head_dim
         for group in terms_lib.batches(self.spec, terms_lib.slices(self.spec, head_dim)):
             if len(group) > 1:
@@ -166,9 +183,14 @@ class AttentionOp:
         return (f"AttentionOp({self.spec.name!r} {self.spec.mode}, backend={self.backend!r}{force}, "
                 f"layout={self.layout!r})")
 
-    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, **params):
+    def __call__(self, q, k, v, *, initial_state=None, return_state=False, cu_seqlens=None, return_lse=False,
+                 **params):
         """o [B, H, T, Dv] ("bhtd") or [B, T, H, Dv] ("bthd"); parameters are keyword tensors named as in
         the spec ([H] per head or [] scalar) and default to their ``init``.
+
+        ``return_lse=True`` (a softmax: exp(score) with a row sum and no eps, the quadratic ordering) returns
+        ``(o, lse)``: lse the log row sum log sum_j W_ij exp(s_ij) [B, H, T] ("bhtd") or [B, T, H] ("bthd"), float32
+        (float64 for float64 inputs), -inf on rows that attend no key; gradients flow back through it too.
 
         State passing (causal separable specs whose terms do not depend on the final length): with
         ``initial_state`` (a State of batch B) the positions of sequence b continue from its ``pos`` and
@@ -180,6 +202,17 @@ class AttentionOp:
         ``cu_seqlens`` [N + 1] (int, 0 = cu[0] < cu[1] < ... < cu[N] = T) packs N sequences along T with
         B = 1 (torch backend: each sequence runs alone); states then have batch N, one per sequence, and
         each sequence's positions start at 0 (or its initial state's pos)."""
+        return self._call(q, k, v, initial_state, return_state, cu_seqlens, "output" if return_lse else None, params)
+
+    def softmax_lse(self, q, k, v, *, cu_seqlens=None, **params) -> tuple:
+        """(o, lse) as ``op(q, k, v, return_lse=True)`` gives them, but o in the compute dtype (float32 for fp16 / bf16
+        inputs: the flash kernels' fp32 copy, the torch tiles' own), for a caller that combines several such pairs
+        and rounds once (the terms of a shared normaliser: attngen.runtime.terms)."""
+        return self._call(q, k, v, None, False, cu_seqlens, "compute", params)
+
+    def _call(self, q, k, v, initial_state, return_state, cu_seqlens, lse, params: dict):
+        """The body of __call__; ``lse``: None, "output" (return_lse: o in q's dtype) or "compute" (softmax_lse)."""
+        return_lse = lse is not None
         if torch.compiler.is_compiling() and (initial_state is not None or return_state or cu_seqlens is not None):
             raise InputError(f"{self.spec.name}: initial_state, return_state and cu_seqlens are not supported under "
                              "torch.compile (states and packed boundaries are checked and split on the host); call "
@@ -199,6 +232,8 @@ class AttentionOp:
                 raise InputError(f"cu_seqlens: packed sequences need the key length to equal the query length "
                                  f"(found {qh.shape[2]} and {kh.shape[2]})")
         stateful = initial_state is not None or return_state
+        if return_lse:
+            _check_lse(plan, kh.shape[2], stateful)
         state = None
         if stateful:
             check_decodable(plan, "initial_state" if initial_state is not None else "return_state=True")
@@ -213,6 +248,10 @@ class AttentionOp:
         if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
             qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
+        if return_lse:
+            o, log_sum = self._run_lse(backend, plan, qh, kh, vh, values, gates, bounds)
+            o = o.to(out_dtype) if lse == "output" else o
+            return (o.transpose(1, 2), log_sum.transpose(1, 2)) if self.layout == "bthd" else (o, log_sum)
         if backend == "triton" and plan.choice.ordering_for(kh.shape[2]) is Ordering.TOPK_SPARSE:
             o = self._run_triton_sparse(plan, qh, kh, vh, values, bounds)
         elif backend == "triton" and bounds is not None and not stateful and not plan.linear_terms:
@@ -244,6 +283,21 @@ class AttentionOp:
             self._record(info)
         o = o.to(out_dtype).transpose(1, 2) if self.layout == "bthd" else o.to(out_dtype)
         return (o, state) if return_state else o
+
+    def _run_lse(self, backend, plan, qh, kh, vh, values, gates: dict, bounds) -> tuple:
+        """(o [B, H, T, Dv], lse [B, H, T]) of a softmax plan's quadratic ordering (_check_lse), o in the compute dtype;
+        packed sequences one at a time (each from position 0)."""
+        if bounds is not None:
+            pieces = [self._run_lse(backend, plan, qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], values,
+                                    {n: x[:, :, a:b] for n, x in gates.items()}, None)
+                      for a, b in zip(bounds[:-1], bounds[1:])]
+            return torch.cat([o for o, _ in pieces], 2), torch.cat([lse for _, lse in pieces], 2)
+        if backend == "triton":
+            if qh.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InputError(_TRITON_CPU.format(device=qh.device.type))
+            return triton_loader.run_lse(plan, qh, kh, vh, values | gates, layout="bhtd")
+        gate = gates.get(self.spec.gate.name) if self.spec.gate is not None else None
+        return torch_backend.run(plan, Ordering.QUADRATIC, qh, kh, vh, values, self.chunk, gate=gate, lse=True)
 
     def _run_torch(self, plan, qh, kh, vh, values, info: dict, gate=None):
         """The ordering the planner picks for this key length: an approximation's execution, or the exact
@@ -518,6 +572,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
+
+
+def _check_lse(plan, length: int, stateful: bool) -> None:
+    """return_lse needs a softmax (exp(score), a row sum without eps) run by the exact quadratic ordering, which keeps
+    the running max and sum its log row sum comes from: InputError with a state, PlanError otherwise."""
+    spec = plan.spec
+    if stateful:
+        raise InputError(f"{spec.name}: return_lse with initial_state / return_state: a log row sum comes from the "
+                         "quadratic ordering, which has no recurrent state; call the op on whole sequences")
+    if not is_softmax(plan.similarity, plan.normalize):
+        kind, norm = plan.similarity.kind.value, plan.normalize
+        raise PlanError(f"{spec.where}: return_lse needs a softmax, an exp(score) similarity with normalize: rowsum "
+                        f"and no eps; {spec.name} ({spec.mode}) has the similarity {spec.similarity} (class {kind}) "
+                        f"and normalize {norm.kind} (eps {norm.eps:g}). Fix: write the similarity as exp(score) with "
+                        "a score separable into q and k features")
+    ordering = plan.choice.ordering_for(length)
+    if ordering is not Ordering.QUADRATIC:
+        raise PlanError(f"{spec.where}: return_lse is computed by the quadratic ordering, and {spec.name} "
+                        f"({spec.mode}) runs {ordering.value} at key length {length}; compile with plan='quadratic'")
 
 
 def _feature_width(plan, head_dim: int) -> int:

@@ -671,6 +671,41 @@ def test_s6_softcap_modification_gradient():
     close((ds * (th - r / cap0 * (1 - th ** 2))).sum(), ref[3])
 
 
+def test_s6_lse_gradient_and_shared_normaliser():
+    """A gradient on LSE enters the backward as D_i - dLSE_i; and two softmax terms plus a linear one under one row
+    sum, combined from (O_t, LSE_t) and (N_t, Z_t) with the shift M = max(LSE_t, 0, log eps), equal the direct sum
+    over pairs, at scores (scaled 40x) whose exp passes float32's range."""
+    g = gen(26)
+    q, k, v, do, dl = randn(g, T, D), randn(g, T, D), randn(g, T, DV), randn(g, T, DV), randn(g, T)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s_ref = _scores(leaves[0], leaves[1], 0.07)
+    ref = grads(((torch.softmax(s_ref, -1) @ leaves[2]) * do).sum() + (torch.logsumexp(s_ref, -1) * dl).sum(),
+                *leaves)
+    s = _scores(q, k, 0.07)
+    out, lse = online_softmax(s, v, C)
+    p = torch.exp(s - lse)
+    ds = p * (do @ v.T - ((do * out).sum(-1, keepdim=True) - dl[:, None]))
+    close(SCALE * ds @ k, ref[0])
+    close(SCALE * ds.T @ q, ref[1])
+    close(p.T @ do, ref[2])
+
+    q2, k2 = randn(g, T, D, scale=40.0), randn(g, T, D)
+    s1, s2 = _scores(q, k, 0.0) * 40, _scores(q2, k2, 0.3)
+    assert s1.max() > math.log(torch.finfo(torch.float32).max)
+    feats_q, feats_k = positive_features(g, T, F), positive_features(g, T, F)
+    a3 = (feats_q @ feats_k.T) * (lags(T, T) >= 0)
+    c1, c2, c3, eps = 0.7, 1.3, 0.4, 1e-6
+    direct = c1 * torch.exp(s1) + c2 * torch.exp(s2) + c3 * a3
+    want = direct @ v / (direct.sum(-1, keepdim=True) + eps)
+    (o1, l1), (o2, l2) = online_softmax(s1, v, C), online_softmax(s2, v, C)
+    n3, z3 = a3 @ v, a3.sum(-1, keepdim=True)
+    m = torch.maximum(torch.maximum(l1, l2), torch.tensor(max(0.0, math.log(eps)), dtype=DT))
+    w1, w2 = c1 * torch.exp(l1 - m), c2 * torch.exp(l2 - m)
+    num = w1 * o1 + w2 * o2 + c3 * n3 * torch.exp(-m)
+    den = w1 + w2 + c3 * z3 * torch.exp(-m) + eps * torch.exp(-m)
+    close(num / den, want)
+
+
 def test_s6_D_identity_and_fp16_output_shift():
     """D_i = sum_j P_ij dP_ij = dO_i . O_i, so every row of ds sums to 0. With O rounded to fp16 each
     ds_ij of row i moves by -P_ij (D~_i - D_i): the reason for keeping an fp32 copy of O."""

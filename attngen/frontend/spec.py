@@ -696,15 +696,18 @@ def _terms_spec(data: dict, causal: bool, where: str, overrides: dict) -> Spec:
         sub["name"] = f"{name}_t{n}"
         if shared is not None:
             sub["normalize"] = "none"
-        try:
-            spec = build_spec(sub, where, dict(overrides))
-        except SpecError as exc:
-            raise SpecError(exc.what, where=where, key=f"{key}.{exc.key}" if exc.key else key,
-                            expected=exc.expected, fix=exc.fix) from None
-        if shared is not None and _exp_family(spec):
-            raise SpecError("an exp similarity under a shared normaliser", where=where, key=f"{key}.similarity",
-                            expected="terms without exp scores under a shared rowsum",
-                            fix="give the softmax term its own normalize (then each term normalises its own output)")
+        spec = _term_spec(sub, where, overrides, key)
+        if shared is not None and isinstance(spec.similarity_expr, sympy.exp):
+            # an exp term under the shared normaliser runs as a softmax (its own row sum, no eps) that also returns
+            # its log row sum, from which attngen.runtime.terms rebuilds N_t and Z_t with one shift per row
+            spec = _term_spec(sub | {"normalize": "rowsum"}, where, overrides, key)
+        elif shared is not None and spec.similarity_expr.has(sympy.exp):
+            raise SpecError(f"the similarity {spec.similarity} holds exp() but is not exp(score)", where=where,
+                            key=f"{key}.similarity",
+                            expected="under a shared rowsum, exp only as the whole similarity, exp(score) (its row "
+                            "sum is then kept as a log-sum-exp: no overflow), or no exp at all",
+                            fix="write the term as exp(score) (a factor c as exp(score + log(c)), or as the "
+                            "term's coefficient), or give each term its own normalize")
         terms.append(_term(item, spec, where, key))
     first = terms[0].spec
     params = {}
@@ -723,8 +726,21 @@ def _terms_spec(data: dict, causal: bool, where: str, overrides: dict) -> Spec:
                 terms=tuple(terms))
 
 
-def _exp_family(spec: Spec) -> bool:
-    return spec.normalize.kind == "softmax" or spec.similarity_expr.has(sympy.exp)
+def _term_spec(sub: dict, where: str, overrides: dict, key: str) -> Spec:
+    """The spec of one term (its errors renamed to the term's keys)."""
+    try:
+        return build_spec(sub, where, dict(overrides))
+    except SpecError as exc:
+        raise SpecError(exc.what, where=where, key=f"{key}.{exc.key}" if exc.key else key,
+                        expected=exc.expected, fix=exc.fix) from None
+
+
+def shared_exp_terms(spec: Spec) -> tuple:
+    """The indices of the terms of ``spec`` that run as a softmax returning its log row sum: the exp(score) terms
+    under a shared normaliser (their own spec then normalises by its row sum; the other terms' by none)."""
+    if not spec.terms or spec.normalize.kind == "none":
+        return ()
+    return tuple(n for n, t in enumerate(spec.terms) if t.spec.normalize.kind != "none")
 
 
 def _term(item: dict, spec: Spec, where: str, key: str) -> Term:

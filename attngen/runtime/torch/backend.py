@@ -37,24 +37,27 @@ CHUNK = 32  # the causal scan's chunk when the op names none: measured fastest o
 
 
 def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
-        chunk: int | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        chunk: int | None = None, gate: torch.Tensor | None = None, lse: bool = False):
     """Attention output [B, H, T, Dv] in q's dtype for q [B, H, T, Dk], k [B, H_kv, S, Dk], v [B, H_kv, S, Dv]
     (H_kv divides H; rotary positions already applied by the caller).
 
     ``params`` holds every spec parameter (per head [H] or scalar []); ``chunk`` is the causal linear
     plan's chunk size (default CHUNK, sized for a CPU); ``gate`` the spec's gate [B, H, T] or [B, H, T, Dk] (log
-    space). Computes in fp32 (fp64 for fp64 inputs)."""
+    space). Computes in fp32 (fp64 for fp64 inputs). ``lse`` (a softmax plan, the quadratic ordering: the caller
+    checks): (o, lse) with lse [B, H, T] the log row sum, both in the compute dtype, from the tiles (not SDPA)."""
     ordering = Ordering(ordering)
     _check_ordering(plan, ordering)
     spec = plan.spec
     in_dtype = q.dtype
-    if ordering is Ordering.QUADRATIC and gate is None and torch_sdpa.fits(plan, q, k, params):
+    if ordering is Ordering.QUADRATIC and gate is None and not lse and torch_sdpa.fits(plan, q, k, params):
         return torch_sdpa.attention(plan, q, k, v, params).to(in_dtype)
     k, v = grouped(k, v, q.shape[1])
     q, k, v, env = prepare(plan, q, k, v, params)
     h = q.shape[1]
     if ordering is Ordering.QUADRATIC:
         big = None if gate is None else gate.to(q.dtype).cumsum(2)
+        if lse:  # o in the compute dtype: the caller rounds (a combination of several terms rounds once)
+            return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big, lse=True)
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big).to(in_dtype)
     low = lowered(plan)
     if ordering is Ordering.FFT:

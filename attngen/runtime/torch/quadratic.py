@@ -36,9 +36,11 @@ Q_ONLY, K_ONLY = frozenset("q"), frozenset("k")
 WIDE_COLUMNS = 512  # RowNormalize's backward works in float64 on this many key columns at a time
 
 
-def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None = None) -> torch.Tensor:
+def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None = None, lse: bool = False):
     """O [B, H, T, Dv] (normalised) for q [B, H, T, Dk], k [B, H, S, Dk], v [B, H, S, E]; ``big`` [B, H, T] the
-    cumulative sum G of a per-head gate (causal): W gains exp(G_i - G_j), a softmax score G_i - G_j."""
+    cumulative sum G of a per-head gate (causal): W gains exp(G_i - G_j), a softmax score G_i - G_j. ``lse`` (a
+    softmax plan: exp similarity, row sum without eps): (O, lse) with lse [B, H, T] = log sum_j A_ij, the row max
+    plus the log of the shifted row sum, -inf on rows that attend no key; differentiable (RowNormalize)."""
     track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env), big)
                                             if x is not None)
     window = plan.spec.window
@@ -47,10 +49,10 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     if window is not None and not torch.compiler.is_compiling():
         if track:
             names = [s for s, x in env.items() if isinstance(x, torch.Tensor) and x.requires_grad]
-            return WindowTiles.apply((plan, env, causal, names), q, k, v, big, *(env[s] for s in names))
-        return _window_forward(plan, env, causal, q, k, v, big)
+            return WindowTiles.apply((plan, env, causal, names, lse), q, k, v, big, *(env[s] for s in names))
+        return _window_forward(plan, env, causal, q, k, v, big, lse)
     body = _normalized_tile if track and plan.normalize.kind == "rowsum" else _query_tile
-    tile = functools.partial(body, plan, env, with_rank5(env), causal)
+    tile = functools.partial(body, plan, env, with_rank5(env), causal, lse=lse)
     s_len = k.shape[2]
     # the tiles take their rows from split blocks, not slices: the backward of a slice is a zero tensor of the
     # whole input per tile (T / BLOCK_Q of them: quadratic in T), one split's is a single cat
@@ -61,7 +63,8 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
         lo, stop = key_range(i0, q_tile.shape[2], s_len, causal, window)
         if lo >= stop:  # no key at all (S = 0, or a window past the last key)
             width = v.shape[-1] - (plan.normalize.kind == "rowsum")  # [V | 1]: the ones column is not an output
-            outs.append(q_tile.new_zeros(*q_tile.shape[:3], width))
+            zero = q_tile.new_zeros(*q_tile.shape[:3], width)
+            outs.append((zero, q_tile.new_full(q_tile.shape[:3], float("-inf"))) if lse else zero)
             continue
         if window is None:
             args = (tile, i0, 0, s_len, q_tile, g_rows, k, v, big)
@@ -72,19 +75,22 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
             outs.append(checkpoint(*args, use_reentrant=False))
         else:
             outs.append(args[0](*args[1:]))
+    if lse:
+        return torch.cat([o for o, _ in outs], 2), torch.cat([x for _, x in outs], 2)
     return torch.cat(outs, 2)
 
 
-def _window_forward(plan, env: dict, causal: bool, q, k, v, big) -> torch.Tensor:
+def _window_forward(plan, env: dict, causal: bool, q, k, v, big, lse: bool = False):
     """O of a windowed plan without autograd: each query tile on the keys key_range gives it (views of k, v and
     G: no copy), written into one preallocated output; rows that attend no key are 0. A row-sum plan's tile forms
     its scores over the window's keys at once (_normalized_tile: fewer, larger ops than key tile by key tile, and
-    the body its backward recomputes); others run _query_tile."""
+    the body its backward recomputes); others run _query_tile. ``lse``: (O, lse [B, H, T]) (see quadratic)."""
     body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
-    tile = functools.partial(body, plan, env, with_rank5(env), causal)
+    tile = functools.partial(body, plan, env, with_rank5(env), causal, lse=lse)
     b, h, t, _ = q.shape
     s_len = k.shape[2]
     out = q.new_empty(b, h, t, v.shape[-1] - (plan.normalize.kind == "rowsum"))  # [V | 1]: no ones column out
+    log_sum = q.new_full((b, h, t), float("-inf")) if lse else None
     for i0 in range(0, t, BLOCK_Q):
         i1 = min(t, i0 + BLOCK_Q)
         lo, stop = key_range(i0, i1 - i0, s_len, causal, plan.spec.window)
@@ -92,8 +98,12 @@ def _window_forward(plan, env: dict, causal: bool, q, k, v, big) -> torch.Tensor
             out[:, :, i0:i1] = 0
             continue
         g_rows, g_cols = (None, None) if big is None else (big[:, :, i0:i1], big[:, :, lo:stop])
-        out[:, :, i0:i1] = tile(i0, lo, s_len, q[:, :, i0:i1], g_rows, k[:, :, lo:stop], v[:, :, lo:stop], g_cols)
-    return out
+        got = tile(i0, lo, s_len, q[:, :, i0:i1], g_rows, k[:, :, lo:stop], v[:, :, lo:stop], g_cols)
+        if lse:
+            out[:, :, i0:i1], log_sum[:, :, i0:i1] = got
+        else:
+            out[:, :, i0:i1] = got
+    return (out, log_sum) if lse else out
 
 
 class WindowTiles(torch.autograd.Function):
@@ -106,18 +116,19 @@ class WindowTiles(torch.autograd.Function):
     create_graph=True the same recomputation runs on slices of the saved inputs, so the gradients it returns are
     differentiable again (a gradient penalty, a Hessian-vector product).
 
-    ``run`` is (plan, env, causal, names): ``names`` the symbols of env whose tensors are the trailing inputs."""
+    ``run`` is (plan, env, causal, names, lse): ``names`` the symbols of env whose tensors are the trailing inputs;
+    ``lse``: the outputs are (O, lse) (see quadratic), and the backward takes the gradient of both."""
 
     @staticmethod
     def forward(ctx, run, q, k, v, big, *values):
-        plan, env, causal, names = run
+        plan, env, causal, names, lse = run
         ctx.run = run
         ctx.save_for_backward(q, k, v, big, *values)
-        return _window_forward(plan, {**env, **dict(zip(names, values))}, causal, q, k, v, big)
+        return _window_forward(plan, {**env, **dict(zip(names, values))}, causal, q, k, v, big, lse)
 
     @staticmethod
-    def backward(ctx, do):
-        plan, env, causal, names = ctx.run
+    def backward(ctx, do, dlse=None):
+        plan, env, causal, names, lse = ctx.run
         q, k, v, big, *values = ctx.saved_tensors
         # create_graph=True (a second derivative): the tiles are recomputed on slices of the saved inputs, which
         # then stay in the graph, and the gradients are differentiable (autograd.grad with create_graph)
@@ -146,12 +157,13 @@ class WindowTiles(torch.autograd.Function):
                 ps = [x if higher else _leaf(x, n) for x, n in zip(values, need_p)]
                 env4 = {**env, **dict(zip(names, ps))}
                 o = body(plan, env4, with_rank5(env4), causal, i0, lo, s_len, xs["q"], xs.get("g_rows"), xs["k"],
-                         xs["v"], xs.get("g_cols"))
+                         xs["v"], xs.get("g_cols"), lse=lse)
                 wrt = [(n, x) for n, x in [*xs.items(), *enumerate(ps)] if x.requires_grad
                        and (n in need_x if isinstance(n, str) else need_p[n])]
                 if not wrt:
                     continue
-                grads = torch.autograd.grad(o, [x for _, x in wrt], do[:, :, i0:i1], allow_unused=True,
+                outs, upstream = ((o[0], o[1]), (do[:, :, i0:i1], dlse[:, :, i0:i1])) if lse else (o, do[:, :, i0:i1])
+                grads = torch.autograd.grad(outs, [x for _, x in wrt], upstream, allow_unused=True,
                                             create_graph=higher)
             for (n, _), g in zip(wrt, grads):
                 if g is None:  # the tile's output does not depend on it (e.g. a parameter its keys never reach)
@@ -231,10 +243,10 @@ def _tensors(env: dict):
 
 
 def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: int, s_len: int, q_tile, g_rows, k, v,
-                big=None):
+                big=None, lse: bool = False):
     """Rows i0 .. i0 + Tq of O: loop over key tiles, skipping those entirely above the diagonal or outside the
     window. ``k``, ``v`` (and ``big``, G of the keys) hold the keys j_start .. of the S keys; ``g_rows`` G of the
-    rows."""
+    rows. ``lse`` (a softmax plan): (O, lse [B, H, Tq]), the running max plus the log of the ones column's sum."""
     b, h, tq, _ = q_tile.shape
     exp_class = plan.similarity.kind is SimilarityClass.EXP
     low = lowered(plan)  # closures: the score (sim_expr), log W folded into it (fold), W (weighted)
@@ -276,16 +288,18 @@ def _query_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: in
             if allowed is not None:
                 a = torch.where(allowed, a, torch.zeros_like(a))
             acc = acc + a @ v[:, :, a0:a1]
+    log_sum = (row_max + torch.log(acc[..., -1:]))[..., 0] if lse else None  # log 0 = -inf on rows with no key
     empty = _empty_rows(i, s_len, window)
     if empty is not None and plan.normalize.kind == "rowsum":  # no key: 0 / 1, not 0 / 0
         acc = torch.cat([acc[..., :-1], torch.where(empty, torch.ones_like(acc[..., -1:]), acc[..., -1:])], -1)
-    return finish(acc, plan.normalize, row_max)
+    return (finish(acc, plan.normalize, row_max), log_sum) if lse else finish(acc, plan.normalize, row_max)
 
 
 def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_start: int, s_len: int, q_tile, g_rows, k,
-                     v, big=None):
+                     v, big=None, lse: bool = False):
     """Rows i0 .. i0 + Tq of a row-sum-normalised O with autograd: the tile's A [B, H, Tq, S'] over the keys
-    up to the diagonal (scores computed key tile by key tile), one row max, then RowNormalize.
+    up to the diagonal (scores computed key tile by key tile), one row max, then RowNormalize. ``lse`` (a softmax
+    plan): (O, lse [B, H, Tq]), lse = the row max + RowNormalize's log row sum (-inf on rows with no key).
 
     ``v`` is [V | 1]; the row sum is taken from A itself, so the ones column is not used here. ``k``, ``v``, ``big``
     hold the keys j_start .. (see _query_tile)."""
@@ -330,29 +344,35 @@ def _normalized_tile(plan, env4: dict, env5: dict, causal: bool, i0: int, j_star
     if row_max is not None and eps != 0:
         eps = eps * torch.exp(-row_max)  # A carries the factor exp(-row max): eps likewise (as in finish)
     empty = _empty_rows(i, s_len, window)
-    return RowNormalize.apply(a, v[:, :, a0:a1, :-1], eps, norm.eps_mode == "clamp", empty)
+    if not lse:
+        return RowNormalize.apply(a, v[:, :, a0:a1, :-1], eps, norm.eps_mode == "clamp", empty)
+    o, log_den = RowNormalize.apply(a, v[:, :, a0:a1, :-1], eps, norm.eps_mode == "clamp", empty, True)
+    log_sum = (row_max + log_den)[..., 0]
+    return o, log_sum if empty is None else torch.where(empty[..., 0], float("-inf"), log_sum)
 
 
 class RowNormalize(torch.autograd.Function):
-    """O = (A V) / g(r) with r = sum_j A_ij and g(r) = r + eps or max(r, eps), for A [..., T, S], V [..., S, E].
+    """O = (A V) / g(r) with r = sum_j A_ij and g(r) = r + eps or max(r, eps), for A [..., T, S], V [..., S, E];
+    with ``log`` also L = log g(r) [..., T, 1] (a softmax's log row sum, less the row max A was shifted by).
 
-    Backward: dA_ij = (dP_ij - D_i) / g_i with dP_ij = dO_i . V_j and D_i = g'(r_i) sum_j A_ij dP_ij / g_i, the
-    sum taken over the same dP_ij (accumulated in float64). Autograd of num / den would take D_i from
+    Backward: dA_ij = (dP_ij - D_i) / g_i with dP_ij = dO_i . V_j and D_i = g'(r_i) (sum_j A_ij dP_ij / g_i - dL_i),
+    the sum taken over the same dP_ij (accumulated in float64); dL_i / dA_ij = g'(r_i) / g_i is what turns D_i into
+    D_i - dL_i (flash attention's dlse). Autograd of num / den would take D_i from
     dO_i . num_i with num = A V rounded by a different product: then the rows of dA do not cancel
     (sum_j A_ij dA_ij = 0 when eps = 0) beyond what the rounding of dP allows, and a parameter gradient that
     sums dS_ij = A_ij dA_ij against a weight growing along the row (ALiBi's |i - j|) picks up that residue
     times the weight: at T = 63 up to 1.5e-5 in float32 where the consistent form gives ~4e-6."""
 
     @staticmethod
-    def forward(ctx, a, v, eps, clamp, empty=None):
+    def forward(ctx, a, v, eps, clamp, empty=None, log=False):
         den = a.sum(-1, keepdim=True)
         g = _guard(den, eps, clamp, empty)
         ctx.save_for_backward(a, v)
         ctx.eps, ctx.clamp, ctx.empty = eps, clamp, empty
-        return (a @ v) / g
+        return ((a @ v) / g, torch.log(g)) if log else (a @ v) / g
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlog=None):
         a, v = ctx.saved_tensors
         wide = torch.float64
         eps = ctx.eps.to(wide) if isinstance(ctx.eps, torch.Tensor) else ctx.eps
@@ -363,6 +383,8 @@ class RowNormalize(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dp = do @ v.transpose(-1, -2)  # [..., T, S]
             d = sum((a[..., c].to(wide) * dp[..., c].to(wide)).sum(-1, keepdim=True) for c in cols) / g
+            if dlog is not None:
+                d = d - dlog.to(wide)
             if ctx.clamp:
                 d = torch.where(den > eps, d, torch.zeros_like(d))  # g' = 0 where the clamp holds
             da = torch.empty_like(a)
@@ -370,7 +392,7 @@ class RowNormalize(torch.autograd.Function):
                 da[..., c] = (dp[..., c].to(wide) - d) / g  # rounded to a's dtype once
         if ctx.needs_input_grad[1]:
             dv = a.transpose(-1, -2) @ (do / g.to(a.dtype))
-        return da, dv, None, None, None
+        return da, dv, None, None, None, None
 
 
 def _guard(den, eps, clamp: bool, empty=None):

@@ -270,6 +270,24 @@ def attention(m: Module, q, k, v, initial_state=None, return_state=False, cu_seq
     return o, (st, zt if m.normalised else None, pos)
 
 
+def attention_lse(m: Module, q, k, v, layout="bhtd", params=None):
+    """(o, lse) of a softmax module's quadratic (flash) kernels: o as ``attention`` returns it, but in fp32 for
+    fp16 / bf16 inputs (the copy the forward keeps for its backward: a caller combining several outputs rounds
+    once; its gradient joins do's), and lse [B, H, T] fp32, the log row sum log sum_j W_ij exp(s_ij) the forward
+    saves for its backward (-inf on rows that attend no key; the kernels store +inf there, which zeroes
+    exp(s - lse) in the backward). Gradients flow back through lse: its gradient dlse_i adds p_ij dlse_i to ds_ij,
+    i.e. the backward's D_i = dO_i . O_i becomes D_i - dlse_i."""
+    if m.quadratic is None or not m.quadratic.flash:
+        raise InputError(f"{m.spec}: a log row sum (lse) is kept by the flash kernels of a softmax module (an exp "
+                         "similarity with a row sum and no eps); this module has none")
+    qh, kh, _ = validate.qkv(q, k, v, layout, name=m.spec, causal=m.causal, limits=validate.TRITON)
+    B, H, T, K = qh.shape
+    validate.positions(max(T, kh.shape[2]), max_length=m.limit(T, kh.shape[2]), spec=m.spec, what=m.spec)
+    ps = _params(m, params, H, q) + _gate(m, params, (B, H, T, K), layout, q)
+    o, stat, wide = _OPS[m.op_name + "_qfwd"](q, k, v, ps, layout, None, 0)
+    return (wide if wide.numel() else o), torch.where(stat == float("inf"), float("-inf"), stat)
+
+
 def step(m: Module, q_t, k_t, v_t, S, z, pos, layout="bhtd", params=None):
     """One decode step of the recurrent form: (o_t, S, z, pos) with new state tensors; no gradients."""
     _refuse_states(m, "the decode step")
@@ -1104,8 +1122,9 @@ def _qfwd(m: Module, q, k, v, params, layout, tab, block):
     return o, stat, _empty((0,), q, torch.float32)
 
 
-def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
-    """[dq, dk, dv, d<param>...] for the gradient ``do`` of the output ``o`` (fp32 for half inputs, see _qfwd).
+def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block, dstat=None):
+    """[dq, dk, dv, d<param>...] for the gradient ``do`` of the output ``o`` (fp32 for half inputs, see _qfwd) and
+    ``dstat`` of the saved log-sum-exp (flash modules; None: not used), which enters as D_i - dlse_i.
     Parameter gradients: each key-block program writes its partial sum, added here (deterministic, no atomics); a
     table parameter's gradient is scattered by bucket with fp32 atomic adds into a zeroed [B, H, NB] buffer
     (summed over the batch here, and over the heads for a shared table)."""
@@ -1124,7 +1143,10 @@ def _qbwd(m: Module, do, q, k, v, o, stat, params, layout, tab, block):
     gq, gk = gq + tables, gk + tables
     groups = H // kh.shape[1]
     if m.qstat:
-        delta = (doh.float() * oh.float()).sum(-1).contiguous()  # [B, H, T]: D_i = sum_e dO_ie O_ie
+        delta = (doh.float() * oh.float()).sum(-1)  # [B, H, T]: D_i = sum_e dO_ie O_ie
+        if dstat is not None and m.quadratic.flash:  # d lse_i / d s_ij = p_ij: ds_ij = p_ij (dP_ij - (D_i - dlse_i))
+            delta = delta - dstat.float()
+        delta = delta.contiguous()
     else:
         delta = _empty((0,), q, torch.float32)
     dq, dqh = _like_layout(B, H, T, K, q, layout)
@@ -1224,7 +1246,7 @@ def _qfwd_fake(m: Module, q, k, v, params, layout, tab, block):
             q.new_empty(shape if wide else (0,), dtype=torch.float32))
 
 
-def _qbwd_fake(do, q, k, v, o, stat, params, layout, tab, block):
+def _qbwd_fake(do, q, k, v, o, stat, params, layout, tab, block, dstat=None):
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format), *[torch.empty_like(p) for p in params]]
@@ -1242,7 +1264,11 @@ def _qbackward(m: Module, ctx, do, dstat, dwide):
     params = rest[:ctx.n_params]
     tab = rest[ctx.n_params] if ctx.sparse else None
     do = torch.zeros(o.shape, dtype=q.dtype, device=q.device) if do is None else do
-    grads = _OPS[m.op_name + "_qbwd"](do, q, k, v, o, stat, list(params), ctx.layout, tab, ctx.block)
+    if dwide is not None and dwide.numel():
+        do = (do.float() + dwide.float()).to(q.dtype)
+    # the fp32 copy of o and the log-sum-exp: attention_lse hands them out (unused: None or zeros)
+    dstat = dstat if m.quadratic.flash and dstat is not None and dstat.numel() else None
+    grads = _OPS[m.op_name + "_qbwd"](do, q, k, v, o, stat, list(params), ctx.layout, tab, ctx.block, dstat)
     return grads[0], grads[1], grads[2], list(grads[3:]), None, None, None
 
 
@@ -1260,8 +1286,8 @@ def _quadratic_ops(m: Module):
     @torch.library.custom_op("attngen::" + name + "_qbwd", mutates_args=())
     def qbwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 stat: torch.Tensor, params: list[torch.Tensor], layout: str, tab: Optional[torch.Tensor],
-                block: int) -> list[torch.Tensor]:
-        return _qbwd(m, do, q, k, v, o, stat, params, layout, tab, block)
+                block: int, dstat: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        return _qbwd(m, do, q, k, v, o, stat, params, layout, tab, block, dstat)
 
     @qfwd_op.register_fake
     def _(q, k, v, params, layout, tab, block):

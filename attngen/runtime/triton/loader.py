@@ -84,6 +84,14 @@ def run(plan, q, k, v, params: dict | None = None, *, layout: str = "bhtd", init
                                                            layout=layout, **params)
 
 
+def run_lse(plan, q, k, v, params: dict | None = None, *, layout: str = "bhtd"):
+    """(o, lse) of a softmax plan's flash kernels: lse [B, H, T] fp32 the log row sum, differentiable
+    (host.attention_lse of the module's own host: a standalone module's too)."""
+    params = _checked(plan, params)
+    module = load_module(plan)
+    return module.host.attention_lse(module.MODULE, q, k, v, layout, params)
+
+
 def step(plan, q_t, k_t, v_t, state, params: dict | None = None, layout: str = "bhtd"):
     """One decode step: (o_t, (S, z, pos)) for tokens [B, H, 1, D] ('bhtd') and a state tuple (S, z, pos)."""
     params = _checked(plan, params)
