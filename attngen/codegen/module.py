@@ -106,7 +106,7 @@ def fill_slots(m: Module) -> Module:
         else [],
         # parameters and row reductions the kernels evaluate inside their feature maps (no prologue)
         "fused_lines": textwrap.wrap(plan.prologue.describe() if vec else plan.fused, 110),
-        "fp32_features": bool(plan.fused or vec),  # those feature maps keep fp32 dot operands (kernel_macros.j2 scalars)
+        "fp32_features": bool(plan.fused or vec),  # those feature maps keep fp32 dot operands (kernel_macros.j2)
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

@@ -318,6 +318,10 @@ def _params(m: Module, values, heads, like):
                 raise InputError(f"{m.spec}: parameter {p.name!r} has no constant default; pass {p.name}=tensor")
             default = p.default(like.shape[-1]) if callable(p.default) else p.default  # a function of the head dim
             value = torch.full(p.sized(heads, like.shape[-1]), default, dtype=torch.float32, device=like.device)
+        if p.fixed and isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+            raise InputError(f"{m.spec}: parameter {p.name!r} is fixed (learnable: false) and the fused kernels "
+                             "form no gradient for it, but the tensor passed requires one. Fix: pass "
+                             f"{p.name}.detach(), or declare it learnable in the spec")
         out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec,
                                       shape=p.sized(heads, like.shape[-1]) if p.buckets or p.vector or p.rows
                                       else None))
