@@ -316,7 +316,7 @@ def capture(path: str, head_dims: list, dtypes: list) -> dict:
         # [H], [], a table [H, NB], a vector [H, Dk] / [Dk] at the call's head dim dk
         out = {p.name: torch.full(p.sized(HEADS, dk or d),
                                   0.5 if p.default is None else p.default(d) if callable(p.default) else p.default,
-                                  requires_grad=grad) for p in m.params}
+                                  requires_grad=grad and not p.fixed) for p in m.params}  # fixed: no gradient
         if m.gate is not None:  # log decays <= 0, [B, H, T] (per key dimension: [B, H, T, Dk])
             shape = (b, HEADS, t) + ((dk_of(d),) if m.gate_dim else ())
             out[m.gate] = torch.nn.functional.logsigmoid(rand(*shape, grad=False)).requires_grad_(grad)

@@ -245,7 +245,7 @@ class AttentionOp:
         if backend == "torch" and self.spec.rotary is not None:  # the generated kernels would rotate in place
             qh, kh = self._rotated(qh, kh, bounds, state.pos if state is not None else None)
         out_dtype = qh.dtype
-        if plan.prologue is not None:  # feature maps the kernels cannot form: computed here, the kernels get q', k'
+        if plan.prologue is not None and not plan.prologue.fused:  # feature maps computed here: the kernels get q', k'
             qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if return_lse:
@@ -391,7 +391,7 @@ class AttentionOp:
         state = self._checked_state(state, plan, qh, vh, qh.shape[0], what="step: state", key=key, heads=key[2])
         check_positions(self.spec, state.pos + 1, "step")
         out_dtype = qh.dtype
-        if plan.prologue is not None:
+        if plan.prologue is not None and not plan.prologue.fused:  # (fused: the kernels compute q', k')
             qh, kh, vh = prologue.features(plan.prologue, qh, kh, vh, values)
             values = plan.prologue.core_values(values)
         if backend == "triton":

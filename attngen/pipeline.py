@@ -53,8 +53,8 @@ def plan(spec, *, target: str = "torch", head_dim: int = 64, chunk: int = DEFAUL
                         "pipeline.plan(term.spec) for term in spec.terms (attngen.compile combines them)")
     generator = GENERATORS.get(target)
     pro = prologue.split(spec) if generator is not None else None
-    if pro is not None:  # the kernels run the core spec on feature rows the prologue computes
-        core = plan(pro.core, target=target, head_dim=pro.width(head_dim), chunk=chunk, force=force)
+    if pro is not None:  # the kernels run the core spec on feature rows the prologue computes (or the kernels do)
+        core, pro = _prologue_plan(pro, target, head_dim, chunk, force)
         return replace(core, prologue=pro, trace=(("planning", "prologue", pro.describe()),) + core.trace)
     x = Draft(spec, head_dim, chunk, ordering(force, spec) if force is not None else None, target=target,
               available=generator.choosable if generator else None, generator=TRITON, subplan=_subplan)
@@ -98,6 +98,34 @@ def trace(plan: Plan) -> list:
     except PlanError as exc:
         rows.append(("lowering", "select_kernels", f"no Triton module: {exc}"))
     return rows
+
+
+def _prologue_plan(pro, target: str, head_dim: int, chunk: int, force) -> tuple:
+    """The core spec's plan and the prologue, fused into the linear kernels where prologue.fusable says the
+    feature maps can be and the core plan runs the linear kernels alone (its ordering at every length), else
+    computed before the kernels (with the reason in Prologue.unfused)."""
+    width = pro.width(head_dim)
+    why = prologue.fusable(pro)
+    forced = getattr(force, "value", force)
+    if not why and forced not in (None, "linear"):
+        why = f"plan {forced!r} forced: the fused feature maps run in the linear kernels only"
+    if not why:
+        core = plan(pro.core, target=target, head_dim=width, chunk=chunk, force="linear")
+        why = fused_linear(core)
+        if not why:
+            return core, replace(pro, fused=True)
+    return plan(pro.core, target=target, head_dim=width, chunk=chunk, force=force), replace(pro, unfused=why)
+
+
+def fused_linear(core: Plan) -> str:
+    """'' when the core plan's linear kernels take fused matmul feature maps, else why not."""
+    if tuple(o.value for o in core.capabilities.kernels) != ("linear",):
+        return core.capabilities.kernels_reason or "the core plan has no linear Triton kernels"
+    if core.reweight.decay is not None:
+        return "a decay reweighting (its kernels do not fuse matmul feature maps)"
+    if any(t.feature.power > 1 for t in core.linear_terms):
+        return "tensor-power features of the core"
+    return ""
 
 
 def _subplan(spec: Spec, *, head_dim: int, chunk: int, force) -> Plan:

@@ -9,13 +9,14 @@ Kernel variable names the slots refer to (per side s = q or k, kernel convention
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
 
 from attngen.codegen.printer import TritonPrinter
 from attngen.errors import PlanError
-from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, Dot, I, J, Mean, Norm, Total
+from attngen.frontend.expr import HEAD, HEADS, KE, N_K, N_Q, QE, D, Dot, I, J, MatVec, Mean, Norm, Softmax, Total
 
 SCALARS = {N_Q: "f_nq", N_K: "f_nk", D: "f_d", HEAD: "f_h", HEADS: "f_H"}
 ROW_REDUCTIONS = (Norm, Dot, Mean, Total)  # over the head dim of one side's rows: the kernels hold whole rows
@@ -126,7 +127,8 @@ class ParamGrad:
 def params(spec) -> list:
     """The parameters' slots; ``buckets``: NB of a table parameter [H, NB] / [NB] (0 for the others)."""
     return [{"name": p.name, "per_head": p.per_head, "symbol": p.symbol, "vector": p.kind == "vector",
-             "default": default(p), "learnable": p.learnable, "buckets": p.buckets} for p in spec.parameters]
+             "default": default(p), "learnable": p.learnable, "buckets": p.buckets,
+             "matrix": p.rows if p.kind == "matrix" else 0} for p in spec.parameters]
 
 
 def param_names(params: list) -> dict:
@@ -341,10 +343,169 @@ def default(p):
     """A parameter's default in the module record: a number, a lambda of the head dim d (an init in d only, such
     as the per-call scale's 1/sqrt(d), printed from the validated expression), or None (required; a table drawn
     from normal(std) too: its entries are not one number)."""
-    if p.kind == "table" and p.draw:
+    if p.kind in ("table", "matrix") and p.draw:
         return None
     if p.init_expr.is_number:
         return repr(float(p.init_expr))
     if {str(s) for s in p.init_expr.free_symbols} == {"d"}:
         return "lambda d: " + sympy.pycode(p.init_expr)
     return None
+
+
+@dataclass(frozen=True)
+class VecNode:
+    """One vector [rows, F] of a fused matmul feature map (docs/derivations.md section 11): ``kind`` 'matmul'
+    (u = x W^T: ``matrix`` the parameter, ``arg`` the index of x in VecSide.args) or 'softmax' (u = softmax(a),
+    ``arg`` the code of a [rows, F], ``grads`` how its adjoint reaches the symbols a reads)."""
+    n: int
+    kind: str
+    matrix: str = ""
+    arg: object = None
+    grads: tuple = ()  # of (kind, index or name, code of d a / d symbol): kind 'u' node, 'r' reduction, 'p' param
+
+
+@dataclass(frozen=True)
+class VecArg:
+    """An element formula x [rows, D] of the raw row inside a matmul, its derivative and the learnable number
+    parameters' derivatives."""
+    i: int
+    code: str
+    dx: str | None
+    params: tuple  # of (name, code)
+
+
+@dataclass(frozen=True)
+class VecReduction:
+    """A row reduction [rows] of the raw row in a fused matmul feature map: its value and d r / d x [rows, D]."""
+    i: int
+    value: str
+    dx: str
+
+
+@dataclass(frozen=True)
+class VecPart:
+    """One vector of q' (or k') [rows, F]: its code and the derivatives by the symbols it reads."""
+    i: int
+    code: str
+    grads: tuple  # of (kind, index or name, code)
+
+
+class VecSide:
+    """The fused matmul feature maps of one side (q or k), printed for the kernel_macros.j2 macros vec_features /
+    vec_grads: the raw row b_<s>vq [rows, BD] (the block as loaded), the matmul arguments b_<s>vx<i>, the row
+    reductions b_<s>vr<i>, the vectors b_<s>vu<n> (matmul, softmax), the parts b_<s>vy<i> joined into b_<s>
+    [rows, K]. Learnable matrix parameters get d loss / d W summed in b_dpar_<W> [F, BD]."""
+
+    def __init__(self, s: str, vectors, spec, names: dict):
+        self.s, self.where = s, spec.where
+        self.elem = QE if s == "q" else KE
+        self.names = {**names, self.elem: f"b_{s}vq"}
+        self.learnable = {p.symbol: p.name for p in spec.parameters if p.kind == "scalar" and p.learnable}
+        self.matrices = {p.symbol: p for p in spec.parameters if p.kind == "matrix"}
+        self.nodes, self.args, self.reductions = {}, {}, {}  # sympy node -> (dummy, record)
+        self.parts = [self._part(i, v) for i, v in enumerate(vectors)]
+        self.width = int(vectors[0].atoms(MatVec).pop().args[2])
+
+    def _printer(self, what):
+        extra = {d: f"b_{self.s}vu{r.n}" for d, r in self.nodes.values()}
+        extra.update({d: f"b_{self.s}vr{r.i}[:, None]" for d, r in self.reductions.values()})
+        return TritonPrinter({**self.names, **extra}, self.where, f"{what} of {self.s}")
+
+    def _flat(self, e):
+        """``e`` with its matmuls, softmaxes and row reductions replaced by symbols (registered inner first)."""
+        if isinstance(e, MatVec):
+            return self._node(e)
+        if isinstance(e, Softmax):
+            return self._node(e)
+        if isinstance(e, ROW_REDUCTIONS):
+            return self._reduction(e)
+        if not e.args:
+            return e
+        return e.func(*[self._flat(a) if isinstance(a, sympy.Basic) else a for a in e.args])
+
+    def _grads(self, flat, what) -> tuple:
+        pr = self._printer(what)
+        out = []
+        for d, r in self.nodes.values():
+            g = sympy.diff(flat, d)
+            if g != 0:
+                out.append(("u", r.n, pr(g)))
+        for d, r in self.reductions.values():
+            g = sympy.diff(flat, d)
+            if g != 0:
+                out.append(("r", r.i, pr(g)))
+        for sym, name in self.learnable.items():
+            g = sympy.diff(flat, sym)
+            if g != 0:
+                out.append(("p", name, pr(g)))
+        return tuple(out)
+
+    def _node(self, e):
+        if e in self.nodes:
+            return self.nodes[e][0]
+        dummy = sympy.Dummy(f"{self.s}vu{len(self.nodes)}", real=True)
+        if isinstance(e, MatVec):
+            w, x, _ = e.args
+            rec = VecNode(len(self.nodes), "matmul", self.matrices[w].name, self._arg(x).i)
+        else:
+            flat = self._flat(e.args[0])
+            rec = VecNode(len(self.nodes), "softmax", arg=self._printer("softmax argument")(flat),
+                          grads=self._grads(flat, "softmax argument derivative"))
+            rec = dataclasses.replace(rec, n=len(self.nodes))
+        self.nodes[e] = (dummy, rec)
+        return dummy
+
+    def _arg(self, x) -> VecArg:
+        if x not in self.args:
+            pr = self._printer("matmul argument")
+            dx = sympy.diff(x, self.elem)
+            params = tuple((name, pr(sympy.diff(x, sym))) for sym, name in self.learnable.items()
+                           if sympy.diff(x, sym) != 0)
+            self.args[x] = VecArg(len(self.args), pr(x), pr(dx) if dx != 0 else None, params)
+        return self.args[x]
+
+    def _reduction(self, node):
+        if node in self.reductions:
+            return self.reductions[node][0]
+        pr = self._printer("row reduction")
+        a = node.args
+        body = a[0] ** 2 if isinstance(node, Norm) else a[0] * a[1] if isinstance(node, Dot) else a[0]
+        total = f"tl.sum(tl.where(m_{self.s}vd, {pr(body)}, 0.0), axis=1)"
+        i = len(self.reductions)
+        value = f"b_{self.s}vr{i}"
+        if isinstance(node, Norm):
+            code, dx = f"tl.sqrt({total})", (f"{pr(a[0] * sympy.diff(a[0], self.elem))} / "
+                                               f"tl.where({value}[:, None] > 0.0, {value}[:, None], 1.0)")
+        elif isinstance(node, Mean):
+            code, dx = f"{total} / f_d", f"{pr(sympy.diff(a[0], self.elem))} / f_d"
+        elif isinstance(node, Total):
+            code, dx = total, pr(sympy.diff(a[0], self.elem))
+        else:
+            code, dx = total, pr(sympy.diff(body, self.elem))
+        dummy = sympy.Dummy(f"{self.s}vr{i}", real=True)
+        self.reductions[node] = (dummy, VecReduction(i, code, dx))
+        return dummy
+
+    def _part(self, i, v) -> VecPart:
+        flat = self._flat(sympy.sympify(v))
+        return VecPart(i, self._printer("feature vector")(flat), self._grads(flat, "feature vector derivative"))
+
+    def slots(self) -> dict:
+        return {"F": self.width, "parts": self.parts,
+                "args": sorted(self.args.values(), key=lambda a: a.i),
+                "reductions": sorted((r for _, r in self.reductions.values()), key=lambda r: r.i),
+                "nodes": sorted((r for _, r in self.nodes.values()), key=lambda r: r.n)}
+
+
+def vec_slots(plan) -> dict | None:
+    """The fused matmul feature maps of a plan whose prologue the kernels compute (None: no such prologue)."""
+    pro = plan.prologue
+    if pro is None or not pro.fused:
+        return None
+    spec = pro.spec
+    names = dict(SCALARS)
+    names.update(param_names(params(spec)))
+    sides = {s: VecSide(s, vectors, spec, names) for s, vectors in (("q", pro.q_vectors), ("k", pro.k_vectors))}
+    learn = [p.name for p in spec.parameters if p.kind == "matrix" and p.learnable]
+    return {"sides": {s: v.slots() for s, v in sides.items()}, "F": sides["q"].width,
+            "width": pro.width(sympy.Symbol("d")), "learnable": learn}

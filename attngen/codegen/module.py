@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import sympy
 
 from attngen.codegen.features import params as param_slots
+from attngen.codegen.features import vec_slots
 from attngen.codegen.linear import check_linear, linear_slots
 from attngen.codegen.quadratic import describe, tile_slots
 from attngen.codegen.render import render, template_hash
@@ -83,7 +84,8 @@ def select_kernels(m: Module) -> Module:
 def fill_slots(m: Module) -> Module:
     plan, orderings = m.plan, m.orderings
     spec = plan.spec
-    tag = module_tag(orderings)
+    vec = vec_slots(plan)  # fused matmul feature maps: the kernels compute the prologue's q', k' themselves
+    tag = module_tag(orderings) + ("v" if vec else "")
     written = plan.prologue.spec if plan.prologue is not None else spec  # the spec as written (not a prologue's core)
     out = {
         "version": __version__, "spec_name": spec.name, "mode": spec.mode, "spec_hash": spec.hash,
@@ -91,7 +93,8 @@ def fill_slots(m: Module) -> Module:
         "template_hash": template_hash(), "spec_yaml": written.to_yaml().rstrip("\n").splitlines(),
         "prefix": f"_{spec.name}", "fn": f"{spec.name}_attention", "causal": spec.causal,
         "op_name": f"{spec.name}_{spec.mode}_{tag}_{spec.hash[:8]}_{template_hash()[:8]}",
-        "params": param_slots(spec),
+        "params": param_slots(written if vec else spec),  # fused feature maps: every parameter the spec has
+        "vec": vec,
         "regenerate": 'attngen build (attngen.pipeline.lower(attngen.pipeline.plan(spec, target="triton")))',
         "linear": Ordering.LINEAR in orderings, "quadratic": Ordering.QUADRATIC in orderings,
         "gate": spec.gate.name if spec.gate is not None else None,  # a gate's keyword
@@ -99,10 +102,11 @@ def fill_slots(m: Module) -> Module:
         "theta": spec.rotary.theta if spec.rotary is not None else None,  # rotary positions
         "rotary": spec.rotary is not None,
         # a feature prologue (attngen.passes.prologue): the op computes q', k' before these kernels
-        "prologue_lines": textwrap.wrap(plan.prologue.describe(), 110) if plan.prologue is not None else [],
+        "prologue_lines": textwrap.wrap(plan.prologue.describe(), 110) if plan.prologue is not None and not vec
+        else [],
         # parameters and row reductions the kernels evaluate inside their feature maps (no prologue)
-        "fused_lines": textwrap.wrap(plan.fused, 110),
-        "fp32_features": bool(plan.fused),  # those feature maps keep fp32 dot operands (kernel_macros.j2 scalars)
+        "fused_lines": textwrap.wrap(plan.prologue.describe() if vec else plan.fused, 110),
+        "fp32_features": bool(plan.fused or vec),  # those feature maps keep fp32 dot operands (kernel_macros.j2)
     }
     if Ordering.LINEAR in orderings:
         out.update(linear_slots(plan))

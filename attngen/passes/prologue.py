@@ -26,12 +26,21 @@ import sympy
 from attngen.errors import PlanError
 from attngen.frontend.expr import (
     HEAD,
+    HEADS,
     KE,
+    N_K,
+    N_Q,
     QE,
     REDUCTIONS,
     VECTOR_FUNCTIONS,
+    D,
     Dot,
+    Elem,
+    Matrix,
+    MatVec,
     Mean,
+    Norm,
+    Softmax,
     Total,
     VecMax,
     sides,
@@ -50,6 +59,10 @@ class Prologue:
     q_vectors: tuple
     k_vectors: tuple
     per_head_keys: bool  # the key side uses the head index or a per-head parameter: k is repeated per query head
+    # the Triton kernels compute q', k' themselves from the q / k blocks (matmul by tl.dot, softmax and row
+    # reductions in registers, gradients in-kernel: fusable()); False: the op computes them first in torch
+    fused: bool = False
+    unfused: str = ""  # why a prologue the planner looked at is not fused ('' when fused or not looked at)
 
     def width(self, head_dim: int) -> int:
         """The width of q', k' at head dim ``head_dim``."""
@@ -58,8 +71,13 @@ class Prologue:
     def describe(self) -> str:
         q = " | ".join(sympy.sstr(v) for v in self.q_vectors)
         k = " | ".join(sympy.sstr(v) for v in self.k_vectors)
-        return (f"feature maps computed before the kernels (torch, autograd): q' = [{q}], k' = [{k}]; the kernels "
-                f"run similarity {self.core.similarity} on q', k'")
+        if self.fused:
+            return (f"feature maps fused into the linear kernels (matmul by tl.dot, softmax and row reductions in "
+                    f"registers, their gradients in-kernel): q' = [{q}], k' = [{k}]; the kernels run similarity "
+                    f"{self.core.similarity} on q', k'")
+        why = f" (not fused: {self.unfused})" if self.unfused else ""
+        return (f"feature maps computed before the kernels (torch, autograd){why}: q' = [{q}], k' = [{k}]; the "
+                f"kernels run similarity {self.core.similarity} on q', k'")
 
     def core_values(self, values: dict) -> dict:
         """The parameters the core spec takes (those its reweight and similarity still use)."""
@@ -135,6 +153,91 @@ def split(spec: Spec) -> Prologue | None:
     per_head = {HEAD} | {p.symbol for p in spec.parameters if p.per_head}
     return Prologue(spec, core_spec, tuple(a for a, _ in pairs), tuple(keys),
                     any(k.free_symbols & per_head for k in keys))
+
+
+FUSED_WIDTHS = (16, 32, 64, 128)  # F of a fused matmul feature map: one tl.dot tile [BT, F], no padded columns
+FUSED_PARTS = (1, 2)  # vectors concatenated in q' (two: tl.join of two [BT, F] tiles)
+ROW_SCALARS = (N_Q, N_K, D, HEAD, HEADS)
+
+
+def fusable(pro: Prologue) -> str:
+    """'' when the linear Triton kernels can compute the prologue's feature rows themselves (docs/derivations.md
+    section 11), else why not. Each of q' and k' is 1 or 2 vectors of one width F (a power of two, 16 .. 128),
+    each an element-wise formula of: matmul(W, x) (W a matrix parameter, x an element-wise formula of the raw row
+    with number parameters), softmax of such vectors, row reductions (norm, dot, mean, sum) of element-wise
+    formulas of the raw row, number parameters and constants; the raw row appears only inside matmul and the
+    reductions. The core spec may use number parameters only, and not the head dim d (the kernels' d is the raw
+    rows')."""
+    spec = pro.spec
+    kinds = {p.symbol: p for p in spec.parameters}
+    numbers = {p.symbol for p in spec.parameters if p.kind == "scalar"}
+    core = pro.core
+    if any(p.kind != "scalar" for p in core.parameters):
+        return "the core similarity uses vector or table parameters"
+    if core.similarity_expr.xreplace(core.constant_values()).has(D) or core.reweight_expr.has(D):
+        return "the core similarity or the reweighting uses the head dim d"
+    if core.gate is not None:
+        return "a gate"
+    widths = set()
+    for side, elem, vectors in (("q", QE, pro.q_vectors), ("k", KE, pro.k_vectors)):
+        if len(vectors) not in FUSED_PARTS:
+            return f"{side}' concatenates {len(vectors)} vectors (fused: {' or '.join(map(str, FUSED_PARTS))})"
+        for v in vectors:
+            why = _vector_fusable(v, elem, numbers, kinds)
+            if why:
+                return f"{sympy.sstr(v)}: {why}"
+            widths.add(vector_width(v, None))
+    if len(widths) != 1 or None in widths:
+        return f"the vectors of q' and k' have widths {sorted(map(str, widths))}, not one matmul width F"
+    (width,) = widths
+    if width not in FUSED_WIDTHS:
+        return f"the matmul width F = {width} is not one of {', '.join(map(str, FUSED_WIDTHS))}"
+    return ""
+
+
+def _vector_fusable(v, elem, numbers: set, kinds: dict) -> str:
+    """Why the vector formula ``v`` of one side is not fusable ('' when it is)."""
+    allowed = numbers | {elem, *ROW_SCALARS}
+    found = [False]
+
+    def element(x, where) -> str:
+        if x.has(*REDUCTIONS, *VECTOR_FUNCTIONS) or any(isinstance(s, (Elem, Matrix)) for s in x.free_symbols):
+            return f"{where} {sympy.sstr(x)} holds a reduction, a vector map or a vector parameter"
+        extra = x.free_symbols - allowed
+        return f"{where} {sympy.sstr(x)} uses {', '.join(map(str, sorted(extra, key=str)))}" if extra else ""
+
+    def walk(e) -> str:
+        if isinstance(e, MatVec):
+            w, x, _ = e.args
+            if not isinstance(w, Matrix) or w not in kinds:
+                return f"matmul of {sympy.sstr(w)}"
+            found[0] = True
+            return element(x, "the argument")
+        if isinstance(e, Softmax):
+            return walk(e.args[0])
+        if isinstance(e, (Norm, Dot, Mean, Total)):
+            for a in e.args:
+                why = element(a, "the row reduction argument")
+                if why:
+                    return why
+                if a.free_symbols & {p for p in numbers if kinds[p].learnable}:
+                    return f"a learnable parameter inside the row reduction {sympy.sstr(e)}"
+            return ""
+        if isinstance(e, VecMax):
+            return "a max over the vector"
+        if e == elem:
+            return "the raw row outside matmul and the row reductions (width d, not F)"
+        if isinstance(e, sympy.Symbol) and e not in allowed:
+            return f"the symbol {e}"
+        for a in e.args:
+            if isinstance(a, sympy.Basic):
+                why = walk(a)
+                if why:
+                    return why
+        return ""
+
+    why = walk(v)
+    return why or ("" if found[0] else "no matmul")
 
 
 def _similarity(spec: Spec):

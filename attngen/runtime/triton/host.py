@@ -44,10 +44,14 @@ class Param:
     default: object = None
     buckets: int = 0
     vector: bool = False
+    rows: int = 0  # a matrix [H, rows, Dk] / [rows, Dk] (fused matmul feature maps, Module.vec_width)
+    fixed: bool = False  # a fixed matrix (learnable: false): the kernels form no gradient for it
 
     @property
     def shape(self) -> tuple:
         """Its shape with H as the string 'H' (and the head dim as 'Dk')."""
+        if self.rows:
+            return (("H",) if self.per_head else ()) + (self.rows, "Dk")
         return (("H",) if self.per_head else ()) + (("Dk",) if self.vector else ()) + \
             ((self.buckets,) if self.buckets else ())
 
@@ -124,6 +128,9 @@ class Module:
     gate_dim: bool = False  # the gate is per key dimension ([B, H, T, Dk], GLA)
     rotary: Optional[float] = None  # theta of rotary positions (RoPE, rotate-half pairs), applied in the kernels
     fp32_features: bool = False  # feature maps computed in the kernels: fp32 dot operands for half inputs too
+    # fused matmul feature maps: the width of q', k' that the kernels compute from the raw rows of head dim Dk
+    # (their constexprs K = vec_width, D = Dk); 0: the kernels' K is the head dim
+    vec_width: int = 0
 
     def limit(self, n_q, n_k):
         """max_length at lengths n_q, n_k (None: no limit)."""
@@ -146,6 +153,7 @@ class Module:
     def feature_width(self, dk: int) -> int:
         """F, the width of the feature map Q', K' at head dim ``dk``: the rows of a state S [N, H, F, Dv]."""
         a, b, c = self.linear.width
+        dk = self.vec_width or dk
         return a + b * dk + c * dk * dk
 
 
@@ -328,8 +336,13 @@ def _params(m: Module, values, heads, like):
                 raise InputError(f"{m.spec}: parameter {p.name!r} has no constant default; pass {p.name}=tensor")
             default = p.default(like.shape[-1]) if callable(p.default) else p.default  # a function of the head dim
             value = torch.full(p.sized(heads, like.shape[-1]), default, dtype=torch.float32, device=like.device)
+        if p.fixed and isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+            raise InputError(f"{m.spec}: parameter {p.name!r} is fixed (learnable: false) and the fused kernels "
+                             "form no gradient for it, but the tensor passed requires one. Fix: pass "
+                             f"{p.name}.detach(), or declare it learnable in the spec")
         out.append(validate.parameter(p.name, value, per_head=p.per_head, heads=heads, like=like, spec=m.spec,
-                                      shape=p.sized(heads, like.shape[-1]) if p.buckets or p.vector else None))
+                                      shape=p.sized(heads, like.shape[-1]) if p.buckets or p.vector or p.rows
+                                      else None))
     return out
 
 
@@ -428,6 +441,14 @@ STATE_BUDGET = 2048  # fp32 state elements [rows, BV] one linear-ordering progra
 THREAD_VALUES = 96  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
 
 
+def _kdims(m: Module, K: int) -> dict:
+    """The linear kernels' head-dim constexprs for raw rows of head dim K: K, and with fused matmul feature maps
+    K = the width of q', k' and D, BD the raw rows' (Module.vec_width)."""
+    if not m.vec_width:
+        return dict(K=K)
+    return dict(K=m.vec_width, D=K, BD=max(16, triton.next_power_of_2(K)))
+
+
 def _blocks(m: Module, t, dk, dv, dtype=None):
     """BT, BK, BV and num_warps of the linear kernels: chunks of BT rows (32 at head dims above 64, 16 for
     features of 256 and more: four [BT, BK] fp32 tiles must stay in registers), every feature column of a term in
@@ -438,7 +459,7 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     v and o) would pass THREAD_VALUES per thread at 4 warps, else 4. fp16 inputs keep the state's operand in fp32
     (SDT, kernel_macros.j2): above head dim 64 their chunks are 16 rows (at 32 the fused forward spilled 20-48 B
     on sm_90)."""
-    bk = max(16, triton.next_power_of_2(dk))
+    bk = max(16, triton.next_power_of_2(m.vec_width or dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
     if rows >= 256 or m.gate_dim:  # tensor-power features: [BT, BK * BK] tiles; a gate per key dimension: the
@@ -574,21 +595,21 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
             T, S, H, float(T), float(S), float(K), float(H),
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+            **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
     if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT) \
             or kh.shape[1] != H:  # grouped KV heads: the chunk kernels read them
-        meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+        meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
     m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-        K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W,
+        **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W,
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
 
@@ -631,7 +652,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         s_dd = B * H * T
     else:
         delta, s_dd = den, 0
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
     if m.causal:
@@ -690,13 +711,19 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
 def _dpar(m: Module, params, slots: int, like) -> list:
     """Per parameter, a buffer for the partial sums of its gradient that ``slots`` programs store (a vector
     parameter's: K entries each, K = like's head dim)."""
-    return [_empty((slots * (like.shape[-1] if r.vector else 1),), like, torch.float32)
+    d = like.shape[-1]
+    return [_empty((1 if r.fixed else slots * (d if r.vector else r.rows * d if r.rows else 1),), like, torch.float32)
             for r in m.params[:len(params)]]
 
 
 def _dpar_total(r: Param, p, part, H: int, K: int):
     """A parameter's gradient from the programs' partial sums ``part`` (slots ordered with the head fastest):
     summed over the programs, and over the heads for a parameter shared by them."""
+    if r.fixed:  # a fixed matrix: no gradient formed
+        return torch.zeros_like(p)
+    if r.rows:
+        total = part.view(-1, H, r.rows, K).sum(0)  # [H, rows, K]
+        return (total if p.dim() == 3 else total.sum(0)).to(p.dtype)
     if r.vector:
         total = part.view(-1, H, K).sum(0)  # [H, K]
         return (total if p.dim() == 2 else total.sum(0)).to(p.dtype)
@@ -744,7 +771,7 @@ def _step(m: Module, q, k, v, state, params, layout):
     m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
         *_rope(m, [pos], 1, K, BK, q), *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0,
-        1.0, float(K), float(H), H // kh.shape[1], K=K, V=V, BT=1, BK=BK, BV=BV, num_warps=W)
+        1.0, float(K), float(H), H // kh.shape[1], **_kdims(m, K), V=V, BT=1, BK=BK, BV=BV, num_warps=W)
     return o, s_out, z_out, pos + 1
 
 
@@ -780,7 +807,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
     s0, _, pos = _state_args(m, state, q)
@@ -821,7 +848,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     use_dst = dst is not None
     dst = dst.contiguous() if use_dst else _dummy(q)
     cu_arg = cu if cu is not None else _dummy(q)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     scans = (0, 1) if decay.two_sided else (0,)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
@@ -918,7 +945,7 @@ def _gated_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gate,))
     return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
 
@@ -937,7 +964,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n = _sequences(B, cu)
-    meta = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, T, K), dkh, q)
     ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)

@@ -105,10 +105,12 @@ def step(plan, q_t, k_t, v_t, state, params: dict | None = None, layout: str = "
 
 def _checked(plan, params: dict | None) -> dict:
     params = dict(params or {})
-    unknown = set(params) - set(plan.spec.param_names) - set(plan.spec.gate_names)
+    pro = plan.prologue
+    spec = pro.spec if pro is not None and pro.fused else plan.spec  # fused feature maps: every spec parameter
+    unknown = set(params) - set(spec.param_names) - set(spec.gate_names)
     if unknown:
-        raise PlanError(f"{plan.spec.name}: unknown parameter(s) {sorted(unknown)}; "
-                        f"expected {list(plan.spec.param_names) or 'none'}")
+        raise PlanError(f"{spec.name}: unknown parameter(s) {sorted(unknown)}; "
+                        f"expected {list(spec.param_names) or 'none'}")
     return params
 
 
