@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks for a lent GPU machine, in one run (a machine's start costs minutes; see docs/gpu.md):
+# The checks for a lent GPU machine, in one run (a machine's start costs minutes):
 #   - the main job natively: `attngen build --all` (every built-in, both backends, Triton kernels compiled for the GPU)
 #   - every built-in on the triton backend in bfloat16 at head dim 64 (the interpreter cannot check bf16)
 #   - the test suite natively (no interpreter; the GPU-marked tests included)
