@@ -55,6 +55,8 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     h = q.shape[1]
     if ordering is Ordering.QUADRATIC:
         big = None if gate is None else gate.to(q.dtype).cumsum(2)
+        if torch.compiler.is_compiling():  # one opaque node: no loop over tiles traced (a graph for every length)
+            return torch_quadratic.compiled_tiles(plan, q, k, v, params, spec.causal, big).to(in_dtype)
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big).to(in_dtype)
     low = lowered(plan)
     if ordering is Ordering.FFT:
