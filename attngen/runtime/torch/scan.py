@@ -10,9 +10,11 @@ the last token. ``strict`` drops the diagonal (j < i; the anti-causal half of a 
 The sequence runs in groups of GROUP_TOKENS tokens (chunks of ``chunk`` rows, all chunks of a group and every
 batch element and head in one batched matmul each), the state carried from group to group: temporaries are
 the size of a group at every length. A short last chunk runs as a group of its own with its own chunk size, so
-every power of gamma has an exponent in [0, GROUP_TOKENS] (never gamma**-j). The backward (a custom op of
-its own) recomputes each group from the state before it (kept per group: [groups, B, H, F, E]) and carries
-the state gradient backwards, so autograd never records the chunk loop: time and memory are linear in T.
+every power of gamma has an exponent in [0, GROUP_TOKENS] (never gamma**-j). The forward and the backward are
+torch.library custom ops (attngen::torch_scan, attngen::torch_scan_bwd; one opaque node each under torch.compile,
+whatever the length). The backward recomputes each group from the state before it (kept per group bound:
+[groups + 1, B, H, F, E]) and carries the state gradient backwards, so autograd never records the chunk loop: time
+and memory are linear in T.
 dL/dlog(gamma) (a learnable gamma) comes from one more forward sweep with the distance-weighted state of
 derivations section 4.
 """
