@@ -94,9 +94,8 @@ def compiled_tiles(plan, q, k, v, params: dict, causal: bool, big=None) -> torch
 def _window_forward(plan, env: dict, causal: bool, q, k, v, big) -> torch.Tensor:
     """O of a windowed plan without autograd (and of any plan in attngen::torch_tiles): each query tile on the keys
     key_range gives it (views of k, v and G: no copy), written into one preallocated output; rows that attend no key
-    are 0. A row-sum plan's tile forms
-    its scores over the window's keys at once (_normalized_tile: fewer, larger ops than key tile by key tile, and
-    the body its backward recomputes); others run _query_tile."""
+    are 0. A row-sum plan's tile forms its scores over the tile's keys at once (_normalized_tile: fewer, larger ops
+    than key tile by key tile, and the body its backward recomputes); others run _query_tile."""
     body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
     tile = functools.partial(body, plan, env, with_rank5(env), causal)
     b, h, t, _ = q.shape
