@@ -4,8 +4,11 @@ Every built-in spec, in each of its modes, compiles with ``fullgraph=True`` on t
 AOTAutograd (backend="aot_eager": dynamo traces the op, AOTAutograd traces its forward and backward with fake
 tensors; a graph break or a fake-tensor problem is an error). A handful also compile with the default inductor
 backend (all of them: slow). The compiled op's output and every gradient (q, k, v, the learnable parameters, the
-gates) are compared with the same op run eagerly. Lengths are dynamic where the ordering allows it: the SDPA
-delegation and the bidirectional linear ordering compile once for lengths 64, 96 and 128.
+gates) are compared with the same op run eagerly. Lengths are dynamic: the SDPA delegation and the bidirectional
+linear ordering (loop-free), the causal and two-sided scans, the gated scan and the tiles with and without a window
+(their loops inside the torch backend's custom ops) compile once for lengths 64, 96, 128 (and 100, a multiple of no
+chunk or tile), and those custom ops (attngen::torch_scan, torch_chunk_states, torch_tiles and their _bwd) pass
+torch.library.opcheck.
 
 The generated modules' custom ops (attngen::<module>_fwd / _bwd / _qfwd / _qbwd) go through
 torch.library.opcheck with CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
