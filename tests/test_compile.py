@@ -4,8 +4,11 @@ Every built-in spec, in each of its modes, compiles with ``fullgraph=True`` on t
 AOTAutograd (backend="aot_eager": dynamo traces the op, AOTAutograd traces its forward and backward with fake
 tensors; a graph break or a fake-tensor problem is an error). A handful also compile with the default inductor
 backend (all of them: slow). The compiled op's output and every gradient (q, k, v, the learnable parameters, the
-gates) are compared with the same op run eagerly. Lengths are dynamic where the ordering allows it: the SDPA
-delegation and the bidirectional linear ordering compile once for lengths 64, 96 and 128.
+gates) are compared with the same op run eagerly. Lengths are dynamic: the SDPA delegation and the bidirectional
+linear ordering (loop-free), the causal and two-sided scans, the gated scan and the tiles with and without a window
+(their loops inside the torch backend's custom ops) compile once for lengths 64, 96, 128 (and 100, a multiple of no
+chunk or tile), and those custom ops (attngen::torch_scan, torch_chunk_states, torch_tiles and their _bwd) pass
+torch.library.opcheck.
 
 The generated modules' custom ops (attngen::<module>_fwd / _bwd / _qfwd / _qbwd) go through
 torch.library.opcheck with CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
@@ -25,6 +28,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import attngen
 from attngen.errors import InputError
 from attngen.runtime.inputs import default_parameters
+from attngen.runtime.torch import backend as torch_backend
+from attngen.runtime.torch import gated, quadratic, scan
 from attngen.runtime.triton import host
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -158,6 +163,110 @@ def test_dynamic_lengths_compile_once(name, causal):
     assert graphs[0][0] == 1 and graphs[1:] == graphs[:1] * 2, f"recompiled: (unique graphs, frames) {graphs}"
 
 
+LEARNED_DECAY = {"name": "retention_learned", "similarity": "dot(q, k)/sqrt(d)", "reweight": "gamma**(i - j)",
+                 "normalize": "none", "parameters": {"gamma": {"shape": ["H"], "init": 0.9}}}
+SLIDING = {"name": "sliding_window", "causal": True, "similarity": "exp(dot(q, k) * scale)", "normalize": "rowsum",
+           "window": 48}
+# the orderings that loop in Python over chunks or tiles (a count that depends on T) run them inside custom ops
+# (attngen::torch_scan, torch_chunk_states, torch_tiles and their _bwd): one graph for every length. 100 is a
+# multiple of neither the scan's chunk (32), the gated chunk (16) nor the tile (64)
+LOOPS = [("linear_elu", True, "linear"),  # the causal chunked scan
+         ("retention", True, "linear"),  # the scan with a decay
+         ("retention", False, "linear"),  # the two-sided decay: a causal and a reversed strict scan
+         ("gla", True, "linear"),  # the gated scan, gates per key dimension
+         ("alibi", True, "quadratic"),  # the tiles (a learnable slope: not SDPA), RowNormalize's rows
+         ("t5_bias", False, "quadratic"),  # the tiles, a table parameter
+         (SLIDING, True, None),  # a window's tiles
+         ("based_hybrid", True, None)]  # terms: a window's softmax plus Taylor linear attention (the scan)
+
+
+def _loop_id(case):
+    name, causal, plan = case
+    return f"{name if isinstance(name, str) else name['name']}-{'causal' if causal else 'bidirectional'}-{plan}"
+
+
+def _dynamic_once(name, causal, plan, backend, lengths=(64, 96, 128, 100)):
+    """The op compiled once with dynamic=True runs every length in one graph: output and every gradient (q, k, v,
+    learnable parameters, gates) equal to the eager op at each length, the counts of graphs and frames unchanged
+    after the first length."""
+    counter = CompileCounterWithBackend(backend)
+    spec = attngen.load_spec(name, causal=causal)
+    op = attngen.compile(spec, backend="torch", plan=plan)
+    compiled = torch.compile(op, fullgraph=True, backend=counter, dynamic=True)
+    counts = []
+    for t in lengths:
+        _, qkv, params, gates, learnable, do = _case(name, causal, t=t, seed=t)
+        _compare(_run(compiled, qkv, params, gates, learnable, do), _run(op, qkv, params, gates, learnable, do),
+                 TOL["inductor" if backend == "inductor" else "aot_eager"], f"{spec.name} T{t}")
+        counts.append((torch._dynamo.utils.counters["stats"]["unique_graphs"], counter.frame_count))
+    assert counts[0][0] == 1 and counts[1:] == counts[:1] * (len(lengths) - 1), f"recompiled: {counts}"
+
+
+@pytest.mark.parametrize("name,causal,plan", LOOPS, ids=[_loop_id(c) for c in LOOPS])
+def test_dynamic_lengths_loops_compile_once(name, causal, plan):
+    """The chunked scans, the two-sided decay, the gated scan and the tiles (with and without a window) compile once
+    for lengths 64, 96, 128 and 100 (aot_eager)."""
+    _dynamic_once(name, causal, plan, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,causal,plan", LOOPS, ids=[_loop_id(c) for c in LOOPS])
+def test_dynamic_lengths_loops_compile_once_inductor(name, causal, plan):
+    _dynamic_once(name, causal, plan, "inductor")
+
+
+TORCH_OPS = [(scan, "scan_op", "scan_bwd_op"), (gated, "chunk_states", "chunk_states_bwd"),
+             (quadratic, "tiles_op", "tiles_bwd_op")]
+
+
+def _torch_op_calls(monkeypatch, name, causal=True, plan=None, t=72) -> dict:
+    """{attribute: (custom op, args of its first call)} over a forward and backward of ``name`` on the torch backend
+    (eagerly: the scans' ops run as they are; the tiles' ops, which only a compiled op runs, through
+    quadratic.compiled_tiles on the inputs backend.run gives them)."""
+    calls = {}
+    for module, *names in TORCH_OPS:
+        for attr in names:
+            real = getattr(module, attr)
+
+            def run(*args, _real=real, _attr=attr):
+                calls.setdefault(_attr, (_real, args))
+                return _real(*args)
+            monkeypatch.setattr(module, attr, run)
+    spec, qkv, params, gates, learnable, do = _case(name, causal, t=t)
+    op = attngen.compile(spec, backend="torch", plan=plan)
+    _run(op, qkv, params, gates, learnable, do)
+    if plan == "quadratic":
+        xs = [x.clone().requires_grad_() for x in qkv]
+        ps = {n: p.clone().requires_grad_(n in learnable) for n, p in params.items()}
+        q, k, v, _ = torch_backend.prepare(op.plan, *xs, ps)
+        big = next((g.clone().requires_grad_().cumsum(2) for g in gates.values()), None)
+        quadratic.compiled_tiles(op.plan, q, k, v, ps, causal, big).backward(do)
+    return calls
+
+
+OPCHECK_TORCH = [("linear_elu", True, "linear", ("scan_op", "scan_bwd_op")),
+                 ("retention", False, "linear", ("scan_op", "scan_bwd_op")),  # a decay, two scans
+                 (LEARNED_DECAY, True, "linear", ("scan_op", "scan_bwd_op")),  # dlog(gamma): the weighted sweep
+                 ("gla", True, "linear", ("chunk_states", "chunk_states_bwd")),
+                 ("simple_gla", True, "linear", ("chunk_states", "chunk_states_bwd")),  # a gate per head
+                 ("alibi", True, "quadratic", ("tiles_op", "tiles_bwd_op")),  # a learnable slope, row sums
+                 ("forgetting", True, "quadratic", ("tiles_op", "tiles_bwd_op"))]  # a gate, softmax's running max
+
+
+@pytest.mark.parametrize("name,causal,plan,expect", OPCHECK_TORCH, ids=[_loop_id(c[:3]) for c in OPCHECK_TORCH])
+def test_opcheck_torch_backend_ops(monkeypatch, name, causal, plan, expect):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch with dynamic shapes) on the
+    torch backend's custom ops as a forward and backward call them: the forward ops with the inputs that require
+    grad (their autograd formula is checked), the backward ops on detached inputs."""
+    calls = _torch_op_calls(monkeypatch, name, causal, plan)
+    assert sorted(calls) == sorted(expect), sorted(calls)
+    for attr, (custom_op, args) in calls.items():
+        if "_bwd" in attr:
+            args = tuple(_detached(a) for a in args)
+        result = torch.library.opcheck(custom_op, args)
+        assert set(result.values()) == {"SUCCESS"}, (attr, result)
+
+
 def test_dynamic_crossover_dispatch():
     """A symbolic length is compared with the crossover (a guard): each side of it runs its own ordering in its own
     graph, equal to the eager op, and a second length above the crossover reuses the linear ordering's graph."""
@@ -190,9 +299,7 @@ def test_value_checks_under_compile():
 
 def test_decay_check_under_compile():
     """A learnable decay rate outside (0, 1]: an assertion in the graph, like the eager InputError."""
-    spec = attngen.load_spec({"name": "retention_learned", "similarity": "dot(q, k)/sqrt(d)",
-                              "reweight": "gamma**(i - j)", "normalize": "none",
-                              "parameters": {"gamma": {"shape": ["H"], "init": 0.9}}})
+    spec = attngen.load_spec(LEARNED_DECAY)
     op = attngen.compile(spec, backend="torch", plan="linear")
     compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
     _, qkv, _, _, _, _ = _case("retention")

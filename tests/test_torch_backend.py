@@ -391,6 +391,29 @@ def test_bad_compile_arguments(kw, error, match):
         attngen.compile("softmax", backend="torch", **kw)
 
 
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "linear_elu", "retention"])
+def test_scan_graph_does_not_grow_with_length(name):
+    """The chunked scans (gated or not) keep their chunk loops out of autograd's graph: the graph of a forward holds
+    the same nodes at T = 256 and T = 1024 (a loop recorded by autograd adds nodes per chunk, and its per-chunk
+    indexing a backward that zero-fills the whole state tensor per chunk: time quadratic in T)."""
+    spec = attngen.load_spec(name)
+    op = attngen.compile(spec, backend="torch", plan="linear")
+    sizes = []
+    for t in (256, 1024):
+        xs = [torch.randn(1, 2, t, 16, requires_grad=True) for _ in range(3)]
+        gates = {g.name: F.logsigmoid(torch.randn((1, 2, t) + ((16,) if g.per == "key_dim" else ()))).requires_grad_()
+                 for g in spec.gates}
+        o = op(*xs, **gates)
+        seen, todo = set(), [o.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                todo += [n for n, _ in node.next_functions]
+        sizes.append(len(seen))
+    assert sizes[0] == sizes[1], sizes
+
+
 @pytest.mark.parametrize("name", ["linear_elu", "cosformer", "based", "retention"])
 def test_state_carried_across_chunk_groups(name, monkeypatch):
     """The causal scan runs a group of chunks at a time; several groups (and a short last chunk) must give the

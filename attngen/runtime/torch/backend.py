@@ -58,6 +58,8 @@ def run(plan, ordering, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
         big = None if gate is None else gate.to(q.dtype).cumsum(2)
         if lse:  # o in the compute dtype: the caller rounds (a combination of several terms rounds once)
             return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big, lse=True)
+        if torch.compiler.is_compiling():  # one opaque node: no loop over tiles traced (a graph for every length)
+            return torch_quadratic.compiled_tiles(plan, q, k, v, params, spec.causal, big).to(in_dtype)
         return torch_quadratic.quadratic(plan, q, k, v, env, spec.causal, big).to(in_dtype)
     low = lowered(plan)
     if ordering is Ordering.FFT:

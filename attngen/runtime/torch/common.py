@@ -7,6 +7,7 @@ Per-head values (the head index h, per-head parameters) are [1, H, 1, 1].
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -167,6 +168,24 @@ def _log_of(gamma):
     return sympy.expand_log(sympy.log(gamma), force=True)
 
 
+PLANS: dict = {}  # Lowered.key -> plan: how the torch backend's custom ops (which take no Python object) find it
+
+
+@contextlib.contextmanager
+def autograd_in_kernel():
+    """Autograd inside a custom op's kernel. torch.library runs a custom op's kernel below the autograd dispatch keys
+    (excluded in the thread's dispatch state), so its tensor ops record no graph even under torch.enable_grad(); a
+    kernel that differentiates with torch.autograd (attngen::torch_tiles_bwd recomputes each tile) includes them again
+    for its duration. The rest of the dispatch state (functionalisation, fake tensors, modes) is left as it is."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(include, exclude):
+        yield
+
+
 def lowered(plan) -> "Lowered":
     """The plan's Lowered (kept in plan.memo): built on the first call, eagerly; attngen.compile builds it with the
     plan, so that a torch.compile trace of the op only reads it."""
@@ -185,10 +204,12 @@ class Lowered:
     similarity terms (FFT ordering); gamma, log_gamma: the decay rate and its logarithm; similarity (the score of an
     exp similarity), log_weight (an exp reweighting folded into the score; None when 0), weight: the quadratic
     ordering's closures; sdpa_scale, sdpa_bias, sdpa_learned (the parameters the bias reads): the SDPA delegation's;
-    kernel: the Toeplitz kernel h(t)."""
+    kernel: the Toeplitz kernel h(t); key: the plan's name in PLANS (for the custom ops)."""
 
     def __init__(self, plan):
         where = plan.spec.where
+        self.key = f"{plan.spec.name}:{id(plan):x}"  # names the plan to the custom ops (PLANS keeps it alive)
+        PLANS[self.key] = plan
         c = functools.partial(_closure, where=where)
         blocks = [(t.feature, t.position) for t in plan.linear_terms]
         self.linear = sides_of(blocks) if blocks else None

@@ -28,7 +28,7 @@ def causal_chunked(qf, kf, v, chunk: int, lg: torch.Tensor | None = None, strict
     the result is (out, the state after the last token [B, H, F, E]). Runs attngen.runtime.torch.scan (groups
     of chunks in batched matmuls, a hand-derived chunked backward); ``scale`` multiplies Q' inside it.
     """
-    out, final = causal_scan(qf, kf, v, min(chunk, max(1, qf.shape[2])), lg, strict, initial, scale)
+    out, final = causal_scan(qf, kf, v, chunk, lg, strict, initial, scale)  # no min(chunk, T): a guard on T
     return (out, final) if return_final else out
 
 

@@ -16,11 +16,16 @@ the backward anyway) and divides through RowNormalize, whose backward takes the 
 products it differentiates (see RowNormalize): O is invariant to scaling a row of A, so sum_j A_ij dA_ij = 0,
 and a gradient that is a long sum over (i, j), such as ALiBi's dslope = -sum_ij dS_ij |i - j|, depends on
 that cancellation holding in floating point.
+
+Under torch.compile the tiles run inside the custom ops attngen::torch_tiles and attngen::torch_tiles_bwd
+(compiled_tiles): the forward is _window_forward, the backward _tiles_backward (WindowTiles' recomputation), so
+the graph holds one node each and no loop whose count depends on T.
 """
 from __future__ import annotations
 
 import functools
 from itertools import repeat
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -28,7 +33,15 @@ from torch.utils.checkpoint import checkpoint
 from attngen.frontend.expr import KE, QE, I, J
 from attngen.ir import SimilarityClass
 from attngen.runtime.evaluate import Evaluator
-from attngen.runtime.torch.common import as_tensor, finish, lowered, with_rank5
+from attngen.runtime.torch.common import (
+    PLANS,
+    as_tensor,
+    autograd_in_kernel,
+    finish,
+    lowered,
+    symbol_env,
+    with_rank5,
+)
 
 BLOCK_Q = 64  # query rows per tile
 BLOCK_K = 64  # key columns per tile
@@ -44,8 +57,8 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     track = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *_tensors(env), big)
                                             if x is not None)
     window = plan.spec.window
-    # the tiles in the window only, in preallocated buffers (WindowTiles); under torch.compile (whose dynamo does not
-    # trace WindowTiles' backward: it calls torch.autograd.grad) the checkpointed tile loop below, on the window's keys
+    # the tiles in the window only, in preallocated buffers (WindowTiles); under torch.compile (only a log-sum-exp
+    # call comes here then: the others run compiled_tiles) the checkpointed tile loop below, on the window's keys
     if window is not None and not torch.compiler.is_compiling():
         if track:
             names = [s for s, x in env.items() if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -80,11 +93,20 @@ def quadratic(plan, q, k, v, env: dict, causal: bool, big: torch.Tensor | None =
     return torch.cat(outs, 2)
 
 
+def compiled_tiles(plan, q, k, v, params: dict, causal: bool, big=None) -> torch.Tensor:
+    """The tiled ordering under torch.compile: one opaque node (the custom op attngen::torch_tiles, its backward
+    attngen::torch_tiles_bwd), whose fake kernel gives O's shape from q's and v's, so that the loops over tiles,
+    whose count depends on T, are not traced: one graph for every length. ``params``: the call's parameters (the
+    symbol environment is built inside the op from the concrete sizes); q, k, [V | 1] in the compute dtype."""
+    return tiles_op(lowered(plan).key, q, k, v, big, [params[p.name] for p in plan.spec.parameters], causal)
+
+
 def _window_forward(plan, env: dict, causal: bool, q, k, v, big, lse: bool = False):
-    """O of a windowed plan without autograd: each query tile on the keys key_range gives it (views of k, v and
-    G: no copy), written into one preallocated output; rows that attend no key are 0. A row-sum plan's tile forms
-    its scores over the window's keys at once (_normalized_tile: fewer, larger ops than key tile by key tile, and
-    the body its backward recomputes); others run _query_tile. ``lse``: (O, lse [B, H, T]) (see quadratic)."""
+    """O of a windowed plan without autograd (and of any plan in attngen::torch_tiles): each query tile on the keys
+    key_range gives it (views of k, v and G: no copy), written into one preallocated output; rows that attend no key
+    are 0. A row-sum plan's tile forms its scores over the tile's keys at once (_normalized_tile: fewer, larger ops
+    than key tile by key tile, and the body its backward recomputes); others run _query_tile. ``lse``: (O, lse
+    [B, H, T]) (see quadratic)."""
     body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
     tile = functools.partial(body, plan, env, with_rank5(env), causal, lse=lse)
     b, h, t, _ = q.shape
@@ -130,57 +152,139 @@ class WindowTiles(torch.autograd.Function):
     def backward(ctx, do, dlse=None):
         plan, env, causal, names, lse = ctx.run
         q, k, v, big, *values = ctx.saved_tensors
-        # create_graph=True (a second derivative): the tiles are recomputed on slices of the saved inputs, which
-        # then stay in the graph, and the gradients are differentiable (autograd.grad with create_graph)
-        higher = torch.is_grad_enabled()
-        leaf = _slice if higher else _leaf
-        need_q, need_k, need_v, need_g, *need_p = ctx.needs_input_grad[1:]
-        need_x = {n for n, x in zip(("q", "k", "v", "g_rows", "g_cols"), (need_q, need_k, need_v, need_g, need_g)) if x}
-        body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
-        b, h, t, _ = q.shape
-        s_len = k.shape[2]
-        dq = torch.zeros_like(q) if need_q else None
-        dk = torch.zeros_like(k) if need_k else None
-        dv = torch.zeros_like(v) if need_v else None
-        dg = torch.zeros_like(big) if need_g else None
-        dps = [torch.zeros_like(x, dtype=torch.float64) if n else None for x, n in zip(values, need_p)]
-        for i0 in range(0, t, BLOCK_Q):
-            i1 = min(t, i0 + BLOCK_Q)
-            lo, stop = key_range(i0, i1 - i0, s_len, causal, plan.spec.window)
-            if lo >= stop:  # rows that attend no key: 0 whatever the inputs
+        dq, dk, dv, dg, dps = _tiles_backward(plan, env, causal, names, q, k, v, big, values, do,
+                                              ctx.needs_input_grad[1:], torch.is_grad_enabled(), lse, dlse)
+        return (None, dq, dk, dv, dg, *dps)
+
+
+def _tiles_backward(plan, env: dict, causal: bool, names, q, k, v, big, values, do, needs, higher: bool,
+                    lse: bool = False, dlse=None):
+    """(dq, dk, dv, dG, [d value]) of the tiles (None where ``needs``, a flag per q, k, v, G and value, is False):
+    each query tile recomputed on its keys with autograd, its gradients added into buffers allocated once.
+    ``higher`` (create_graph=True, a second derivative): the tiles are recomputed on slices of the saved inputs,
+    which then stay in the graph, and the gradients are differentiable. ``lse``: the tiles also gave the log row
+    sums, whose gradient ``dlse`` [B, H, T] enters with do's."""
+    if lse and dlse is None:
+        dlse = do.new_zeros(do.shape[:3])
+    leaf = _slice if higher else _leaf
+    need_q, need_k, need_v, need_g, *need_p = needs
+    need_x = {n for n, x in zip(("q", "k", "v", "g_rows", "g_cols"), (need_q, need_k, need_v, need_g, need_g)) if x}
+    body = _normalized_tile if plan.normalize.kind == "rowsum" else _query_tile
+    t = q.shape[2]
+    s_len = k.shape[2]
+    dq = torch.zeros_like(q) if need_q else None
+    dk = torch.zeros_like(k) if need_k else None
+    dv = torch.zeros_like(v) if need_v else None
+    dg = torch.zeros_like(big) if need_g else None
+    dps = [torch.zeros_like(x, dtype=torch.float64) if n else None for x, n in zip(values, need_p)]
+    for i0 in range(0, t, BLOCK_Q):
+        i1 = min(t, i0 + BLOCK_Q)
+        lo, stop = key_range(i0, i1 - i0, s_len, causal, plan.spec.window)
+        if lo >= stop:  # rows that attend no key: 0 whatever the inputs
+            continue
+        with torch.enable_grad():
+            xs = {"q": leaf(q[:, :, i0:i1], need_q), "k": leaf(k[:, :, lo:stop], need_k),
+                  "v": leaf(v[:, :, lo:stop], need_v)}
+            if big is not None:
+                xs["g_rows"], xs["g_cols"] = leaf(big[:, :, i0:i1], need_g), leaf(big[:, :, lo:stop], need_g)
+            ps = [x if higher else _leaf(x, n) for x, n in zip(values, need_p)]
+            env4 = {**env, **dict(zip(names, ps))}
+            o = body(plan, env4, with_rank5(env4), causal, i0, lo, s_len, xs["q"], xs.get("g_rows"), xs["k"],
+                     xs["v"], xs.get("g_cols"), lse=lse)
+            wrt = [(n, x) for n, x in [*xs.items(), *enumerate(ps)] if x.requires_grad
+                   and (n in need_x if isinstance(n, str) else need_p[n])]
+            if not wrt:
                 continue
-            with torch.enable_grad():
-                xs = {"q": leaf(q[:, :, i0:i1], need_q), "k": leaf(k[:, :, lo:stop], need_k),
-                      "v": leaf(v[:, :, lo:stop], need_v)}
-                if big is not None:
-                    xs["g_rows"], xs["g_cols"] = leaf(big[:, :, i0:i1], need_g), leaf(big[:, :, lo:stop], need_g)
-                ps = [x if higher else _leaf(x, n) for x, n in zip(values, need_p)]
-                env4 = {**env, **dict(zip(names, ps))}
-                o = body(plan, env4, with_rank5(env4), causal, i0, lo, s_len, xs["q"], xs.get("g_rows"), xs["k"],
-                         xs["v"], xs.get("g_cols"), lse=lse)
-                wrt = [(n, x) for n, x in [*xs.items(), *enumerate(ps)] if x.requires_grad
-                       and (n in need_x if isinstance(n, str) else need_p[n])]
-                if not wrt:
-                    continue
-                outs, upstream = ((o[0], o[1]), (do[:, :, i0:i1], dlse[:, :, i0:i1])) if lse else (o, do[:, :, i0:i1])
-                grads = torch.autograd.grad(outs, [x for _, x in wrt], upstream, allow_unused=True,
-                                            create_graph=higher)
-            for (n, _), g in zip(wrt, grads):
-                if g is None:  # the tile's output does not depend on it (e.g. a parameter its keys never reach)
-                    continue
-                if n == "q":
-                    dq[:, :, i0:i1] = g
-                elif n == "k":
-                    dk[:, :, lo:stop] += g
-                elif n == "v":
-                    dv[:, :, lo:stop] += g
-                elif n == "g_rows":
-                    dg[:, :, i0:i1] += g
-                elif n == "g_cols":
-                    dg[:, :, lo:stop] += g
-                else:
-                    dps[n] += g
-        return (None, dq, dk, dv, dg, *(None if d is None else d.to(x.dtype) for d, x in zip(dps, values)))
+            outs, upstream = ((o[0], o[1]), (do[:, :, i0:i1], dlse[:, :, i0:i1])) if lse else (o, do[:, :, i0:i1])
+            grads = torch.autograd.grad(outs, [x for _, x in wrt], upstream, allow_unused=True, create_graph=higher)
+        for (n, _), g in zip(wrt, grads):
+            if g is None:  # the tile's output does not depend on it (e.g. a parameter its keys never reach)
+                continue
+            if n == "q":
+                dq[:, :, i0:i1] = g
+            elif n == "k":
+                dk[:, :, lo:stop] += g
+            elif n == "v":
+                dv[:, :, lo:stop] += g
+            elif n == "g_rows":
+                dg[:, :, i0:i1] += g
+            elif n == "g_cols":
+                dg[:, :, lo:stop] += g
+            else:
+                dps[n] += g
+    return dq, dk, dv, dg, [None if d is None else d.to(x.dtype) for d, x in zip(dps, values)]
+
+
+# The tiled ordering as torch.library custom ops (compiled_tiles). A custom op takes no Python object: the plan is
+# named by the key its Lowered registered (common.PLANS), a string constant of the graph.
+@torch.library.custom_op("attngen::torch_tiles", mutates_args=())
+def tiles_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, big: Optional[torch.Tensor],
+             values: list[torch.Tensor], causal: bool) -> torch.Tensor:
+    """O [B, H, T, Dv] of plan PLANS[key] (q, k, [V | 1], G as quadratic takes them; ``values`` the spec's
+    parameters in its order)."""
+    plan = PLANS[key]
+    return _window_forward(plan, _tile_env(plan, q, k, values), causal, q, k, v, big)
+
+
+@tiles_op.register_fake
+def _(key, q, k, v, big, values, causal):
+    return q.new_empty(*q.shape[:3], v.shape[-1] - (PLANS[key].normalize.kind == "rowsum"))
+
+
+@torch.library.custom_op("attngen::torch_tiles_bwd", mutates_args=())
+def tiles_bwd_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, big: Optional[torch.Tensor],
+                 values: list[torch.Tensor], causal: bool, do: torch.Tensor,
+                 needs: list[bool]) -> list[torch.Tensor]:
+    """[dq, dk, dv, dG, d value ...]: the gradients of the inputs ``needs`` flags (q, k, v, G, each value), an
+    empty tensor for the others. The tiles are recomputed with autograd (_tiles_backward), which runs inside this
+    op's kernel only with the autograd dispatch keys enabled again (autograd_in_kernel)."""
+    plan = PLANS[key]
+    with autograd_in_kernel(), torch.enable_grad():
+        params = [x.detach().requires_grad_(n) for x, n in zip(values, needs[4:])]
+        env = _tile_env(plan, q, k, params)  # a parameter's symbol: its tensor reshaped (autograd records)
+        symbols = [s for s, x in env.items() if isinstance(x, torch.Tensor) and x.requires_grad]
+        inner = [env[s] for s in symbols]
+        dq, dk, dv, dg, dinner = _tiles_backward(plan, env, causal, symbols, q, k, v, big,
+                                                 [x.detach() for x in inner], do, [*needs[:4], *[True] * len(inner)],
+                                                 False)
+        wanted = [x for x in params if x.requires_grad]
+        pairs = [(x, d) for x, d in zip(inner, dinner) if d is not None]
+        dparams = torch.autograd.grad([x for x, _ in pairs], wanted, [d for _, d in pairs], allow_unused=True) \
+            if pairs and wanted else [None] * len(wanted)
+    found = dict(zip(map(id, wanted), dparams))
+    grads = [dq, dk, dv, dg, *(found.get(id(x)) if n else None for x, n in zip(params, needs[4:]))]
+    inputs = [q, k, v, big, *values]
+    return [q.new_empty(0) if not n else torch.zeros_like(x) if g is None else g
+            for g, n, x in zip(grads, needs, inputs)]
+
+
+@tiles_bwd_op.register_fake
+def _(key, q, k, v, big, values, causal, do, needs):
+    return [torch.empty_like(x) if n else q.new_empty(0) for x, n in zip([q, k, v, big, *values], needs)]
+
+
+def _tiles_setup(ctx, inputs, output):
+    key, q, k, v, big, values, causal = inputs
+    ctx.save_for_backward(q, k, v, big, *values)
+    ctx.key, ctx.causal = key, causal
+    ctx.needs = [x is not None and x.requires_grad for x in (q, k, v, big, *values)]
+
+
+def _tiles_grad(ctx, do):
+    q, k, v, big, *values = ctx.saved_tensors
+    grads = tiles_bwd_op(ctx.key, q, k, v, big, values, ctx.causal, do, ctx.needs)
+    dq, dk, dv, dg, *dvalues = (g if n else None for g, n in zip(grads, ctx.needs))
+    return None, dq, dk, dv, dg, list(dvalues), None
+
+
+tiles_op.register_autograd(_tiles_grad, setup_context=_tiles_setup)
+
+
+def _tile_env(plan, q, k, values) -> dict:
+    """The symbol environment of a call with these sizes and parameters (backend.prepare's)."""
+    b, h, t, d = q.shape
+    names = [p.name for p in plan.spec.parameters]
+    return symbol_env(plan, t, k.shape[2], h, d, dict(zip(names, values)), q.dtype, q.device)
 
 
 def _leaf(x: torch.Tensor, grad: bool) -> torch.Tensor:

@@ -10,16 +10,19 @@ the last token. ``strict`` drops the diagonal (j < i; the anti-causal half of a 
 The sequence runs in groups of GROUP_TOKENS tokens (chunks of ``chunk`` rows, all chunks of a group and every
 batch element and head in one batched matmul each), the state carried from group to group: temporaries are
 the size of a group at every length. A short last chunk runs as a group of its own with its own chunk size, so
-every power of gamma has an exponent in [0, GROUP_TOKENS] (never gamma**-j). The backward (torch.autograd
-.Function) recomputes each group from the state before it (kept per group: [groups, B, H, F, E]) and carries
-the state gradient backwards, so autograd never records the chunk loop: time and memory are linear in T.
+every power of gamma has an exponent in [0, GROUP_TOKENS] (never gamma**-j). The forward and the backward are
+torch.library custom ops (attngen::torch_scan, attngen::torch_scan_bwd; one opaque node each under torch.compile,
+whatever the length). The backward recomputes each group from the state before it (kept per group bound:
+[groups + 1, B, H, F, E]) and carries the state gradient backwards, so autograd never records the chunk loop: time
+and memory are linear in T.
 dL/dlog(gamma) (a learnable gamma) comes from one more forward sweep with the distance-weighted state of
 derivations section 4.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from torch.autograd.function import once_differentiable
 
 GROUP_TOKENS = 256  # tokens per group: the chunks of a group run in one batched matmul; a group's tiles stay
 # in a core's L2 cache (1024 ran 10-30% slower forward and backward at T = 4k and 16k on this project's CPU)
@@ -28,8 +31,75 @@ GROUP_TOKENS = 256  # tokens per group: the chunks of a group run in one batched
 def causal_scan(qf, kf, v, chunk: int, lg=None, strict: bool = False, initial=None, scale: float = 1.0):
     """(out [B, H, T, E], the state after the last token [B, H, F, E]); see the module docstring. ``scale``: a
     number the query features are multiplied by (dot(q, k)/sqrt(d) passes q as it is and 1/sqrt(d) here): applied
-    inside each group's products, so no pass over the whole of q, forward or backward."""
-    return _Scan.apply(qf, kf, v, lg, initial, chunk, strict, float(scale))
+    inside each group's products, so no pass over the whole of q, forward or backward. A chunk longer than T runs
+    as one short chunk of T rows."""
+    out, final, _ = scan_op(qf, kf, v, lg, initial, int(chunk), bool(strict), float(scale))
+    return out, final
+
+
+# The scan as two torch.library custom ops: under torch.compile each is one opaque node whose fake kernel gives
+# shapes symbolic in T, so the Python loops over groups of chunks are never traced and one graph serves every
+# length; eagerly the same ops run (autograd through register_autograd, the backward op the hand-derived one).
+@torch.library.custom_op("attngen::torch_scan", mutates_args=())
+def scan_op(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, lg: Optional[torch.Tensor],
+            initial: Optional[torch.Tensor], chunk: int, strict: bool,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, final state, the states at the groups' bounds [groups + 1, B, H, F, E]: before each group (what the
+    backward recomputes from), then the final state again. One row more than the groups: a symbolic length whose
+    count could be 1 would be guarded on (size-1 dims are special to contiguity), so one graph per count."""
+    return _scan_forward(qf, kf, v, lg, initial, chunk, strict, scale)
+
+
+@scan_op.register_fake
+def _(qf, kf, v, lg, initial, chunk, strict, scale):
+    b, h, t, f = qf.shape
+    e = v.shape[-1]
+    return qf.new_empty(b, h, t, e), qf.new_empty(b, h, f, e), qf.new_empty(group_count(t, chunk) + 1, b, h, f, e)
+
+
+@torch.library.custom_op("attngen::torch_scan_bwd", mutates_args=())
+def scan_bwd_op(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, lg: Optional[torch.Tensor],
+                initial: Optional[torch.Tensor], starts: torch.Tensor, dout: torch.Tensor,
+                dfinal: Optional[torch.Tensor], chunk: int, strict: bool, scale: float,
+                need_lg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq', dk', dv, dlog(gamma) (an empty tensor unless ``need_lg`` and a decay), d initial state [B, H, F, E] in
+    the initial state's dtype (q's without one))."""
+    return _scan_backward(qf, kf, v, lg, initial, starts, dout, dfinal, chunk, strict, scale, need_lg)
+
+
+@scan_bwd_op.register_fake
+def _(qf, kf, v, lg, initial, starts, dout, dfinal, chunk, strict, scale, need_lg):
+    b, h, _, f = qf.shape
+    dlg = torch.empty_like(lg) if need_lg and lg is not None else qf.new_empty(0)
+    dinit = qf.new_empty(b, h, f, v.shape[-1], dtype=qf.dtype if initial is None else initial.dtype)
+    return torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v), dlg, dinit
+
+
+def _scan_setup(ctx, inputs, output):
+    qf, kf, v, lg, initial, chunk, strict, scale = inputs
+    ctx.save_for_backward(qf, kf, v, lg, initial, output[2])
+    ctx.chunk, ctx.strict, ctx.scale = chunk, strict, scale
+
+
+def _scan_grad(ctx, dout, dfinal, _dstarts):
+    qf, kf, v, lg, initial, starts = ctx.saved_tensors
+    dout = torch.zeros_like(v) if dout is None else dout  # groups are made contiguous one at a time
+    need_lg = lg is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dlg, dinit = scan_bwd_op(qf, kf, v, lg, initial, starts, dout, dfinal, ctx.chunk, ctx.strict,
+                                         ctx.scale, need_lg)
+    return (dq, dk, dv, dlg if need_lg else None, dinit if initial is not None and ctx.needs_input_grad[4] else None,
+            None, None, None)
+
+
+scan_op.register_autograd(_scan_grad, setup_context=_scan_setup)
+
+
+def group_count(t, chunk: int):
+    """len(_segments(t, chunk)) as arithmetic on t (a symbolic length under torch.compile: no guard on its value):
+    the groups of full chunks, plus one for a short last chunk."""
+    group = max(1, GROUP_TOKENS // chunk) * chunk
+    full = t // chunk * chunk
+    return (full + group - 1) // group + (t - full + chunk - 1) // chunk
 
 
 class _Weights:
@@ -113,70 +183,64 @@ def _memo(make):
     return get
 
 
-class _Scan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qf, kf, v, lg, initial, chunk: int, strict: bool, scale: float):
-        b, h, t, f = qf.shape
-        e = v.shape[-1]
-        weights = _memo(lambda c, g: _Weights(lg, c, g, strict, qf))
-        out = qf.new_empty(b, h, t, e)
-        state = qf.new_zeros(b, h, f, e) if initial is None else initial.to(qf.dtype)
-        starts = []
-        for t0, c, g in _segments(t, chunk):
-            starts.append(state)
-            o, state = _forward_group(_chunks(qf, t0, c, g), _chunks(kf, t0, c, g), _chunks(v, t0, c, g), state,
-                                      weights(c, g), g, scale)
-            out[:, :, t0:t0 + g * c] = o.view(b, h, g * c, e)
-        ctx.save_for_backward(qf, kf, v, lg, initial, *starts)
-        ctx.chunk, ctx.strict, ctx.scale = chunk, strict, scale
-        return out, state
+def _scan_forward(qf, kf, v, lg, initial, chunk: int, strict: bool, scale: float):
+    """The forward sweep: (out, the state after the last token, the state before each group)."""
+    b, h, t, f = qf.shape
+    e = v.shape[-1]
+    weights = _memo(lambda c, g: _Weights(lg, c, g, strict, qf))
+    out = qf.new_empty(b, h, t, e)
+    state = qf.new_zeros(b, h, f, e) if initial is None else initial.to(qf.dtype)
+    starts = qf.new_empty(group_count(t, chunk) + 1, b, h, f, e)
+    for n, (t0, c, g) in enumerate(_segments(t, chunk)):
+        starts[n] = state
+        o, state = _forward_group(_chunks(qf, t0, c, g), _chunks(kf, t0, c, g), _chunks(v, t0, c, g), state,
+                                  weights(c, g), g, scale)
+        out[:, :, t0:t0 + g * c] = o.view(b, h, g * c, e)
+    starts[-1] = state
+    return out, state.clone() if state is initial else state, starts  # an output never aliases an input
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dfinal):
-        qf, kf, v, lg, initial, *starts = ctx.saved_tensors
-        b, h, t, f = qf.shape
-        e = v.shape[-1]
-        weights = _memo(lambda c, g: _Weights(lg, c, g, ctx.strict, qf))
-        dout = torch.zeros_like(v) if dout is None else dout  # groups are made contiguous one at a time
-        grad = qf.new_zeros(b, h, f, e) if dfinal is None else dfinal.to(qf.dtype).clone()
-        dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
-        for (t0, c, g), s_in in reversed(list(zip(_segments(t, ctx.chunk), starts))):
-            w = weights(c, g)
-            qg, kg, vg, dg = (_chunks(x, t0, c, g) for x in (qf, kf, v, dout))
-            states, _ = _states(kg, vg, s_in, w, g)
-            qdo = (qg if w.qd is None else qg * w.qd).transpose(-1, -2) @ dg  # [B, H, g, F, E]
-            if ctx.scale != 1:
-                qdo.mul_(ctx.scale)
-            # G_j (anchored at chunk j's last row) = G_out and the chunks after j: G_(j-1) = gamma**C G_j + qdo_j
-            grads = torch.empty_like(qdo)
-            for j in reversed(range(g)):
-                grads[:, :, j] = grad
-                grad = grad + qdo[:, :, j] if w.gc is None else torch.addcmul(qdo[:, :, j], grad, w.gc)
-            scores = (qg @ kg.transpose(-1, -2)).mul_(w.w if ctx.scale == 1 else w.w * ctx.scale)  # A o W
-            da = (dg @ vg.transpose(-1, -2)).mul_(w.w)  # dA o W
-            dqg = dg @ states.transpose(-1, -2)
-            dkg = vg @ grads.transpose(-1, -2)
-            kw = kg if w.kd is None else kg * w.kd
-            dvg = kw @ grads
-            if w.qd is not None:
-                dqg.mul_(w.qd)
-                dkg.mul_(w.kd)
-            # the raw query's gradient is scale x the features'; the keys meet scale x q
-            dqg = torch.baddbmm(dqg.view(-1, c, f), da.view(-1, c, c), kg.reshape(-1, c, f), beta=ctx.scale,
-                                alpha=ctx.scale)
-            dkg = torch.baddbmm(dkg.view(-1, c, f), da.view(-1, c, c).transpose(-1, -2), qg.reshape(-1, c, f),
-                                alpha=ctx.scale)
-            dvg = torch.baddbmm(dvg.view(-1, c, e), scores.view(-1, c, c).transpose(-1, -2), dg.reshape(-1, c, e))
-            dq[:, :, t0:t0 + g * c] = dqg.view(b, h, g * c, f)
-            dk[:, :, t0:t0 + g * c] = dkg.view(b, h, g * c, f)
-            dv[:, :, t0:t0 + g * c] = dvg.view(b, h, g * c, e)
-        dlg = None
-        if lg is not None and ctx.needs_input_grad[3]:
-            dlg = _dloggamma(qf if ctx.scale == 1 else qf * ctx.scale, kf, v, dout, lg, initial, dfinal, ctx.chunk,
-                             weights)
-        dinit = grad.to(initial.dtype) if initial is not None and ctx.needs_input_grad[4] else None
-        return dq, dk, dv, dlg, dinit, None, None, None
+
+def _scan_backward(qf, kf, v, lg, initial, starts, dout, dfinal, chunk: int, strict: bool, scale: float,
+                   need_lg: bool):
+    """The backward sweep, group by group from the last, each recomputed from the state before it."""
+    b, h, t, f = qf.shape
+    e = v.shape[-1]
+    weights = _memo(lambda c, g: _Weights(lg, c, g, strict, qf))
+    grad = qf.new_zeros(b, h, f, e) if dfinal is None else dfinal.to(qf.dtype).clone()
+    dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(v)
+    for (t0, c, g), s_in in reversed(list(zip(_segments(t, chunk), starts))):
+        w = weights(c, g)
+        qg, kg, vg, dg = (_chunks(x, t0, c, g) for x in (qf, kf, v, dout))
+        states, _ = _states(kg, vg, s_in, w, g)
+        qdo = (qg if w.qd is None else qg * w.qd).transpose(-1, -2) @ dg  # [B, H, g, F, E]
+        if scale != 1:
+            qdo.mul_(scale)
+        # G_j (anchored at chunk j's last row) = G_out and the chunks after j: G_(j-1) = gamma**C G_j + qdo_j
+        grads = torch.empty_like(qdo)
+        for j in reversed(range(g)):
+            grads[:, :, j] = grad
+            grad = grad + qdo[:, :, j] if w.gc is None else torch.addcmul(qdo[:, :, j], grad, w.gc)
+        scores = (qg @ kg.transpose(-1, -2)).mul_(w.w if scale == 1 else w.w * scale)  # A o W
+        da = (dg @ vg.transpose(-1, -2)).mul_(w.w)  # dA o W
+        dqg = dg @ states.transpose(-1, -2)
+        dkg = vg @ grads.transpose(-1, -2)
+        kw = kg if w.kd is None else kg * w.kd
+        dvg = kw @ grads
+        if w.qd is not None:
+            dqg.mul_(w.qd)
+            dkg.mul_(w.kd)
+        # the raw query's gradient is scale x the features'; the keys meet scale x q
+        dqg = torch.baddbmm(dqg.view(-1, c, f), da.view(-1, c, c), kg.reshape(-1, c, f), beta=scale, alpha=scale)
+        dkg = torch.baddbmm(dkg.view(-1, c, f), da.view(-1, c, c).transpose(-1, -2), qg.reshape(-1, c, f),
+                            alpha=scale)
+        dvg = torch.baddbmm(dvg.view(-1, c, e), scores.view(-1, c, c).transpose(-1, -2), dg.reshape(-1, c, e))
+        dq[:, :, t0:t0 + g * c] = dqg.view(b, h, g * c, f)
+        dk[:, :, t0:t0 + g * c] = dkg.view(b, h, g * c, f)
+        dv[:, :, t0:t0 + g * c] = dvg.view(b, h, g * c, e)
+    dlg = qf.new_empty(0)
+    if need_lg and lg is not None:
+        dlg = _dloggamma(qf if scale == 1 else qf * scale, kf, v, dout, lg, initial, dfinal, chunk, weights)
+    return dq, dk, dv, dlg, grad if initial is None else grad.to(initial.dtype)
 
 
 def _dloggamma(qf, kf, v, dout, lg, initial, dfinal, chunk: int, weights):
