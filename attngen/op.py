@@ -94,6 +94,7 @@ class TermsOp:
         self._slices = {}  # head dim -> the terms' slices (terms.slices: sympy, worked out outside any trace)
         self._groups = {}  # head dim -> the terms run as one call (terms.batches)
         self._coefficients = terms_lib.coefficient_closures(spec)
+        self._defaults = {}  # (H, d, dtype, device, names) -> the default tensors of those parameters
 
     def __repr__(self) -> str:
         return f"TermsOp({self.spec.name!r} {self.spec.mode}, {len(self.ops)} terms, backend={self.backend!r})"
@@ -111,7 +112,9 @@ class TermsOp:
         self.head_dim = head_dim
         _terms_ready(self, resolve_backend(self.backend, qh.device), head_dim)
         gates = {n: params.pop(n) for n in self.spec.gate_names if n in params}
-        values = check_params(self.spec, params, qh.shape[1], qh, head_dim=head_dim)
+        heads = _static(qh.shape[1])
+        values = check_params(self.spec, params, heads, qh, head_dim=head_dim,
+                              defaults=lambda missing: _default_values(self, heads, head_dim, qh, missing))
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
         return terms_lib.combine(self.spec, q, k, v, values, self.layout,
                                  lambda n, qn, kn, vn, ps, lse: (self.ops[n].softmax_lse if lse else self.ops[n])(
@@ -497,11 +500,7 @@ class AttentionOp:
         return o, State(S, z if plan.normalize.kind != "none" else None, pos, self.spec.hash)
 
     def _default_values(self, heads: int, head_dim: int, like, missing: tuple) -> dict:
-        """The default tensors of the ``missing`` parameters at this size, dtype and device, evaluated once (outside
-        any torch.compile trace: _defaults_ready) and kept in self._defaults."""
-        key = (heads, head_dim, like.dtype, like.device, missing)
-        _defaults_ready(self, key)
-        return self._defaults[key]
+        return _default_values(self, heads, head_dim, like, missing)
 
     def _planned(self, backend: str, head_dim: int):
         """The plan for a call: the planner runs outside any torch.compile trace (_plan_ready)."""
@@ -525,8 +524,16 @@ def _static(n) -> int:
     return operator.index(n)
 
 
+def _default_values(op, heads: int, head_dim: int, like, missing: tuple) -> dict:
+    """The default tensors of the ``missing`` parameters of ``op`` (an AttentionOp or a TermsOp) at this size, dtype
+    and device, evaluated once (outside any torch.compile trace: _defaults_ready) and kept in op._defaults."""
+    key = (heads, head_dim, like.dtype, like.device, missing)
+    _defaults_ready(op, key)
+    return op._defaults[key]
+
+
 @torch.compiler.assume_constant_result
-def _defaults_ready(op: AttentionOp, key: tuple) -> bool:
+def _defaults_ready(op, key: tuple) -> bool:
     """Parameter defaults for op._defaults[key] (sympy init expressions and a finiteness check: run as a constant
     under torch.compile, _plan_ready). At most 64 sizes are kept."""
     if key not in op._defaults:
