@@ -120,7 +120,8 @@ def test_fullgraph_causal_scan(name):
     _compare(got, _run(op, qkv, params, gates, learnable, do), TOL["aot_eager"], f"{name} linear")
 
 
-@pytest.mark.parametrize("name", ["alibi", "t5_bias", "diff_attention", pytest.param("hedgehog", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["alibi", "t5_bias", "diff_attention",
+                                  pytest.param("hedgehog", marks=pytest.mark.slow),
                                   pytest.param("cosformer", marks=pytest.mark.slow)])
 def test_fullgraph_parameter_defaults(name):
     """Parameters left to their defaults: evaluated outside the trace, once per size."""
