@@ -112,6 +112,18 @@ def unregister(name: str) -> None:
                 _remove_hooks(module)
 
 
+def _registered(model, name: str | None, caller: str, example: str):
+    """(name, the attention function registered as ``name``), ``name`` by default the model's
+    ``config._attn_implementation``; InputError naming ``caller`` when it is not attngen's."""
+    name = name if name is not None else getattr(getattr(model, "config", None), "_attn_implementation", None)
+    attn = _REGISTRY.get(name)
+    if attn is None:
+        raise InputError(f"{caller}: {name!r} is not an attn_implementation registered by attngen.hf.register "
+                         f"(registered: {sorted(_REGISTRY) or 'none'}). Fix: name = attngen.hf.register({example}), "
+                         f"then {caller}(model, name)")
+    return name, attn
+
+
 def add_parameters(model, name: str | None = None) -> int:
     """Make the spec's parameters parameters of ``model``: every attention module of ``model`` (a transformers module
     with ``layer_idx`` and ``scaling``, the ones that call the attention interface) gets a SpecParameters submodule
@@ -120,12 +132,7 @@ def add_parameters(model, name: str | None = None) -> int:
     ``config._attn_implementation``) passes to the op on every call. They then train with the model, appear in its
     state_dict and move with ``.to()``. Call it before building the optimizer. Returns the number of modules given
     parameters; InputError when ``name`` is not attngen's or the model has no attention module."""
-    name = name if name is not None else getattr(getattr(model, "config", None), "_attn_implementation", None)
-    attn = _REGISTRY.get(name)
-    if attn is None:
-        raise InputError(f"add_parameters: {name!r} is not an attn_implementation registered by attngen.hf.register "
-                         f"(registered: {sorted(_REGISTRY) or 'none'}). Fix: name = attngen.hf.register(spec), then "
-                         "add_parameters(model, name)")
+    _, attn = _registered(model, name, "add_parameters", "spec")
     modules = _attention_modules(model, "add_parameters")
     for module, heads, head_dim, factory in modules:
         module.add_module(PARAMS_ATTR, SpecParameters(attn.base, heads, head_dim, **factory))
@@ -146,12 +153,7 @@ def add_gates(model, name: str | None = None, *, gate_logit_normalizer: float = 
     ``attngen_gates`` of the same shapes (after ``unregister`` removed the hooks) keeps its weights and gets its hooks
     back; other shapes are an InputError (``remove_gates`` first). Returns the number of modules; InputError when
     ``name`` is not attngen's, its spec has no gates, or the model has no attention module."""
-    name = name if name is not None else getattr(getattr(model, "config", None), "_attn_implementation", None)
-    attn = _REGISTRY.get(name)
-    if attn is None:
-        raise InputError(f"add_gates: {name!r} is not an attn_implementation registered by attngen.hf.register "
-                         f"(registered: {sorted(_REGISTRY) or 'none'}). Fix: name = attngen.hf.register('gla'), then "
-                         "add_gates(model, name)")
+    name, attn = _registered(model, name, "add_gates", "'gla'")
     spec = attn.base
     if not spec.gates:
         raise InputError(f"add_gates: {spec.name} (registered as {name!r}) has no gates; expected a spec with "
