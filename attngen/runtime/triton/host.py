@@ -480,6 +480,17 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     return bt, bk, bv, (4 if values <= THREAD_VALUES * 128 and not m.vec_width else 8)
 
 
+MAXNREG = 255  # ptxas's register limit for modules with fused matmul feature maps (see _warps)
+
+
+def _warps(m: Module, w: int) -> dict:
+    """The launch options num_warps (``w``, from _blocks) and, for modules with fused matmul feature maps
+    (vec_width), maxnreg = MAXNREG: without an explicit limit ptxas (CUDA 13.4, sm_90) compiled some of their
+    kernels (performer's causal bwd_dq / bwd_dkv at head dim 128) with 32 registers and spilled 9-12 KB; with
+    .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot)."""
+    return dict(num_warps=w, maxnreg=MAXNREG) if m.vec_width else dict(num_warps=w)
+
+
 SCAN = "auto"  # the causal linear scan: "fused" (one pass per sequence), "parallel" (over chunks) or "auto"
 PARALLEL_PROGRAMS = 264  # "auto": the chunk-parallel scan when the fused one has fewer programs (2 x 132 SMs)
 PARALLEL_CHUNKS = 4  # ... and the sequences at least this many chunks
@@ -601,21 +612,21 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
             T, S, H, float(T), float(S), float(K), float(H),
-            **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+            **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
     if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT) \
             or kh.shape[1] != H:  # grouped KV heads: the chunk kernels read them
-        meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+        meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
     m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-        **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W,
+        **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W),
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
 
@@ -658,7 +669,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         s_dd = B * H * T
     else:
         delta, s_dd = den, 0
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
     if m.causal:
@@ -777,7 +788,7 @@ def _step(m: Module, q, k, v, state, params, layout):
     m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
         *_rope(m, [pos], 1, K, BK, q), *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0,
-        1.0, float(K), float(H), H // kh.shape[1], **_kdims(m, K), V=V, BT=1, BK=BK, BV=BV, num_warps=W)
+        1.0, float(K), float(H), H // kh.shape[1], **_kdims(m, K), V=V, BT=1, BK=BK, BV=BV, **_warps(m, W))
     return o, s_out, z_out, pos + 1
 
 
@@ -813,7 +824,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
     s0, _, pos = _state_args(m, state, q)
@@ -854,7 +865,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     use_dst = dst is not None
     dst = dst.contiguous() if use_dst else _dummy(q)
     cu_arg = cu if cu is not None else _dummy(q)
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     scans = (0, 1) if decay.two_sided else (0,)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
@@ -951,7 +962,7 @@ def _gated_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gate,))
     return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
 
@@ -970,7 +981,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n = _sequences(B, cu)
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, T, K), dkh, q)
     ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
