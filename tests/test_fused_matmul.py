@@ -163,6 +163,6 @@ def test_fused_matmul_launch_options(name, tmp_path):
             bt, _, _, w = host._blocks(m, 4096, d, d, torch.bfloat16)
             opts = host._warps(m, w)
             if fused:
-                assert bt == host.VEC_BT == 32 and opts == dict(num_warps=8, maxnreg=host.MAXNREG), (d, bt, opts)
+                assert bt == host.VEC_BT == 16 and opts == dict(num_warps=8, maxnreg=host.MAXNREG), (d, bt, opts)
             else:
                 assert "maxnreg" not in opts and bt == (64 if d == 64 else 32), (d, bt, opts)

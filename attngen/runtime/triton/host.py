@@ -438,7 +438,7 @@ def _dummy(like):
 
 
 STATE_BUDGET = 2048  # fp32 state elements [rows, BV] one linear-ordering program keeps in registers
-VEC_BT = 32  # chunk rows of modules with fused matmul feature maps (Module.vec_width): see _blocks
+VEC_BT = 16  # chunk rows of modules with fused matmul feature maps (Module.vec_width): see _blocks
 THREAD_VALUES = 96  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
 
 
@@ -459,10 +459,10 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     num_warps: 8 when the tiles (raw and mapped q, k per feature block, the chunk's [BT, BT] product, the state,
     v and o) would pass THREAD_VALUES per thread at 4 warps, else 4. fp16 inputs keep the state's operand in fp32
     (SDT, kernel_macros.j2): above head dim 64 their chunks are 16 rows (at 32 the fused forward spilled 20-48 B
-    on sm_90). Fused matmul feature maps (vec_width): chunks of VEC_BT = 32 rows and 8 warps; at 64 rows their
-    fp32 dots, the raw blocks and the W tile spilled up to 45 KB per thread block on sm_90 (performer's causal
-    backward at head dim 128), at 32 the forward spills 0 B at head dim 64 (attngen aot, bench/results/
-    2026-11-30-aot-fused-matmul.md)."""
+    on sm_90). Fused matmul feature maps (vec_width): chunks of VEC_BT = 16 rows and 8 warps (with maxnreg,
+    _warps); at 64 rows their fp32 dots (FMA: the operands replicated per thread), the raw [BT, BD] blocks and the
+    W tile [F, BD] spilled up to 45 KB on sm_90 (performer's causal backward at head dim 128), at 32 up to 2.4 KB,
+    at 16 up to 1.6 KB and 0-100 B in most kernels (attngen aot, bench/results/2026-11-30-aot-fused-matmul.md)."""
     bk = max(16, triton.next_power_of_2(m.vec_width or dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
