@@ -486,8 +486,8 @@ MAXNREG = 255  # ptxas's register limit for modules with fused matmul feature ma
 def _warps(m: Module, w: int) -> dict:
     """The launch options num_warps (``w``, from _blocks) and, for modules with fused matmul feature maps
     (vec_width), maxnreg = MAXNREG: without an explicit limit ptxas (CUDA 13.4, sm_90) compiled some of their
-    kernels (performer's causal bwd_dq / bwd_dkv at head dim 128) with 32 registers and spilled 9-12 KB; with
-    .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot)."""
+    kernels (performer's causal bwd_dq / bwd_dkv at head dim 128, BT 32) with 32 registers and spilled 9-12 KB;
+    with .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot). Triton's own launch option (CUDA targets)."""
     return dict(num_warps=w, maxnreg=MAXNREG) if m.vec_width else dict(num_warps=w)
 
 
