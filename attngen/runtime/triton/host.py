@@ -487,8 +487,11 @@ def _warps(m: Module, w: int) -> dict:
     """The launch options num_warps (``w``, from _blocks) and, for modules with fused matmul feature maps
     (vec_width), maxnreg = MAXNREG: without an explicit limit ptxas (CUDA 13.4, sm_90) compiled some of their
     kernels (performer's causal bwd_dq / bwd_dkv at head dim 128, BT 32) with 32 registers and spilled 9-12 KB;
-    with .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot). Triton's own launch option (CUDA targets)."""
-    return dict(num_warps=w, maxnreg=MAXNREG) if m.vec_width else dict(num_warps=w)
+    with .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot). Triton's own launch option of CUDA targets:
+    not passed under a ROCm build of torch, whose Triton backend would refuse the keyword."""
+    if m.vec_width and torch.version.hip is None:
+        return dict(num_warps=w, maxnreg=MAXNREG)
+    return dict(num_warps=w)
 
 
 SCAN = "auto"  # the causal linear scan: "fused" (one pass per sequence), "parallel" (over chunks) or "auto"
