@@ -150,9 +150,9 @@ def test_forcing_the_quadratic_ordering_keeps_the_prologue():
 
 @pytest.mark.parametrize("name", ["hedgehog", "performer"])
 def test_fused_matmul_launch_options(name, tmp_path):
-    """The linear kernels of fused matmul maps launch with chunks of host.VEC_BT rows, 8 warps and maxnreg (ptxas
-    otherwise chose 32 registers and spilled KBs: bench/results/2026-11-30-aot-fused-matmul.md); a spec without
-    them keeps its own choice and no maxnreg."""
+    """The linear kernels of fused matmul maps launch with chunks of host.VEC_BT rows, 8 warps, 1 stage and
+    maxnreg (ptxas otherwise chose 32 registers and spilled KBs: bench/results/2026-11-30-aot-fused-matmul.md); a
+    spec without them keeps its own choice and no maxnreg."""
     from attngen import aot
     from attngen.build import generate, write
     from attngen.runtime.triton import host
@@ -163,6 +163,7 @@ def test_fused_matmul_launch_options(name, tmp_path):
             bt, _, _, w = host._blocks(m, 4096, d, d, torch.bfloat16)
             opts = host._warps(m, w)
             if fused:
-                assert bt == host.VEC_BT == 16 and opts == dict(num_warps=8, maxnreg=host.MAXNREG), (d, bt, opts)
+                want = dict(num_warps=8, num_stages=1, maxnreg=host.MAXNREG)
+                assert bt == host.VEC_BT == 16 and opts == want, (d, bt, opts)
             else:
                 assert "maxnreg" not in opts and bt == (64 if d == 64 else 32), (d, bt, opts)

@@ -485,13 +485,17 @@ MAXNREG = 255  # ptxas's register limit for modules with fused matmul feature ma
 
 def _warps(m: Module, w: int) -> dict:
     """The launch options num_warps (``w``, from _blocks) and, for modules with fused matmul feature maps
-    (vec_width), maxnreg = MAXNREG: without an explicit limit ptxas (CUDA 13.4, sm_90) compiled some of their
-    kernels (performer's causal bwd_dq / bwd_dkv at head dim 128, BT 32) with 32 registers and spilled 9-12 KB;
-    with .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot). Triton's own launch option of CUDA targets:
-    not passed under a ROCm build of torch, whose Triton backend would refuse the keyword."""
-    if m.vec_width and torch.version.hip is None:
-        return dict(num_warps=w, maxnreg=MAXNREG)
-    return dict(num_warps=w)
+    (vec_width), num_stages = 1 and maxnreg = MAXNREG: without an explicit limit ptxas (CUDA 13.4, sm_90)
+    compiled some of their kernels (performer's causal bwd_dq / bwd_dkv at head dim 128, BT 32) with 32
+    registers and spilled 9-12 KB; with .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot). maxnreg is
+    Triton's own launch option of CUDA targets: not passed under a ROCm build of torch, whose Triton backend would
+    refuse the keyword."""
+    if not m.vec_width:
+        return dict(num_warps=w)
+    # num_stages 1: the chunk loop's loads not software-pipelined; at 2-3 stages their buffers spilled more
+    # (performer's causal bwd_dkv at head dim 128: 1580 B at 3, 700 B at 1). A hint: Tuned tries 2 and 3 on a GPU
+    opts = dict(num_warps=w, num_stages=1)
+    return dict(opts, maxnreg=MAXNREG) if torch.version.hip is None else opts
 
 
 SCAN = "auto"  # the causal linear scan: "fused" (one pass per sequence), "parallel" (over chunks) or "auto"
