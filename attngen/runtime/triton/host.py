@@ -462,7 +462,8 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     on sm_90). Fused matmul feature maps (vec_width): chunks of VEC_BT = 16 rows and 8 warps (with maxnreg,
     _warps); at 64 rows their fp32 dots (FMA: the operands replicated per thread), the raw [BT, BD] blocks and the
     W tile [F, BD] spilled up to 45 KB on sm_90 (performer's causal backward at head dim 128), at 32 up to 2.4 KB,
-    at 16 up to 1.6 KB and 0-100 B in most kernels (attngen aot, bench/results/2026-11-30-aot-fused-matmul.md)."""
+    at 16 (one stage, _warps) up to 700 B and 0 B in most kernels (attngen aot,
+    bench/results/2026-11-30-aot-fused-matmul.md)."""
     bk = max(16, triton.next_power_of_2(m.vec_width or dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
