@@ -8,7 +8,7 @@ Two child processes per module, so that this process imports neither torch nor t
    set to "parallel"), the decode step, block-sparse tables
    (blocks of SPARSE_BLOCKS). Each kernel's ``run`` is wrapped on its instance to record every launch the
    shared host (attngen.runtime.triton.host) makes: tensor dtypes and 16-byte alignment, integers, floats and
-   constexprs, as the host really passes them (block sizes, flags, num_warps / num_stages when given).
+   constexprs, as the host really passes them (block sizes, flags, num_warps / num_stages / maxnreg when given).
 2. compile (no interpreter): each recorded launch is specialised as Triton's launcher would
    (``create_function_from_signature`` and ``JITFunction._pack_args``, Triton internals) for
    ``GPUTarget("cuda", <arch>, 32)``, distinct specialisations are compiled once with ``triton.compile`` down to
@@ -441,7 +441,8 @@ def _ptxas(log: str) -> tuple:
 def _launch_text(kernel, constexprs: dict, options, calls: list) -> str:
     names = {kernel.arg_names[path[0]]: getattr(v, "value", v) for path, v in constexprs.items() if len(path) == 1}
     parts = [n if v is True else f"{n}={v}" for n, v in names.items() if v is not False and n not in ("K", "V")]
-    parts.append(f"w{options.num_warps}/s{options.num_stages}")
+    parts.append(f"w{options.num_warps}/s{options.num_stages}"
+                 + (f"/maxnreg{options.maxnreg}" if getattr(options, "maxnreg", None) else ""))
     return " ".join(parts) + f" ({','.join(dict.fromkeys(calls))})"
 
 

@@ -146,3 +146,24 @@ def test_what_the_kernels_cannot_fuse_keeps_the_prologue_with_a_reason(similarit
 def test_forcing_the_quadratic_ordering_keeps_the_prologue():
     plan = pipeline.plan("hedgehog", target="triton", force="quadratic")
     assert plan.prologue is not None and not plan.prologue.fused and "forced" in plan.prologue.unfused
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "performer"])
+def test_fused_matmul_launch_options(name, tmp_path):
+    """The linear kernels of fused matmul maps launch with chunks of host.VEC_BT rows, 8 warps, 1 stage and
+    maxnreg (ptxas otherwise chose 32 registers and spilled KBs: bench/results/2026-11-30-aot-fused-matmul.md); a
+    spec without them keeps its own choice and no maxnreg."""
+    from attngen import aot
+    from attngen.build import generate, write
+    from attngen.runtime.triton import host
+
+    for spec, fused in ((load(name), True), (attngen.load_spec("linear_elu", causal=True), False)):
+        m = aot._load(str(write(generate(spec), tmp_path))).MODULE
+        for d in (64, 128):
+            bt, _, _, w = host._blocks(m, 4096, d, d, torch.bfloat16)
+            opts = host._warps(m, w)
+            if fused:
+                want = dict(num_warps=8, num_stages=1, maxnreg=host.MAXNREG)
+                assert bt == host.VEC_BT == 16 and opts == want, (d, bt, opts)
+            else:
+                assert "maxnreg" not in opts and bt == (64 if d == 64 else 32), (d, bt, opts)

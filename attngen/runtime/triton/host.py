@@ -438,6 +438,7 @@ def _dummy(like):
 
 
 STATE_BUDGET = 2048  # fp32 state elements [rows, BV] one linear-ordering program keeps in registers
+VEC_BT = 16  # chunk rows of modules with fused matmul feature maps (Module.vec_width): see _blocks
 THREAD_VALUES = 96  # fp32 tile values per thread a program may hold before it takes 8 warps instead of 4
 
 
@@ -458,7 +459,11 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
     num_warps: 8 when the tiles (raw and mapped q, k per feature block, the chunk's [BT, BT] product, the state,
     v and o) would pass THREAD_VALUES per thread at 4 warps, else 4. fp16 inputs keep the state's operand in fp32
     (SDT, kernel_macros.j2): above head dim 64 their chunks are 16 rows (at 32 the fused forward spilled 20-48 B
-    on sm_90)."""
+    on sm_90). Fused matmul feature maps (vec_width): chunks of VEC_BT = 16 rows and 8 warps (with maxnreg,
+    _warps); at 64 rows their fp32 dots (FMA: the operands replicated per thread), the raw [BT, BD] blocks and the
+    W tile [F, BD] spilled up to 45 KB on sm_90 (performer's causal backward at head dim 128), at 32 up to 2.4 KB,
+    at 16 (one stage, _warps) up to 700 B and 0 B in most kernels (attngen aot,
+    bench/results/2026-11-30-aot-fused-matmul.md)."""
     bk = max(16, triton.next_power_of_2(m.vec_width or dk))
     rows = max(bk, m.feature_width(bk))
     bt = min(m.linear.chunk, max(16, triton.next_power_of_2(t)))
@@ -466,12 +471,32 @@ def _blocks(m: Module, t, dk, dv, dtype=None):
         bt = 16  # chunk's pairs weigh each dimension, [BT, BT, BK]
     elif bk > 64:
         bt = min(bt, 16 if dtype == torch.float16 else 32)
+    if m.vec_width:  # fused matmul feature maps: raw [BT, BD] blocks, the W tile [F, BD] and fp32 FMA dots on top
+        bt = min(bt, VEC_BT)
     fit = 1 << max(4, (STATE_BUDGET // rows).bit_length() - 1)  # the largest power of two <= budget / rows, >= 16
     bv = min(64, fit, max(16, triton.next_power_of_2(dv)))
     values = bt * bk * 2 + bt * rows * 2 + bt * bt + rows * bv + 2 * bt * bv
     if m.gate_dim:  # the chunk's pairs per key dimension, [BT, BT, BK]
         values += bt * bt * bk
-    return bt, bk, bv, (4 if values <= THREAD_VALUES * 128 else 8)
+    return bt, bk, bv, (4 if values <= THREAD_VALUES * 128 and not m.vec_width else 8)
+
+
+MAXNREG = 255  # ptxas's register limit for modules with fused matmul feature maps (see _warps)
+
+
+def _warps(m: Module, w: int) -> dict:
+    """The launch options num_warps (``w``, from _blocks) and, for modules with fused matmul feature maps
+    (vec_width), num_stages = 1 and maxnreg = MAXNREG: without an explicit limit ptxas (CUDA 13.4, sm_90)
+    compiled some of their kernels (performer's causal bwd_dq / bwd_dkv at head dim 128, BT 32) with 32
+    registers and spilled 9-12 KB; with .maxnreg 255 they use 255 and spill 1-2.4 KB (attngen aot). maxnreg is
+    Triton's own launch option of CUDA targets: not passed under a ROCm build of torch, whose Triton backend would
+    refuse the keyword."""
+    if not m.vec_width:
+        return dict(num_warps=w)
+    # num_stages 1: the chunk loop's loads not software-pipelined; at 2-3 stages their buffers spilled more
+    # (performer's causal bwd_dkv at head dim 128: 1580 B at 3, 700 B at 1). A hint: Tuned tries 2 and 3 on a GPU
+    opts = dict(num_warps=w, num_stages=1)
+    return dict(opts, maxnreg=MAXNREG) if torch.version.hip is None else opts
 
 
 SCAN = "auto"  # the causal linear scan: "fused" (one pass per sequence), "parallel" (over chunks) or "auto"
@@ -595,21 +620,21 @@ def _fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
         m.linear.fwd[(triton.cdiv(V, BV), B * H)](
             qh, kh, vh, oh, den, *_params_f32(params), *_strides(qh, kh, vh, oh),
             T, S, H, float(T), float(S), float(K), float(H),
-            **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+            **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
         return o, den, _empty((0,), q, torch.float32), _empty((0,), q, torch.float32)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, zt = _state_outputs(m, n, H, F, V, q, state, return_state)
     NV = triton.cdiv(V, BV)
     if m.linear.fwd is None or not _fused_forward_fits(m, BK, q.dtype) or _parallel(m, NV * n * H, T, BT) \
             or kh.shape[1] != H:  # grouped KV heads: the chunk kernels read them
-        meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+        meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
         _chunk_fwd(m, qh, kh, vh, oh, den, params, state, cu, n, st, zt, return_state, meta)
         return o, den, st, zt
     m.linear.fwd[(NV, n * H)](
         qh, kh, vh, oh, den, *_state_args(m, state, q), cu if cu is not None else _dummy(q),
         st if return_state else _dummy(q), zt if return_state and m.normalised else _dummy(q),
         *_params_f32(params), *_strides(qh, kh, vh, oh), T, H, F, float(T), float(S), float(K), float(H),
-        **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W,
+        **_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W),
         USE_S0=bool(state), STORE_ST=bool(return_state), VARLEN=cu is not None)
     return o, den, st, zt
 
@@ -652,7 +677,7 @@ def _bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, dzt):
         s_dd = B * H * T
     else:
         delta, s_dd = den, 0
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
     if m.causal:
@@ -771,7 +796,7 @@ def _step(m: Module, q, k, v, state, params, layout):
     m.linear.step[(triton.cdiv(V, BV), B * H)](
         qh, kh, vh, oh, S, z if m.normalised else _dummy(q), pos, s_out, z_out if m.normalised else _dummy(q), gam,
         *_rope(m, [pos], 1, K, BK, q), *_params_f32(params), *_strides(qh, kh, vh, oh), H, m.feature_width(K), 1.0,
-        1.0, float(K), float(H), H // kh.shape[1], **_kdims(m, K), V=V, BT=1, BK=BK, BV=BV, num_warps=W)
+        1.0, float(K), float(H), H // kh.shape[1], **_kdims(m, K), V=V, BT=1, BK=BK, BV=BV, **_warps(m, W))
     return o, s_out, z_out, pos + 1
 
 
@@ -807,7 +832,7 @@ def _decay_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     grid = (triton.cdiv(V, BV), n * H)
     pf = _params_f32(params)
     lengths = (T, S, H, F, float(T), float(S), float(K), float(H))
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     acc = _empty((B, H, T, V), q, torch.float32) if two_sided else oh
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
     s0, _, pos = _state_args(m, state, q)
@@ -848,7 +873,7 @@ def _decay_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     use_dst = dst is not None
     dst = dst.contiguous() if use_dst else _dummy(q)
     cu_arg = cu if cu is not None else _dummy(q)
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     scans = (0, 1) if decay.two_sided else (0,)
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, S, K), dkh, q)
@@ -945,7 +970,7 @@ def _gated_fwd(m: Module, q, k, v, params, layout, state, cu, return_state):
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     n, F = _sequences(B, cu), m.feature_width(K)
     st, _ = _state_outputs(m, n, H, F, V, q, state, return_state)
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     _chunk_fwd(m, qh, kh, vh, oh, _dummy(q), params, state, cu, n, st, _dummy(q), return_state, meta, (gate,))
     return o, _empty((0,), q, torch.float32), st, _empty((0,), q, st.dtype)
 
@@ -964,7 +989,7 @@ def _gated_bwd(m: Module, do, q, k, v, o, den, params, layout, state, cu, dst, d
     BT, BK, BV, W = _blocks(m, T, K, V, q.dtype)
     NV = triton.cdiv(V, BV)
     n = _sequences(B, cu)
-    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), num_warps=W)
+    meta = dict(**_kdims(m, K), V=V, BT=BT, BK=BK, BV=BV, PREC=_precision(q, m), **_warps(m, W))
     dq_to, s_dqn, dq_buf = _partial(NV, (B, H, T, K), dqh, q)
     dk_to, s_dkn, dk_buf = _partial(NV, (B, H, T, K), dkh, q)
     ds0 = _empty(state[0].shape, state[0]) if state else _dummy(q)
