@@ -143,7 +143,8 @@ def test_fullgraph_inductor_all(name, causal):
     _check(name, causal, "inductor")
 
 
-DYNAMIC = [("softmax", True), ("alibi", False), ("linear_elu", False), ("cosformer", False)]
+DYNAMIC = [("softmax", True), ("alibi", False), ("linear_elu", False), ("cosformer", False),
+           ("cottention", False)]  # cottention: n**x of the symbolic length (not float(n): a guard per length)
 
 
 @pytest.mark.parametrize("name,causal", DYNAMIC, ids=_ids(DYNAMIC))

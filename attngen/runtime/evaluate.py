@@ -72,8 +72,9 @@ def _pow(base, exp):
         return float(base) ** exp
     if isinstance(exp, (int, float)) and float(exp) == 0.5:
         return torch.sqrt(base)
-    if not isinstance(base, torch.Tensor):
-        return torch.pow(torch.as_tensor(float(base), dtype=exp.dtype, device=exp.device), exp)
+    if not isinstance(base, torch.Tensor):  # torch.full, not float(base): under torch.compile with dynamic shapes
+        # float() would specialise a symbolic length (n**x: one graph per length)
+        base = torch.full((), base, dtype=exp.dtype, device=exp.device)
     return torch.pow(base, exp)
 
 
