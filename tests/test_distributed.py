@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import warnings
 import zlib
 
 import pytest
@@ -233,10 +234,14 @@ def _worker(rank: int, world: int, port: int, folder: str, triton: bool = False)
         else:
             result = {"cases": _check_cases(rank, world, _cases(world)), "errors": _check_errors(rank, world),
                       "layers": _check_layers(rank, world)}
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        # every rank done before any closes its connections: a rank that tore its group down (and exited) while a
+        # peer's gloo threads still read from it aborted that peer now and then ("terminate called without an
+        # active exception", SIGABRT, seen under pytest-xdist on 2 busy cores)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
 
 
 def _free_port() -> int:
@@ -245,11 +250,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(world: int, folder, port: int, *args) -> None:
+    """Run _worker on ``world`` ranks. A rank that aborts after every rank wrote its results (in gloo's teardown:
+    "terminate called without an active exception", seen now and then under pytest-xdist on 2 busy cores) leaves
+    complete results, which the tests then check: a warning, not an error; any other failure is raised."""
+    try:
+        mp.spawn(_worker, args=(world, port, str(folder), *args), nprocs=world, join=True)
+    except mp.ProcessExitedException as exc:
+        if not all((folder / f"rank{r}.json").exists() for r in range(world)):
+            raise
+        warnings.warn(f"a rank exited abnormally after every rank wrote its results ({exc}); checking them")
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def spawned(request, tmp_path_factory):
     world = request.param
     folder = tmp_path_factory.mktemp(f"cp{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(folder)), nprocs=world, join=True)
+    _spawn(world, folder, _free_port())
     return world, [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -336,7 +353,7 @@ def test_without_a_process_group():
 @pytest.mark.slow  # ~15-30 s: three ranks each loading the generated module and interpreting its kernels
 def test_the_generated_kernels_on_three_ranks(tmp_path):
     """backend="triton": the op's first run (return_state) and second run (initial_state) on the middle rank."""
-    mp.spawn(_worker, args=(3, _free_port(), str(tmp_path), True), nprocs=3, join=True)
+    _spawn(3, tmp_path, _free_port(), True)
     failures = []
     for rank in range(3):
         (c,) = json.loads((tmp_path / f"rank{rank}.json").read_text())["cases"]
